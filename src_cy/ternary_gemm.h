@@ -1,0 +1,89 @@
+/* Ternary GEMM and fused per-token ops of terdit-edge (plain C11, no Python).
+ *
+ * Weights are in the "tdit2-k128" layout (terdit_edge/packing.py): uint8 (N, KB) with
+ * KB = padded_k(K) / 4; a row is cut into blocks of 128 weights stored in 32 bytes, byte j of a
+ * block holding the 2-bit codes f = Q + 1 of weights j, j+32, j+64, j+96 in bits 1-0, 3-2, 5-4, 7-6.
+ *
+ * y (M, N) = alpha * x (M, K) Q^T + bias, in one of two activation modes:
+ *   td_gemm_f32: float32 accumulation;
+ *   td_gemm_i8:  x quantized per row to int8 (absmax / 127), exact int32 accumulation,
+ *                y = float(acc) * (scale_m * alpha) + bias.
+ * No kernel multiplies by a weight value: weights select, negate or drop activations.
+ *
+ * The instruction set is chosen once at run time (td_best_isa) and may be forced lower with
+ * td_set_isa, which is how the tests compare the scalar, AVX2 and NEON paths.
+ */
+#ifndef TERDIT_TERNARY_GEMM_H
+#define TERDIT_TERNARY_GEMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum td_isa {
+    TD_ISA_SCALAR = 0,
+    TD_ISA_AVX2 = 1,     /* x86-64 AVX2 + FMA */
+    TD_ISA_NEON = 2,     /* aarch64 ARMv8 Advanced SIMD */
+    TD_ISA_NEON_DOT = 3  /* aarch64 with the dot-product extension (SDOT) */
+};
+
+/* Return codes of the entry points. */
+#define TD_OK 0
+#define TD_ENOMEM 1
+
+/* CPU feature bits reported by td_cpu_flags. */
+#define TD_CPU_AVX2 1
+#define TD_CPU_FMA 2
+#define TD_CPU_NEON 4
+#define TD_CPU_DOTPROD 8
+
+int td_cpu_flags(void);
+int td_best_isa(void);        /* best path this CPU can run */
+int td_get_isa(void);         /* path the kernels use now */
+int td_set_isa(int isa);      /* 0 on success, -1 if this CPU/build cannot run it */
+const char *td_isa_name(int isa);
+int td_openmp_enabled(void);  /* 1 when built with OpenMP */
+int td_max_threads(void);
+
+/* Per-row absmax int8 quantization, bit-exact with quantize_rows_int8 of the NumPy reference.
+ * x float32 (m, k) with row stride ldx; xq int8 (m, ldq) with ldq >= k; columns k..ldq-1 are
+ * zeroed; scale float32 (m,). */
+void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
+                         int8_t *xq, int64_t ldq, float *scale, int threads);
+
+/* y float32 (m, n) row stride ldy; x float32 (m, k) row stride ldx; packed uint8 (n, padded_k(k)/4);
+ * bias float32 (n,) or NULL. Returns TD_OK or TD_ENOMEM. */
+int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                float alpha, const float *bias, float *y, int64_t ldy, int threads);
+int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+               float alpha, const float *bias, float *y, int64_t ldy, int threads);
+
+/* The int8 core on pre-quantized rows: xq int8 (m, ldq), ldq >= padded_k(k), zero beyond k;
+ * acc int32 (m, n) = xq Q^T exactly. Exposed for the C harness. */
+int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed,
+                   int64_t n, int32_t *acc, int threads);
+
+/* Fused per-token ops; rows are independent and split across threads.
+ * out (rows, d) = rmsnorm(x) * weight * (1 + scale[g]) + shift[g] with g = row / rows_per_group. */
+void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale,
+                         float *out, int64_t rows, int64_t rows_per_group, int64_t d, float eps,
+                         int threads);
+/* out (rows, d) = layernorm(x) [* weight + bias]; weight/bias may be NULL (no affine). */
+void td_layernorm(const float *x, const float *weight, const float *bias, float *out,
+                  int64_t rows, int64_t d, float eps, int threads);
+/* out = silu(a) * b over `count` elements. */
+void td_swiglu(const float *a, const float *b, float *out, int64_t count, int threads);
+/* x (rows, d) += gate[g] * y, g = row / rows_per_group. */
+void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group,
+                  int64_t d, int threads);
+/* In-place rotary embedding of x (b, t, h, hd) contiguous; cos/sin (t, hd/2). */
+void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h,
+             int64_t hd, int threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,33 @@
+"""terdit-edge: run ternary diffusion transformers (TerDiT) on CPUs without PyTorch.
+
+    import terdit_edge
+    model = terdit_edge.load_model("model.tdit")
+    latents = terdit_edge.sample(model, [207, 360], steps=50, sampler="ddim", cfg_scale=4.0, seed=0)
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import ModelConfig
+from .diffusion import sample
+from .errors import (BackendError, ChecksumError, ConvertError, FormatError, InputError, TerditError)
+
+__all__ = ["load_model", "sample", "ModelConfig", "TerditError", "FormatError", "ChecksumError",
+           "ConvertError", "InputError", "BackendError", "__version__"]
+
+
+def load_model(path, backend: str = "auto", activations: str = "fp32", threads: int | None = None,
+               verify: bool = True):
+    """Map and validate a .tdit file and return a callable model ``model(x, t, y)``.
+
+    backend: "auto" | "cython" | "numba" | "numpy" | "cuda"; activations: "fp32" (parity) or "int8"
+    (per-token dynamic int8, faster); threads: None = all CPUs this process may use; verify=False
+    skips only the per-tensor checksums.
+    """
+    from .format import read_tdit
+    from .model import model_from_file
+
+    tf = read_tdit(path, verify=verify)
+    if tf.config is None:
+        raise FormatError(f"{path}: holds only a VAE, no diffusion model; use terdit_edge.load_vae")
+    return model_from_file(tf, backend=backend, activations=activations, threads=threads)

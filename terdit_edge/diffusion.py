@@ -1,0 +1,238 @@
+"""Schedules and samplers of the ADM / DiT GaussianDiffusion, model-agnostic.
+
+The sampler sees only ``model(x, t, y) -> (B, 2C, H, W)`` (eps then the learned variance value v),
+plus ``model.config`` (in_channels, input_size, guided_channels), ``model.map_labels`` and
+``model.null_label``. Schedule arithmetic is float64; coefficients are cast to float32 where they
+meet the tensors, as in the authors' code.
+
+Randomness contract (a seed means the same image on every machine and backend):
+``rng = numpy.random.default_rng(seed)`` draws the initial noise
+``rng.standard_normal((B, C, H, W), dtype=float32)``, then exactly one draw of that shape per step,
+every step and every sampler, whether the step uses it or not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import InputError
+
+NUM_TRAIN_TIMESTEPS = 1000
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+_SAMPLER_ALIASES = {"dpmpp2m": "dpm++2m", "dpm-solver++": "dpm++2m", "dpmsolver++": "dpm++2m"}
+
+
+def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """DiT's linear schedule, scaled to 1000 steps: 1e-4 .. 0.02, float64."""
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def respaced_timesteps(spec, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """The original timesteps kept by the respacing rule, ascending.
+
+    ``spec`` is an int N (or the string "N"): one section, stride (T-1)/(N-1), kept indices
+    round(cur) with cur advanced by repeated addition of the stride (Python round, half-to-even),
+    exactly as the authors' ``space_timesteps``; or "ddimN": the integer stride range(0, T, s) that
+    yields exactly N steps.
+    """
+    if isinstance(spec, str) and spec.startswith("ddim"):
+        try:
+            desired = int(spec[len("ddim"):])
+        except ValueError:
+            raise InputError(f"bad step spec {spec!r}: expected 'ddimN' with N an integer") from None
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return list(range(0, num_timesteps, stride))
+        raise InputError(f"no integer stride gives exactly {desired} steps out of {num_timesteps} "
+                         f"for {spec!r}; pick another N or use a plain step count")
+    try:
+        count = int(spec)
+    except (TypeError, ValueError):
+        raise InputError(f"steps must be an integer or 'ddimN', got {spec!r}") from None
+    if isinstance(spec, float) and spec != count:
+        raise InputError(f"steps must be an integer, got {spec!r}")
+    if count < 1:
+        raise InputError(f"steps must be at least 1, got {count}")
+    if count > num_timesteps:
+        raise InputError(f"steps must be at most {num_timesteps}, got {count}")
+    stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    cur, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-step float64 coefficients of a (respaced) diffusion; index j is sampler step j."""
+
+    timesteps: np.ndarray  # original timestep of each step (model input), ascending
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    sqrt_recip_alphas_cumprod: np.ndarray
+    sqrt_recipm1_alphas_cumprod: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    log_betas: np.ndarray
+
+    @classmethod
+    def create(cls, spec=250) -> "Schedule":
+        base_abar = np.cumprod(1.0 - linear_betas())
+        kept = respaced_timesteps(spec)
+        betas, last = [], 1.0
+        for t in kept:
+            betas.append(1.0 - base_abar[t] / last)
+            last = base_abar[t]
+        betas = np.array(betas, dtype=np.float64)
+        abar = np.cumprod(1.0 - betas)
+        abar_prev = np.append(1.0, abar[:-1])
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        if len(betas) > 1:
+            clipped = np.log(np.append(post_var[1], post_var[1:]))
+        else:  # one step: the posterior variance is 0; use beta so that the (masked) term stays finite
+            clipped = np.log(betas)
+        return cls(
+            timesteps=np.array(kept, dtype=np.int64), betas=betas, alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar), sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1),
+            posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+            posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+            posterior_log_variance_clipped=clipped, log_betas=np.log(betas),
+        )
+
+    def __len__(self) -> int:
+        return len(self.betas)
+
+
+def _f32(v) -> np.float32:
+    return np.float32(v)
+
+
+def predict_x0(s: Schedule, j: int, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    return _f32(s.sqrt_recip_alphas_cumprod[j]) * x - _f32(s.sqrt_recipm1_alphas_cumprod[j]) * eps
+
+
+def ddpm_step(s: Schedule, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """One ancestral step with the learned-range variance (p_sample with clip_denoised=False)."""
+    c = x.shape[1]
+    eps, v = model_out[:, :c], model_out[:, c:]
+    pred_x0 = predict_x0(s, j, x, eps)
+    mean = _f32(s.posterior_mean_coef1[j]) * pred_x0 + _f32(s.posterior_mean_coef2[j]) * x
+    frac = (v + np.float32(1)) / np.float32(2)
+    log_var = frac * _f32(s.log_betas[j]) + (np.float32(1) - frac) * _f32(s.posterior_log_variance_clipped[j])
+    if s.timesteps[j] == 0 or j == 0:
+        return mean.astype(np.float32, copy=False)
+    return (mean + np.exp(np.float32(0.5) * log_var) * noise).astype(np.float32, copy=False)
+
+
+def ddim_step(s: Schedule, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray,
+              eta: float = 0.0) -> np.ndarray:
+    """One DDIM(eta) step (ddim_sample with clip_denoised=False)."""
+    c = x.shape[1]
+    eps = model_out[:, :c]
+    pred_x0 = predict_x0(s, j, x, eps)
+    eps2 = (_f32(s.sqrt_recip_alphas_cumprod[j]) * x - pred_x0) / _f32(s.sqrt_recipm1_alphas_cumprod[j])
+    abar, abar_prev = _f32(s.alphas_cumprod[j]), _f32(s.alphas_cumprod_prev[j])
+    one = np.float32(1)
+    sigma = (np.float32(eta) * np.sqrt((one - abar_prev) / (one - abar)) * np.sqrt(one - abar / abar_prev))
+    sigma = np.float32(sigma)
+    mean = pred_x0 * np.sqrt(abar_prev) + np.sqrt(one - abar_prev - sigma * sigma) * eps2
+    if j == 0:
+        return mean.astype(np.float32, copy=False)
+    return (mean + sigma * noise).astype(np.float32, copy=False)
+
+
+class DPMSolverPP2M:
+    """DPM-Solver++(2M), multistep, on the eps prediction (the learned variance is ignored).
+
+    Works in lambda = log(alpha / sigma) with alpha = sqrt(abar), sigma = sqrt(1 - abar) over the
+    respaced timesteps; first order on the first step, second order after; the last step (to the
+    smallest kept timestep) returns the data prediction.
+    """
+
+    def __init__(self, s: Schedule):
+        self.s = s
+        self.alpha = np.sqrt(s.alphas_cumprod)
+        self.sigma = np.sqrt(1.0 - s.alphas_cumprod)
+        self.lam = np.log(self.alpha) - np.log(self.sigma)
+        self.prev_x0 = None
+        self.prev_h = None
+
+    def step(self, j: int, x: np.ndarray, model_out: np.ndarray) -> np.ndarray:
+        c = x.shape[1]
+        eps = model_out[:, :c]
+        x0 = ((x - _f32(self.sigma[j]) * eps) / _f32(self.alpha[j])).astype(np.float32)
+        if j == 0:
+            return x0
+        h = self.lam[j - 1] - self.lam[j]
+        ratio = _f32(self.sigma[j - 1] / self.sigma[j])
+        coef = _f32(self.alpha[j - 1] * -np.expm1(-h))
+        if self.prev_x0 is None:
+            d = x0
+        else:
+            r = self.prev_h / h
+            d = _f32(1 + 1 / (2 * r)) * x0 - _f32(1 / (2 * r)) * self.prev_x0
+        self.prev_x0, self.prev_h = x0, h
+        return (ratio * x + coef * d).astype(np.float32)
+
+
+def guided_model_output(model, x: np.ndarray, t: int, labels: np.ndarray, cfg_scale: float) -> np.ndarray:
+    """The authors' classifier-free guidance: run [x, x] with labels [y, null]; mix the first
+    ``guided_channels`` eps channels; every other channel comes from the conditional half.
+    Guidance applies only for cfg_scale > 1, as in the authors' sampler.
+    """
+    b = x.shape[0]
+    if cfg_scale <= 1.0:
+        return model(x, np.full(b, t, dtype=np.int64), labels)
+    g = model.config.guided_channels
+    xx = np.concatenate([x, x], axis=0)
+    yy = np.concatenate([labels, np.full(b, model.null_label, dtype=np.int64)])
+    out = model(xx, np.full(2 * b, t, dtype=np.int64), yy)
+    cond, uncond = out[:b], out[b:]
+    guided = cond.copy()
+    guided[:, :g] = uncond[:, :g] + np.float32(cfg_scale) * (cond[:, :g] - uncond[:, :g])
+    return guided
+
+
+def sample(model, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
+           eta: float = 0.0, callback: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
+    """Sample latents (B, C, H, W) float32 for standard class ids (mapped through the model's label map).
+
+    steps: int N (uniform respacing) or "ddimN" (integer stride). sampler: "ddpm", "ddim" (with eta)
+    or "dpm++2m". callback(step_index, total, latents) runs after each step; raise in it to cancel.
+    """
+    sampler = _SAMPLER_ALIASES.get(str(sampler).lower(), str(sampler).lower())
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if not np.isfinite(cfg_scale) or cfg_scale < 0:
+        raise InputError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+    if not np.isfinite(eta) or eta < 0:
+        raise InputError(f"eta must be a finite number >= 0, got {eta!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    labels = model.map_labels(class_labels)
+    sched = Schedule.create(steps)
+    cfg = model.config
+    shape = (len(labels), cfg.in_channels, cfg.input_size, cfg.input_size)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    solver = DPMSolverPP2M(sched) if sampler == "dpm++2m" else None
+    total = len(sched)
+    for step_index, j in enumerate(range(total - 1, -1, -1)):
+        out = guided_model_output(model, x, int(sched.timesteps[j]), labels, cfg_scale)
+        noise = rng.standard_normal(shape, dtype=np.float32)  # drawn every step (the contract)
+        if sampler == "ddpm":
+            x = ddpm_step(sched, j, x, out, noise)
+        elif sampler == "ddim":
+            x = ddim_step(sched, j, x, out, noise, eta)
+        else:
+            x = solver.step(j, x, out)
+        if callback is not None:
+            callback(step_index, total, x)
+    return x

@@ -1,0 +1,90 @@
+"""Compute backends: a registry of ternary-GEMM implementations and the per-token ops around them.
+
+A backend is an object with the methods of :class:`~terdit_edge.kernels.reference.NumpyBackend`.
+The NumPy reference is always present; faster backends (``cython``, ``numba``, ``cuda``) register
+themselves here and are trusted only because the shared test suite compares them with it.
+
+``backend="auto"`` picks the first available of :data:`AUTO_ORDER`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+from ..errors import BackendError, InputError
+from .base import ACTIVATION_MODES, TernaryWeight
+
+# name -> (module path, factory attribute); modules import lazily so that a missing optional
+# dependency only matters when that backend is asked for.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "numpy": ("terdit_edge.kernels.reference", "NumpyBackend"),
+    "cython": ("terdit_edge.kernels.cython_backend", "CythonBackend"),
+    "numba": ("terdit_edge.kernels.numba_backend", "NumbaBackend"),
+    "cuda": ("terdit_edge.kernels.cuda_backend", "CudaBackend"),
+}
+AUTO_ORDER = ("cython", "numba", "numpy")
+
+__all__ = ["get_backend", "available_backends", "register_backend", "TernaryWeight",
+           "ACTIVATION_MODES", "default_threads"]
+
+
+def register_backend(name: str, module: str, factory: str) -> None:
+    """Make a backend selectable by name (its module is imported on first use)."""
+    _REGISTRY[name] = (module, factory)
+
+
+def default_threads() -> int:
+    """Threads used when the caller does not say: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _factory(name: str) -> Callable:
+    module, attr = _REGISTRY[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise BackendError(f"backend {name!r} is not available here: {e}") from None
+    return getattr(mod, attr)
+
+
+def available_backends() -> dict[str, str]:
+    """Map each registered backend name to "ok" or the reason it cannot be used."""
+    status = {}
+    for name in _REGISTRY:
+        try:
+            cls = _factory(name)
+            reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
+            status[name] = reason or "ok"
+        except BackendError as e:
+            status[name] = str(e)
+    return status
+
+
+def get_backend(name: str = "auto", threads: int | None = None, activations: str = "fp32"):
+    """Instantiate a backend by name ("auto", "numpy", "cython", "numba", "cuda")."""
+    if activations not in ACTIVATION_MODES:
+        raise InputError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+    threads = threads or default_threads()
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            try:
+                cls = _factory(candidate)
+            except BackendError:
+                continue
+            if hasattr(cls, "unavailable_reason") and cls.unavailable_reason():
+                continue
+            return cls(threads=threads, activations=activations)
+        raise BackendError("no backend is available (even numpy failed to load)")
+    if name not in _REGISTRY:
+        raise BackendError(f"unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}")
+    cls = _factory(name)
+    reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
+    if reason:
+        raise BackendError(f"backend {name!r} is not available here: {reason}")
+    return cls(threads=threads, activations=activations)

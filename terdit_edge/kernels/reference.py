@@ -1,0 +1,189 @@
+"""The NumPy reference backend: the yardstick every fast backend is tested against.
+
+The ternary matmul forms no product with a weight: for each output it adds the activations whose
+weight is +1, subtracts those whose weight is -1, and scales the difference once by alpha.
+It is written for clarity, not speed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..packing import unpack_ternary_2bit
+from .base import TernaryWeight
+
+try:  # threadpoolctl bounds BLAS threads so that `threads=` holds for the dense matmuls too
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl is a declared dependency
+    threadpool_limits = None
+
+# Gathered activations per chunk (elements); bounds the reference's temporary memory.
+_GATHER_ELEMENTS = 1 << 22
+
+
+def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax quantization shared by every int8 backend.
+
+    Returns (xq int8 (M, K), scale float32 (M,)) with x ~= xq * scale[:, None]:
+    scale = absmax / 127, xq = clip(rint(x * (127 / absmax)), -127, 127); an all-zero row has
+    scale 0 and xq 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    absmax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
+    safe = np.where(absmax > 0, absmax, np.float32(1))
+    inv = (np.float32(127) / safe).astype(np.float32)
+    xq = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+    scale = np.where(absmax > 0, absmax / np.float32(127), np.float32(0)).astype(np.float32)
+    return xq, scale
+
+
+def _signed_sums(x: np.ndarray, q: np.ndarray, sign: int, acc_dtype) -> np.ndarray:
+    """For each row n of q: sum over k with q[n, k] == sign of x[:, k]. Shape (M, N)."""
+    m = x.shape[0]
+    n = q.shape[0]
+    rows, cols = np.nonzero(q == sign)  # row-major, so cols are grouped by row
+    counts = np.bincount(rows, minlength=n)
+    out = np.zeros((m, n), dtype=acc_dtype)
+    if cols.size == 0:
+        return out
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    nonempty = counts > 0
+    gathered = x[:, cols].astype(acc_dtype, copy=False)
+    sums = np.add.reduceat(gathered, np.minimum(starts, cols.size - 1), axis=1)
+    out[:, nonempty] = sums[:, nonempty]
+    return out
+
+
+def ternary_matmul_reference(x: np.ndarray, w: TernaryWeight, activations: str = "fp32") -> np.ndarray:
+    """y (M, N) float32 = alpha * x Q^T + bias, by selected additions and subtractions only."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m = x.shape[0]
+    if activations == "int8":
+        xq, scale = quantize_rows_int8(x)
+        src, acc_dtype = xq, np.int32
+    else:
+        src, acc_dtype = x, np.float32
+    y = np.empty((m, w.n), dtype=np.float32)
+    rows_per_chunk = max(1, _GATHER_ELEMENTS // max(1, m * w.k))
+    for n0 in range(0, w.n, rows_per_chunk):
+        q = unpack_ternary_2bit(w.packed[n0:n0 + rows_per_chunk], w.k)
+        diff = _signed_sums(src, q, 1, acc_dtype) - _signed_sums(src, q, -1, acc_dtype)
+        if activations == "int8":
+            y[:, n0:n0 + q.shape[0]] = diff.astype(np.float32) * (scale[:, None] * np.float32(w.alpha))
+        else:
+            y[:, n0:n0 + q.shape[0]] = diff * np.float32(w.alpha)
+    if w.bias is not None:
+        y += w.bias
+    return y
+
+
+class NumpyBackend:
+    """Reference implementations of every op the model needs. Fast backends subclass it and
+    override what they accelerate; shapes and dtypes below are the contract.
+    """
+
+    name = "numpy"
+
+    def __init__(self, threads: int = 1, activations: str = "fp32"):
+        self.threads = threads
+        self.activations = activations
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.activations}, {self.threads} threads)"
+
+    def thread_limit(self):
+        """Context manager bounding BLAS threads to self.threads."""
+        if threadpool_limits is None:  # pragma: no cover
+            import contextlib
+            return contextlib.nullcontext()
+        return threadpool_limits(limits=self.threads)
+
+    # --- ternary linear -------------------------------------------------------------------
+    def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
+        """x float32 (M, K) -> float32 (M, N); written into `out` when given."""
+        y = ternary_matmul_reference(x, w, self.activations)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+
+    def prepare(self, w: TernaryWeight) -> TernaryWeight:
+        """Hook for backends that want a weight in another form (e.g. uploaded to a GPU)."""
+        return w
+
+    # --- per-token ops ----------------------------------------------------------------------
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight."""
+        ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+        return (x * (np.float32(1) / np.sqrt(ms + np.float32(eps)))) * weight
+
+    def rmsnorm_modulate(self, x, weight, shift, scale, eps, out=None):
+        """RMSNorm(x) * (1 + scale) + shift. x (B, T, D); weight (D,); shift, scale (B, D)."""
+        h = self.rmsnorm(x, weight, eps) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]
+        if out is None:
+            return h
+        out[...] = h
+        return out
+
+    def layernorm(self, x, weight, bias, eps):
+        """LayerNorm over the last axis (biased variance); weight/bias None for no affine."""
+        mean = x.mean(axis=-1, keepdims=True, dtype=np.float32)
+        xc = x - mean
+        var = np.mean(np.square(xc), axis=-1, keepdims=True)
+        h = xc / np.sqrt(var + np.float32(eps))
+        if weight is not None:
+            h = h * weight + bias
+        return h.astype(np.float32, copy=False)
+
+    def rope(self, x, cos, sin):
+        """Rotate consecutive pairs of each head in place. x (B, T, H, hd); cos, sin (T, hd/2)."""
+        x0 = x[..., 0::2].copy()
+        x1 = x[..., 1::2].copy()
+        c = cos[None, :, None, :]
+        s = sin[None, :, None, :]
+        x[..., 0::2] = x0 * c - x1 * s
+        x[..., 1::2] = x0 * s + x1 * c
+        return x
+
+    def attention(self, q, k, v, out=None):
+        """Softmax attention, not causal. q (B, T, H, hd); k, v (B, T, Hkv, hd) -> (B, T, H, hd)."""
+        b, t, h, hd = q.shape
+        rep = h // k.shape[2]
+        scale = np.float32(1.0 / np.sqrt(hd))
+        if out is None:
+            out = np.empty_like(q)
+        with self.thread_limit():
+            for bi in range(b):
+                qb = q[bi].transpose(1, 0, 2)                      # (H, T, hd)
+                kb = np.repeat(k[bi].transpose(1, 0, 2), rep, 0)   # (H, T, hd)
+                vb = np.repeat(v[bi].transpose(1, 0, 2), rep, 0)
+                s = np.matmul(qb, kb.transpose(0, 2, 1)) * scale   # (H, T, T)
+                s -= s.max(axis=-1, keepdims=True)
+                np.exp(s, out=s)
+                s /= s.sum(axis=-1, keepdims=True)
+                out[bi] = np.matmul(s, vb).transpose(1, 0, 2)
+        return out
+
+    def swiglu(self, a, b, out=None):
+        """silu(a) * b elementwise."""
+        r = a / (np.float32(1) + np.exp(-a)) * b
+        if out is None:
+            return r
+        out[...] = r
+        return out
+
+    def add_gated(self, x, gate, y):
+        """x += gate[:, None, :] * y in place. x, y (B, T, D); gate (B, D)."""
+        x += gate[:, None, :] * y
+        return x
+
+    def dense(self, x, weight, bias=None):
+        """Full-precision linear: x (M, K) @ weight(N, K)^T + bias."""
+        with self.thread_limit():
+            y = x @ weight.T
+        if bias is not None:
+            y += bias
+        return y

@@ -1,0 +1,191 @@
+"""The ternary DiT ("DiT-LLaMA") forward pass on top of a compute backend.
+
+Names follow the paper and the checkpoints (x_embedder, t_embedder, adaLN, modulate, ...); the math
+is in the order of /docs (the facts page, section 1). No SIMD and no I/O here: the ternary linear
+layers and per-token ops go through ``self.backend`` (see :mod:`terdit_edge.kernels`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import TIMESTEP_FREQ_DIM, ModelConfig
+from .errors import InputError
+from .format import DIT_PREFIX, TditFile, float_param_shapes, ternary_layer_shapes
+from .kernels import TernaryWeight, get_backend
+
+
+def timestep_embedding(t: np.ndarray, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> np.ndarray:
+    """Sinusoidal features of timesteps t (B,) -> float32 (B, dim), [cos, sin] as in DiT."""
+    half = dim // 2
+    freqs = np.exp(np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half))
+    args = t.astype(np.float32)[:, None] * freqs[None].astype(np.float32)
+    return np.concatenate([np.cos(args), np.sin(args)], axis=-1).astype(np.float32)
+
+
+def rope_tables(n_tokens: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T, head_dim / 2) float32 of the 1-D rotary embedding (angle pos * theta^(-2i/hd))."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32)[: head_dim // 2] / np.float32(head_dim)
+    freqs = (np.float32(1) / (np.float32(theta) ** exponents)).astype(np.float32)
+    angles = np.outer(np.arange(n_tokens, dtype=np.float32), freqs).astype(np.float32)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def patchify(x: np.ndarray, p: int) -> np.ndarray:
+    """(B, C, H, W) -> (B, T, C*p*p): tokens row-major over the grid, each flattened as (C, p_row, p_col)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
+    return np.ascontiguousarray(x.reshape(b, (h // p) * (w // p), c * p * p))
+
+
+def unpatchify(tokens: np.ndarray, p: int, channels: int, h: int, w: int) -> np.ndarray:
+    """(B, T, p*p*C) with token vectors ordered (p_row, p_col, C) -> (B, C, H, W)."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // p, w // p, p, p, channels).transpose(0, 5, 1, 3, 2, 4)
+    return np.ascontiguousarray(x.reshape(b, channels, h, w))
+
+
+class TernaryDiT:
+    """A loaded ternary DiT. Call it as ``model(x, t, y)``.
+
+    x: float32 (B, C, H, W) noisy input; t: (B,) original timesteps 0..999; y: (B,) raw model label ids
+    (``num_classes`` is the null label). Returns float32 (B, 2C, H, W): eps then the variance value v.
+    """
+
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], ternary: dict[str, TernaryWeight],
+                 backend, label_map: list[int] | None = None, label_map_name: str = "identity",
+                 source: TditFile | None = None):
+        self.config = config
+        self.params = params
+        self.backend = backend
+        self.ternary = {k: backend.prepare(w) for k, w in ternary.items()}
+        self.label_map = list(label_map) if label_map is not None else list(range(config.num_classes))
+        self.label_map_name = label_map_name
+        self.file = source  # keeps the memory map alive
+        self.rope_cos, self.rope_sin = rope_tables(config.n_tokens, config.head_dim, config.rope_theta)
+
+    # --- conveniences for samplers and pipelines ----------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    def map_labels(self, class_ids) -> np.ndarray:
+        """Standard class ids (0..num_classes-1) -> the model's raw label ids, through the label map."""
+        ids = np.asarray(class_ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputError(f"class labels must be a non-empty 1-D list of ints, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"class labels must be integers, got {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.num_classes)
+        if bad.any():
+            raise InputError(f"class id {int(ids[bad][0])} is out of range: this model has classes "
+                             f"0..{self.num_classes - 1}")
+        return np.asarray(self.label_map, dtype=np.int64)[ids]
+
+    # --- forward ------------------------------------------------------------------------------
+    def _check_inputs(self, x, t, y):
+        cfg = self.config
+        if not isinstance(x, np.ndarray) or x.ndim != 4:
+            raise InputError(f"x must be a 4-D float32 array (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+        b = x.shape[0]
+        want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if x.shape[1:] != want or b < 1:
+            raise InputError(f"x must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {x.shape}")
+        t = np.asarray(t)
+        y = np.asarray(y)
+        if t.shape != (b,) or y.shape != (b,):
+            raise InputError(f"t and y must have shape ({b},), got {t.shape} and {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > cfg.num_classes:
+            raise InputError(f"labels y must be integers in 0..{cfg.num_classes} ({cfg.num_classes} = null label)")
+        if not np.all(np.isfinite(t)) or t.min() < 0 or t.max() > 999:
+            raise InputError("timesteps t must lie in 0..999")
+        return np.ascontiguousarray(x, dtype=np.float32), t, y.astype(np.int64)
+
+    def __call__(self, x: np.ndarray, t, y) -> np.ndarray:
+        x, t, y = self._check_inputs(x, t, y)
+        cfg, p, be = self.config, self.config.patch_size, self.backend
+        bsz = x.shape[0]
+        n_tok, d = cfg.n_tokens, cfg.dim
+        P = self.params
+
+        h = be.dense(patchify(x, p).reshape(bsz * n_tok, -1), P["x_embedder.weight"], P["x_embedder.bias"])
+        h = h.reshape(bsz, n_tok, d)
+
+        t_emb = be.dense(timestep_embedding(t), P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"])
+        t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
+        c = t_emb + P["y_embedder.embedding_table"][y]
+        c_act = np.ascontiguousarray(silu(c), dtype=np.float32)
+
+        for i in range(cfg.n_layers):
+            h = self._block(i, h, c_act)
+
+        shift, scale = np.split(be.dense(c_act, P["final_layer.adaLN_modulation.1.weight"],
+                                         P["final_layer.adaLN_modulation.1.bias"]), 2, axis=1)
+        hn = be.layernorm(h, None, None, 1e-6) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]
+        out = be.dense(hn.reshape(bsz * n_tok, d), P["final_layer.linear.weight"], P["final_layer.linear.bias"])
+        return unpatchify(out.reshape(bsz, n_tok, -1), p, cfg.out_channels, cfg.input_size, cfg.input_size)
+
+    def _block(self, i: int, h: np.ndarray, c_act: np.ndarray) -> np.ndarray:
+        cfg, be, P, W = self.config, self.backend, self.params, self.ternary
+        pre = f"layers.{i}."
+        bsz, n_tok, d = h.shape
+        hd = cfg.head_dim
+
+        mod = be.rmsnorm(be.ternary_matmul(c_act, W[pre + "adaLN_modulation.1"]),
+                         P[pre + "adaLN_modulation.2.weight"], cfg.norm_eps)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = np.split(mod, 6, axis=1)
+
+        # attention
+        hn = be.rmsnorm_modulate(h, P[pre + "attention_norm.weight"], shift_msa, scale_msa, cfg.norm_eps)
+        hn2 = hn.reshape(bsz * n_tok, d)
+        q = be.ternary_matmul(hn2, W[pre + "attention.wq"])
+        k = be.ternary_matmul(hn2, W[pre + "attention.wk"])
+        v = be.ternary_matmul(hn2, W[pre + "attention.wv"])
+        if cfg.qk_norm:
+            q = be.layernorm(q, P[pre + "attention.q_norm.weight"], P[pre + "attention.q_norm.bias"], 1e-5)
+            k = be.layernorm(k, P[pre + "attention.k_norm.weight"], P[pre + "attention.k_norm.bias"], 1e-5)
+        q = q.reshape(bsz, n_tok, cfg.n_heads, hd)
+        k = k.reshape(bsz, n_tok, cfg.n_kv_heads, hd)
+        v = v.reshape(bsz, n_tok, cfg.n_kv_heads, hd)
+        be.rope(q, self.rope_cos, self.rope_sin)
+        be.rope(k, self.rope_cos, self.rope_sin)
+        att = be.attention(q, k, v).reshape(bsz * n_tok, d)
+        o = be.ternary_matmul(att, W[pre + "attention.wo"])
+        be.add_gated(h, gate_msa, o.reshape(bsz, n_tok, d))
+
+        # feed-forward (SwiGLU)
+        hn = be.rmsnorm_modulate(h, P[pre + "ffn_norm.weight"], shift_mlp, scale_mlp, cfg.norm_eps)
+        hn2 = hn.reshape(bsz * n_tok, d)
+        a = be.ternary_matmul(hn2, W[pre + "feed_forward.w1"])
+        g = be.ternary_matmul(hn2, W[pre + "feed_forward.w3"])
+        be.swiglu(a, g, out=a)
+        o = be.ternary_matmul(a, W[pre + "feed_forward.w2"])
+        be.add_gated(h, gate_mlp, o.reshape(bsz, n_tok, d))
+        return h
+
+
+def model_from_file(tf: TditFile, backend: str = "auto", activations: str = "fp32",
+                    threads: int | None = None) -> TernaryDiT:
+    """Build a TernaryDiT from a validated, mapped file (weights stay in the mapping)."""
+    cfg = tf.config
+    be = get_backend(backend, threads=threads, activations=activations)
+    params = {}
+    for name in float_param_shapes(cfg):
+        arr = tf.tensors[DIT_PREFIX + name]
+        # float32 tensors stay views of the mapping; fp16 ones are widened once (small: no ternary weight is float)
+        params[name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+    ternary = {}
+    for name, (n, k) in ternary_layer_shapes(cfg).items():
+        bias = params.pop(name + ".bias", None)
+        ternary[name] = TernaryWeight(packed=tf.tensors[DIT_PREFIX + name + ".qweight"], n=n, k=k,
+                                      alpha=float(tf.tensors[DIT_PREFIX + name + ".alpha"][0]),
+                                      bias=bias, name=name)
+    return TernaryDiT(cfg, params, ternary, be, label_map=tf.label_map, label_map_name=tf.label_map_name,
+                      source=tf)
