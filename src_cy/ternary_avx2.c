@@ -1,0 +1,407 @@
+/* x86-64 AVX2 kernels. Compiled for the baseline ISA: every function that uses AVX2 carries a
+ * target attribute and is reached only after td_get_isa() saw AVX2 + FMA at run time.
+ *
+ * GEMM (many tokens) uses tables of partial sums: one packed byte holds four weights
+ * (k, k+32, k+64, k+96); for a block of tokens we tabulate, per byte position, all 81 signed
+ * sums of those four activations (one 8 x float32 or 16 x int16 vector per entry, the token
+ * block running across the lanes). Every row of Q then costs one table look-up and one vector
+ * add per packed byte, for all tokens of the block at once: no weight is ever multiplied.
+ * GEMV (few tokens, int8) streams the weights instead: 32 weights are unpacked to -1/0/+1 bytes,
+ * `sign` selects/negates/drops the activations and `maddubs` with a vector of ones widens pairs
+ * to int16 partial sums. */
+#include "ternary_internal.h"
+
+#if TD_X86
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TD_TARGET __attribute__((target("avx2,fma")))
+
+#define G_TILE 8                     /* packed bytes (groups of 4 weights) per table set */
+#define N_ENT 81                     /* 3^4 sign patterns of a group */
+#define ENT_BYTES 32                 /* one AVX2 vector per entry */
+#define GROUP_BYTES (N_ENT * ENT_BYTES)
+#define I16_SUPER 8                  /* table sets summed in int16 before widening (see below) */
+#define GEMV_MAX_M 7                 /* int8: below this many tokens stream the weights */
+
+static void *td_alloc(size_t bytes) {
+    bytes = (bytes + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+/* byte -> byte offset of its entry inside a group's table: entry index c0 + 3 c1 + 9 c2 + 27 c3
+ * for codes c_q of bits 2q+1..2q. The invalid code 3 reads as 1 (zero) so that a corrupted
+ * weight cannot index outside the table. */
+static void build_offsets(uint16_t off[256]) {
+    for (int v = 0; v < 256; v++) {
+        int idx = 0, place = 1;
+        for (int q = 0; q < 4; q++) {
+            int c = (v >> (2 * q)) & 3;
+            if (c == 3) c = 1;
+            for (int i = 0; i < c; i++) idx += place;
+            place = place * 3;
+        }
+        off[v] = (uint16_t)(idx * ENT_BYTES);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* float32 tables: 8 tokens per entry */
+
+/* Extend a table of `size` entries by one more activation x: entries with code 0 (-1) become
+ * e - x, code 1 keep e, code 2 (+1) become e + x. */
+TD_TARGET static inline void extend_f32(float *e, int size, __m256 x) {
+    for (int i = 0; i < size; i++) {
+        const __m256 v = _mm256_load_ps(e + 8 * i);
+        _mm256_store_ps(e + 8 * (size + i), v);
+        _mm256_store_ps(e + 8 * (2 * size + i), _mm256_add_ps(v, x));
+        _mm256_store_ps(e + 8 * i, _mm256_sub_ps(v, x));
+    }
+}
+
+/* Tables for the G_TILE groups whose first weight is kbase..kbase+G_TILE-1. xT (kp, 8). */
+TD_TARGET static void build_tables_f32(const float *xT, int64_t kbase, float *T) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int g = 0; g < G_TILE; g++) {
+        const float *xk = xT + (kbase + g) * 8;
+        float *e = T + g * N_ENT * 8;
+        const __m256 x0 = _mm256_load_ps(xk);
+        _mm256_store_ps(e, _mm256_sub_ps(zero, x0));
+        _mm256_store_ps(e + 8, zero);
+        _mm256_store_ps(e + 16, x0);
+        extend_f32(e, 3, _mm256_load_ps(xk + 32 * 8));
+        extend_f32(e, 9, _mm256_load_ps(xk + 64 * 8));
+        extend_f32(e, 27, _mm256_load_ps(xk + 96 * 8));
+    }
+}
+
+#define LOOKUP(T, g, wv) ((const void *)((const char *)(T) + (g) * GROUP_BYTES + off[((wv) >> (8 * (g))) & 255]))
+
+/* Tokens m0..m0+mt-1 (mt <= 8) times rows r0..r1-1. Buffers: xT (kp, 8), T (G_TILE tables),
+ * res (r1 - r0, 8). */
+TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k,
+                                    int64_t kb, const uint8_t *packed, int64_t r0, int64_t r1,
+                                    const uint16_t *off, float *xT, float *T, float *res,
+                                    const td_out_t *o) {
+    const int64_t kp = kb * 4;
+    memset(xT, 0, (size_t)kp * 8 * sizeof(float));
+    for (int t = 0; t < mt; t++) {
+        const float *xr = x + (m0 + t) * ldx;
+        for (int64_t kk = 0; kk < k; kk++) xT[kk * 8 + t] = xr[kk];
+    }
+    const int64_t ntile = kb / G_TILE;
+    for (int64_t kt = 0; kt < ntile; kt++) {
+        /* table set kt covers bytes 8 kt .. 8 kt + 7 of each row: block kt / 4, byte (kt % 4) * 8 */
+        build_tables_f32(xT, (kt / 4) * TD_BLOCK_K + (kt % 4) * G_TILE, T);
+        const uint8_t *wp = packed + kt * G_TILE;
+        for (int64_t row = r0; row < r1; row++) {
+            uint64_t wv;
+            memcpy(&wv, wp + row * kb, 8);
+            /* two independent chains hide the add latency */
+            __m256 a = _mm256_load_ps(LOOKUP(T, 0, wv));
+            __m256 b = _mm256_load_ps(LOOKUP(T, 1, wv));
+            a = _mm256_add_ps(a, _mm256_load_ps(LOOKUP(T, 2, wv)));
+            b = _mm256_add_ps(b, _mm256_load_ps(LOOKUP(T, 3, wv)));
+            a = _mm256_add_ps(a, _mm256_load_ps(LOOKUP(T, 4, wv)));
+            b = _mm256_add_ps(b, _mm256_load_ps(LOOKUP(T, 5, wv)));
+            a = _mm256_add_ps(a, _mm256_load_ps(LOOKUP(T, 6, wv)));
+            b = _mm256_add_ps(b, _mm256_load_ps(LOOKUP(T, 7, wv)));
+            a = _mm256_add_ps(a, b);
+            float *rp = res + (row - r0) * 8;
+            if (kt) a = _mm256_add_ps(_mm256_load_ps(rp), a);
+            _mm256_store_ps(rp, a);
+        }
+    }
+    for (int64_t row = r0; row < r1; row++) {
+        const float *rp = res + (row - r0) * 8;
+        for (int t = 0; t < mt; t++) td_store_f32(o, m0 + t, row, ntile ? rp[t] : 0.0f);
+    }
+}
+
+/* Work split shared by both LUT drivers: token blocks first (tables are then built once per
+ * block and shared by all rows); when there are fewer blocks than threads, rows are split too. */
+static void lut_split(int64_t m, int tb, int64_t n, int threads, int64_t *ntb, int64_t *nsplit,
+                      int64_t *rows_per) {
+    *ntb = (m + tb - 1) / tb;
+    *nsplit = 1;
+    if (*ntb < threads) {
+        *nsplit = (threads + *ntb - 1) / *ntb;
+        if (*nsplit > (n + 63) / 64) *nsplit = (n + 63) / 64; /* keep >= 64 rows per table build */
+        if (*nsplit < 1) *nsplit = 1;
+    }
+    *rows_per = (n + *nsplit - 1) / *nsplit;
+}
+
+int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = td_padded_k(k) / 4, kp = kb * 4;
+    uint16_t off[256];
+    build_offsets(off);
+    int64_t ntb, nsplit, rows_per;
+    lut_split(m, 8, n, threads, &ntb, &nsplit, &rows_per);
+    int err = 0;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        float *xT = td_alloc((size_t)(kp + 1) * 8 * sizeof(float));
+        float *T = td_alloc((size_t)G_TILE * GROUP_BYTES);
+        float *res = td_alloc((size_t)rows_per * 8 * sizeof(float));
+        const int ok = xT && T && res;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < ntb * nsplit; item++) {
+            if (!ok) { err = 1; continue; }
+            const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
+            const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
+            const int mt = (int)(m - tb * 8 < 8 ? m - tb * 8 : 8);
+            if (r0 < r1) lut_f32_block(x, ldx, tb * 8, mt, k, kb, packed, r0, r1, off, xT, T, res, o);
+        }
+        free(xT); free(T); free(res);
+    }
+    return err ? TD_ENOMEM : TD_OK;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* int16 tables of int8 activations: 16 tokens per entry */
+
+TD_TARGET static inline void extend_i16(int16_t *e, int size, __m256i x) {
+    for (int i = 0; i < size; i++) {
+        const __m256i v = _mm256_load_si256((const __m256i *)(e + 16 * i));
+        _mm256_store_si256((__m256i *)(e + 16 * (size + i)), v);
+        _mm256_store_si256((__m256i *)(e + 16 * (2 * size + i)), _mm256_add_epi16(v, x));
+        _mm256_store_si256((__m256i *)(e + 16 * i), _mm256_sub_epi16(v, x));
+    }
+}
+
+TD_TARGET static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t *T) {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int g = 0; g < G_TILE; g++) {
+        const int16_t *xk = xT + (kbase + g) * 16;
+        int16_t *e = T + g * N_ENT * 16;
+        const __m256i x0 = _mm256_load_si256((const __m256i *)xk);
+        _mm256_store_si256((__m256i *)e, _mm256_sub_epi16(zero, x0));
+        _mm256_store_si256((__m256i *)(e + 16), zero);
+        _mm256_store_si256((__m256i *)(e + 32), x0);
+        extend_i16(e, 3, _mm256_load_si256((const __m256i *)(xk + 32 * 16)));
+        extend_i16(e, 9, _mm256_load_si256((const __m256i *)(xk + 64 * 16)));
+        extend_i16(e, 27, _mm256_load_si256((const __m256i *)(xk + 96 * 16)));
+    }
+}
+
+#define LOADI(p) _mm256_load_si256((const __m256i *)(p))
+
+/* Entries are sums of four |xq| <= 127, so |entry| <= 508; I16_SUPER table sets of G_TILE look-ups
+ * add at most 8 * 8 * 508 = 32512 < 32767 per lane before the int16 sums are widened to int32. */
+TD_TARGET static void lut_i16_block(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                                    const uint8_t *packed, int64_t r0, int64_t r1,
+                                    const uint16_t *off, int16_t *xT, int16_t *T, int16_t *res16,
+                                    int32_t *res32, const td_out_t *o) {
+    const int64_t kp = kb * 4;
+    memset(xT, 0, (size_t)kp * 16 * sizeof(int16_t));
+    for (int t = 0; t < mt; t++) {
+        const int8_t *xr = xq + (m0 + t) * ldq;
+        for (int64_t kk = 0; kk < kp; kk++) xT[kk * 16 + t] = xr[kk];
+    }
+    const int64_t ntile = kb / G_TILE;
+    for (int64_t kt = 0; kt < ntile; kt++) {
+        build_tables_i16(xT, (kt / 4) * TD_BLOCK_K + (kt % 4) * G_TILE, T);
+        const uint8_t *wp = packed + kt * G_TILE;
+        const int first = kt % I16_SUPER == 0;
+        const int last = kt % I16_SUPER == I16_SUPER - 1 || kt == ntile - 1;
+        const int widen_add = kt >= I16_SUPER;
+        for (int64_t row = r0; row < r1; row++) {
+            uint64_t wv;
+            memcpy(&wv, wp + row * kb, 8);
+            __m256i a = LOADI(LOOKUP(T, 0, wv));
+            __m256i b = LOADI(LOOKUP(T, 1, wv));
+            a = _mm256_add_epi16(a, LOADI(LOOKUP(T, 2, wv)));
+            b = _mm256_add_epi16(b, LOADI(LOOKUP(T, 3, wv)));
+            a = _mm256_add_epi16(a, LOADI(LOOKUP(T, 4, wv)));
+            b = _mm256_add_epi16(b, LOADI(LOOKUP(T, 5, wv)));
+            a = _mm256_add_epi16(a, LOADI(LOOKUP(T, 6, wv)));
+            b = _mm256_add_epi16(b, LOADI(LOOKUP(T, 7, wv)));
+            a = _mm256_add_epi16(a, b);
+            int16_t *rp = res16 + (row - r0) * 16;
+            if (!first) a = _mm256_add_epi16(LOADI(rp), a);
+            if (last) {
+                int32_t *qp = res32 + (row - r0) * 16;
+                __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a));
+                __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1));
+                if (widen_add) {
+                    lo = _mm256_add_epi32(lo, LOADI(qp));
+                    hi = _mm256_add_epi32(hi, LOADI(qp + 8));
+                }
+                _mm256_store_si256((__m256i *)qp, lo);
+                _mm256_store_si256((__m256i *)(qp + 8), hi);
+            } else {
+                _mm256_store_si256((__m256i *)rp, a);
+            }
+        }
+    }
+    for (int64_t row = r0; row < r1; row++) {
+        const int32_t *qp = res32 + (row - r0) * 16;
+        for (int t = 0; t < mt; t++) td_store(o, m0 + t, row, ntile ? qp[t] : 0);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* int8 GEMV: stream the packed weights once for up to 4 tokens */
+
+TD_TARGET static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* sign(x, w) selects, negates or drops each activation; maddubs(1, .) adds neighbouring pairs. */
+#define SEL_ADD(acc, xp, w) \
+    acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(one8, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xp)), w)))
+
+TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                                   const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+    const __m256i m3 = _mm256_set1_epi8(3), one8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const int64_t nblk = kb / TD_BLOCK_BYTES;
+    const int8_t *x0 = xq + m0 * ldq;
+    const int8_t *x1 = x0 + (mt > 1 ? ldq : 0), *x2 = x0 + (mt > 2 ? 2 * ldq : 0), *x3 = x0 + (mt > 3 ? 3 * ldq : 0);
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *w = packed + row * kb;
+        __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0;
+        /* 32 blocks = 128 maddubs results of |.| <= 254 per int16 lane: no overflow */
+        for (int64_t sb = 0; sb < nblk; sb += 32) {
+            const int64_t e = sb + 32 < nblk ? sb + 32 : nblk;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t bk = sb; bk < e; bk++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + bk * TD_BLOCK_BYTES));
+                const __m256i q0 = _mm256_sub_epi8(_mm256_and_si256(v, m3), one8);
+                const __m256i q1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), one8);
+                const __m256i q2 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), one8);
+                const __m256i q3 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), one8);
+                const int64_t kk = bk * TD_BLOCK_K;
+                SEL_ADD(a0, x0 + kk, q0); SEL_ADD(a0, x0 + kk + 32, q1);
+                SEL_ADD(a0, x0 + kk + 64, q2); SEL_ADD(a0, x0 + kk + 96, q3);
+                if (mt > 1) {
+                    SEL_ADD(a1, x1 + kk, q0); SEL_ADD(a1, x1 + kk + 32, q1);
+                    SEL_ADD(a1, x1 + kk + 64, q2); SEL_ADD(a1, x1 + kk + 96, q3);
+                }
+                if (mt > 2) {
+                    SEL_ADD(a2, x2 + kk, q0); SEL_ADD(a2, x2 + kk + 32, q1);
+                    SEL_ADD(a2, x2 + kk + 64, q2); SEL_ADD(a2, x2 + kk + 96, q3);
+                }
+                if (mt > 3) {
+                    SEL_ADD(a3, x3 + kk, q0); SEL_ADD(a3, x3 + kk + 32, q1);
+                    SEL_ADD(a3, x3 + kk + 64, q2); SEL_ADD(a3, x3 + kk + 96, q3);
+                }
+            }
+            /* madd with ones widens the int16 pair sums to int32 */
+            t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(a0, ones16));
+            t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(a1, ones16));
+            t2 = _mm256_add_epi32(t2, _mm256_madd_epi16(a2, ones16));
+            t3 = _mm256_add_epi32(t3, _mm256_madd_epi16(a3, ones16));
+        }
+        td_store(o, m0, row, hsum_epi32(t0));
+        if (mt > 1) td_store(o, m0 + 1, row, hsum_epi32(t1));
+        if (mt > 2) td_store(o, m0 + 2, row, hsum_epi32(t2));
+        if (mt > 3) td_store(o, m0 + 3, row, hsum_epi32(t3));
+    }
+}
+
+int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                    int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = kp / 4;
+    (void)threads;
+    if (m <= GEMV_MAX_M) {
+        const int64_t chunk = 32; /* rows per work item */
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * kb * m > 65536)
+#endif
+        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+            const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
+            for (int64_t m0 = 0; m0 < m; m0 += 4)
+                gemv_i8_rows(xq, ldq, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
+        }
+        return TD_OK;
+    }
+    uint16_t off[256];
+    build_offsets(off);
+    int64_t ntb, nsplit, rows_per;
+    lut_split(m, 16, n, threads, &ntb, &nsplit, &rows_per);
+    int err = 0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        int16_t *xT = td_alloc((size_t)(kp + 1) * 16 * sizeof(int16_t));
+        int16_t *T = td_alloc((size_t)G_TILE * GROUP_BYTES);
+        int16_t *res16 = td_alloc((size_t)rows_per * 16 * sizeof(int16_t));
+        int32_t *res32 = td_alloc((size_t)rows_per * 16 * sizeof(int32_t));
+        const int ok = xT && T && res16 && res32;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < ntb * nsplit; item++) {
+            if (!ok) { err = 1; continue; }
+            const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
+            const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
+            const int mt = (int)(m - tb * 16 < 16 ? m - tb * 16 : 16);
+            if (r0 < r1)
+                lut_i16_block(xq, ldq, tb * 16, mt, kb, packed, r0, r1, off, xT, T, res16, res32, o);
+        }
+        free(xT); free(T); free(res16); free(res32);
+    }
+    return err ? TD_ENOMEM : TD_OK;
+}
+
+/* ------------------------------------------------------------------------------------------- */
+/* int8 quantization of one row, bit-exact with the scalar path: round-half-even of x * (127/absmax)
+ * in float32, clamped to [-127, 127]. */
+
+TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), absmask), mx);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float amax = _mm_cvtss_f32(m4);
+    for (; i < k; i++) {
+        float a = x[i] < 0 ? -x[i] : x[i];
+        amax = a > amax ? a : amax;
+    }
+    if (!(amax > 0.0f) || amax > 3.4e38f) {
+        memset(xq, 0, (size_t)kq);
+        *scale = (amax > 0.0f) ? amax / 127.0f : 0.0f;
+        return;
+    }
+    const float inv = 127.0f / amax;
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    i = 0;
+    for (; i + 32 <= k; i += 32) {
+        __m256i v[4];
+        for (int j = 0; j < 4; j++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vinv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm256_max_ps(_mm256_min_ps(r, hi), lo);
+            v[j] = _mm256_cvtps_epi32(r);
+        }
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        _mm256_storeu_si256((__m256i *)(xq + i), _mm256_permutevar8x32_epi32(p, perm));
+    }
+    const float magic = 12582912.0f; /* 1.5 * 2^23: round half to even for |v| < 2^22 */
+    for (; i < k; i++) {
+        float r = (x[i] * inv + magic) - magic;
+        r = r < 127.0f ? r : 127.0f;
+        r = r > -127.0f ? r : -127.0f;
+        xq[i] = (int8_t)(int)r;
+    }
+    if (kq > k) memset(xq + k, 0, (size_t)(kq - k));
+    *scale = amax / 127.0f;
+}
+
+#endif /* TD_X86 */

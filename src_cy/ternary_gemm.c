@@ -1,0 +1,357 @@
+/* Run-time dispatch, the portable scalar kernels, int8 quantization and the fused per-token ops.
+ * The SIMD kernels live in ternary_avx2.c and ternary_neon.c. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ternary_internal.h"
+
+#if TD_ARM64 && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * CPU detection and the ISA switch */
+
+int td_cpu_flags(void) {
+    int f = 0;
+#if TD_X86 && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) f |= TD_CPU_AVX2;
+    if (__builtin_cpu_supports("fma")) f |= TD_CPU_FMA;
+#endif
+#if TD_ARM64
+    f |= TD_CPU_NEON; /* Advanced SIMD is mandatory in ARMv8-A */
+#if defined(__linux__)
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) f |= TD_CPU_DOTPROD;
+#endif
+#endif
+    return f;
+}
+
+int td_best_isa(void) {
+    int f = td_cpu_flags();
+    if ((f & TD_CPU_AVX2) && (f & TD_CPU_FMA)) return TD_ISA_AVX2;
+    if (f & TD_CPU_DOTPROD) return TD_ISA_NEON_DOT;
+    if (f & TD_CPU_NEON) return TD_ISA_NEON;
+    return TD_ISA_SCALAR;
+}
+
+static int g_isa = -1; /* -1: not chosen yet */
+
+int td_get_isa(void) {
+    if (g_isa < 0) g_isa = td_best_isa();
+    return g_isa;
+}
+
+int td_set_isa(int isa) {
+    int best = td_best_isa();
+    int ok = isa == TD_ISA_SCALAR || isa == best ||
+             (best == TD_ISA_NEON_DOT && isa == TD_ISA_NEON);
+    if (!ok) return -1;
+    g_isa = isa;
+    return 0;
+}
+
+const char *td_isa_name(int isa) {
+    switch (isa) {
+    case TD_ISA_SCALAR: return "scalar";
+    case TD_ISA_AVX2: return "avx2";
+    case TD_ISA_NEON: return "neon";
+    case TD_ISA_NEON_DOT: return "neon-dotprod";
+    default: return "unknown";
+    }
+}
+
+int td_openmp_enabled(void) {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int td_max_threads(void) {
+#if defined(_OPENMP)
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * int8 quantization (bit-exact with quantize_rows_int8 in terdit_edge/kernels/reference.py) */
+
+/* Round half to even for |v| < 2^22 under the default rounding mode, without libm: adding
+ * 1.5 * 2^23 pushes the fraction out of the mantissa. */
+static inline float td_rint_small(float v) {
+    /* strict IEEE evaluation (no -ffast-math) keeps (v + c) - c from being folded */
+    const float magic = 12582912.0f;
+    return (v + magic) - magic;
+}
+
+static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+        float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
+    if (!(amax > 0.0f) || !isfinite(amax)) {
+        /* zero row -> 0 (reference); a non-finite row has no meaningful int8 form: zero too */
+        memset(xq, 0, (size_t)kq);
+        *scale = (amax > 0.0f) ? amax / 127.0f : 0.0f;
+        return;
+    }
+    float inv = 127.0f / amax;
+    for (int64_t i = 0; i < k; i++) {
+        float r = td_rint_small(x[i] * inv);
+        r = r < 127.0f ? r : 127.0f;   /* NaN ends at 127, never at an undefined conversion */
+        r = r > -127.0f ? r : -127.0f;
+        xq[i] = (int8_t)(int)r;
+    }
+    if (kq > k) memset(xq + k, 0, (size_t)(kq - k));
+    *scale = amax / 127.0f;
+}
+
+void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq, int64_t ldq,
+                         float *scale, int threads) {
+    int isa = td_get_isa();
+    (void)threads; (void)isa;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (m * k > 65536)
+#endif
+    for (int64_t r = 0; r < m; r++) {
+#if TD_X86
+        if (isa == TD_ISA_AVX2) {
+            td_quantize_row_avx2(x + r * ldx, k, xq + r * ldq, ldq, scale + r);
+            continue;
+        }
+#endif
+        quantize_row_scalar(x + r * ldx, k, xq + r * ldq, ldq, scale + r);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Portable scalar kernels: one row of Q at a time, decoded byte by byte into its four weights;
+ * each weight adds, subtracts or skips its activation. */
+
+int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                       int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = td_padded_k(k) / 4;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (m * n * k > 100000)
+#endif
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * kb;
+        for (int64_t t = 0; t < m; t++) {
+            const float *xt = x + t * ldx;
+            float acc = 0.0f;
+            for (int64_t byte = 0; byte < kb; byte++) {
+                const uint8_t v = w[byte];
+                const int64_t k0 = (byte / TD_BLOCK_BYTES) * TD_BLOCK_K + byte % TD_BLOCK_BYTES;
+                for (int q = 0; q < 4; q++) {
+                    const int code = (v >> (2 * q)) & 3;
+                    const int64_t kk = k0 + 32 * q;
+                    if (code == 2) acc += xt[kk];       /* padding codes are 1: kk >= k never read */
+                    else if (code == 0) acc -= xt[kk];
+                }
+            }
+            td_store_f32(o, t, row, acc);
+        }
+    }
+    return TD_OK;
+}
+
+int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                      int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = kp / 4;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (m * n * kp > 100000)
+#endif
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * kb;
+        for (int64_t t = 0; t < m; t++) {
+            const int8_t *xt = xq + t * ldq;
+            int32_t acc = 0;
+            for (int64_t byte = 0; byte < kb; byte++) {
+                const uint8_t v = w[byte];
+                const int64_t k0 = (byte / TD_BLOCK_BYTES) * TD_BLOCK_K + byte % TD_BLOCK_BYTES;
+                for (int q = 0; q < 4; q++) {
+                    const int code = (v >> (2 * q)) & 3;
+                    if (code == 2) acc += xt[k0 + 32 * q];
+                    else if (code == 0) acc -= xt[k0 + 32 * q];
+                }
+            }
+            td_store(o, t, row, acc);
+        }
+    }
+    return TD_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Public GEMM entry points */
+
+int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                float alpha, const float *bias, float *y, int64_t ldy, int threads) {
+    if (m <= 0 || n <= 0) return TD_OK;
+    if (threads < 1) threads = 1;
+    td_out_t o = {alpha, NULL, bias, y, ldy, NULL};
+    switch (td_get_isa()) {
+#if TD_X86
+    case TD_ISA_AVX2: return td_gemm_f32_avx2(x, m, k, ldx, packed, n, &o, threads);
+#endif
+#if TD_ARM64
+    case TD_ISA_NEON:
+    case TD_ISA_NEON_DOT: return td_gemm_f32_neon(x, m, k, ldx, packed, n, &o, threads);
+#endif
+    default: return td_gemm_f32_scalar(x, m, k, ldx, packed, n, &o, threads);
+    }
+}
+
+static int dispatch_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                       int64_t n, const td_out_t *o, int threads) {
+    switch (td_get_isa()) {
+#if TD_X86
+    case TD_ISA_AVX2: return td_gemm_i8_avx2(xq, m, kp, ldq, packed, n, o, threads);
+#endif
+#if TD_ARM64
+    case TD_ISA_NEON: return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 0);
+    case TD_ISA_NEON_DOT: return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 1);
+#endif
+    default: return td_gemm_i8_scalar(xq, m, kp, ldq, packed, n, o, threads);
+    }
+}
+
+int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+               float alpha, const float *bias, float *y, int64_t ldy, int threads) {
+    if (m <= 0 || n <= 0) return TD_OK;
+    if (threads < 1) threads = 1;
+    const int64_t kp = td_padded_k(k);
+    /* rows padded with zeros to the packing block so the kernels never test for K's end;
+     * 64-byte alignment keeps the SIMD loads of a row within as few cache lines as possible */
+    const int64_t ldq = kp > 0 ? kp : TD_BLOCK_K;
+    size_t bytes = (size_t)m * (size_t)ldq + (size_t)m * sizeof(float) + 64;
+    void *buf = malloc(bytes + 64);
+    if (!buf) return TD_ENOMEM;
+    int8_t *xq = (int8_t *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    float *scale = (float *)(xq + (size_t)m * (size_t)ldq);
+    td_quantize_rows_i8(x, m, k, ldx, xq, ldq, scale, threads);
+    td_out_t o = {alpha, scale, bias, y, ldy, NULL};
+    int rc = dispatch_i8(xq, m, kp, ldq, packed, n, &o, threads);
+    free(buf);
+    return rc;
+}
+
+int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed,
+                   int64_t n, int32_t *acc, int threads) {
+    if (m <= 0 || n <= 0) return TD_OK;
+    if (threads < 1) threads = 1;
+    td_out_t o = {1.0f, NULL, NULL, NULL, n, acc};
+    return dispatch_i8(xq, m, td_padded_k(k), ldq, packed, n, &o, threads);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Fused per-token ops. Sums run in double so that their error stays below float32 rounding of
+ * the result, whatever order the reference sums in. */
+
+void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale,
+                         float *out, int64_t rows, int64_t rows_per_group, int64_t d, float eps,
+                         int threads) {
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * d > 32768)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        const int64_t g = r / rows_per_group;
+        const float *sh = shift + g * d, *sc = scale + g * d;
+        double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int64_t i = 0;
+        for (; i + 4 <= d; i += 4) {
+            s0 += (double)xr[i] * xr[i];
+            s1 += (double)xr[i + 1] * xr[i + 1];
+            s2 += (double)xr[i + 2] * xr[i + 2];
+            s3 += (double)xr[i + 3] * xr[i + 3];
+        }
+        for (; i < d; i++) s0 += (double)xr[i] * xr[i];
+        const float ms = (float)((s0 + s1 + s2 + s3) / (double)d);
+        const float inv = 1.0f / sqrtf(ms + eps);
+        float *o = out + r * d;
+        for (i = 0; i < d; i++) o[i] = ((xr[i] * inv) * weight[i]) * (1.0f + sc[i]) + sh[i];
+    }
+}
+
+void td_layernorm(const float *x, const float *weight, const float *bias, float *out, int64_t rows,
+                  int64_t d, float eps, int threads) {
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * d > 32768)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        double s = 0;
+        for (int64_t i = 0; i < d; i++) s += xr[i];
+        const float mean = (float)(s / (double)d);
+        double v = 0;
+        for (int64_t i = 0; i < d; i++) {
+            const double c = (double)(xr[i] - mean);
+            v += c * c;
+        }
+        const float var = (float)(v / (double)d);
+        const float den = sqrtf(var + eps);
+        float *o = out + r * d;
+        if (weight) {
+            for (int64_t i = 0; i < d; i++) o[i] = ((xr[i] - mean) / den) * weight[i] + bias[i];
+        } else {
+            for (int64_t i = 0; i < d; i++) o[i] = (xr[i] - mean) / den;
+        }
+    }
+}
+
+void td_swiglu(const float *a, const float *b, float *out, int64_t count, int threads) {
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (count > 32768)
+#endif
+    for (int64_t i = 0; i < count; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+}
+
+void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group,
+                  int64_t d, int threads) {
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * d > 32768)
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate + (r / rows_per_group) * d;
+        float *xr = x + r * d;
+        const float *yr = y + r * d;
+        for (int64_t i = 0; i < d; i++) xr[i] = xr[i] + g[i] * yr[i];
+    }
+}
+
+void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h,
+             int64_t hd, int threads) {
+    const int64_t half = hd / 2;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (b * t * h * hd > 32768)
+#endif
+    for (int64_t bt = 0; bt < b * t; bt++) {
+        const int64_t pos = bt % t;
+        const float *c = cos_t + pos * half, *s = sin_t + pos * half;
+        for (int64_t hh = 0; hh < h; hh++) {
+            float *v = x + (bt * h + hh) * hd;
+            for (int64_t i = 0; i < half; i++) {
+                const float x0 = v[2 * i], x1 = v[2 * i + 1];
+                v[2 * i] = x0 * c[i] - x1 * s[i];
+                v[2 * i + 1] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+/* Declarations shared by the per-ISA kernel files (not part of the public C API). */
+#ifndef TERDIT_TERNARY_INTERNAL_H
+#define TERDIT_TERNARY_INTERNAL_H
+
+#include "ternary_gemm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define TD_X86 1
+#else
+#define TD_X86 0
+#endif
+#if defined(__aarch64__)
+#define TD_ARM64 1
+#else
+#define TD_ARM64 0
+#endif
+
+#define TD_BLOCK_K 128
+#define TD_BLOCK_BYTES 32
+
+static inline int64_t td_padded_k(int64_t k) { return (k + TD_BLOCK_K - 1) / TD_BLOCK_K * TD_BLOCK_K; }
+
+/* Every kernel below writes either int32 sums (acc != NULL, row stride ld) or the final float32
+ * outputs y = float(acc) * (scale[m] * alpha) + bias (acc == NULL). */
+typedef struct {
+    float alpha;
+    const float *scale;  /* int8 mode: per-row activation scale; NULL in fp32 mode */
+    const float *bias;   /* (n,) or NULL */
+    float *y;            /* (m, n) with row stride ldy */
+    int64_t ldy;
+    int32_t *acc;        /* int8 mode only: raw sums instead of y when not NULL */
+} td_out_t;
+
+/* Portable C kernels (ternary_gemm.c). */
+int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                       int64_t n, const td_out_t *o, int threads);
+int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                      int64_t n, const td_out_t *o, int threads);
+
+#if TD_X86
+int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads);
+int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                    int64_t n, const td_out_t *o, int threads);
+void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
+#endif
+#if TD_ARM64
+int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads);
+int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                    int64_t n, const td_out_t *o, int threads, int use_dot);
+#endif
+
+/* Store one output: the int32 sum itself, or its scaled float32 value. */
+static inline void td_store(const td_out_t *o, int64_t row, int64_t col, int32_t v) {
+    if (o->acc) {
+        o->acc[row * o->ldy + col] = v;
+    } else {
+        /* two roundings, as the reference: float(acc) * (scale * alpha), then + bias */
+        float s = o->scale[row] * o->alpha;
+        float r = (float)v * s;
+        if (o->bias) r = r + o->bias[col];
+        o->y[row * o->ldy + col] = r;
+    }
+}
+
+static inline void td_store_f32(const td_out_t *o, int64_t row, int64_t col, float v) {
+    float r = v * o->alpha;
+    if (o->bias) r = r + o->bias[col];
+    o->y[row * o->ldy + col] = r;
+}
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#endif

@@ -1,0 +1,268 @@
+"""The terdit-edge command line: argument parsing only; the work is done by the library.
+
+Exit codes: 0 success, 1 a terdit-edge error (bad model file, bad input...), 2 bad command-line
+arguments, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from . import __version__
+from .errors import TerditError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def _steps(text: str):
+    if text.startswith("ddim"):
+        return text
+    return _positive_int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="terdit-edge", description="Run ternary diffusion transformers (TerDiT) "
+                                "on CPUs without PyTorch.")
+    p.add_argument("--version", action="version", version=f"terdit-edge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images (default: the bundled digits model, every class)")
+    g.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
+    g.add_argument("--class", dest="classes", action="append", default=None, metavar="ID_OR_NAME",
+                   help="class id or name, repeatable (default: every class of a model with <= 100 classes)")
+    g.add_argument("--steps", type=_steps, default=None,
+                   help="sampling steps N, or 'ddimN' for the DDIM integer stride (default 250; 50 for ddim/dpm++2m)")
+    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm")
+    g.add_argument("--cfg", type=_non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
+    g.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (default 0)")
+    g.add_argument("--seed", type=_non_negative_int, default=0)
+    g.add_argument("--out", default="out.png", help="output PNG (several classes without --grid: OUT-0.png, ...)")
+    g.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
+    g.add_argument("--upscale", type=_positive_int, default=None,
+                   help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
+    g.add_argument("--backend", choices=("auto", "cython", "numba", "numpy", "cuda"), default="auto")
+    g.add_argument("--activations", choices=("fp32", "int8"), default="fp32")
+    g.add_argument("--vae", default=None, help="a VAE .tdit file for a model file without an embedded VAE")
+    g.add_argument("--vae-tile", type=_positive_int, default=None, help="decode in latent tiles of this size")
+    g.add_argument("--save-latents", default=None, metavar="NPY", help="also save the sampled latents (.npy)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
+
+    c = sub.add_parser("convert", help="convert a TerDiT checkpoint to a .tdit file (needs torch)")
+    c.add_argument("src", help="checkpoint directory (model_args.pth + consolidated*.pth) or state-dict file")
+    c.add_argument("out", help="output .tdit file")
+    c.add_argument("--label-map", choices=("terdit", "identity"), default=None,
+                   help="default: terdit for 1000-class models (the released models' string-sorted order), else identity")
+    c.add_argument("--n-heads", type=_positive_int, default=None, help="attention heads (default: model_args or 32)")
+    c.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the float parameters")
+    c.add_argument("--weights", default=None, help="which weights file of the directory to convert")
+    c.add_argument("--image-size", type=_positive_int, default=None, help="image size (default: model_args)")
+    c.add_argument("--guided-channels", type=_positive_int, default=None,
+                   help="eps channels mixed by guidance (default 3 for latent TerDiT models, else all)")
+    c.add_argument("--vae", default=None, metavar="VAE_SRC", help="embed this SD-VAE decoder in the file")
+    c.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
+
+    v = sub.add_parser("convert-vae", help="convert an SD-VAE (diffusers folder or LDM file) to a VAE-only .tdit")
+    v.add_argument("src")
+    v.add_argument("out")
+    v.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
+
+    i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
+    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _cmd_info(args) -> int:
+    from .kernels import available_backends, get_backend
+
+    info = {"version": __version__, "backends": available_backends()}
+    try:
+        from .kernels.cpu import cpu_features
+        info["cpu"] = cpu_features()
+    except ImportError:
+        info["cpu"] = {"note": "compiled extension not built; CPU feature detection unavailable"}
+    info["auto_backend"] = get_backend("auto").describe()
+    if args.model:
+        from .format import read_tdit
+        tf = read_tdit(args.model)
+        m = {"path": tf.path, "file_bytes": tf.file_size, "format_version": tf.metadata.get("format_version"),
+             "packing": tf.metadata.get("packing"), "source": tf.source}
+        if tf.config is not None:
+            m.update(config=json.loads(tf.config.to_json()), float_dtype=tf.float_dtype,
+                     label_map=tf.label_map_name,
+                     tensor_bytes={"dit": sum(a.nbytes for k, a in tf.tensors.items() if k.startswith("dit."))})
+        if tf.vae_config_json is not None:
+            m["vae"] = {"config": json.loads(tf.vae_config_json), "dtype": tf.metadata.get("vae_dtype"),
+                        "bytes": sum(a.nbytes for k, a in tf.tensors.items() if k.startswith("vae."))}
+        else:
+            m["vae"] = None
+        info["model"] = m
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"terdit-edge {__version__}")
+    cpu = info["cpu"]
+    print("cpu: " + ", ".join(f"{k}={v}" for k, v in cpu.items()))
+    print("backends: " + ", ".join(f"{k}: {v}" for k, v in info["backends"].items()))
+    print(f"auto backend: {info['auto_backend']}")
+    if "model" in info:
+        m = info["model"]
+        print(f"model file: {m['path']} ({m['file_bytes'] / 1e6:.1f} MB, format v{m['format_version']}, "
+              f"packing {m['packing']})")
+        if "config" in m:
+            print("config: " + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
+            print(f"float params: {m['float_dtype']}; label map: {m['label_map']}")
+        print("vae: " + (f"{m['vae']['dtype']}, {m['vae']['bytes'] / 1e6:.1f} MB, "
+                         f"channels {m['vae']['config'].get('block_out_channels')}" if m["vae"] else "none"))
+        if m["source"]:
+            print(f"source: {m['source'].get('path', '')} ({m['source'].get('layout', '')})")
+    return 0
+
+
+def _save_images(images, args, meta: dict) -> list[str]:
+    from PIL import Image, PngImagePlugin
+
+    h = images[0].height
+    factor = args.upscale or max(1, -(-64 // h))
+    if factor > 1:
+        images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
+    out = args.out
+    root, ext = os.path.splitext(out)
+    if ext.lower() != ".png":
+        raise TerditError(f"--out must name a .png file, got {out!r}")
+    if os.path.dirname(os.path.abspath(out)) and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise TerditError(f"output directory {os.path.dirname(out)!r} does not exist")
+    if args.grid or len(images) == 1:
+        if len(images) > 1:
+            cols = min(len(images), 10 if len(images) <= 10 else int(len(images) ** 0.5 + 0.999))
+            rows = -(-len(images) // cols)
+            w, hh = images[0].size
+            grid = Image.new(images[0].mode, (cols * w, rows * hh))
+            for k, im in enumerate(images):
+                grid.paste(im, ((k % cols) * w, (k // cols) * hh))
+            images, paths = [grid], [out]
+        else:
+            paths = [out]
+    else:
+        paths = [f"{root}-{k}{ext}" for k in range(len(images))]
+    written = []
+    for k, (im, path) in enumerate(zip(images, paths)):
+        info = PngImagePlugin.PngInfo()
+        for key, value in meta.items():
+            if key == "class" and len(paths) > 1:
+                value = meta["class"].split(",")[k]
+            info.add_text(key, str(value))
+        im.save(path, pnginfo=info)
+        written.append(path)
+    return written
+
+
+def _cmd_generate(args) -> int:
+    import numpy as np
+
+    from .pipeline import Pipeline
+
+    t0 = time.time()
+    pipe = Pipeline.load(args.model, backend=args.backend, activations=args.activations, threads=args.threads,
+                         vae=args.vae, verify=not args.no_verify)
+    cfg = pipe.config
+    if args.classes is None:
+        if cfg.num_classes > 100:
+            raise TerditError(f"this model has {cfg.num_classes} classes: choose with --class ID_OR_NAME "
+                              "(e.g. --class 207 --class 'tabby cat')")
+        classes = list(range(cfg.num_classes))
+        if not args.grid and len(classes) > 1:
+            args.grid = True
+    else:
+        classes = pipe.resolve_classes(args.classes)
+    steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
+    latents_only = cfg.latent and pipe.vae is None
+    if latents_only and not args.save_latents:
+        raise TerditError("this model samples SD-VAE latents but the file holds no VAE: embed one with "
+                          "`terdit-edge convert ... --vae VAE_SRC`, pass --vae FILE, or use --save-latents NPY")
+    print(f"model: {pipe.path} ({cfg.n_layers} layers, dim {cfg.dim}); backend "
+          f"{pipe.model.backend.describe()}; {len(classes)} image(s), {args.sampler} {steps} steps, cfg {args.cfg}, "
+          f"seed {args.seed}", file=sys.stderr)
+    latents = pipe.latents(classes, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,
+                           eta=args.eta, progress=not args.no_progress)
+    if args.save_latents:
+        np.save(args.save_latents, latents)
+        print(f"wrote {args.save_latents}", file=sys.stderr)
+    if latents_only:
+        return 0
+    from .pipeline import to_pil
+    images = [to_pil(im) for im in pipe.decode(latents, vae_tile=args.vae_tile)]
+    meta = {"model": os.path.basename(pipe.path), "class": ",".join(str(c) for c in classes),
+            "seed": args.seed, "steps": steps, "sampler": args.sampler, "cfg": args.cfg, "eta": args.eta,
+            "activations": args.activations, "version": f"terdit-edge {__version__}"}
+    paths = _save_images(images, args, meta)
+    print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .converters.terdit import main_convert
+
+    return main_convert(args)
+
+
+def _cmd_convert_vae(args) -> int:
+    from .converters.vae import convert_vae_file
+
+    convert_vae_file(args.src, args.out, dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
+               "info": _cmd_info}[args.command]
+    try:
+        return handler(args)
+    except TerditError as e:
+        print(f"terdit-edge: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("terdit-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Shared fixtures: small random .tdit model files built in code (no torch, no downloads).
+
+``build_model_file(directory, **overrides)`` writes a valid model file with random weights and
+returns its path; the ``make_model_file`` fixture exposes it as ``make_model_file(tmp_path, **overrides)``.
+Overrides are ModelConfig fields (``dim=96``, ``qk_norm=True``...) plus three file options:
+``float_dtype`` ("F32" or "F16"), ``seed`` (the weights' RNG seed) and ``name`` (the file name).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from terdit_edge.config import ModelConfig
+from terdit_edge.format import DIT_PREFIX, expected_model_tensors, ternary_layer_shapes, write_tdit
+from terdit_edge.packing import PACKING_NAME, pack_ternary_2bit
+
+# Tiny but not degenerate: two blocks, GQA-free 4 heads of width 16, an FFN width (96) and a
+# conditioning width (64) that are not multiples of the 128-wide packing block, so padding is exercised.
+SMALL_CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=96, cond_dim=64,
+                    patch_size=2, in_channels=4, input_size=8, num_classes=10)
+_FILE_OPTIONS = ("float_dtype", "seed", "name")
+
+
+def small_config(**overrides) -> ModelConfig:
+    """A validated tiny ModelConfig; keyword arguments replace SMALL_CONFIG fields."""
+    return ModelConfig(**{**SMALL_CONFIG, **overrides}).validate()
+
+
+def random_model_tensors(cfg: ModelConfig, float_dtype: str = "F32", seed: int = 0) -> dict[str, np.ndarray]:
+    """Every tensor a model section of ``cfg`` needs, with random but well-scaled values.
+
+    Norm weights are near 1 and other float params small, so a forward pass stays finite.
+    """
+    rng = np.random.default_rng(seed)
+    ternary = {DIT_PREFIX + name: (n, k) for name, (n, k) in ternary_layer_shapes(cfg).items()}
+    np_float = {"F32": np.float32, "F16": np.float16}[float_dtype]
+    out = {}
+    for name, (dtype, shape) in expected_model_tensors(cfg, float_dtype).items():
+        if name.endswith(".qweight"):
+            n, k = ternary[name[: -len(".qweight")]]
+            out[name] = pack_ternary_2bit(rng.integers(-1, 2, size=(n, k)))
+        elif name.endswith(".alpha"):
+            out[name] = np.array([rng.uniform(0.02, 0.1)], dtype=np.float32)
+        elif "norm.weight" in name or name.endswith("adaLN_modulation.2.weight"):
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np_float)
+        else:
+            out[name] = (0.05 * rng.standard_normal(shape)).astype(np_float)
+        assert out[name].shape == tuple(shape) and out[name].dtype.str[1:] in ("f4", "f2", "u1"), name
+    return out
+
+
+def model_metadata(cfg: ModelConfig, float_dtype: str = "F32") -> dict[str, str]:
+    """The metadata keys a model file carries (the writer adds format, version and checksums)."""
+    return {"config": cfg.to_json(), "float_dtype": float_dtype, "packing": PACKING_NAME,
+            "label_map": json.dumps({"name": "identity", "map": list(range(cfg.num_classes))}),
+            "source": "{}"}
+
+
+def build_model_file(directory, **overrides) -> Path:
+    """Write a valid random model file into ``directory`` and return its path."""
+    opts = {k: overrides.pop(k) for k in _FILE_OPTIONS if k in overrides}
+    float_dtype = opts.get("float_dtype", "F32")
+    cfg = small_config(**overrides)
+    path = Path(directory) / opts.get("name", "model.tdit")
+    write_tdit(path, random_model_tensors(cfg, float_dtype, opts.get("seed", 0)), model_metadata(cfg, float_dtype))
+    return path
+
+
+@pytest.fixture
+def make_model_file():
+    """``make_model_file(tmp_path, **overrides) -> Path`` (see :func:`build_model_file`)."""
+    return build_model_file
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    """A valid small model file with default settings."""
+    return build_model_file(tmp_path)
