@@ -66,6 +66,7 @@ class TernaryDiT:
         self.label_map_name = label_map_name
         self.file = source  # keeps the memory map alive
         self.rope_cos, self.rope_sin = rope_tables(config.n_tokens, config.head_dim, config.rope_theta)
+        self._workspaces: dict[int, dict[str, np.ndarray]] = {}
 
     # --- conveniences for samplers and pipelines ----------------------------------------------
     @property
@@ -116,7 +117,7 @@ class TernaryDiT:
         P = self.params
 
         h = be.dense(patchify(x, p).reshape(bsz * n_tok, -1), P["x_embedder.weight"], P["x_embedder.bias"])
-        h = h.reshape(bsz, n_tok, d)
+        h = np.ascontiguousarray(h, dtype=np.float32).reshape(bsz, n_tok, d)  # the residual stream
 
         t_emb = be.dense(timestep_embedding(t), P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"])
         t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
@@ -132,22 +133,41 @@ class TernaryDiT:
         out = be.dense(hn.reshape(bsz * n_tok, d), P["final_layer.linear.weight"], P["final_layer.linear.bias"])
         return unpatchify(out.reshape(bsz, n_tok, -1), p, cfg.out_channels, cfg.input_size, cfg.input_size)
 
+    def _workspace(self, bsz: int) -> dict[str, np.ndarray]:
+        """Activation buffers for a batch size, allocated once and reused by every block and step."""
+        ws = self._workspaces.get(bsz)
+        if ws is None:
+            cfg = self.config
+            rows = bsz * cfg.n_tokens
+            e = np.empty
+            ws = {"hn": e((bsz, cfg.n_tokens, cfg.dim), np.float32),
+                  "q": e((rows, cfg.dim), np.float32), "k": e((rows, cfg.kv_dim), np.float32),
+                  "v": e((rows, cfg.kv_dim), np.float32), "att": e((rows, cfg.dim), np.float32),
+                  "o": e((rows, cfg.dim), np.float32), "a": e((rows, cfg.ffn_dim), np.float32),
+                  "g": e((rows, cfg.ffn_dim), np.float32), "mod": e((bsz, 6 * cfg.dim), np.float32)}
+            self._workspaces = {bsz: ws}  # keep only the latest batch size: bounded memory
+        return ws
+
     def _block(self, i: int, h: np.ndarray, c_act: np.ndarray) -> np.ndarray:
+        """One DiT-LLaMA block, updating the residual stream h (B, T, D) in place."""
         cfg, be, P, W = self.config, self.backend, self.params, self.ternary
         pre = f"layers.{i}."
         bsz, n_tok, d = h.shape
         hd = cfg.head_dim
+        ws = self._workspace(bsz)
+        rows = bsz * n_tok
 
-        mod = be.rmsnorm(be.ternary_matmul(c_act, W[pre + "adaLN_modulation.1"]),
+        mod = be.rmsnorm(be.ternary_matmul(c_act, W[pre + "adaLN_modulation.1"], out=ws["mod"]),
                          P[pre + "adaLN_modulation.2.weight"], cfg.norm_eps)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = np.split(mod, 6, axis=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            np.ascontiguousarray(m) for m in np.split(mod, 6, axis=1))
 
         # attention
-        hn = be.rmsnorm_modulate(h, P[pre + "attention_norm.weight"], shift_msa, scale_msa, cfg.norm_eps)
-        hn2 = hn.reshape(bsz * n_tok, d)
-        q = be.ternary_matmul(hn2, W[pre + "attention.wq"])
-        k = be.ternary_matmul(hn2, W[pre + "attention.wk"])
-        v = be.ternary_matmul(hn2, W[pre + "attention.wv"])
+        hn = be.rmsnorm_modulate(h, P[pre + "attention_norm.weight"], shift_msa, scale_msa, cfg.norm_eps,
+                                 out=ws["hn"]).reshape(rows, d)
+        q = be.ternary_matmul(hn, W[pre + "attention.wq"], out=ws["q"])
+        k = be.ternary_matmul(hn, W[pre + "attention.wk"], out=ws["k"])
+        v = be.ternary_matmul(hn, W[pre + "attention.wv"], out=ws["v"])
         if cfg.qk_norm:
             q = be.layernorm(q, P[pre + "attention.q_norm.weight"], P[pre + "attention.q_norm.bias"], 1e-5)
             k = be.layernorm(k, P[pre + "attention.k_norm.weight"], P[pre + "attention.k_norm.bias"], 1e-5)
@@ -156,17 +176,17 @@ class TernaryDiT:
         v = v.reshape(bsz, n_tok, cfg.n_kv_heads, hd)
         be.rope(q, self.rope_cos, self.rope_sin)
         be.rope(k, self.rope_cos, self.rope_sin)
-        att = be.attention(q, k, v).reshape(bsz * n_tok, d)
-        o = be.ternary_matmul(att, W[pre + "attention.wo"])
+        att = be.attention(q, k, v, out=ws["att"].reshape(bsz, n_tok, cfg.n_heads, hd)).reshape(rows, d)
+        o = be.ternary_matmul(att, W[pre + "attention.wo"], out=ws["o"])
         be.add_gated(h, gate_msa, o.reshape(bsz, n_tok, d))
 
         # feed-forward (SwiGLU)
-        hn = be.rmsnorm_modulate(h, P[pre + "ffn_norm.weight"], shift_mlp, scale_mlp, cfg.norm_eps)
-        hn2 = hn.reshape(bsz * n_tok, d)
-        a = be.ternary_matmul(hn2, W[pre + "feed_forward.w1"])
-        g = be.ternary_matmul(hn2, W[pre + "feed_forward.w3"])
+        hn = be.rmsnorm_modulate(h, P[pre + "ffn_norm.weight"], shift_mlp, scale_mlp, cfg.norm_eps,
+                                 out=ws["hn"]).reshape(rows, d)
+        a = be.ternary_matmul(hn, W[pre + "feed_forward.w1"], out=ws["a"])
+        g = be.ternary_matmul(hn, W[pre + "feed_forward.w3"], out=ws["g"])
         be.swiglu(a, g, out=a)
-        o = be.ternary_matmul(a, W[pre + "feed_forward.w2"])
+        o = be.ternary_matmul(a, W[pre + "feed_forward.w2"], out=ws["o"])
         be.add_gated(h, gate_mlp, o.reshape(bsz, n_tok, d))
         return h
 
