@@ -62,7 +62,8 @@ def read_checkpoint(src: str, weights: str | None = None) -> Checkpoint:
                 raise ConvertError(f"{src}: no TerDiT weights file found; expected one of {list(WEIGHT_FILES)} "
                                    "(or pass --weights FILE)")
             weights = found[0]
-        weights_path = weights if os.path.isabs(weights) or os.path.exists(weights) else os.path.join(src, weights)
+        inside = os.path.join(src, weights)
+        weights_path = inside if os.path.isfile(inside) else weights  # the directory's own file first
     elif os.path.isfile(src):
         if weights is not None:
             raise ConvertError("--weights only applies when SRC is a checkpoint directory")
@@ -86,6 +87,8 @@ def read_checkpoint(src: str, weights: str | None = None) -> Checkpoint:
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
+        if k == "y_embedder.embedding_table":  # a bare parameter instead of the nn.Embedding's .weight
+            k += ".weight"
         state[k] = v
     return Checkpoint(state, model_args, weights_path, os.path.getsize(weights_path))
 
@@ -106,7 +109,7 @@ def infer_config(ck: Checkpoint, n_heads: int | None = None, image_size: int | N
                            f"and 'layers.0.attention.wq.weight'; found e.g. {sorted(s)[:4]}")
     dim, in_feat = _shape(s, "x_embedder.weight")
     cond_dim = _shape(s, "t_embedder.mlp.0.weight")[0]
-    num_classes = _shape(s, "y_embedder.embedding_table")[0] - 1
+    num_classes = _shape(s, "y_embedder.embedding_table.weight")[0] - 1
     out_feat = _shape(s, "final_layer.linear.weight")[0]
     n_layers = 1 + max(int(m.group(1)) for k in s if (m := re.match(r"layers\.(\d+)\.", k)))
     wq = s["layers.0.attention.wq.weight"]
@@ -204,6 +207,9 @@ def build_tensors(ck: Checkpoint, cfg: ModelConfig, layout: str, dtype: str, log
         arr = t.float().numpy()
         if not np.isfinite(arr).all():
             raise ConvertError(f"tensor {name!r} holds NaN or infinite values")
+        if dtype == "fp16" and np.abs(arr).max(initial=0) > np.finfo(np.float16).max:
+            raise ConvertError(f"tensor {name!r} holds values beyond the fp16 (float16) range "
+                               f"(max |x| = {np.abs(arr).max():.4g}); convert with --dtype fp32")
         tensors[DIT_PREFIX + name] = arr.astype(np_float)
         n_float += arr.size
     layers = ternary_layer_shapes(cfg)

@@ -399,8 +399,11 @@ def guided_output(model, x, t, y, cfg_scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, sched: Schedule, y: torch.Tensor, n_steps: int = 50, cfg_scale: float = 4.0,
-           method: str = "ddim", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw images (B, C, S, S) in [-1, 1] for labels y (B,), DDIM (eta 0) or DDPM with learned variance."""
+           method: str = "ddim", generator: torch.Generator | None = None, clip_x0: bool = True) -> torch.Tensor:
+    """Draw images (B, C, S, S) in [-1, 1] for labels y (B,), DDIM (eta 0) or DDPM with learned variance.
+
+    clip_x0 clamps each step's predicted x0 to [-1, 1] (ADM's clip_denoised, right for pixels).
+    """
     c, s = model.in_channels, model.input_size
     x = torch.randn(len(y), c, s, s, generator=generator)
     kept = respaced_timesteps(n_steps)
@@ -411,7 +414,9 @@ def sample(model, sched: Schedule, y: torch.Tensor, n_steps: int = 50, cfg_scale
         abar_prev = abar_all[kept[j - 1]] if j > 0 else 1.0
         out = guided_output(model, x, t, y, cfg_scale)
         eps, v = out[:, :c], out[:, c:]
-        pred_x0 = (math.sqrt(1 / abar) * x - math.sqrt(1 / abar - 1) * eps).clamp(-1, 1)
+        pred_x0 = math.sqrt(1 / abar) * x - math.sqrt(1 / abar - 1) * eps
+        if clip_x0:
+            pred_x0 = pred_x0.clamp(-1, 1)
         if method == "ddim":
             eps = (math.sqrt(1 / abar) * x - pred_x0) / math.sqrt(1 / abar - 1)
             x = pred_x0 * math.sqrt(abar_prev) + math.sqrt(1 - abar_prev) * eps
@@ -459,12 +464,12 @@ def mean_pairwise_distance(feats: np.ndarray) -> float:
 
 
 def evaluate(model, sched, images, labels, n_per_class: int, n_steps: int, cfg_scale: float,
-             method: str, seed: int) -> dict:
+             method: str, seed: int, clip_x0: bool = True) -> dict:
     """Sample n_per_class images of every class and score them; returns a dict of metrics."""
     clf, clf_acc = fit_digit_classifier(images, labels, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     y = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
-    x = torch.cat([sample(model, sched, y[i:i + 200], n_steps, cfg_scale, method, gen)
+    x = torch.cat([sample(model, sched, y[i:i + 200], n_steps, cfg_scale, method, gen, clip_x0)
                    for i in range(0, len(y), 200)])
     feats = to_digit_features(x)
     pred = clf.predict(feats)
@@ -472,7 +477,7 @@ def evaluate(model, sched, images, labels, n_per_class: int, n_steps: int, cfg_s
     ratios = []
     for k in range(NUM_CLASSES):
         ratios.append(mean_pairwise_distance(feats[y.numpy() == k]) / mean_pairwise_distance(real_feats[real_y == k]))
-    return {"method": method, "steps": n_steps, "cfg": cfg_scale, "n": len(y),
+    return {"method": method, "steps": n_steps, "cfg": cfg_scale, "clip_x0": clip_x0, "n": len(y),
             "accuracy": float((pred == y.numpy()).mean()),
             "per_class_accuracy": [float((pred[y.numpy() == k] == k).mean()) for k in range(NUM_CLASSES)],
             "diversity_ratio": float(np.mean(ratios)), "min_class_diversity_ratio": float(np.min(ratios)),
@@ -514,6 +519,33 @@ def save_checkpoint(out: str, model: nn.Module, ema: nn.Module, args: argparse.N
     torch.save(checkpoint_state(model), os.path.join(out, "consolidated.00-of-01.pth"))
 
 
+def load_checkpoint(out: str, filename: str = "consolidated_ema.00-of-01.pth") -> DiTLlama:
+    """Rebuild the model from OUT/model_args.pth and load OUT/filename (both read with weights_only)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        margs = torch.load(os.path.join(out, "model_args.pth"), weights_only=True)
+    model = DiTLlama(margs.dim, margs.n_layers, margs.n_heads, margs.patch_size, margs.in_channels,
+                     margs.image_size, margs.num_classes)
+    model.load_state_dict(torch.load(os.path.join(out, filename), weights_only=True))
+    return model.eval()
+
+
+def run_evaluation(model, images, labels, args) -> dict:
+    """Sample, score and print; also writes OUT/samples.pgm (10 samples per class, one class per column)."""
+    t0 = time.perf_counter()
+    metrics = evaluate(model, Schedule(), images, labels, args.eval_samples, args.eval_steps, args.eval_cfg,
+                       args.eval_method, args.seed, clip_x0=not args.no_eval_clip)
+    samples = metrics.pop("_samples")
+    per_class = samples.reshape(NUM_CLASSES, args.eval_samples, *samples.shape[1:])[:, :10]
+    save_grid(per_class.transpose(0, 1).reshape(-1, *samples.shape[1:]), os.path.join(args.out, "samples.pgm"),
+              n_cols=NUM_CLASSES)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    print(f"eval ({metrics['method']} {metrics['steps']} steps, cfg {metrics['cfg']}, clip_x0 {metrics['clip_x0']}, "
+          f"{metrics['n']} samples): accuracy {metrics['accuracy']:.3f}, diversity ratio "
+          f"{metrics['diversity_ratio']:.2f} (min class {metrics['min_class_diversity_ratio']:.2f}); "
+          f"classifier held-out accuracy {metrics['classifier_heldout_accuracy']:.3f}", flush=True)
+    return metrics
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -530,12 +562,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--class-dropout", type=float, default=0.1, help="label -> null probability (for CFG)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; the weights depend on it (summation order), so keep it fixed to reproduce")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=50, help="samples per class for the final check (0: skip)")
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--eval-cfg", type=float, default=4.0)
     p.add_argument("--eval-method", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--no-eval-clip", action="store_true", help="do not clamp the predicted x0 while sampling")
+    p.add_argument("--eval-only", action="store_true",
+                   help="skip training: load OUT's EMA checkpoint and run the evaluation")
     return p.parse_args(argv)
 
 
@@ -570,7 +606,7 @@ def train(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     n = len(images)
     order, cursor = torch.randperm(n, generator=gen), 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     log = {"mse": 0.0, "vb": 0.0, "loss": 0.0, "n": 0}
     history = []
     for step in range(args.steps):
@@ -603,34 +639,37 @@ def train(args: argparse.Namespace) -> dict:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             k = log["n"]
             row = {"step": step + 1, "loss": log["loss"] / k, "mse": log["mse"] / k, "vb": log["vb"] / k,
-                   "lr": lr_at(step), "elapsed_s": time.perf_counter() - start}
+                   "lr": lr_at(step), "elapsed_s": time.perf_counter() - start,
+                   "cpu_s": time.process_time() - cpu_start}
             history.append(row)
             print(f"step {row['step']:6d}  loss {row['loss']:.4f}  mse {row['mse']:.4f}  vb {row['vb']:.4f}  "
-                  f"lr {row['lr']:.2e}  elapsed {row['elapsed_s']:.0f}s", flush=True)
+                  f"lr {row['lr']:.2e}  elapsed {row['elapsed_s']:.0f}s (cpu {row['cpu_s']:.0f}s)", flush=True)
             log = {"mse": 0.0, "vb": 0.0, "loss": 0.0, "n": 0}
 
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     save_checkpoint(args.out, model, ema, args)
-    print(f"trained {args.steps} steps in {train_s:.0f}s; wrote {args.out}", flush=True)
-    report = {"train_seconds": train_s, "history": history, "args": vars(args)}
+    print(f"trained {args.steps} steps in {train_s:.0f}s (cpu {train_cpu_s:.0f}s); wrote {args.out}", flush=True)
+    report = {"train_seconds": train_s, "train_cpu_seconds": train_cpu_s, "history": history, "args": vars(args)}
 
     if args.eval_samples > 0:
-        ema.eval()
-        t0 = time.perf_counter()
-        metrics = evaluate(ema, sched, images, labels, args.eval_samples, args.eval_steps, args.eval_cfg,
-                           args.eval_method, args.seed)
-        save_grid(metrics.pop("_samples")[::max(1, args.eval_samples // 10)], os.path.join(args.out, "samples.pgm"),
-                  n_cols=10)
-        metrics["eval_seconds"] = time.perf_counter() - t0
-        report["eval"] = metrics
-        print(f"eval ({metrics['method']} {metrics['steps']} steps, cfg {metrics['cfg']}, {metrics['n']} samples): "
-              f"accuracy {metrics['accuracy']:.3f}, diversity ratio {metrics['diversity_ratio']:.2f} "
-              f"(min class {metrics['min_class_diversity_ratio']:.2f}); classifier held-out accuracy "
-              f"{metrics['classifier_heldout_accuracy']:.3f}", flush=True)
+        report["eval"] = run_evaluation(ema, images, labels, args)
     with open(os.path.join(args.out, "train_report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
 
 
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not args.eval_only:
+        train(args)
+        return
+    torch.set_num_threads(args.threads)
+    images, labels = load_digit_images()
+    metrics = run_evaluation(load_checkpoint(args.out), images, labels, args)
+    name = f"eval_{metrics['method']}{metrics['steps']}_cfg{metrics['cfg']:g}{'' if metrics['clip_x0'] else '_noclip'}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(metrics, f, indent=1)
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    main()

@@ -12,17 +12,22 @@
 #include "ternary_internal.h"
 
 #if TD_X86
+#include <float.h>
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define TD_TARGET __attribute__((target("avx2,fma")))
 
-#define G_TILE 8                     /* packed bytes (groups of 4 weights) per table set */
+#ifndef G_TILE
+#define G_TILE 8
+#endif
+/* G_TILE: packed bytes (groups of 4 weights) per table set; divides 32 */
+#define TILES_PER_BLOCK (TD_BLOCK_BYTES / G_TILE)
 #define N_ENT 81                     /* 3^4 sign patterns of a group */
 #define ENT_BYTES 32                 /* one AVX2 vector per entry */
 #define GROUP_BYTES (N_ENT * ENT_BYTES)
-#define I16_SUPER 8                  /* table sets summed in int16 before widening (see below) */
+#define I16_SUPER (64 / G_TILE)      /* table sets summed in int16 before widening (see below) */
 #define GEMV_MAX_M 7                 /* int8: below this many tokens stream the weights */
 
 static void *td_alloc(size_t bytes) {
@@ -76,14 +81,41 @@ TD_TARGET static void build_tables_f32(const float *xT, int64_t kbase, float *T)
     }
 }
 
-#define LOOKUP(T, g, wv) ((const void *)((const char *)(T) + (g) * GROUP_BYTES + off[((wv) >> (8 * (g))) & 255]))
+#define LOOKUP(T, g, wb) ((const void *)((const char *)(T) + (g) * GROUP_BYTES + off[(wb)[g]]))
+#define PANEL(T, g, p) ((const void *)((const char *)(T) + (g) * GROUP_BYTES + (p)[g]))
+
+/* With many token blocks the byte -> offset translation is done once per call into a panel
+ * offs[kt][row][G_TILE] (uint16), so the inner loop is only loads and adds and streams through
+ * memory in order. */
+#define PANEL_MIN_BLOCKS 2
+#ifndef LUT_MAX_ROWS
+#define LUT_MAX_ROWS 2048
+#endif
+
+static int build_panel(const uint8_t *packed, int64_t n, int64_t kb, const uint16_t *off,
+                       uint16_t **panel, int threads) {
+    uint16_t *offs = td_alloc((size_t)n * (size_t)kb * sizeof(uint16_t));
+    *panel = offs;
+    if (!offs) return TD_ENOMEM;
+    const int64_t ntile = kb / G_TILE;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * kb;
+        for (int64_t kt = 0; kt < ntile; kt++)
+            for (int g = 0; g < G_TILE; g++) offs[(kt * n + row) * G_TILE + g] = off[w[kt * G_TILE + g]];
+    }
+    return TD_OK;
+}
 
 /* Tokens m0..m0+mt-1 (mt <= 8) times rows r0..r1-1. Buffers: xT (kp, 8), T (G_TILE tables),
  * res (r1 - r0, 8). */
 TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k,
                                     int64_t kb, const uint8_t *packed, int64_t r0, int64_t r1,
-                                    const uint16_t *off, float *xT, float *T, float *res,
-                                    const td_out_t *o) {
+                                    int64_t n, const uint16_t *off, const uint16_t *offs, float *xT,
+                                    float *T, float *res, const td_out_t *o) {
     const int64_t kp = kb * 4;
     memset(xT, 0, (size_t)kp * 8 * sizeof(float));
     for (int t = 0; t < mt; t++) {
@@ -92,21 +124,28 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
     }
     const int64_t ntile = kb / G_TILE;
     for (int64_t kt = 0; kt < ntile; kt++) {
-        /* table set kt covers bytes 8 kt .. 8 kt + 7 of each row: block kt / 4, byte (kt % 4) * 8 */
-        build_tables_f32(xT, (kt / 4) * TD_BLOCK_K + (kt % 4) * G_TILE, T);
+        /* table set kt covers bytes G_TILE kt .. G_TILE (kt + 1) - 1 of each row */
+        build_tables_f32(xT, (kt / TILES_PER_BLOCK) * TD_BLOCK_K + (kt % TILES_PER_BLOCK) * G_TILE, T);
         const uint8_t *wp = packed + kt * G_TILE;
+        const uint16_t *op = offs ? offs + kt * n * G_TILE : NULL;
         for (int64_t row = r0; row < r1; row++) {
-            uint64_t wv;
-            memcpy(&wv, wp + row * kb, 8);
             /* two independent chains hide the add latency */
-            __m256 a = _mm256_load_ps(LOOKUP(T, 0, wv));
-            __m256 b = _mm256_load_ps(LOOKUP(T, 1, wv));
-            a = _mm256_add_ps(a, _mm256_load_ps(LOOKUP(T, 2, wv)));
-            b = _mm256_add_ps(b, _mm256_load_ps(LOOKUP(T, 3, wv)));
-            a = _mm256_add_ps(a, _mm256_load_ps(LOOKUP(T, 4, wv)));
-            b = _mm256_add_ps(b, _mm256_load_ps(LOOKUP(T, 5, wv)));
-            a = _mm256_add_ps(a, _mm256_load_ps(LOOKUP(T, 6, wv)));
-            b = _mm256_add_ps(b, _mm256_load_ps(LOOKUP(T, 7, wv)));
+            __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+            if (op) {
+                const uint16_t *p = op + row * G_TILE;
+#pragma GCC unroll 16
+                for (int g = 0; g < G_TILE; g += 2) {
+                    a = _mm256_add_ps(a, _mm256_load_ps(PANEL(T, g, p)));
+                    b = _mm256_add_ps(b, _mm256_load_ps(PANEL(T, g + 1, p)));
+                }
+            } else {
+                const uint8_t *wb = wp + row * kb;
+#pragma GCC unroll 16
+                for (int g = 0; g < G_TILE; g += 2) {
+                    a = _mm256_add_ps(a, _mm256_load_ps(LOOKUP(T, g, wb)));
+                    b = _mm256_add_ps(b, _mm256_load_ps(LOOKUP(T, g + 1, wb)));
+                }
+            }
             a = _mm256_add_ps(a, b);
             float *rp = res + (row - r0) * 8;
             if (kt) a = _mm256_add_ps(_mm256_load_ps(rp), a);
@@ -124,12 +163,15 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
 static void lut_split(int64_t m, int tb, int64_t n, int threads, int64_t *ntb, int64_t *nsplit,
                       int64_t *rows_per) {
     *ntb = (m + tb - 1) / tb;
-    *nsplit = 1;
-    if (*ntb < threads) {
-        *nsplit = (threads + *ntb - 1) / *ntb;
-        if (*nsplit > (n + 63) / 64) *nsplit = (n + 63) / 64; /* keep >= 64 rows per table build */
-        if (*nsplit < 1) *nsplit = 1;
+    /* rows per work item: at most LUT_MAX_ROWS, so the per-row partial sums of one item stay
+     * in L2 next to the tables */
+    *nsplit = (n + LUT_MAX_ROWS - 1) / LUT_MAX_ROWS;
+    if (*ntb * *nsplit < threads) {
+        int64_t want = (threads + *ntb - 1) / *ntb;
+        if (want > (n + 63) / 64) want = (n + 63) / 64; /* keep >= 64 rows per table build */
+        if (want > *nsplit) *nsplit = want;
     }
+    if (*nsplit < 1) *nsplit = 1;
     *rows_per = (n + *nsplit - 1) / *nsplit;
 }
 
@@ -140,6 +182,8 @@ int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const ui
     build_offsets(off);
     int64_t ntb, nsplit, rows_per;
     lut_split(m, 8, n, threads, &ntb, &nsplit, &rows_per);
+    uint16_t *offs = NULL;
+    if (ntb >= PANEL_MIN_BLOCKS && build_panel(packed, n, kb, off, &offs, threads) != TD_OK) return TD_ENOMEM;
     int err = 0;
     (void)threads;
 #if defined(_OPENMP)
@@ -158,10 +202,11 @@ int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const ui
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 8 < 8 ? m - tb * 8 : 8);
-            if (r0 < r1) lut_f32_block(x, ldx, tb * 8, mt, k, kb, packed, r0, r1, off, xT, T, res, o);
+            if (r0 < r1) lut_f32_block(x, ldx, tb * 8, mt, k, kb, packed, r0, r1, n, off, offs, xT, T, res, o);
         }
         free(xT); free(T); free(res);
     }
+    free(offs);
     return err ? TD_ENOMEM : TD_OK;
 }
 
@@ -198,8 +243,8 @@ TD_TARGET static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t
  * add at most 8 * 8 * 508 = 32512 < 32767 per lane before the int16 sums are widened to int32. */
 TD_TARGET static void lut_i16_block(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
                                     const uint8_t *packed, int64_t r0, int64_t r1,
-                                    const uint16_t *off, int16_t *xT, int16_t *T, int16_t *res16,
-                                    int32_t *res32, const td_out_t *o) {
+                                    int64_t n, const uint16_t *off, const uint16_t *offs, int16_t *xT,
+                                    int16_t *T, int16_t *res16, int32_t *res32, const td_out_t *o) {
     const int64_t kp = kb * 4;
     memset(xT, 0, (size_t)kp * 16 * sizeof(int16_t));
     for (int t = 0; t < mt; t++) {
@@ -208,22 +253,29 @@ TD_TARGET static void lut_i16_block(const int8_t *xq, int64_t ldq, int64_t m0, i
     }
     const int64_t ntile = kb / G_TILE;
     for (int64_t kt = 0; kt < ntile; kt++) {
-        build_tables_i16(xT, (kt / 4) * TD_BLOCK_K + (kt % 4) * G_TILE, T);
+        build_tables_i16(xT, (kt / TILES_PER_BLOCK) * TD_BLOCK_K + (kt % TILES_PER_BLOCK) * G_TILE, T);
         const uint8_t *wp = packed + kt * G_TILE;
+        const uint16_t *op = offs ? offs + kt * n * G_TILE : NULL;
         const int first = kt % I16_SUPER == 0;
         const int last = kt % I16_SUPER == I16_SUPER - 1 || kt == ntile - 1;
         const int widen_add = kt >= I16_SUPER;
         for (int64_t row = r0; row < r1; row++) {
-            uint64_t wv;
-            memcpy(&wv, wp + row * kb, 8);
-            __m256i a = LOADI(LOOKUP(T, 0, wv));
-            __m256i b = LOADI(LOOKUP(T, 1, wv));
-            a = _mm256_add_epi16(a, LOADI(LOOKUP(T, 2, wv)));
-            b = _mm256_add_epi16(b, LOADI(LOOKUP(T, 3, wv)));
-            a = _mm256_add_epi16(a, LOADI(LOOKUP(T, 4, wv)));
-            b = _mm256_add_epi16(b, LOADI(LOOKUP(T, 5, wv)));
-            a = _mm256_add_epi16(a, LOADI(LOOKUP(T, 6, wv)));
-            b = _mm256_add_epi16(b, LOADI(LOOKUP(T, 7, wv)));
+            __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+            if (op) {
+                const uint16_t *p = op + row * G_TILE;
+#pragma GCC unroll 16
+                for (int g = 0; g < G_TILE; g += 2) {
+                    a = _mm256_add_epi16(a, LOADI(PANEL(T, g, p)));
+                    b = _mm256_add_epi16(b, LOADI(PANEL(T, g + 1, p)));
+                }
+            } else {
+                const uint8_t *wb = wp + row * kb;
+#pragma GCC unroll 16
+                for (int g = 0; g < G_TILE; g += 2) {
+                    a = _mm256_add_epi16(a, LOADI(LOOKUP(T, g, wb)));
+                    b = _mm256_add_epi16(b, LOADI(LOOKUP(T, g + 1, wb)));
+                }
+            }
             a = _mm256_add_epi16(a, b);
             int16_t *rp = res16 + (row - r0) * 16;
             if (!first) a = _mm256_add_epi16(LOADI(rp), a);
@@ -330,6 +382,8 @@ int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
     build_offsets(off);
     int64_t ntb, nsplit, rows_per;
     lut_split(m, 16, n, threads, &ntb, &nsplit, &rows_per);
+    uint16_t *offs = NULL;
+    if (ntb >= PANEL_MIN_BLOCKS && build_panel(packed, n, kb, off, &offs, threads) != TD_OK) return TD_ENOMEM;
     int err = 0;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads)
@@ -349,10 +403,11 @@ int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 16 < 16 ? m - tb * 16 : 16);
             if (r0 < r1)
-                lut_i16_block(xq, ldq, tb * 16, mt, kb, packed, r0, r1, off, xT, T, res16, res32, o);
+                lut_i16_block(xq, ldq, tb * 16, mt, kb, packed, r0, r1, n, off, offs, xT, T, res16, res32, o);
         }
         free(xT); free(T); free(res16); free(res32);
     }
+    free(offs);
     return err ? TD_ENOMEM : TD_OK;
 }
 
@@ -373,7 +428,7 @@ TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64
         float a = x[i] < 0 ? -x[i] : x[i];
         amax = a > amax ? a : amax;
     }
-    if (!(amax > 0.0f) || amax > 3.4e38f) {
+    if (!(amax > 0.0f) || amax > FLT_MAX) {
         memset(xq, 0, (size_t)kq);
         *scale = (amax > 0.0f) ? amax / 127.0f : 0.0f;
         return;

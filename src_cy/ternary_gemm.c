@@ -156,7 +156,8 @@ int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const 
                 for (int q = 0; q < 4; q++) {
                     const int code = (v >> (2 * q)) & 3;
                     const int64_t kk = k0 + 32 * q;
-                    if (code == 2) acc += xt[kk];       /* padding codes are 1: kk >= k never read */
+                    if (kk >= k) continue;  /* padding (code 1 in a valid matrix): x ends at k */
+                    if (code == 2) acc += xt[kk];
                     else if (code == 0) acc -= xt[kk];
                 }
             }

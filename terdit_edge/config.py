@@ -9,6 +9,12 @@ from .errors import FormatError
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (facts page, section 1)
 
+# Upper bounds that keep a hostile config from asking for absurd memory (7B: dim 4096, 32 layers).
+_INT_LIMITS = {"dim": 16384, "n_layers": 512, "n_heads": 1024, "n_kv_heads": 1024, "ffn_dim": 65536,
+               "cond_dim": 16384, "patch_size": 16, "in_channels": 64, "input_size": 4096,
+               "num_classes": 100000, "guided_channels": 64}
+MAX_TOKENS = 65536
+
 
 def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     """Hidden width of the SwiGLU feed-forward: multiple_of * ceil(int(2 * 4 * dim / 3) / multiple_of)."""
@@ -61,12 +67,10 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """Check internal consistency; raise FormatError naming the first problem."""
-        ints = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "cond_dim", "patch_size",
-                "in_channels", "input_size", "num_classes", "guided_channels")
-        for name in ints:
+        for name, limit in _INT_LIMITS.items():
             v = getattr(self, name)
-            if type(v) is not int or v < 1 or v > 1 << 20:
-                raise FormatError(f"config.{name} must be a positive integer (<= 2^20), found {v!r}")
+            if type(v) is not int or v < 1 or v > limit:
+                raise FormatError(f"config.{name} must be an integer in 1..{limit}, found {v!r}")
         for name in ("learn_sigma", "qk_norm", "latent"):
             if type(getattr(self, name)) is not bool:
                 raise FormatError(f"config.{name} must be a boolean, found {getattr(self, name)!r}")
@@ -82,6 +86,9 @@ class ModelConfig:
             raise FormatError(f"config.input_size {self.input_size} must be a multiple of patch_size {self.patch_size}")
         if self.guided_channels > self.in_channels:
             raise FormatError(f"config.guided_channels {self.guided_channels} exceeds in_channels {self.in_channels}")
+        if self.n_tokens > MAX_TOKENS:
+            raise FormatError(f"config gives {self.n_tokens} tokens (input_size {self.input_size}, patch "
+                              f"{self.patch_size}); at most {MAX_TOKENS} are supported")
         if not self.learn_sigma:
             raise FormatError("config.learn_sigma must be true: the samplers use the learned-range variance")
         return self

@@ -48,6 +48,8 @@ def respaced_timesteps(spec, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[i
                 return list(range(0, num_timesteps, stride))
         raise InputError(f"no integer stride gives exactly {desired} steps out of {num_timesteps} "
                          f"for {spec!r}; pick another N or use a plain step count")
+    if isinstance(spec, bool):
+        raise InputError(f"steps must be an integer or 'ddimN', got {spec!r}")
     try:
         count = int(spec)
     except (TypeError, ValueError):
@@ -210,10 +212,10 @@ def sample(model, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: flo
     sampler = _SAMPLER_ALIASES.get(str(sampler).lower(), str(sampler).lower())
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    if not np.isfinite(cfg_scale) or cfg_scale < 0:
-        raise InputError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
-    if not np.isfinite(eta) or eta < 0:
-        raise InputError(f"eta must be a finite number >= 0, got {eta!r}")
+    for name, value in (("cfg_scale", cfg_scale), ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or value < 0:
+            raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     labels = model.map_labels(class_labels)

@@ -11,6 +11,7 @@ tensors are read-only NumPy views into one ``mmap`` of the file.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -22,6 +23,7 @@ import numpy as np
 
 from .config import TIMESTEP_FREQ_DIM, ModelConfig
 from .errors import ChecksumError, FormatError
+from .labels import LABEL_MAPS, make_label_map
 from .packing import PACKING_NAME, check_ternary_codes, padded_k
 
 FORMAT_NAME = "terdit-edge"
@@ -54,7 +56,7 @@ def float_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "x_embedder.weight": (d, p * p * cfg.in_channels), "x_embedder.bias": (d,),
         "t_embedder.mlp.0.weight": (td, TIMESTEP_FREQ_DIM), "t_embedder.mlp.0.bias": (td,),
         "t_embedder.mlp.2.weight": (td, td), "t_embedder.mlp.2.bias": (td,),
-        "y_embedder.embedding_table": (cfg.num_classes + 1, td),
+        "y_embedder.embedding_table.weight": (cfg.num_classes + 1, td),
         "final_layer.adaLN_modulation.1.weight": (2 * d, td), "final_layer.adaLN_modulation.1.bias": (2 * d,),
         "final_layer.linear.weight": (p * p * cfg.out_channels, d), "final_layer.linear.bias": (p * p * cfg.out_channels,),
     }
@@ -175,14 +177,14 @@ def _tensor_table(header: dict, data_start: int, size: int, path: str) -> dict[s
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"{path}: tensor entry {name!r} is malformed")
         dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dt not in _DTYPES:
+        if not isinstance(dt, str) or dt not in _DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has dtype {dt!r}; expected one of {sorted(_DTYPES)}")
         if (not isinstance(shape, list) or len(shape) > 4
                 or not all(type(s) is int and 0 <= s < (1 << 40) for s in shape)):
             raise FormatError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
         if not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs):
             raise FormatError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dt]).itemsize
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dt]).itemsize  # Python ints: no overflow
         begin, end = offs
         if end - begin != nbytes:
             raise FormatError(f"{path}: tensor {name!r} spans {end - begin} bytes but its shape {shape} "
@@ -242,7 +244,10 @@ def read_tdit(path: str | os.PathLike, verify: bool = True) -> TditFile:
     try:
         return _read_mapped(mm, size, path, verify)
     except FormatError:
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:  # views made before the failing check still point into the map;
+            pass             # it is released when they are collected
         raise
 
 
@@ -255,7 +260,7 @@ def _read_mapped(mm, size: int, path: str, verify: bool) -> TditFile:
     if meta.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: not a .tdit file (format is {meta.get('format')!r}, expected {FORMAT_NAME!r})")
     version = meta.get("format_version", "")
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):
         raise FormatError(f"{path}: format_version {version!r} is not a number")
     if int(version) != FORMAT_VERSION:
         hint = "upgrade terdit-edge" if int(version) > FORMAT_VERSION else "re-convert the checkpoint"
@@ -277,11 +282,13 @@ def _read_mapped(mm, size: int, path: str, verify: bool) -> TditFile:
             raise FormatError(f"{path}: packing {meta.get('packing')!r} is not supported (expected {PACKING_NAME!r})")
         lm = _json_meta(meta, "label_map", path, dict)
         label_name, label_map = lm.get("name"), lm.get("map")
-        if (not isinstance(label_name, str) or not isinstance(label_map, list)
-                or len(label_map) != cfg.num_classes
-                or sorted(label_map) != list(range(cfg.num_classes))
-                or not all(type(v) is int for v in label_map)):
+        if (not isinstance(label_map, list) or len(label_map) != cfg.num_classes
+                or not all(type(v) is int for v in label_map)
+                or sorted(label_map) != list(range(cfg.num_classes))):
             raise FormatError(f"{path}: label_map must name a permutation of the {cfg.num_classes} class ids")
+        if label_name not in LABEL_MAPS or label_map != make_label_map(label_name, cfg.num_classes):
+            raise FormatError(f"{path}: label_map name {label_name!r} must be one of {LABEL_MAPS} and its map "
+                              "must be that map")
         expected.update(expected_model_tensors(cfg, float_dtype))
     vae_json = meta.get("vae_config")
     if vae_json is not None:

@@ -121,7 +121,7 @@ class TernaryDiT:
 
         t_emb = be.dense(timestep_embedding(t), P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"])
         t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
-        c = t_emb + P["y_embedder.embedding_table"][y]
+        c = t_emb + P["y_embedder.embedding_table.weight"][y]
         c_act = np.ascontiguousarray(silu(c), dtype=np.float32)
 
         for i in range(cfg.n_layers):

@@ -24,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-from numba import njit, prange
-import numba
+from numba import njit
 from threadpoolctl import threadpool_limits
 
 from .errors import FormatError, InputError
@@ -213,10 +214,12 @@ def _winograd_matrices(m: int):
 
 
 # --------------------------------------------------------------------------------------------
-# Numba kernels (channels-last, one image)
+# Numba kernels (channels-last, one image). They are serial and release the GIL: the decoder
+# runs them on its own worker threads, one band of rows per call, with BLAS limited to one
+# thread, so OpenMP and BLAS thread pools never spin against each other on a small machine.
 # --------------------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _winograd_input(x, up, bt, m, row0, nrows, tiles_w, v):  # pragma: no cover - compiled
     """Input transform of tile rows [row0, row0 + nrows) of the zero-padded (pad 1) input.
 
@@ -227,8 +230,8 @@ def _winograd_input(x, up, bt, m, row0, nrows, tiles_w, v):  # pragma: no cover 
     hv = x.shape[0] * up
     wv = x.shape[1] * up
     c_n = x.shape[2]
-    for r in prange(nrows):
-        tmp = np.empty((a, a, c_n), np.float32)
+    tmp = np.empty((a, a, c_n), np.float32)
+    for r in range(nrows):
         y0 = (row0 + r) * m - 1
         for tx in range(tiles_w):
             x0 = tx * m - 1
@@ -236,8 +239,8 @@ def _winograd_input(x, up, bt, m, row0, nrows, tiles_w, v):  # pragma: no cover 
             # tmp[i, j] = sum_k bt[i, k] * d[k, j] (rows first); zeros of bt and padding skipped
             for i in range(a):
                 for j in range(a):
-                    acc = tmp[i, j]
-                    acc[:] = 0.0
+                    for c in range(c_n):
+                        tmp[i, j, c] = 0.0
                     xx = x0 + j
                     if xx < 0 or xx >= wv:
                         continue
@@ -246,128 +249,96 @@ def _winograd_input(x, up, bt, m, row0, nrows, tiles_w, v):  # pragma: no cover 
                         yy = y0 + k
                         if b == 0.0 or yy < 0 or yy >= hv:
                             continue
-                        src = x[yy // up, xx // up]
+                        ys = yy // up
+                        xs = xx // up
                         for c in range(c_n):
-                            acc[c] += b * src[c]
+                            tmp[i, j, c] += b * x[ys, xs, c]
             for i in range(a):
                 for j in range(a):
-                    dst = v[i * a + j, t]
-                    dst[:] = 0.0
+                    ij = i * a + j
+                    for c in range(c_n):
+                        v[ij, t, c] = 0.0
                     for k in range(a):
                         b = bt[j, k]
                         if b == 0.0:
                             continue
-                        src = tmp[i, k]
                         for c in range(c_n):
-                            dst[c] += src[c] * b
+                            v[ij, t, c] += tmp[i, k, c] * b
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def _winograd_output(mm, at, bias, m, row0, nrows, tiles_w, out, residual, has_residual):  # pragma: no cover
     """Output transform: out[tile] = A^T M A + bias (+ residual) for tile rows [row0, row0+nrows).
 
-    mm: float32 (a*a, >= nrows*tiles_w, K); at: float32 (m, a); out, residual: float32 (H, W, K).
+    mm: float32 (a*a, >= nrows*tiles_w, K), tile index r*tiles_w + tx; at: float32 (m, a);
+    out, residual: float32 (H, W, K).
     """
     a = at.shape[1]
     h = out.shape[0]
     w = out.shape[1]
     k_n = out.shape[2]
-    for r in prange(nrows):
-        tmp = np.empty((m, a, k_n), np.float32)
-        acc = np.empty(k_n, np.float32)
+    tmp = np.empty((m, a, k_n), np.float32)
+    acc = np.empty(k_n, np.float32)
+    for r in range(nrows):
         oy = (row0 + r) * m
         for tx in range(tiles_w):
             t = r * tiles_w + tx
             ox = tx * m
             for i in range(m):
                 for j in range(a):
-                    dst = tmp[i, j]
-                    dst[:] = 0.0
+                    for c in range(k_n):
+                        tmp[i, j, c] = 0.0
                     for k in range(a):
                         b = at[i, k]
                         if b == 0.0:
                             continue
-                        src = mm[k * a + j, t]
+                        kj = k * a + j
                         for c in range(k_n):
-                            dst[c] += b * src[c]
+                            tmp[i, j, c] += b * mm[kj, t, c]
             for i in range(m):
                 if oy + i >= h:
                     break
                 for j in range(m):
                     if ox + j >= w:
                         break
-                    acc[:] = bias
+                    for c in range(k_n):
+                        acc[c] = bias[c]
                     for k in range(a):
                         b = at[j, k]
                         if b == 0.0:
                             continue
-                        src = tmp[i, k]
                         for c in range(k_n):
-                            acc[c] += src[c] * b
-                    dst = out[oy + i, ox + j]
+                            acc[c] += tmp[i, k, c] * b
                     if has_residual:
-                        res = residual[oy + i, ox + j]
                         for c in range(k_n):
-                            dst[c] = acc[c] + res[c]
+                            out[oy + i, ox + j, c] = acc[c] + residual[oy + i, ox + j, c]
                     else:
-                        dst[:] = acc
+                        for c in range(k_n):
+                            out[oy + i, ox + j, c] = acc[c]
 
 
-@njit(parallel=True, cache=True)
-def _group_norm(x, gamma, beta, groups, eps, silu, out):  # pragma: no cover - compiled
-    """GroupNorm over (N, C) channels-last data, optionally followed by SiLU; out may alias x.
+@njit(nogil=True, cache=True)
+def _channel_sums(x, lo, hi, sums):  # pragma: no cover - compiled
+    """sums[0, c] += sum x[lo:hi, c]; sums[1, c] += sum x[lo:hi, c]^2 (float64). x: float32 (N, C)."""
+    c_n = x.shape[1]
+    for p in range(lo, hi):
+        for c in range(c_n):
+            v = np.float64(x[p, c])
+            sums[0, c] += v
+            sums[1, c] += v * v
 
-    Statistics are accumulated in float64 with two passes (mean, then centred squares) so large
-    activations do not lose precision.
-    """
-    n, c_n = x.shape
-    chunks = min(n, 64)
-    part = np.zeros((chunks, c_n), np.float64)
-    for ch in prange(chunks):
-        lo = ch * n // chunks
-        hi = (ch + 1) * n // chunks
-        acc = part[ch]
-        for p in range(lo, hi):
-            row = x[p]
-            for c in range(c_n):
-                acc[c] += row[c]
-    cg = c_n // groups
-    count = n * cg
-    mean = np.zeros(groups, np.float64)
-    for c in range(c_n):
-        mean[c // cg] += part[:, c].sum()
-    mean /= count
-    part[:] = 0.0
-    for ch in prange(chunks):
-        lo = ch * n // chunks
-        hi = (ch + 1) * n // chunks
-        acc = part[ch]
-        for p in range(lo, hi):
-            row = x[p]
-            for c in range(c_n):
-                d = row[c] - mean[c // cg]
-                acc[c] += d * d
-    var = np.zeros(groups, np.float64)
-    for c in range(c_n):
-        var[c // cg] += part[:, c].sum()
-    var /= count
-    scale = np.empty(c_n, np.float32)
-    shift = np.empty(c_n, np.float32)
-    for c in range(c_n):
-        s = gamma[c] / math.sqrt(var[c // cg] + eps)
-        scale[c] = s
-        shift[c] = beta[c] - mean[c // cg] * s
-    for ch in prange(chunks):
-        lo = ch * n // chunks
-        hi = (ch + 1) * n // chunks
-        for p in range(lo, hi):
-            row = x[p]
-            dst = out[p]
-            for c in range(c_n):
-                y = row[c] * scale[c] + shift[c]
-                if silu:
-                    y = y / (np.float32(1.0) + np.exp(-y))
-                dst[c] = y
+
+@njit(nogil=True, cache=True)
+def _scale_shift(x, lo, hi, scale, shift, silu, out):  # pragma: no cover - compiled
+    """out[p] = x[p] * scale + shift (then SiLU) for rows p in [lo, hi). x, out: float32 (N, C)."""
+    c_n = x.shape[1]
+    one = np.float32(1.0)
+    for p in range(lo, hi):
+        for c in range(c_n):
+            y = x[p, c] * scale[c] + shift[c]
+            if silu:
+                y = y / (one + np.exp(-y))
+            out[p, c] = y
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +347,36 @@ def _group_norm(x, gamma, beta, groups, eps, silu, out):  # pragma: no cover - c
 
 def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _splits(n: int, parts: int) -> list:
+    """[lo, hi) ranges cutting range(n) into at most ``parts`` nearly equal non-empty pieces."""
+    parts = max(1, min(parts, n))
+    return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
+class _Workers:
+    """Runs a function over row ranges on ``n`` threads (the caller's thread included)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._pool = ThreadPoolExecutor(max_workers=n - 1) if n > 1 else None
+
+    def run(self, fn, ranges) -> list:
+        """Call fn(lo, hi) for each (lo, hi) in ranges, in parallel; return the results in order."""
+        if self._pool is None or len(ranges) == 1:
+            return [fn(lo, hi) for lo, hi in ranges]
+        futures = [self._pool.submit(fn, lo, hi) for lo, hi in ranges[1:]]
+        first = fn(*ranges[0])
+        return [first] + [f.result() for f in futures]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+_SERIAL = _Workers(1)
 
 
 def _winograd_weights(weight: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -387,18 +388,20 @@ def _winograd_weights(weight: np.ndarray, g: np.ndarray) -> np.ndarray:
     return (gg @ w9).reshape(a * a, c_n, k_n)
 
 
-# Target size of one transform-domain band (V or M) in bytes: big enough for BLAS efficiency,
-# small enough to stay near the caches and keep the peak memory low.
-_BAND_BYTES = 6 << 20
+# Largest transform-domain band (V or M) one worker holds, in bytes: big enough for BLAS to run
+# at full speed, small enough to stay near the caches and keep the peak memory low.
+_BAND_BYTES = 4 << 20
+_WINOGRAD = {m: tuple(mat.astype(np.float32) for mat in _winograd_matrices(m)) for m in (2, 4)}
 
 
 def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
-            residual: np.ndarray | None = None, method: str = "winograd2") -> np.ndarray:
+            residual: np.ndarray | None = None, method: str = "winograd2",
+            workers: _Workers = _SERIAL) -> np.ndarray:
     """3x3 convolution, stride 1, zero padding 1, of channels-last ``x`` optionally upsampled first.
 
-    x: float32 (h, w, C); weight: (K, C, 3, 3) float16/float32; bias: (K,); up: nearest upsampling
-    factor applied to x before the convolution (1 or 2); residual: float32 (h*up, w*up, K) added
-    to the result. Returns float32 (h*up, w*up, K).
+    x: float32 (h, w, C) contiguous; weight: (K, C, 3, 3) float16/float32; bias: (K,); up: nearest
+    upsampling factor applied to x before the convolution (1 or 2); residual: float32
+    (h*up, w*up, K) added to the result. Returns float32 (h*up, w*up, K).
     """
     h, w, c_n = x.shape
     k_n = weight.shape[0]
@@ -413,52 +416,97 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
             for s in range(3):
                 cols[:, :, r, s] = pad[r:r + hh, s:s + ww]
         wmat = np.ascontiguousarray(weight.transpose(2, 3, 1, 0), dtype=np.float32).reshape(9 * c_n, k_n)
-        out = (cols.reshape(hh * ww, 9 * c_n) @ wmat).reshape(hh, ww, k_n)
+        out = np.empty((hh * ww, k_n), np.float32)
+        cols2 = cols.reshape(hh * ww, 9 * c_n)
+
+        def rows(lo, hi):
+            np.matmul(cols2[lo:hi], wmat, out=out[lo:hi])
+
+        workers.run(rows, _splits(hh * ww, workers.n))
+        out = out.reshape(hh, ww, k_n)
         out += bias32
         if residual is not None:
             out += residual
         return out
     m = 2 if method == "winograd2" else 4
-    bt, g, at = _winograd_matrices(m)
+    bt, g, at = _WINOGRAD[m]
     a = m + 2
     u = _winograd_weights(weight, g)
     tiles_h = -(-hh // m)
     tiles_w = -(-ww // m)
-    rows_per_band = max(1, min(tiles_h, _BAND_BYTES // (a * a * tiles_w * max(c_n, k_n) * 4)))
-    p_max = rows_per_band * tiles_w
-    v = np.empty((a * a, p_max, c_n), np.float32)
-    mm = np.empty((a * a, p_max, k_n), np.float32)
     out = np.empty((hh, ww, k_n), np.float32)
     has_res = residual is not None
     res = residual if has_res else out
-    bt32, at32 = bt.astype(np.float32), at.astype(np.float32)
-    for row0 in range(0, tiles_h, rows_per_band):
-        nrows = min(rows_per_band, tiles_h - row0)
-        p = nrows * tiles_w
-        _winograd_input(x, up, bt32, m, row0, nrows, tiles_w, v)
-        np.matmul(v[:, :p], u, out=mm[:, :p])
-        _winograd_output(mm, at32, bias32, m, row0, nrows, tiles_w, out, res, has_res)
+    band_rows = max(1, _BAND_BYTES // (a * a * tiles_w * max(c_n, k_n) * 4))
+
+    def tile_rows(lo, hi):
+        # one worker's share of tile rows, in bands that keep V and M small
+        rows = min(band_rows, hi - lo)
+        v = np.empty((a * a, rows * tiles_w, c_n), np.float32)
+        mm = np.empty((a * a, rows * tiles_w, k_n), np.float32)
+        for row0 in range(lo, hi, rows):
+            nrows = min(rows, hi - row0)
+            p = nrows * tiles_w
+            _winograd_input(x, up, bt, m, row0, nrows, tiles_w, v)
+            np.matmul(v[:, :p], u, out=mm[:, :p])
+            _winograd_output(mm, at, bias32, m, row0, nrows, tiles_w, out, res, has_res)
+
+    # more pieces than workers only when there are many rows: evens out uneven thread speeds
+    parts = workers.n if tiles_h < 8 * workers.n else 2 * workers.n
+    workers.run(tile_rows, _splits(tiles_h, parts))
     return out
 
 
-def conv1x1(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def conv1x1(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, workers: _Workers = _SERIAL) -> np.ndarray:
     """1x1 convolution of channels-last float32 (h, w, C) with weight (K, C, 1, 1) -> (h, w, K)."""
     h, w, c_n = x.shape
     k_n = weight.shape[0]
-    wmat = _f32(weight.reshape(k_n, c_n).T)
-    out = x.reshape(h * w, c_n) @ wmat
-    out += _f32(bias)
-    return out.reshape(h, w, k_n)
+    return linear(x.reshape(h * w, c_n), weight.reshape(k_n, c_n), bias, workers).reshape(h, w, k_n)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, workers: _Workers = _SERIAL) -> np.ndarray:
+    """x float32 (N, C) @ weight (K, C)^T + bias (K,) -> float32 (N, K), rows split over workers."""
+    wmat = _f32(weight).T
+    b = _f32(bias)
+    out = np.empty((x.shape[0], wmat.shape[1]), np.float32)
+
+    def rows(lo, hi):
+        np.matmul(x[lo:hi], wmat, out=out[lo:hi])
+        out[lo:hi] += b
+
+    workers.run(rows, _splits(x.shape[0], workers.n))
+    return out
 
 
 def group_norm(x: np.ndarray, gamma, beta, groups: int, eps: float, silu: bool,
-               out: np.ndarray | None = None) -> np.ndarray:
-    """GroupNorm (+ SiLU) of channels-last float32 (h, w, C); returns float32 (h, w, C)."""
+               out: np.ndarray | None = None, workers: _Workers = _SERIAL) -> np.ndarray:
+    """GroupNorm (+ SiLU) of channels-last float32 (h, w, C) -> float32 (h, w, C); out may be x.
+
+    Per-channel sums and squares are accumulated in float64, so the one-pass variance keeps
+    float32 accuracy even for activations with a large mean.
+    """
     if out is None:
         out = np.empty_like(x)
     c_n = x.shape[-1]
-    _group_norm(x.reshape(-1, c_n), _f32(gamma), _f32(beta), groups, float(eps), silu,
-                out.reshape(-1, c_n))
+    x2 = x.reshape(-1, c_n)
+    o2 = out.reshape(-1, c_n)
+    ranges = _splits(x2.shape[0], workers.n)
+
+    def sums(lo, hi):
+        s = np.zeros((2, c_n), np.float64)
+        _channel_sums(x2, lo, hi, s)
+        return s
+
+    total = sum(workers.run(sums, ranges))
+    count = x2.shape[0] * (c_n // groups)
+    per_group = total.reshape(2, groups, c_n // groups).sum(axis=2) / count
+    mean = per_group[0]
+    var = np.maximum(per_group[1] - mean * mean, 0.0)
+    inv = 1.0 / np.sqrt(var + eps)
+    scale64 = np.repeat(inv, c_n // groups) * np.asarray(gamma, np.float64)
+    shift64 = np.asarray(beta, np.float64) - np.repeat(mean, c_n // groups) * scale64
+    scale, shift = scale64.astype(np.float32), shift64.astype(np.float32)
+    workers.run(lambda lo, hi: _scale_shift(x2, lo, hi, scale, shift, silu, o2), ranges)
     return out
 
 
@@ -470,9 +518,9 @@ class VAEDecoder:
     """AutoencoderKL decoder on NumPy + BLAS + Numba.
 
     cfg: the decoder shape; tensors: name -> array for every name of ``expected_vae_tensors(cfg)``
-    (float16 or float32, may be read-only memory maps; they are never copied as a whole);
-    threads: BLAS and Numba thread count (None: leave the libraries' defaults);
-    conv: one of CONV_METHODS (Winograd F(2x2,3x3) by default).
+    (float16 or float32, may be read-only memory maps; they are never copied as a whole: each
+    layer's weights are converted when the layer runs); threads: worker threads (None: the CPUs
+    this process may use); conv: one of CONV_METHODS (Winograd F(2x2,3x3) by default).
     """
 
     def __init__(self, cfg: VAEConfig, tensors: Mapping[str, np.ndarray], threads: int | None = None,
@@ -494,17 +542,29 @@ class VAEDecoder:
         if conv not in CONV_METHODS:
             raise InputError(f"conv must be one of {CONV_METHODS}, found {conv!r}")
         self.tensors = {k: tensors[k] for k in expected}
+        if threads is None:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = threads
         self.conv = conv
+        self._workers = _Workers(threads)
+
+    def close(self) -> None:
+        """Stop the worker threads (also done when the decoder is garbage collected)."""
+        self._workers.close()
+
+    def __del__(self):
+        workers = getattr(self, "_workers", None)
+        if workers is not None:
+            workers.close()
 
     # -- layers --------------------------------------------------------------------------------
     def _conv3(self, x, name, up=1, residual=None):
         return conv3x3(x, self.tensors[name + ".weight"], self.tensors[name + ".bias"], up=up,
-                       residual=residual, method=self.conv)
+                       residual=residual, method=self.conv, workers=self._workers)
 
     def _norm(self, x, name, silu, out=None):
         return group_norm(x, self.tensors[name + ".weight"], self.tensors[name + ".bias"],
-                          self.cfg.norm_num_groups, self.cfg.norm_eps, silu, out)
+                          self.cfg.norm_num_groups, self.cfg.norm_eps, silu, out, self._workers)
 
     def _resnet(self, x, prefix):
         h = self._norm(x, prefix + "norm1", True)
@@ -512,38 +572,41 @@ class VAEDecoder:
         self._norm(h, prefix + "norm2", True, out=h)
         if prefix + "conv_shortcut.weight" in self.tensors:
             shortcut = conv1x1(x, self.tensors[prefix + "conv_shortcut.weight"],
-                               self.tensors[prefix + "conv_shortcut.bias"])
+                               self.tensors[prefix + "conv_shortcut.bias"], self._workers)
         else:
             shortcut = x
         del x
         return self._conv3(h, prefix + "conv2", residual=shortcut)
 
     def _attention(self, x, prefix):
-        """Single-head self-attention over the h*w positions with a residual connection."""
+        """Single-head self-attention over the h*w positions with GroupNorm first and a residual."""
         hgt, wid, c_n = x.shape
-        t = self.tensors
+        t, workers = self.tensors, self._workers
         h = self._norm(x, prefix + "group_norm", False).reshape(hgt * wid, c_n)
 
-        def linear(inp, proj):
-            out = inp @ _f32(t[prefix + proj + ".weight"]).T
-            out += _f32(t[prefix + proj + ".bias"])
-            return out
+        def proj(inp, name):
+            return linear(inp, t[prefix + name + ".weight"], t[prefix + name + ".bias"], workers)
 
-        q = linear(h, "to_q")
+        q = proj(h, "to_q")
         q *= np.float32(1.0 / math.sqrt(c_n))
-        k = linear(h, "to_k")
-        v = linear(h, "to_v")
+        k = proj(h, "to_k")
+        v = proj(h, "to_v")
         del h
         o = np.empty_like(q)
-        step = 1024  # query rows per block: bounds the score matrix at 1024 x (h*w)
-        for s in range(0, q.shape[0], step):
-            scores = q[s:s + step] @ k.T
-            scores -= scores.max(axis=1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=1, keepdims=True)
-            np.matmul(scores, v, out=o[s:s + step])
+        step = 512  # query rows per block: bounds each score matrix at 512 x (h*w)
+
+        def queries(lo, hi):
+            for s in range(lo, hi, step):
+                e = min(s + step, hi)
+                scores = q[s:e] @ k.T
+                scores -= scores.max(axis=1, keepdims=True)
+                np.exp(scores, out=scores)
+                scores /= scores.sum(axis=1, keepdims=True)
+                np.matmul(scores, v, out=o[s:e])
+
+        workers.run(queries, _splits(q.shape[0], workers.n))
         del q, k, v
-        out = linear(o, "to_out.0")
+        out = proj(o, "to_out.0")
         out += x.reshape(hgt * wid, c_n)
         return out.reshape(hgt, wid, c_n)
 
@@ -591,16 +654,12 @@ class VAEDecoder:
                 raise InputError(f"overlap must be an integer in [0, tile), found {overlap!r}")
         z = z.astype(np.float32) / np.float32(cfg.scaling_factor) + np.float32(cfg.shift_factor)
         z = np.ascontiguousarray(z.transpose(0, 2, 3, 1))  # channels-last
-        old_numba_threads = numba.get_num_threads()
-        try:
-            if self.threads is not None:
-                numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-            with threadpool_limits(limits=self.threads):
-                outs = [self._decode_tiled(zi, tile, overlap) if tile is not None
-                        and (zi.shape[0] > tile or zi.shape[1] > tile) else self._decode_one(zi)
-                        for zi in z]
-        finally:
-            numba.set_num_threads(old_numba_threads)
+        # Parallelism comes from the decoder's own workers, each running single-threaded BLAS on
+        # its band: nested BLAS threads would only oversubscribe the cores.
+        with threadpool_limits(limits=1, user_api="blas"):
+            outs = [self._decode_tiled(zi, tile, overlap) if tile is not None
+                    and (zi.shape[0] > tile or zi.shape[1] > tile) else self._decode_one(zi)
+                    for zi in z]
         return np.stack([o.transpose(2, 0, 1) for o in outs])
 
     def _decode_tiled(self, z, tile, overlap):

@@ -24,6 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# One thread: the reference is tiny, and the test machine's cores are shared.
+torch.set_num_threads(1)
+
 QAT_FILE = "consolidated_ema.00-of-01.pth"
 RELEASED_FILE = "consolidated_ema_ternary.00-of-01.pth"
 
@@ -279,8 +282,16 @@ class DiTLlama(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Diffusion (ADM GaussianDiffusion + SpacedDiffusion)
 # --------------------------------------------------------------------------------------------------
-def space_timesteps(num_timesteps: int, section: int) -> list[int]:
-    """One-section respacing by repeated addition of the fractional stride (Python round)."""
+def space_timesteps(num_timesteps: int, section) -> list[int]:
+    """Kept timesteps, ascending. ``section`` N (int or "N"): one section, repeated addition of the
+    fractional stride (Python round); "ddimN": the integer stride whose range(0, T, s) has N entries."""
+    if isinstance(section, str) and section.startswith("ddim"):
+        desired = int(section[len("ddim"):])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+    section = int(section)
     if section == 1:
         return [0]
     frac_stride = (num_timesteps - 1) / (section - 1)
@@ -298,7 +309,7 @@ def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class SpacedDiffusion:
-    def __init__(self, steps: int):
+    def __init__(self, steps):
         base_betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
         base_abar = np.cumprod(1.0 - base_betas)
         self.timestep_map = space_timesteps(1000, steps)
@@ -358,7 +369,7 @@ class SpacedDiffusion:
 
 
 @torch.no_grad()
-def sample_latents(model: DiTLlama, labels, steps: int, sampler: str = "ddpm", cfg_scale: float = 4.0,
+def sample_latents(model: DiTLlama, labels, steps, sampler: str = "ddpm", cfg_scale: float = 4.0,
                    seed: int = 0, eta: float = 0.0) -> np.ndarray:
     """The authors' sampling loop (sample.py) for raw model labels; noise from the runtime's contract:
     numpy default_rng(seed) draws the initial (B, C, H, W) float32 noise, then one such draw per step.
@@ -436,9 +447,9 @@ def released_state_dict(model: DiTLlama) -> dict:
 
 def load_released_state_dict(model: DiTLlama, state: dict) -> DiTLlama:
     """Load a released-layout state dict (uint8 ternary weights) into ``model`` in place."""
-    ternary = {name for name, mod in model.named_modules() if isinstance(mod, TernaryLinear)}
-    floats = {k: v for k, v in state.items() if k[: -len(".weight")] not in ternary or not k.endswith(".weight")}
-    model.load_state_dict(floats, strict=False)
+    packed = {name + ".weight" for name, mod in model.named_modules() if isinstance(mod, TernaryLinear)}
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in packed}, strict=False)
+    assert set(missing) == packed and not unexpected, (missing, unexpected)
     for name, mod in model.named_modules():
         if isinstance(mod, TernaryLinear):
             mod.load_ternary(unpack_released(state[name + ".weight"]))

@@ -1,0 +1,230 @@
+"""One guided denoising step of a TerDiT-600M-config model: terdit-edge vs PyTorch float32.
+
+    python benchmarks/bench_step.py [--json] [--threads 1,2] [--repeat 3] [--config 600m]
+                                    [--backends cython,numba] [--skip-torch]
+
+A random checkpoint in the official release layout is written once (cached under
+$TERDIT_BENCH_CACHE, default ~/.cache/terdit-edge-bench) and converted with the real converter.
+The step is the model forward on batch 2 (one image: the conditional and the null label, 256 tokens
+at 256 px) plus the guidance mix. PyTorch runs the same weights dequantized (alpha * Q as float32
+nn.Linear) in the independent reference implementation from tests/torch_reference.py.
+
+Each measurement runs in its own subprocess so that its peak RSS (ru_maxrss) is its own. Ratios
+are against PyTorch float32 measured in the same run; the int8 row also reports the relative L2
+error of the model output against the fp32 mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("TERDIT_BENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "terdit-edge-bench"))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def prepare(config: str) -> tuple[str, str]:
+    """(checkpoint dir, .tdit path), created on first use."""
+    sys.path.insert(0, HERE)
+    from make_checkpoint import make_release_checkpoint
+
+    ck = os.path.join(_cache_dir(), f"ck-{config}")
+    tdit = os.path.join(_cache_dir(), f"{config}.tdit")
+    if not os.path.exists(os.path.join(ck, "consolidated_ema_ternary.00-of-01.pth")):
+        print(f"writing a random {config} release-layout checkpoint to {ck} ...", file=sys.stderr)
+        make_release_checkpoint(ck, config)
+    if not os.path.exists(tdit):
+        print(f"converting to {tdit} ...", file=sys.stderr)
+        from terdit_edge.converters.terdit import convert
+        convert(ck, tdit, label_map="identity", log=lambda m: print(m, file=sys.stderr))
+    return ck, tdit
+
+
+def _inputs(config):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    size = {"600m": 32, "3b": 32, "small": 8}[config]
+    x = rng.standard_normal((1, 4, size, size), dtype=np.float32)
+    return x, 500, np.array([207])
+
+
+def worker_ours(args) -> dict:
+    import numpy as np
+
+    import terdit_edge
+    from terdit_edge.diffusion import guided_model_output
+
+    model = terdit_edge.load_model(args.tdit, backend=args.backend, activations=args.activations,
+                                   threads=args.threads)
+    x, t, y = _inputs(args.config)
+    out = guided_model_output(model, x, t, y, 4.0)  # warm-up: JIT, buffers, page cache
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        out = guided_model_output(model, x, t, y, 4.0)
+        times.append(time.perf_counter() - t0)
+    np.save(args.save, out)
+    return {"seconds": min(times), "backend": model.backend.describe()}
+
+
+def worker_torch(args) -> dict:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch_reference as ref
+
+    torch.set_num_threads(args.threads)
+    sd = torch.load(os.path.join(args.ck, "consolidated_ema_ternary.00-of-01.pth"), weights_only=True)
+    with open(args.tdit_config) as f:
+        cfg = json.load(f)
+    model = ref.DiTLlama(input_size=cfg["input_size"], dim=cfg["dim"], n_layers=cfg["n_layers"],
+                         n_heads=cfg["n_heads"], num_classes=cfg["num_classes"], qk_norm=cfg["qk_norm"])
+    ref.load_released_state_dict(model, sd)
+    del sd
+    # dequantize once: plain float32 nn.Linear layers holding alpha * Q
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ref.TernaryLinear):
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(child.alphas * child.ternary())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(parent, name, lin)
+    model.eval()
+    x, t, y = _inputs(args.config)
+    xx = torch.from_numpy(np.concatenate([x, x]))
+    tt = torch.full((2,), t, dtype=torch.int64)
+    yy = torch.tensor([int(y[0]), cfg["num_classes"]])
+    times = []
+    with torch.inference_mode():
+        out = model.forward_with_cfg(xx, tt, yy, 4.0)
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            out = model.forward_with_cfg(xx, tt, yy, 4.0)
+            times.append(time.perf_counter() - t0)
+    np.save(args.save, out[:1].numpy())
+    return {"seconds": min(times), "backend": f"torch {torch.__version__} float32"}
+
+
+def run_worker(kind: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--threads", default=None, help="comma list (default: 1 and all CPUs)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--config", default="600m", choices=("600m", "3b", "small"))
+    ap.add_argument("--backends", default="cython,numba")
+    ap.add_argument("--skip-torch", action="store_true")
+    # worker mode
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tdit", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tdit-config", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ck", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--activations", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        args.threads = int(args.threads)
+        import resource
+        res = worker_ours(args) if args.worker == "ours" else worker_torch(args)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+
+    from terdit_edge.format import read_tdit
+    from terdit_edge.kernels import available_backends, default_threads
+
+    ck, tdit = prepare(args.config)
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, default_threads()})
+    tmp = tempfile.mkdtemp(prefix="bench-step-")
+    cfg_path = os.path.join(tmp, "config.json")
+    with open(cfg_path, "w") as f:
+        f.write(read_tdit(tdit, verify=False).config.to_json())
+    status = available_backends()
+    rows = []
+    import numpy as np
+    for th in threads:
+        base = None
+        if not args.skip_torch:
+            try:
+                import torch  # noqa: F401
+                save = os.path.join(tmp, f"torch-{th}.npy")
+                r = run_worker("torch", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
+                                         "--repeat", str(args.repeat), "--config", args.config, "--save", save])
+                r.update(name="pytorch float32", threads=th)
+                rows.append(r)
+                base = r.get("seconds")
+            except ImportError:
+                print("torch is not installed: skipping the PyTorch baseline", file=sys.stderr)
+        for be in args.backends.split(","):
+            if status.get(be) != "ok":
+                rows.append({"name": f"{be}", "threads": th, "error": status.get(be, "unknown backend")})
+                continue
+            outs = {}
+            for act in ("fp32", "int8"):
+                save = os.path.join(tmp, f"{be}-{act}-{th}.npy")
+                r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act, "--threads", str(th),
+                                        "--repeat", str(args.repeat), "--config", args.config, "--save", save])
+                r.update(name=f"terdit-edge {be} {act}", threads=th)
+                if base and "seconds" in r:
+                    r["speedup_vs_torch"] = base / r["seconds"]
+                if os.path.exists(save):
+                    outs[act] = np.load(save)
+                if act == "int8" and "fp32" in outs and "int8" in outs:
+                    a, b = outs["fp32"], outs["int8"]
+                    r["rel_l2_vs_fp32"] = float(np.linalg.norm(b - a) / np.linalg.norm(a))
+                rows.append(r)
+            tpath = os.path.join(tmp, f"torch-{th}.npy")
+            if "fp32" in outs and os.path.exists(tpath):
+                t_out = np.load(tpath)
+                rows[-2]["max_abs_vs_torch_over_std"] = float(np.abs(outs["fp32"] - t_out).max() / t_out.std())
+    # thread scaling of each configuration
+    by = {(r["name"], r["threads"]): r for r in rows if "seconds" in r}
+    for (name, th), r in by.items():
+        one = by.get((name, 1))
+        if th != 1 and one:
+            r["speedup_vs_1_thread"] = one["seconds"] / r["seconds"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"guided denoising step, {args.config} config, batch 2 (one image + null label), "
+          f"best of {args.repeat}")
+    print(f"{'implementation':28s} {'thr':>3s} {'seconds':>8s} {'vs torch':>8s} {'vs 1thr':>7s} {'peak RSS':>9s}  notes")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:28s} {r['threads']:3d}  unavailable: {r['error']}")
+            continue
+        notes = []
+        if "rel_l2_vs_fp32" in r:
+            notes.append(f"rel L2 vs fp32 {r['rel_l2_vs_fp32']:.2%}")
+        if "max_abs_vs_torch_over_std" in r:
+            notes.append(f"max|diff| vs torch / std {r['max_abs_vs_torch_over_std']:.1e}")
+        print(f"{r['name']:28s} {r['threads']:3d} {r['seconds']:8.3f} "
+              f"{r.get('speedup_vs_torch', float('nan')):7.2f}x {r.get('speedup_vs_1_thread', float('nan')):6.2f}x "
+              f"{r['peak_rss_mb']:7.0f}MB  {'; '.join(notes)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Python face of the C ternary kernels (src_cy/ternary_gemm.c): typed memoryviews in, GIL released
+around every kernel call. Shapes are checked here too, so a wrong call raises InputError instead of
+reading out of bounds; the friendlier checks (dtype conversion, messages in model terms) live in
+terdit_edge/kernels/cython_backend.py.
+"""
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+
+from ternary_gemm cimport *
+
+import numpy as np
+
+from terdit_edge.errors import InputError
+
+_ISA_BY_NAME = {"scalar": TD_ISA_SCALAR, "avx2": TD_ISA_AVX2, "neon": TD_ISA_NEON,
+                "neon-dotprod": TD_ISA_NEON_DOT}
+
+
+def cpu_features():
+    """What the extension detected: dict of avx2, fma, neon, dotprod, openmp (bools), threads,
+    best_isa and isa (the path in use)."""
+    cdef int f = td_cpu_flags()
+    return {
+        "avx2": bool(f & TD_CPU_AVX2), "fma": bool(f & TD_CPU_FMA),
+        "neon": bool(f & TD_CPU_NEON), "dotprod": bool(f & TD_CPU_DOTPROD),
+        "openmp": bool(td_openmp_enabled()), "threads": td_max_threads(),
+        "best_isa": td_isa_name(td_best_isa()).decode(), "isa": td_isa_name(td_get_isa()).decode(),
+    }
+
+
+def get_isa():
+    """Name of the instruction-set path the kernels use now."""
+    return td_isa_name(td_get_isa()).decode()
+
+
+def set_isa(name):
+    """Force a path ("scalar", or the best one the CPU has: "avx2", "neon", "neon-dotprod";
+    "best" restores the default). Process-wide; meant for tests and benchmarks."""
+    if name == "best":
+        name = td_isa_name(td_best_isa()).decode()
+    if name not in _ISA_BY_NAME:
+        raise InputError(f"unknown ISA {name!r}; choose one of {sorted(_ISA_BY_NAME)} or 'best'")
+    if td_set_isa(_ISA_BY_NAME[name]) != 0:
+        raise InputError(f"this CPU or build cannot run the {name!r} kernels "
+                         f"(best available: {td_isa_name(td_best_isa()).decode()!r})")
+
+
+cdef int64_t _kb(int64_t k):
+    return (k + 127) // 128 * 32
+
+
+cdef _check_gemm(const float[:, ::1] x, const uint8_t[:, ::1] packed, int64_t k, const float[::1] bias,
+                 float[:, ::1] out):
+    if x.shape[1] != k:
+        raise InputError(f"activations have {x.shape[1]} features, the ternary weight expects K = {k}")
+    if k < 0 or packed.shape[1] != _kb(k):
+        raise InputError(f"packed weight has {packed.shape[1]} bytes per row; K = {k} needs {_kb(k)}")
+    if bias is not None and bias.shape[0] != packed.shape[0]:
+        raise InputError(f"bias has {bias.shape[0]} entries, expected N = {packed.shape[0]}")
+    if out.shape[0] != x.shape[0] or out.shape[1] != packed.shape[0]:
+        raise InputError(f"out has shape ({out.shape[0]}, {out.shape[1]}), expected "
+                         f"({x.shape[0]}, {packed.shape[0]})")
+
+
+def gemm(const float[:, ::1] x, const uint8_t[:, ::1] packed, int64_t k, float alpha,
+         const float[::1] bias, float[:, ::1] out, int threads=1, bint int8=False):
+    """out (M, N) float32 = alpha * x (M, K) Q^T + bias, float32 or int8 activations."""
+    _check_gemm(x, packed, k, bias, out)
+    cdef int64_t m = x.shape[0], n = packed.shape[0]
+    cdef const float *xp = &x[0, 0] if m > 0 and k > 0 else NULL
+    cdef const float *bp = &bias[0] if bias is not None and n > 0 else NULL
+    cdef float *yp = &out[0, 0] if m > 0 and n > 0 else NULL
+    cdef const uint8_t *wp = &packed[0, 0] if n > 0 and packed.shape[1] > 0 else NULL
+    cdef int rc
+    if threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # empty sum: y = bias
+        out[...] = 0
+        if bias is not None:
+            np.asarray(out)[...] += np.asarray(bias)
+        return out
+    with nogil:
+        if int8:
+            rc = td_gemm_i8(xp, m, k, k, wp, n, alpha, bp, yp, n, threads)
+        else:
+            rc = td_gemm_f32(xp, m, k, k, wp, n, alpha, bp, yp, n, threads)
+    if rc != TD_OK:
+        raise MemoryError("ternary GEMM could not allocate its work buffers")
+    return out
+
+
+def quantize_rows_int8(const float[:, ::1] x, int threads=1):
+    """(xq int8 (M, K), scale float32 (M,)) exactly as reference.quantize_rows_int8."""
+    cdef int64_t m = x.shape[0], k = x.shape[1]
+    xq = np.zeros((m, k), dtype=np.int8)
+    scale = np.zeros(m, dtype=np.float32)
+    cdef int8_t[:, ::1] xqv = xq
+    cdef float[::1] sv = scale
+    if m and k:
+        with nogil:
+            td_quantize_rows_i8(&x[0, 0], m, k, k, &xqv[0, 0], k, &sv[0], threads)
+    return xq, scale
+
+
+def int8_sums(const int8_t[:, ::1] xq, const uint8_t[:, ::1] packed, int64_t k, int threads=1):
+    """Exact int32 (M, N) = xq Q^T for xq int8 (M, padded_k(K)) zero beyond K (test hook)."""
+    cdef int64_t m = xq.shape[0], n = packed.shape[0], kp = _kb(k) * 4
+    if packed.shape[1] != _kb(k) or xq.shape[1] != kp:
+        raise InputError("int8_sums needs xq (M, padded_k(K)) and packed (N, padded_k(K)/4)")
+    acc = np.zeros((m, n), dtype=np.int32)
+    cdef int32_t[:, ::1] av = acc
+    cdef int rc = TD_OK
+    if m and n and kp:
+        with nogil:
+            rc = td_gemm_i8_acc(&xq[0, 0], m, k, kp, &packed[0, 0], n, &av[0, 0], threads)
+    if rc != TD_OK:
+        raise MemoryError("ternary GEMM could not allocate its work buffers")
+    return acc
+
+
+def rmsnorm_modulate(const float[:, :, ::1] x, const float[::1] weight, const float[:, ::1] shift,
+                     const float[:, ::1] scale, float eps, float[:, :, ::1] out, int threads=1):
+    """out (B, T, D) = RMSNorm(x) * weight * (1 + scale[:, None]) + shift[:, None]."""
+    cdef int64_t b = x.shape[0], t = x.shape[1], d = x.shape[2]
+    if (weight.shape[0] != d or shift.shape[0] != b or shift.shape[1] != d or scale.shape[0] != b
+            or scale.shape[1] != d or out.shape[0] != b or out.shape[1] != t or out.shape[2] != d):
+        raise InputError(f"rmsnorm_modulate: x (B, T, D) = ({b}, {t}, {d}) needs weight (D,), "
+                         "shift/scale (B, D) and out (B, T, D)")
+    if b * t * d == 0:
+        return out
+    with nogil:
+        td_rmsnorm_modulate(&x[0, 0, 0], &weight[0], &shift[0, 0], &scale[0, 0], &out[0, 0, 0],
+                            b * t, t, d, eps, threads)
+    return out
+
+
+def layernorm(const float[:, ::1] x, const float[::1] weight, const float[::1] bias, float eps,
+              float[:, ::1] out, int threads=1):
+    """out (R, D) = LayerNorm(x) over D (biased variance); weight/bias both None or both (D,)."""
+    cdef int64_t r = x.shape[0], d = x.shape[1]
+    if (weight is None) != (bias is None):
+        raise InputError("layernorm needs both weight and bias, or neither")
+    if (weight is not None and (weight.shape[0] != d or bias.shape[0] != d)) or \
+            out.shape[0] != r or out.shape[1] != d:
+        raise InputError(f"layernorm: x ({r}, {d}) needs weight/bias ({d},) and out of the same shape")
+    if r * d == 0:
+        return out
+    with nogil:
+        td_layernorm(&x[0, 0], &weight[0] if weight is not None else NULL,
+                     &bias[0] if bias is not None else NULL, &out[0, 0], r, d, eps, threads)
+    return out
+
+
+def swiglu(const float[::1] a, const float[::1] b, float[::1] out, int threads=1):
+    """out = silu(a) * b over flat float32 arrays of one length."""
+    cdef int64_t c = a.shape[0]
+    if b.shape[0] != c or out.shape[0] != c:
+        raise InputError("swiglu: a, b and out must have the same size")
+    if c == 0:
+        return out
+    with nogil:
+        td_swiglu(&a[0], &b[0], &out[0], c, threads)
+    return out
+
+
+def add_gated(float[:, :, ::1] x, const float[:, ::1] gate, const float[:, :, ::1] y, int threads=1):
+    """x (B, T, D) += gate[:, None, :] * y in place."""
+    cdef int64_t b = x.shape[0], t = x.shape[1], d = x.shape[2]
+    if gate.shape[0] != b or gate.shape[1] != d or y.shape[0] != b or y.shape[1] != t or y.shape[2] != d:
+        raise InputError(f"add_gated: x ({b}, {t}, {d}) needs gate (B, D) and y of x's shape")
+    if b * t * d == 0:
+        return x
+    with nogil:
+        td_add_gated(&x[0, 0, 0], &gate[0, 0], &y[0, 0, 0], b * t, t, d, threads)
+    return x
+
+
+def rope(float[:, :, :, ::1] x, const float[:, ::1] cos, const float[:, ::1] sin, int threads=1):
+    """Rotate consecutive pairs of each head of x (B, T, H, hd) in place; cos, sin (T, hd / 2)."""
+    cdef int64_t b = x.shape[0], t = x.shape[1], h = x.shape[2], hd = x.shape[3]
+    if hd % 2 or cos.shape[0] != t or cos.shape[1] != hd // 2 or sin.shape[0] != t or sin.shape[1] != hd // 2:
+        raise InputError(f"rope: x (B, T, H, hd) = ({b}, {t}, {h}, {hd}) needs even hd and cos/sin (T, hd/2)")
+    if b * t * h * hd == 0:
+        return x
+    with nogil:
+        td_rope(&x[0, 0, 0, 0], &cos[0, 0], &sin[0, 0], b, t, h, hd, threads)
+    return x

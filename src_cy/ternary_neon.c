@@ -1,0 +1,172 @@
+/* aarch64 NEON kernels: weights are streamed row by row and decoded 16 at a time into
+ * select masks (code 2 -> +x, code 0 -> -x, code 1 -> dropped); up to four tokens share each
+ * decoded block. The int8 path sums the selected bytes with SDOT against a vector of ones where
+ * the CPU has the dot-product extension (checked at run time via HWCAP_ASIMDDP), and with
+ * pairwise add-accumulate (SADALP) otherwise. */
+#include "ternary_internal.h"
+
+#if TD_ARM64
+#include <arm_neon.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROW_CHUNK 16
+
+/* Masks of one 16-byte half of a block for quarter q: pos (code 2), neg (code 0). */
+static inline void decode_masks(uint8x16_t v, int q, uint8x16_t *pos, uint8x16_t *neg) {
+    const uint8x16_t c = vandq_u8(vshlq_u8(v, vdupq_n_s8((int8_t)(-2 * q))), vdupq_n_u8(3));
+    *pos = vceqq_u8(c, vdupq_n_u8(2));
+    *neg = vceqq_u8(c, vdupq_n_u8(0));
+}
+
+static inline int8x16_t select_i8(int8x16_t x, uint8x16_t pos, uint8x16_t neg) {
+    return vsubq_s8(vandq_s8(x, vreinterpretq_s8_u8(pos)), vandq_s8(x, vreinterpretq_s8_u8(neg)));
+}
+
+/* ----------------------------------------------------------------------------------------- */
+/* float32 */
+
+static void f32_rows(const float *x, int64_t ldx, int64_t m0, int mt, int64_t kb,
+                     const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+    const int64_t nblk = kb / TD_BLOCK_BYTES;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *w = packed + row * kb;
+        float32x4_t ap[4], an[4];
+        for (int t = 0; t < 4; t++) { ap[t] = vdupq_n_f32(0.0f); an[t] = vdupq_n_f32(0.0f); }
+        for (int64_t b = 0; b < nblk; b++) {
+            for (int h = 0; h < 2; h++) {
+                const uint8x16_t v = vld1q_u8(w + b * TD_BLOCK_BYTES + 16 * h);
+                for (int q = 0; q < 4; q++) {
+                    uint8x16_t pos, neg;
+                    decode_masks(v, q, &pos, &neg);
+                    /* widen byte masks (0 / 0xff) to 32-bit lane masks by sign extension */
+                    const int16x8_t p16[2] = {vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(pos))),
+                                              vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(pos)))};
+                    const int16x8_t n16[2] = {vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(neg))),
+                                              vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(neg)))};
+                    uint32x4_t pm[4], nm[4];
+                    for (int i = 0; i < 2; i++) {
+                        pm[2 * i] = vreinterpretq_u32_s32(vmovl_s16(vget_low_s16(p16[i])));
+                        pm[2 * i + 1] = vreinterpretq_u32_s32(vmovl_s16(vget_high_s16(p16[i])));
+                        nm[2 * i] = vreinterpretq_u32_s32(vmovl_s16(vget_low_s16(n16[i])));
+                        nm[2 * i + 1] = vreinterpretq_u32_s32(vmovl_s16(vget_high_s16(n16[i])));
+                    }
+                    const int64_t kk = b * TD_BLOCK_K + 32 * q + 16 * h;
+                    for (int t = 0; t < mt; t++) {
+                        const float *xp = x + (m0 + t) * ldx + kk;
+                        for (int i = 0; i < 4; i++) {
+                            const uint32x4_t xv = vreinterpretq_u32_f32(vld1q_f32(xp + 4 * i));
+                            ap[t] = vaddq_f32(ap[t], vreinterpretq_f32_u32(vandq_u32(xv, pm[i])));
+                            an[t] = vaddq_f32(an[t], vreinterpretq_f32_u32(vandq_u32(xv, nm[i])));
+                        }
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < mt; t++) td_store_f32(o, m0 + t, row, vaddvq_f32(vsubq_f32(ap[t], an[t])));
+    }
+}
+
+int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads) {
+    const int64_t kp = td_padded_k(k), kb = kp / 4;
+    float *xpad = NULL;
+    if (kp != k) {
+        /* the kernel reads whole blocks: give it rows padded with zeros to the block */
+        xpad = calloc((size_t)(m * kp), sizeof(float));
+        if (!xpad) return TD_ENOMEM;
+        for (int64_t r = 0; r < m; r++) memcpy(xpad + r * kp, x + r * ldx, (size_t)k * sizeof(float));
+        x = xpad;
+        ldx = kp;
+    }
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * kb * m > 65536)
+#endif
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {
+        const int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
+        for (int64_t m0 = 0; m0 < m; m0 += 4)
+            f32_rows(x, ldx, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
+    }
+    free(xpad);
+    return TD_OK;
+}
+
+/* ----------------------------------------------------------------------------------------- */
+/* int8, plain ARMv8: SADALP adds neighbouring bytes into int16 lanes (|.| <= 254 per step);
+ * 16 blocks give 128 steps per lane, below the int16 limit, before widening to int32. */
+
+static void i8_rows_plain(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                          const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+    const int64_t nblk = kb / TD_BLOCK_BYTES;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *w = packed + row * kb;
+        int32x4_t acc[4];
+        for (int t = 0; t < 4; t++) acc[t] = vdupq_n_s32(0);
+        for (int64_t sb = 0; sb < nblk; sb += 16) {
+            const int64_t e = sb + 16 < nblk ? sb + 16 : nblk;
+            int16x8_t a16[4];
+            for (int t = 0; t < 4; t++) a16[t] = vdupq_n_s16(0);
+            for (int64_t b = sb; b < e; b++) {
+                for (int h = 0; h < 2; h++) {
+                    const uint8x16_t v = vld1q_u8(w + b * TD_BLOCK_BYTES + 16 * h);
+                    for (int q = 0; q < 4; q++) {
+                        uint8x16_t pos, neg;
+                        decode_masks(v, q, &pos, &neg);
+                        const int64_t kk = b * TD_BLOCK_K + 32 * q + 16 * h;
+                        for (int t = 0; t < mt; t++)
+                            a16[t] = vpadalq_s8(a16[t], select_i8(vld1q_s8(xq + (m0 + t) * ldq + kk), pos, neg));
+                    }
+                }
+            }
+            for (int t = 0; t < mt; t++) acc[t] = vpadalq_s16(acc[t], a16[t]);
+        }
+        for (int t = 0; t < mt; t++) td_store(o, m0 + t, row, vaddvq_s32(acc[t]));
+    }
+}
+
+/* int8 with the dot-product extension: SDOT against ones sums four selected bytes per lane. */
+__attribute__((target("arch=armv8.2-a+dotprod")))
+static void i8_rows_dot(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                        const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+    const int64_t nblk = kb / TD_BLOCK_BYTES;
+    const int8x16_t ones = vdupq_n_s8(1);
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *w = packed + row * kb;
+        int32x4_t acc[4];
+        for (int t = 0; t < 4; t++) acc[t] = vdupq_n_s32(0);
+        for (int64_t b = 0; b < nblk; b++) {
+            for (int h = 0; h < 2; h++) {
+                const uint8x16_t v = vld1q_u8(w + b * TD_BLOCK_BYTES + 16 * h);
+                for (int q = 0; q < 4; q++) {
+                    uint8x16_t pos, neg;
+                    decode_masks(v, q, &pos, &neg);
+                    const int64_t kk = b * TD_BLOCK_K + 32 * q + 16 * h;
+                    for (int t = 0; t < mt; t++)
+                        acc[t] = vdotq_s32(acc[t], select_i8(vld1q_s8(xq + (m0 + t) * ldq + kk), pos, neg), ones);
+                }
+            }
+        }
+        for (int t = 0; t < mt; t++) td_store(o, m0 + t, row, vaddvq_s32(acc[t]));
+    }
+}
+
+int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                    int64_t n, const td_out_t *o, int threads, int use_dot) {
+    const int64_t kb = kp / 4;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * kb * m > 65536)
+#endif
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {
+        const int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
+        for (int64_t m0 = 0; m0 < m; m0 += 4) {
+            const int mt = (int)(m - m0 < 4 ? m - m0 : 4);
+            if (use_dot) i8_rows_dot(xq, ldq, m0, mt, kb, packed, r0, r1, o);
+            else i8_rows_plain(xq, ldq, m0, mt, kb, packed, r0, r1, o);
+        }
+    }
+    return TD_OK;
+}
+
+#endif /* TD_ARM64 */

@@ -1,0 +1,176 @@
+/* C harness for the ternary kernels: every ISA path this CPU can run (scalar, AVX2, NEON plain,
+ * NEON dot-product) against a naive reference written here from the layout's definition.
+ * int8 sums must match exactly, float32 outputs to float rounding. Exit status 1 on a mismatch.
+ *
+ *   cc -O2 -std=c11 -Isrc_cy src_cy/ternary_*.c src_cy/tests/test_kernels.c -lm -o test_kernels
+ *   ./test_kernels            (or: ./test_kernels scalar   to test only the scalar path)
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ternary_gemm.h"
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint32_t rnd(void) { /* xorshift64*: reproducible everywhere */
+    rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545f4914f6cdd1dull) >> 32);
+}
+static float rndf(void) { return (float)(rnd() / 4294967296.0) * 2.0f - 1.0f; }
+
+static int64_t padk(int64_t k) { return (k + 127) / 128 * 128; }
+
+/* Pack Q (n, k) in {-1,0,1} by the layout's definition: byte j of block b holds weight
+ * 128 b + 32 q + j in bits 2q+1..2q, as code Q + 1; padding code 1. */
+static void pack(const int8_t *q, int64_t n, int64_t k, uint8_t *out) {
+    const int64_t kb = padk(k) / 4;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t byte = 0; byte < kb; byte++) {
+            uint8_t v = 0;
+            for (int qq = 0; qq < 4; qq++) {
+                const int64_t kk = (byte / 32) * 128 + 32 * qq + byte % 32;
+                const int code = kk < k ? q[r * k + kk] + 1 : 1;
+                v |= (uint8_t)(code << (2 * qq));
+            }
+            out[r * kb + byte] = v;
+        }
+}
+
+/* Reference int8 quantization, written from the NumPy definition with libm rintf. */
+static void quantize_ref(const float *x, int64_t m, int64_t k, int8_t *xq, int64_t ldq, float *scale) {
+    for (int64_t r = 0; r < m; r++) {
+        float amax = 0;
+        for (int64_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[r * k + i]));
+        memset(xq + r * ldq, 0, (size_t)ldq);
+        scale[r] = amax > 0 ? amax / 127.0f : 0.0f;
+        if (!(amax > 0)) continue;
+        const float inv = 127.0f / amax;
+        for (int64_t i = 0; i < k; i++) {
+            float v = rintf(x[r * k + i] * inv);
+            xq[r * ldq + i] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+        }
+    }
+}
+
+static int failures = 0;
+
+static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *isas, int nisa) {
+    const int64_t kp = padk(k), kb = kp / 4;
+    int8_t *q = malloc((size_t)(n * k));
+    uint8_t *w = malloc((size_t)(n * kb) + 1);
+    float *x = malloc(sizeof(float) * (size_t)(m * k + 1));
+    float *bias = malloc(sizeof(float) * (size_t)n);
+    int8_t *xq = malloc((size_t)(m * kp) + 1), *xq2 = malloc((size_t)(m * kp) + 1);
+    float *scale = malloc(sizeof(float) * (size_t)(m + 1)), *scale2 = malloc(sizeof(float) * (size_t)(m + 1));
+    int32_t *acc_ref = malloc(sizeof(int32_t) * (size_t)(m * n + 1)), *acc = malloc(sizeof(int32_t) * (size_t)(m * n + 1));
+    double *f_ref = malloc(sizeof(double) * (size_t)(m * n + 1)), *f_abs = malloc(sizeof(double) * (size_t)(m + 1));
+    float *y = malloc(sizeof(float) * (size_t)(m * n + 1));
+    for (int64_t i = 0; i < n * k; i++)
+        q[i] = (int8_t)(wkind == 0 ? (int)(rnd() % 3) - 1 : wkind == 1 ? 1 : wkind == 2 ? -1 : 0);
+    for (int64_t i = 0; i < m * k; i++) x[i] = rndf() * (i % 7 == 0 ? 100.0f : 1.0f);
+    if (m > 1) for (int64_t i = 0; i < k; i++) x[k + i] = 0.0f; /* a zero row */
+    /* all +1 weights on a constant row: every int8 activation is 127, the int16 worst case */
+    if (wkind == 1) for (int64_t i = 0; i < k; i++) x[i] = 0.5f;
+    for (int64_t i = 0; i < n; i++) bias[i] = rndf();
+    pack(q, n, k, w);
+    quantize_ref(x, m, k, xq, kp, scale);
+    for (int64_t t = 0; t < m; t++) {
+        f_abs[t] = 0;
+        for (int64_t i = 0; i < k; i++) f_abs[t] += fabs((double)x[t * k + i]);
+        for (int64_t r = 0; r < n; r++) {
+            int32_t s = 0;
+            double f = 0;
+            for (int64_t i = 0; i < k; i++) {
+                if (q[r * k + i] > 0) { s += xq[t * kp + i]; f += x[t * k + i]; }
+                else if (q[r * k + i] < 0) { s -= xq[t * kp + i]; f -= x[t * k + i]; }
+            }
+            acc_ref[t * n + r] = s;
+            f_ref[t * n + r] = f;
+        }
+    }
+    const float alpha = 0.37f;
+    for (int ii = 0; ii < nisa; ii++) {
+        const int isa = isas[ii];
+        if (td_set_isa(isa) != 0) continue;
+        for (int threads = 1; threads <= 2; threads++) {
+            /* quantizer */
+            td_quantize_rows_i8(x, m, k, k, xq2, kp, scale2, threads);
+            if (memcmp(xq, xq2, (size_t)(m * kp)) || memcmp(scale, scale2, sizeof(float) * (size_t)m)) {
+                printf("FAIL quantize isa=%s m=%lld k=%lld\n", td_isa_name(isa), (long long)m, (long long)k);
+                failures++;
+            }
+            /* int8 sums: exact */
+            memset(acc, 0x55, sizeof(int32_t) * (size_t)(m * n));
+            if (td_gemm_i8_acc(xq, m, k, kp, w, n, acc, threads) != 0) { printf("FAIL alloc\n"); failures++; }
+            for (int64_t i = 0; i < m * n; i++)
+                if (acc[i] != acc_ref[i]) {
+                    printf("FAIL int8 isa=%s m=%lld k=%lld n=%lld wkind=%d thr=%d at %lld: %d != %d\n",
+                           td_isa_name(isa), (long long)m, (long long)k, (long long)n, wkind, threads,
+                           (long long)i, acc[i], acc_ref[i]);
+                    failures++;
+                    break;
+                }
+            /* int8 outputs: the documented two roundings */
+            td_gemm_i8(x, m, k, k, w, n, alpha, bias, y, n, threads);
+            for (int64_t t = 0; t < m; t++)
+                for (int64_t r = 0; r < n; r++) {
+                    const float want = (float)acc_ref[t * n + r] * (scale[t] * alpha) + bias[r];
+                    if (y[t * n + r] != want) {
+                        printf("FAIL int8 y isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n",
+                               td_isa_name(isa), (long long)m, (long long)k, (long long)n,
+                               (long long)t, (long long)r, y[t * n + r], want);
+                        failures++;
+                        t = m;
+                        break;
+                    }
+                }
+            /* float32: within float rounding of the sum of |x| */
+            td_gemm_f32(x, m, k, k, w, n, alpha, bias, y, n, threads);
+            for (int64_t t = 0; t < m; t++)
+                for (int64_t r = 0; r < n; r++) {
+                    const double want = f_ref[t * n + r] * alpha + bias[r];
+                    const double tol = 1e-5 * (f_abs[t] * alpha + fabs(bias[r])) + 1e-30;
+                    if (fabs(y[t * n + r] - want) > tol) {
+                        printf("FAIL f32 isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n",
+                               td_isa_name(isa), (long long)m, (long long)k, (long long)n,
+                               (long long)t, (long long)r, y[t * n + r], want);
+                        failures++;
+                        t = m;
+                        break;
+                    }
+                }
+        }
+    }
+    free(q); free(w); free(x); free(bias); free(xq); free(xq2); free(scale); free(scale2);
+    free(acc_ref); free(acc); free(f_ref); free(f_abs); free(y);
+}
+
+int main(int argc, char **argv) {
+    int isas[4], nisa = 0;
+    const int best = td_best_isa();
+    isas[nisa++] = TD_ISA_SCALAR;
+    if (!(argc > 1 && strcmp(argv[1], "scalar") == 0)) {
+        if (best == TD_ISA_NEON_DOT) isas[nisa++] = TD_ISA_NEON;
+        if (best != TD_ISA_SCALAR) isas[nisa++] = best;
+    }
+    printf("cpu flags 0x%x, best isa %s, testing:", td_cpu_flags(), td_isa_name(best));
+    for (int i = 0; i < nisa; i++) printf(" %s", td_isa_name(isas[i]));
+    printf("\n");
+    static const int64_t shapes[][3] = {
+        {1, 1, 1}, {1, 33, 7}, {2, 127, 31}, {3, 129, 5}, {4, 300, 17}, {7, 256, 9}, {8, 128, 64},
+        {9, 1000, 33}, {16, 260, 70}, {17, 513, 31}, {33, 4100, 3}, {40, 384, 130}, {2, 8200, 4},
+    };
+    const int nshape = (int)(sizeof shapes / sizeof shapes[0]);
+    for (int s = 0; s < nshape; s++)
+        for (int wkind = 0; wkind < 4; wkind++) {
+            if (wkind && s % 3) continue; /* constant weights on a few shapes */
+            check_shape(shapes[s][0], shapes[s][1], shapes[s][2], wkind, isas, nisa);
+        }
+    if (failures) {
+        printf("%d FAILURES\n", failures);
+        return 1;
+    }
+    printf("all kernel checks passed\n");
+    return 0;
+}

@@ -1,0 +1,138 @@
+"""The compiled CPU backend: ternary GEMM and fused per-token ops in C (AVX2 / NEON / scalar,
+chosen at run time), reached through the Cython module ``terdit_edge._ternary``.
+
+Inputs are checked here (shapes, dtypes, contiguity) so that a wrong call raises
+:class:`~terdit_edge.errors.InputError`; arrays that are float32 and C-contiguous already are used
+in place, anything else is converted once. The environment variable ``TERDIT_ISA`` (``scalar``,
+``avx2``, ``neon``, ``neon-dotprod``) forces a kernel path, e.g. to compare paths.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import InputError
+from .base import TernaryWeight
+from .reference import NumpyBackend
+
+try:
+    from .. import _ternary
+    _IMPORT_ERROR = None
+except ImportError as e:  # extension not built
+    _ternary = None
+    _IMPORT_ERROR = str(e)
+
+if _ternary is not None and os.environ.get("TERDIT_ISA"):
+    _ternary.set_isa(os.environ["TERDIT_ISA"])
+
+
+def _f32(a: np.ndarray, what: str) -> np.ndarray:
+    """a as a C-contiguous float32 array (no copy when it already is one)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "fiub":
+        raise InputError(f"{what} must hold real numbers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _writable_f32(out: np.ndarray, shape: tuple, what: str) -> np.ndarray:
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise InputError(f"{what} must be a writable C-contiguous float32 array")
+    if out.shape != tuple(shape):
+        raise InputError(f"{what} has shape {out.shape}, expected {tuple(shape)}")
+    return out
+
+
+def _in_place_ok(a) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+
+
+class CythonBackend(NumpyBackend):
+    """C kernels: ternary matmul in fp32 or int8 activation mode, fused per-token ops."""
+
+    name = "cython"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if _ternary is None:
+            return (f"the compiled extension terdit_edge._ternary is not built ({_IMPORT_ERROR}); "
+                    "run `python3 setup.py build_ext --inplace`")
+        return None
+
+    def describe(self) -> str:
+        return f"{self.name} [{_ternary.get_isa()}] ({self.activations}, {self.threads} threads)"
+
+    # --- ternary linear -------------------------------------------------------------------
+    def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
+        """x float32 (M, K) -> float32 (M, N) = alpha * x Q^T + bias; into `out` when given."""
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise InputError(f"ternary_matmul expects x of shape (M, K), got {x.shape}")
+        if x.shape[1] != w.k:
+            raise InputError(f"ternary layer {w.name or ''!r} expects K = {w.k} input features, "
+                             f"got x with shape {x.shape}")
+        x = _f32(x, "x")
+        m = x.shape[0]
+        if out is None:
+            out = np.empty((m, w.n), dtype=np.float32)
+        else:
+            _writable_f32(out, (m, w.n), "out")
+        packed = w.packed if w.packed.flags.c_contiguous else np.ascontiguousarray(w.packed)
+        bias = None if w.bias is None else np.ascontiguousarray(w.bias, dtype=np.float32)
+        _ternary.gemm(x, packed, w.k, w.alpha, bias, out, self.threads, self.activations == "int8")
+        return out
+
+    # --- fused per-token ops ----------------------------------------------------------------
+    def rmsnorm_modulate(self, x, weight, shift, scale, eps, out=None):
+        """RMSNorm(x) * weight * (1 + scale) + shift in one pass. x (B, T, D); weight (D,);
+        shift, scale (B, D); float32 (B, T, D)."""
+        x = _f32(x, "x")
+        if x.ndim != 3:
+            raise InputError(f"rmsnorm_modulate expects x of shape (B, T, D), got {x.shape}")
+        if out is None:
+            out = np.empty_like(x)
+        else:
+            _writable_f32(out, x.shape, "out")
+        _ternary.rmsnorm_modulate(x, _f32(weight, "weight"), _f32(shift, "shift"), _f32(scale, "scale"),
+                                  float(eps), out, self.threads)
+        return out
+
+    def layernorm(self, x, weight, bias, eps):
+        """LayerNorm over the last axis (biased variance); weight/bias None for no affine."""
+        x = _f32(x, "x")
+        if x.ndim == 0 or x.shape[-1] == 0:
+            return super().layernorm(x, weight, bias, eps)
+        out = np.empty_like(x)
+        d = x.shape[-1]
+        _ternary.layernorm(x.reshape(-1, d), None if weight is None else _f32(weight, "weight"),
+                           None if bias is None else _f32(bias, "bias"), float(eps),
+                           out.reshape(-1, d), self.threads)
+        return out
+
+    def swiglu(self, a, b, out=None):
+        """silu(a) * b elementwise (a, b of one shape), float32."""
+        a = _f32(a, "a")
+        b = _f32(b, "b")
+        if a.shape != b.shape:
+            raise InputError(f"swiglu needs a and b of one shape, got {a.shape} and {b.shape}")
+        if out is None:
+            out = np.empty_like(a)
+        else:
+            _writable_f32(out, a.shape, "out")
+        _ternary.swiglu(a.reshape(-1), b.reshape(-1), out.reshape(-1), self.threads)
+        return out
+
+    def add_gated(self, x, gate, y):
+        """x += gate[:, None, :] * y in place. x, y (B, T, D); gate (B, D)."""
+        if not _in_place_ok(x) or x.ndim != 3:
+            return super().add_gated(x, gate, y)  # only a float32 C-contiguous x can be updated in C
+        _ternary.add_gated(x, _f32(gate, "gate"), _f32(y, "y"), self.threads)
+        return x
+
+    def rope(self, x, cos, sin):
+        """Rotate consecutive pairs of each head in place. x (B, T, H, hd); cos, sin (T, hd/2)."""
+        if not _in_place_ok(x) or x.ndim != 4:
+            return super().rope(x, cos, sin)
+        _ternary.rope(x, _f32(cos, "cos"), _f32(sin, "sin"), self.threads)
+        return x

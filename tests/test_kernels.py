@@ -1,0 +1,300 @@
+"""The fast ternary backends against the NumPy reference, on random and awkward shapes.
+
+fp32 mode must agree with the reference to float rounding (relative to sum |x| of the row);
+int8 mode must produce the reference's integer sums exactly, hence the same float32 outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from terdit_edge.errors import InputError
+from terdit_edge.kernels import get_backend
+from terdit_edge.kernels.base import TernaryWeight
+from terdit_edge.kernels.reference import NumpyBackend, quantize_rows_int8, ternary_matmul_reference
+from terdit_edge.packing import pack_ternary_2bit, padded_k
+
+FAST = ("cython", "numba")
+MODES = ("fp32", "int8")
+
+
+def _backend_or_skip(name: str, threads: int = 1, activations: str = "fp32"):
+    from terdit_edge.kernels import _factory
+    try:
+        cls = _factory(name)
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+        pytest.skip(f"backend {name!r} unavailable: {e}")
+    reason = cls.unavailable_reason()
+    if reason:
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
+    return get_backend(name, threads=threads, activations=activations)
+
+
+def make_weight(rng, n: int, k: int, kind: str = "random", bias: bool = True, alpha: float = 0.0625):
+    if kind == "random":
+        q = rng.integers(-1, 2, size=(n, k))
+    else:
+        q = np.full((n, k), {"zero": 0, "plus": 1, "minus": -1}[kind])
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    return TernaryWeight(pack_ternary_2bit(q), n, k, alpha, b, name=f"w{n}x{k}"), q
+
+
+def assert_matches(y, x, w, mode):
+    ref = ternary_matmul_reference(x, w, mode)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    if mode == "int8":
+        # same integers, same two float32 roundings: equal up to the last bit
+        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-30)
+    else:
+        row_scale = np.abs(x).astype(np.float64).sum(axis=1, keepdims=True) * w.alpha
+        if w.bias is not None:
+            row_scale = row_scale + np.abs(w.bias)[None, :]
+        err = np.abs(y.astype(np.float64) - ref)
+        assert np.all(err <= 1e-5 * row_scale + 1e-30), float((err / (row_scale + 1e-30)).max())
+
+
+SHAPES = [(1, 1, 1), (1, 33, 7), (2, 127, 31), (3, 129, 1), (17, 300, 31), (4, 1000, 7),
+          (9, 260, 70), (40, 384, 33), (2, 4500, 5)]
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_random_shapes_match_reference(name, mode, m, k, n):
+    b = _backend_or_skip(name, threads=2, activations=mode)
+    rng = np.random.default_rng(m * 1000 + k + n)
+    w, _ = make_weight(rng, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    assert_matches(b.ternary_matmul(x, w), x, w, mode)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", MODES)
+def test_large_batch_matches_reference(name, mode):
+    b = _backend_or_skip(name, threads=2, activations=mode)
+    rng = np.random.default_rng(7)
+    w, _ = make_weight(rng, 70, 520)
+    x = rng.standard_normal((512, 520)).astype(np.float32)
+    assert_matches(b.ternary_matmul(x, w), x, w, mode)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["zero", "plus", "minus"])
+def test_constant_weights(name, mode, kind):
+    b = _backend_or_skip(name, activations=mode)
+    rng = np.random.default_rng(3)
+    w, _ = make_weight(rng, 31, 4200, kind)  # long rows: int16 partial sums at their worst case
+    x = np.abs(rng.standard_normal((33, 4200))).astype(np.float32) + 1.0
+    x[0] = 2.0  # every int8 activation of row 0 is 127
+    assert_matches(b.ternary_matmul(x, w), x, w, mode)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", MODES)
+def test_large_activations_and_zero_rows(name, mode):
+    b = _backend_or_skip(name, activations=mode)
+    rng = np.random.default_rng(4)
+    w, _ = make_weight(rng, 7, 129)
+    x = (rng.standard_normal((17, 129)) * 1e4).astype(np.float32)
+    x[3] = 0.0
+    x[16] = 0.0
+    y = b.ternary_matmul(x, w)
+    assert_matches(y, x, w, mode)
+    np.testing.assert_array_equal(y[3], w.bias)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_without_bias_into_out(name, mode, threads):
+    b = _backend_or_skip(name, threads=threads, activations=mode)
+    rng = np.random.default_rng(5)
+    w, _ = make_weight(rng, 31, 300, bias=False)
+    x = rng.standard_normal((17, 300)).astype(np.float32)
+    out = np.full((17, 31), np.nan, dtype=np.float32)
+    y = b.ternary_matmul(x, w, out=out)
+    assert y is out
+    assert_matches(out, x, w, mode)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_non_contiguous_and_float64_inputs_are_converted(name):
+    b = _backend_or_skip(name)
+    rng = np.random.default_rng(6)
+    w, _ = make_weight(rng, 7, 33)
+    x64 = rng.standard_normal((33, 5)).T  # float64, Fortran order
+    y = b.ternary_matmul(x64, w)
+    assert_matches(y, x64.astype(np.float32), w, "fp32")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_empty_batch(name):
+    b = _backend_or_skip(name)
+    w, _ = make_weight(np.random.default_rng(0), 7, 33)
+    y = b.ternary_matmul(np.zeros((0, 33), np.float32), w)
+    assert y.shape == (0, 7)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_bad_shapes_raise_input_error(name):
+    b = _backend_or_skip(name)
+    w, _ = make_weight(np.random.default_rng(0), 7, 33)
+    with pytest.raises(InputError, match="33"):
+        b.ternary_matmul(np.zeros((2, 32), np.float32), w)
+    with pytest.raises(InputError):
+        b.ternary_matmul(np.zeros((2, 3, 33), np.float32), w)
+    with pytest.raises(InputError):
+        b.ternary_matmul(np.zeros((2, 33), np.float32), w, out=np.zeros((2, 8), np.float32))
+    with pytest.raises(InputError):
+        b.ternary_matmul(np.zeros((2, 33), np.float32), w, out=np.zeros((2, 7), np.float64))
+
+
+# --- the compiled extension's own paths ------------------------------------------------------
+
+def _ext():
+    _backend_or_skip("cython")
+    from terdit_edge import _ternary
+    return _ternary
+
+
+def test_quantizer_is_bit_exact_with_reference():
+    t = _ext()
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((9, 301)).astype(np.float32) * 3
+    x[1] = 0.0
+    # exact ties: absmax 127 makes 127/absmax = 1, so k + 0.5 must round half to even
+    x[2, :255] = np.arange(-127, 128, dtype=np.float32) * 0.5
+    x[2, 0] = -127.0
+    for isa in ("best", "scalar"):
+        t.set_isa(isa)
+        try:
+            xq, scale = t.quantize_rows_int8(x)
+        finally:
+            t.set_isa("best")
+        rq, rs = quantize_rows_int8(x)
+        np.testing.assert_array_equal(xq, rq)
+        np.testing.assert_array_equal(scale, rs)
+
+
+def test_int8_sums_are_exact_integers():
+    t = _ext()
+    rng = np.random.default_rng(9)
+    for m, k, n in [(1, 1, 1), (3, 300, 17), (20, 4200, 9), (40, 129, 33)]:
+        q = rng.integers(-1, 2, size=(n, k))
+        xq = np.zeros((m, padded_k(k)), np.int8)
+        xq[:, :k] = rng.integers(-127, 128, size=(m, k))
+        got = t.int8_sums(xq, pack_ternary_2bit(q), k, 2)
+        np.testing.assert_array_equal(got, xq[:, :k].astype(np.int64) @ q.T.astype(np.int64))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scalar_path_equals_simd_path(mode):
+    t = _ext()
+    best = t.get_isa()
+    if best == "scalar":
+        pytest.skip("this CPU has no SIMD path to compare with")
+    b = get_backend("cython", threads=2, activations=mode)
+    rng = np.random.default_rng(10)
+    for m, k, n in [(1, 129, 7), (3, 300, 31), (33, 1000, 17)]:
+        w, _ = make_weight(rng, n, k)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        simd = b.ternary_matmul(x, w)
+        t.set_isa("scalar")
+        try:
+            scalar = b.ternary_matmul(x, w)
+        finally:
+            t.set_isa("best")
+        if mode == "int8":
+            np.testing.assert_array_equal(scalar, simd)
+        else:
+            assert_matches(scalar, x, w, mode)
+            assert_matches(simd, x, w, mode)
+
+
+def test_unknown_isa_is_refused():
+    t = _ext()
+    with pytest.raises(InputError):
+        t.set_isa("sse9")
+    other = "neon" if t.cpu_features()["avx2"] else "avx2"
+    with pytest.raises(InputError):
+        t.set_isa(other)
+
+
+def test_cpu_features_reports_detection():
+    from terdit_edge.kernels.cpu import cpu_features
+    info = cpu_features()
+    for key in ("avx2", "fma", "neon", "dotprod", "openmp", "threads", "isa", "extension"):
+        assert key in info
+    assert info["threads"] >= 1
+
+
+# --- fused per-token ops ---------------------------------------------------------------------
+
+@pytest.fixture
+def fused():
+    return _backend_or_skip("cython", threads=2)
+
+
+def test_rmsnorm_modulate_matches_reference(fused):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 37, 96)).astype(np.float32) * 3
+    wt, sh, sc = (rng.standard_normal(s).astype(np.float32) for s in [(96,), (2, 96), (2, 96)])
+    ref = NumpyBackend().rmsnorm_modulate(x, wt, sh, sc, 1e-5)
+    out = np.empty_like(x)
+    got = fused.rmsnorm_modulate(x, wt, sh, sc, 1e-5, out=out)
+    assert got is out
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm_matches_reference(fused, affine):
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((3, 5, 64)) + 4).astype(np.float32)
+    wt = rng.standard_normal(64).astype(np.float32) if affine else None
+    bs = rng.standard_normal(64).astype(np.float32) if affine else None
+    np.testing.assert_allclose(fused.layernorm(x, wt, bs, 1e-6), NumpyBackend().layernorm(x, wt, bs, 1e-6),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_matches_reference(fused):
+    rng = np.random.default_rng(13)
+    a = (rng.standard_normal((4, 7, 50)) * 5).astype(np.float32)
+    b = rng.standard_normal((4, 7, 50)).astype(np.float32)
+    np.testing.assert_allclose(fused.swiglu(a, b), NumpyBackend().swiglu(a, b), rtol=1e-6, atol=1e-6)
+
+
+def test_add_gated_in_place(fused):
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 9, 40)).astype(np.float32)
+    g = rng.standard_normal((2, 40)).astype(np.float32)
+    y = rng.standard_normal((2, 9, 40)).astype(np.float32)
+    ref = NumpyBackend().add_gated(x.copy(), g, y)
+    got = fused.add_gated(x, g, y)
+    assert got is x
+    np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_in_place(fused):
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 11, 4, 16)).astype(np.float32)
+    ang = rng.standard_normal((11, 8))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    ref = NumpyBackend().rope(x.copy(), cos, sin)
+    assert fused.rope(x, cos, sin) is x
+    np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-6)
+    # a strided view cannot be rotated by the C loop: the reference path handles it in place
+    big = rng.standard_normal((2, 11, 8, 16)).astype(np.float32)
+    view = big[:, :, ::2]
+    ref = NumpyBackend().rope(view.copy(), cos, sin)
+    fused.rope(view, cos, sin)
+    np.testing.assert_allclose(big[:, :, ::2], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_ops_reject_bad_shapes(fused):
+    x = np.zeros((2, 3, 8), np.float32)
+    with pytest.raises(InputError):
+        fused.rmsnorm_modulate(x, np.ones(7, np.float32), np.zeros((2, 8), np.float32),
+                               np.zeros((2, 8), np.float32), 1e-5)
+    with pytest.raises(InputError):
+        fused.rope(np.zeros((1, 3, 2, 8), np.float32), np.ones((3, 3), np.float32), np.ones((3, 3), np.float32))
