@@ -12,7 +12,7 @@ import sys
 import sysconfig
 import tempfile
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -65,7 +65,7 @@ def extensions():
 
 
 setup(
-    packages=["terdit_edge", "terdit_edge.kernels", "terdit_edge.converters"],
+    packages=sorted(set(find_packages(include=["terdit_edge", "terdit_edge.*"])) | {"terdit_edge.converters"}),
     package_dir={"terdit_edge": "terdit_edge", "terdit_edge.converters": "converters"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
