@@ -207,5 +207,7 @@ def model_from_file(tf: TditFile, backend: str = "auto", activations: str = "fp3
         ternary[name] = TernaryWeight(packed=tf.tensors[DIT_PREFIX + name + ".qweight"], n=n, k=k,
                                       alpha=float(tf.tensors[DIT_PREFIX + name + ".alpha"][0]),
                                       bias=bias, name=name)
+    if hasattr(be, "build_model"):  # a backend with its own forward (cuda: the step stays on the GPU)
+        return be.build_model(cfg, params, ternary, tf.label_map, tf.label_map_name, tf)
     return TernaryDiT(cfg, params, ternary, be, label_map=tf.label_map, label_map_name=tf.label_map_name,
                       source=tf)

@@ -15,11 +15,12 @@ The int8 path uses sum_k xq_k * (code_k - 1) = sum_k xq_k * code_k - sum_k xq_k:
 on the unsigned codes (dp4a.s32.u32) and the row sum of xq, computed once by the quantizer, is
 subtracted at the end. Padding weights have code 1 and padding activations are 0, so padding adds 0.
 
-Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) the same Python functions run on the CPU;
-two things change there: the dp4a instruction is replaced by a byte-by-byte integer dot product, and
-each GEMM thread computes one output instead of a 4 x 4 register tile, because the simulator's cost
-is the number of thread iterations and tiny test shapes would otherwise be mostly idle work. Tests
-may set ROWS_PER_THREAD / COLS_PER_THREAD back to 4 to exercise the GPU tiling in the simulator.
+Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) the same Python functions run on the CPU, one
+Python thread per CUDA thread, and its cost grows with threads x barriers. So there the launch
+shapes shrink (8 x 8 GEMM threads with one output each instead of 16 x 16 with a 4 x 4 register tile;
+at most 8 threads per row kernel; 8 x 8 dense tiles) and dp4a becomes a byte-by-byte Python dot
+product. The simulator reads these module constants at run time, so a test may set the GPU values
+back (THREADS_X = THREADS_Y = 16, ROWS_PER_THREAD = COLS_PER_THREAD = 4) to check the GPU tiling.
 """
 from __future__ import annotations
 
@@ -48,10 +49,16 @@ _MAX_TILE = 64
 _WS_STRIDE = WORDS_PER_BLOCK + 1      # +1 word: columns of a warp fall in different banks
 _XS_STRIDE = XWORDS_PER_BLOCK + 1
 
-# Row kernels (norms, quantisation, attention) use one block per row with up to this many threads.
+# Row kernels (norms, quantisation, attention) use one block per row of a power-of-two number of
+# threads between ROW_THREADS_MIN and ROW_THREADS_MAX, near the row width; MAX_ROW_THREADS sizes their
+# reduction scratch. The simulator gets fewer threads: its cost grows with threads x barriers.
 MAX_ROW_THREADS = 256
-ELEMENTWISE_THREADS = 256
-DENSE_TILE = 16
+ROW_THREADS_MIN = 4 if SIMULATOR else 32
+ROW_THREADS_MAX = 8 if SIMULATOR else MAX_ROW_THREADS
+ELEMENTWISE_THREADS = 64 if SIMULATOR else 256
+DENSE_TILE = 8 if SIMULATOR else 16
+_MAX_DENSE_TILE = 16
+_DENSE_STRIDE = _MAX_DENSE_TILE + 1  # +1: a column walk touches different banks
 
 NEG_BIG = -3.0e38  # the running maximum's start: below any float32 score, finite for fast-math safety
 
@@ -144,12 +151,22 @@ def _dot4_software(xword, codes, acc):
     return total
 
 
+def _mul_python(a, b):
+    return a * b
+
+
 if SIMULATOR:
     dot4 = _dot4_software
+    mul_rn = _mul_python  # the simulator's libdevice functions are stubs
 else:  # pragma: no cover - needs the real CUDA target (GPU or NVVM for compile_ptx)
     from llvmlite import ir
     from numba import types
+    from numba.cuda import libdevice
     from numba.cuda.extending import intrinsic
+
+    # A float32 product rounded on its own, never fused into a following add (the compiler may
+    # otherwise form an FMA): where the int8 path must equal the reference bit for bit.
+    mul_rn = libdevice.fmul_rn
 
     @intrinsic
     def _dp4a_s32_u32(typingctx, a, b, c):
@@ -271,7 +288,7 @@ def quantize_rows_kernel(x, xw, xsum, xscale):
             k = 4 * wi + b
             qv = 0
             if k < k_total:
-                qv = _rint_clip127(x[row, k] * inv)
+                qv = _rint_clip127(mul_rn(x[row, k], inv))
             row_sum += qv
             word |= (int64(qv) & 255) << (8 * b)
         xw[row, wi] = word
@@ -346,7 +363,8 @@ def ternary_gemm_i8_kernel(xw, xsum, xscale, k_true, wq, alpha, bias, has_bias, 
         for j in range(COLS_PER_THREAD):
             gn = n0 + tx + THREADS_X * j
             if gm < m_total and gn < n_total:
-                v = float32(acc[i, j] - xsum[gm]) * (xscale[gm] * a)
+                # two roundings, as the reference: scale * alpha, then the product
+                v = mul_rn(float32(acc[i, j] - xsum[gm]), mul_rn(xscale[gm], a))
                 if has_bias:
                     v += bias[gn]
                 y[gm, gn] = v
@@ -363,8 +381,8 @@ def dense_kernel(x, w, bias, has_bias, y):
     ty = cuda.threadIdx.y
     row = cuda.blockIdx.y * DENSE_TILE + ty
     col = cuda.blockIdx.x * DENSE_TILE + tx
-    xs = cuda.shared.array((DENSE_TILE, DENSE_TILE + 1), float32)
-    ws = cuda.shared.array((DENSE_TILE, DENSE_TILE + 1), float32)
+    xs = cuda.shared.array((_MAX_DENSE_TILE, _DENSE_STRIDE), float32)
+    ws = cuda.shared.array((_MAX_DENSE_TILE, _DENSE_STRIDE), float32)
     acc = float32(0)
     for k0 in range(0, k_total, DENSE_TILE):
         v = float32(0)
@@ -619,9 +637,9 @@ def unpatchify_kernel(tokens, p, img):
 
 # --- launchers -------------------------------------------------------------------------------------------
 def _row_threads(width: int) -> int:
-    """Threads of a one-block-per-row kernel: a power of two in [32, MAX_ROW_THREADS] near the width."""
-    n = 32
-    while n < width and n < MAX_ROW_THREADS:
+    """Threads of a one-block-per-row kernel: a power of two in [ROW_THREADS_MIN, ROW_THREADS_MAX]."""
+    n = ROW_THREADS_MIN
+    while n < width and n < ROW_THREADS_MAX:
         n *= 2
     return n
 
@@ -726,3 +744,54 @@ def patchify(x, p: int, tokens) -> None:
 
 def unpatchify(tokens, p: int, img) -> None:
     _elementwise(unpatchify_kernel, img.size, tokens, p, img)
+
+
+# --- ahead-of-time checks ----------------------------------------------------------------------------------
+_F1, _F2, _F4 = "float32[::1]", "float32[:, ::1]", "float32[:, :, :, ::1]"
+_U2, _I1 = "uint32[:, ::1]", "int32[::1]"
+KERNEL_SIGNATURES = {
+    # the argument types the launchers above pass (Python int -> int64, np.float32 -> float32)
+    "ternary_gemm_f32_kernel": f"void({_F2}, {_U2}, float32, {_F1}, boolean, {_F2})",
+    "quantize_rows_kernel": f"void({_F2}, {_U2}, {_I1}, {_F1})",
+    "ternary_gemm_i8_kernel": f"void({_U2}, {_I1}, {_F1}, int64, {_U2}, float32, {_F1}, boolean, {_F2})",
+    "dense_kernel": f"void({_F2}, {_F2}, {_F1}, boolean, {_F2})",
+    "rmsnorm_kernel": f"void({_F2}, {_F1}, float32, {_F2}, int64, int64, int64, boolean, {_F2})",
+    "layernorm_kernel": f"void({_F2}, {_F1}, {_F1}, boolean, float32, {_F2}, int64, int64, int64, boolean, {_F2})",
+    "rope_kernel": f"void({_F2}, {_F2}, {_F2}, int64, int64)",
+    "attention_kernel": f"void({_F2}, {_F2}, {_F2}, {_F2}, int64, int64, int64, int64, float32)",
+    "swiglu_kernel": f"void({_F2}, {_F2}, {_F2})",
+    "silu_kernel": f"void({_F2}, {_F2})",
+    "add_gated_kernel": f"void({_F2}, {_F2}, int64, {_F2}, int64)",
+    "timestep_features_kernel": f"void({_F1}, {_F2}, float32)",
+    "condition_kernel": f"void({_F2}, {_F2}, int64[::1], {_F2})",
+    "patchify_kernel": f"void({_F4}, int64, {_F2})",
+    "unpatchify_kernel": f"void({_F2}, int64, {_F4})",
+}
+
+
+def compile_all_ptx(cc: tuple[int, int] = (8, 0)) -> dict[str, str]:
+    """PTX of every kernel for compute capability `cc`, compiled with NVVM and no GPU.
+
+    Needs the real CUDA target (not the simulator) and NVVM (``pip install "numba-cuda[cu12]"``
+    ships it). Raises whatever Numba raises when a kernel does not compile.
+    """
+    if SIMULATOR:
+        raise RuntimeError("compile_all_ptx needs the real CUDA target; unset NUMBA_ENABLE_CUDASIM")
+    import contextlib
+    import types as pytypes
+    from unittest import mock
+
+    patch = contextlib.nullcontext()
+    if not cuda.is_available():
+        # numba-cuda compiles a kernel's device functions for the *current* device's compute
+        # capability even under compile_ptx; with no GPU, answer that question with `cc`.
+        from numba.cuda import dispatcher
+        if hasattr(dispatcher, "get_current_device"):
+            fake = pytypes.SimpleNamespace(compute_capability=tuple(cc))
+            patch = mock.patch.object(dispatcher, "get_current_device", lambda: fake)
+    out = {}
+    with patch:
+        for name, sig in KERNEL_SIGNATURES.items():
+            ptx, _ = cuda.compile_ptx(globals()[name].py_func, sig, cc=cc)
+            out[name] = ptx
+    return out

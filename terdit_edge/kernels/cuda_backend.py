@@ -96,6 +96,15 @@ class CudaBackend(NumpyBackend):
         return self._dm.CudaDiT(config, params, ternary, self, label_map=label_map,
                                 label_map_name=label_map_name, source=source)
 
+    def from_host_model(self, host):
+        """A CudaDiT from a host TernaryDiT's pieces (config, params, ternary weights, label map).
+
+        For callers that built a model with another backend, and for ``load_model`` until
+        ``model_from_file`` calls :meth:`build_model` itself.
+        """
+        return self.build_model(host.config, host.params, host.ternary, host.label_map, host.label_map_name,
+                                host.file)
+
     def prepare(self, w):
         """Upload a TernaryWeight (packed bytes as they are); device weights pass through."""
         if isinstance(w, self._dm.DeviceTernaryWeight):
