@@ -45,6 +45,12 @@ def set_isa(name):
                          f"(best available: {td_isa_name(td_best_isa()).decode()!r})")
 
 
+def set_force_parallel(bint on):
+    """Split even tiny problems across the requested threads (normally they run on one thread
+    because waking a second costs more than it saves). For tests of the threaded code."""
+    td_set_force_parallel(on)
+
+
 cdef int64_t _kb(int64_t k):
     return (k + 127) // 128 * 32
 

@@ -74,6 +74,10 @@ int td_openmp_enabled(void) {
 #endif
 }
 
+int td_force_parallel = 0;
+
+void td_set_force_parallel(int on) { td_force_parallel = on ? 1 : 0; }
+
 int td_max_threads(void) {
 #if defined(_OPENMP)
     return omp_get_max_threads();
@@ -121,7 +125,7 @@ void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8
     int isa = td_get_isa();
     (void)threads; (void)isa;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (m * k > 65536)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || m * k > 65536)
 #endif
     for (int64_t r = 0; r < m; r++) {
 #if TD_X86
@@ -143,7 +147,7 @@ int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const 
     const int64_t kb = td_padded_k(k) / 4;
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (m * n * k > 100000)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || m * n * k > 100000)
 #endif
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *w = packed + row * kb;
@@ -172,7 +176,7 @@ int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
     const int64_t kb = kp / 4;
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (m * n * kp > 100000)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || m * n * kp > 100000)
 #endif
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *w = packed + row * kb;
@@ -265,25 +269,22 @@ void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift
                          int threads) {
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * d > 32768)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || rows * d > 32768)
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         const int64_t g = r / rows_per_group;
         const float *sh = shift + g * d, *sc = scale + g * d;
-        double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        int64_t i = 0;
-        for (; i + 4 <= d; i += 4) {
-            s0 += (double)xr[i] * xr[i];
-            s1 += (double)xr[i + 1] * xr[i + 1];
-            s2 += (double)xr[i + 2] * xr[i + 2];
-            s3 += (double)xr[i + 3] * xr[i + 3];
-        }
-        for (; i < d; i++) s0 += (double)xr[i] * xr[i];
-        const float ms = (float)((s0 + s1 + s2 + s3) / (double)d);
+        double s = 0;
+        /* simd reduction: lets the compiler reorder the double sum into vector lanes */
+#if defined(_OPENMP)
+#pragma omp simd reduction(+ : s)
+#endif
+        for (int64_t i = 0; i < d; i++) s += (double)xr[i] * xr[i];
+        const float ms = (float)(s / (double)d);
         const float inv = 1.0f / sqrtf(ms + eps);
         float *o = out + r * d;
-        for (i = 0; i < d; i++) o[i] = ((xr[i] * inv) * weight[i]) * (1.0f + sc[i]) + sh[i];
+        for (int64_t i = 0; i < d; i++) o[i] = ((xr[i] * inv) * weight[i]) * (1.0f + sc[i]) + sh[i];
     }
 }
 
@@ -291,14 +292,20 @@ void td_layernorm(const float *x, const float *weight, const float *bias, float 
                   int64_t d, float eps, int threads) {
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * d > 32768)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || rows * d > 32768)
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         double s = 0;
+#if defined(_OPENMP)
+#pragma omp simd reduction(+ : s)
+#endif
         for (int64_t i = 0; i < d; i++) s += xr[i];
         const float mean = (float)(s / (double)d);
         double v = 0;
+#if defined(_OPENMP)
+#pragma omp simd reduction(+ : v)
+#endif
         for (int64_t i = 0; i < d; i++) {
             const double c = (double)(xr[i] - mean);
             v += c * c;
@@ -315,18 +322,29 @@ void td_layernorm(const float *x, const float *weight, const float *bias, float 
 }
 
 void td_swiglu(const float *a, const float *b, float *out, int64_t count, int threads) {
-    (void)threads;
+    const int64_t chunk = 4096;
+    const int isa = td_get_isa();
+    (void)threads; (void)isa;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (count > 32768)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || count > 32768)
 #endif
-    for (int64_t i = 0; i < count; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    for (int64_t c0 = 0; c0 < count; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < count ? c0 + chunk : count;
+#if TD_X86
+        if (isa == TD_ISA_AVX2) {
+            td_swiglu_avx2(a + c0, b + c0, out + c0, c1 - c0);
+            continue;
+        }
+#endif
+        for (int64_t i = c0; i < c1; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    }
 }
 
 void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group,
                   int64_t d, int threads) {
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * d > 32768)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || rows * d > 32768)
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gate + (r / rows_per_group) * d;
@@ -341,7 +359,7 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
     const int64_t half = hd / 2;
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (b * t * h * hd > 32768)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || b * t * h * hd > 32768)
 #endif
     for (int64_t bt = 0; bt < b * t; bt++) {
         const int64_t pos = bt % t;

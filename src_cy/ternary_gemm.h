@@ -47,6 +47,8 @@ int td_set_isa(int isa);      /* 0 on success, -1 if this CPU/build cannot run i
 const char *td_isa_name(int isa);
 int td_openmp_enabled(void);  /* 1 when built with OpenMP */
 int td_max_threads(void);
+/* 1: use every requested thread even on problems too small to gain from it (for tests). */
+void td_set_force_parallel(int on);
 
 /* Per-row absmax int8 quantization, bit-exact with quantize_rows_int8 of the NumPy reference.
  * x float32 (m, k) with row stride ldx; xq int8 (m, ldq) with ldq >= k; columns k..ldq-1 are

@@ -19,6 +19,7 @@ cdef extern from "ternary_gemm.h" nogil:
     const char *td_isa_name(int isa)
     int td_openmp_enabled()
     int td_max_threads()
+    void td_set_force_parallel(int on)
 
     void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                              int8_t *xq, int64_t ldq, float *scale, int threads)

@@ -4,12 +4,14 @@
 
 #include "ternary_gemm.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+/* The SIMD files rely on GCC/Clang target attributes and builtins; other compilers get the
+ * portable scalar kernels only. */
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define TD_X86 1
 #else
 #define TD_X86 0
 #endif
-#if defined(__aarch64__)
+#if defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
 #define TD_ARM64 1
 #else
 #define TD_ARM64 0
@@ -31,6 +33,9 @@ typedef struct {
     int32_t *acc;        /* int8 mode only: raw sums instead of y when not NULL */
 } td_out_t;
 
+/* Set by td_set_force_parallel: 1 = split even tiny problems across threads (tests). */
+extern int td_force_parallel;
+
 /* Portable C kernels (ternary_gemm.c). */
 int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
                        int64_t n, const td_out_t *o, int threads);
@@ -43,6 +48,7 @@ int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const ui
 int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                     int64_t n, const td_out_t *o, int threads);
 void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
+void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count);
 #endif
 #if TD_ARM64
 int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,

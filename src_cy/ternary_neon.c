@@ -81,7 +81,7 @@ int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const ui
     }
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (n * kb * m > 65536)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || n * kb * m > 65536)
 #endif
     for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {
         const int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
@@ -156,7 +156,7 @@ int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
     const int64_t kb = kp / 4;
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (n * kb * m > 65536)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || n * kb * m > 65536)
 #endif
     for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {
         const int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;

@@ -18,6 +18,19 @@ FAST = ("cython", "numba")
 MODES = ("fp32", "int8")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _split_small_problems_too():
+    """The C kernels keep tiny problems on one thread; make threads=2 really split them here."""
+    try:
+        from terdit_edge import _ternary
+    except ImportError:
+        yield
+        return
+    _ternary.set_force_parallel(True)
+    yield
+    _ternary.set_force_parallel(False)
+
+
 def _backend_or_skip(name: str, threads: int = 1, activations: str = "fp32"):
     from terdit_edge.kernels import _factory
     try:
@@ -54,7 +67,7 @@ def assert_matches(y, x, w, mode):
 
 
 SHAPES = [(1, 1, 1), (1, 33, 7), (2, 127, 31), (3, 129, 1), (17, 300, 31), (4, 1000, 7),
-          (9, 260, 70), (40, 384, 33), (2, 4500, 5)]
+          (9, 260, 70), (40, 384, 33), (2, 4500, 5), (1, 700, 45)]
 
 
 @pytest.mark.parametrize("name", FAST)

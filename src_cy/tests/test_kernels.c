@@ -154,6 +154,7 @@ int main(int argc, char **argv) {
         if (best == TD_ISA_NEON_DOT) isas[nisa++] = TD_ISA_NEON;
         if (best != TD_ISA_SCALAR) isas[nisa++] = best;
     }
+    td_set_force_parallel(1); /* the 2-thread runs below must really split the work */
     printf("cpu flags 0x%x, best isa %s, testing:", td_cpu_flags(), td_isa_name(best));
     for (int i = 0; i < nisa; i++) printf(" %s", td_isa_name(isas[i]));
     printf("\n");

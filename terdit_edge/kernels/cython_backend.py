@@ -70,7 +70,7 @@ class CythonBackend(NumpyBackend):
         if x.ndim != 2:
             raise InputError(f"ternary_matmul expects x of shape (M, K), got {x.shape}")
         if x.shape[1] != w.k:
-            raise InputError(f"ternary layer {w.name or ''!r} expects K = {w.k} input features, "
+            raise InputError(f"ternary layer {w.name or '(unnamed)'} expects K = {w.k} input features, "
                              f"got x with shape {x.shape}")
         x = _f32(x, "x")
         m = x.shape[0]

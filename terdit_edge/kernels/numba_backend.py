@@ -1,7 +1,8 @@
 """Numba backend: the same packed tdit2-k128 weights, compiled by Numba when the C extension is
-not built. Each row of Q is decoded once into the lists of positions holding +1 and -1; every
-token then adds the activations at the first list and subtracts those at the second, so no weight
-is ever multiplied. Rows run in parallel (``prange``); ``threads`` bounds Numba's thread count.
+not built. Each row of Q is decoded once into the lists of positions holding +1 and -1; the
+activations (transposed, tokens contiguous) at the first list are added and those at the second
+subtracted, for all tokens at once, so no weight is ever multiplied. Rows run in parallel
+(``prange``); ``threads`` bounds Numba's thread count.
 
 int8 mode quantizes with :func:`~terdit_edge.kernels.reference.quantize_rows_int8` itself, so the
 integer sums equal the reference's exactly.
@@ -23,64 +24,54 @@ except ImportError as e:  # pragma: no cover - numba is a declared dependency
     _IMPORT_ERROR = str(e)
 
 
+_ROWS = 64  # rows of Q per parallel work item
+
 if numba is not None:
     @njit(cache=True, nogil=True)
     def _row_signs(packed_row, k, pos, neg):
         """Fill pos/neg with the k indices whose weight is +1 / -1; return their counts."""
         npos = 0
         nneg = 0
+        kb_full = min(packed_row.shape[0], (k // 128) * 32)  # bytes whose weights all lie below k
         for byte in range(packed_row.shape[0]):
-            v = packed_row[byte]
+            v = np.int64(packed_row[byte])
             k0 = (byte // 32) * 128 + byte % 32
             for q in range(4):
                 code = (v >> (2 * q)) & 3
                 kk = k0 + 32 * q
-                if kk < k:
-                    if code == 2:
-                        pos[npos] = kk
-                        npos += 1
-                    elif code == 0:
-                        neg[nneg] = kk
-                        nneg += 1
+                if byte >= kb_full and kk >= k:
+                    continue
+                # branch-free: random codes would make a branch mispredict every other weight
+                pos[npos] = kk
+                neg[nneg] = kk
+                npos += code == 2
+                nneg += code == 0
         return npos, nneg
 
     @njit(parallel=True, cache=True)
-    def _ternary_f32(x, packed, k, alpha, bias, has_bias, out):
-        m = x.shape[0]
-        for row in prange(packed.shape[0]):
-            pos = np.empty(k, np.int64)
-            neg = np.empty(k, np.int64)
-            npos, nneg = _row_signs(packed[row], k, pos, neg)
-            for t in range(m):
-                acc = np.float32(0.0)
-                for i in range(npos):
-                    acc += x[t, pos[i]]
-                for i in range(nneg):
-                    acc -= x[t, neg[i]]
-                r = acc * alpha
-                if has_bias:
-                    r = r + bias[row]
-                out[t, row] = r
+    def _signed_sums(xt, packed, k, acc_out):
+        """acc_out (N, M) = for each row of Q: sum of xt[k] where Q = +1 minus where Q = -1.
 
-    @njit(parallel=True, cache=True)
-    def _ternary_i8(xq, scale, packed, k, alpha, bias, has_bias, out):
-        m = xq.shape[0]
-        for row in prange(packed.shape[0]):
-            pos = np.empty(k, np.int64)
-            neg = np.empty(k, np.int64)
-            npos, nneg = _row_signs(packed[row], k, pos, neg)
-            for t in range(m):
-                acc = 0
+        xt is x transposed, (K, M): the inner loop runs over tokens, contiguous, so LLVM
+        vectorizes it; float32 or int32 sums follow xt's dtype."""
+        n = packed.shape[0]
+        m = xt.shape[1]
+        nchunk = (n + _ROWS - 1) // _ROWS
+        for c in prange(nchunk):
+            pos = np.empty(k + 1, np.int64)  # scratch reused by the chunk's rows
+            neg = np.empty(k + 1, np.int64)
+            for row in range(c * _ROWS, min(n, (c + 1) * _ROWS)):
+                npos, nneg = _row_signs(packed[row], k, pos, neg)
+                for t in range(m):
+                    acc_out[row, t] = 0
                 for i in range(npos):
-                    acc += np.int32(xq[t, pos[i]])
+                    kk = pos[i]
+                    for t in range(m):
+                        acc_out[row, t] += xt[kk, t]
                 for i in range(nneg):
-                    acc -= np.int32(xq[t, neg[i]])
-                # the reference's two float32 roundings: float(acc) * (scale * alpha), then + bias
-                s = scale[t] * alpha
-                r = np.float32(acc) * s
-                if has_bias:
-                    r = r + bias[row]
-                out[t, row] = r
+                    kk = neg[i]
+                    for t in range(m):
+                        acc_out[row, t] -= xt[kk, t]
 
 
 class NumbaBackend(NumpyBackend):
@@ -101,7 +92,7 @@ class NumbaBackend(NumpyBackend):
         """x float32 (M, K) -> float32 (M, N) = alpha * x Q^T + bias; into `out` when given."""
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != w.k:
-            raise InputError(f"ternary layer {w.name or ''!r} expects x of shape (M, {w.k}), got {x.shape}")
+            raise InputError(f"ternary layer {w.name or '(unnamed)'} expects x of shape (M, {w.k}), got {x.shape}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         m = x.shape[0]
         if out is None:
@@ -111,13 +102,17 @@ class NumbaBackend(NumpyBackend):
             raise InputError(f"out must be a writable float32 array of shape {(m, w.n)}")
         if m == 0 or w.n == 0:
             return out
-        has_bias = w.bias is not None
-        bias = np.ascontiguousarray(w.bias, dtype=np.float32) if has_bias else np.zeros(1, np.float32)
-        alpha = np.float32(w.alpha)
         self._set_threads()
         if self.activations == "int8":
             xq, scale = quantize_rows_int8(x)
-            _ternary_i8(xq, scale, w.packed, w.k, alpha, bias, has_bias, out)
+            acc = np.empty((w.n, m), dtype=np.int32)
+            _signed_sums(np.ascontiguousarray(xq.T, dtype=np.int32), w.packed, w.k, acc)
+            # the reference's two float32 roundings: float(acc) * (scale * alpha), then + bias
+            np.multiply(acc.T.astype(np.float32), scale[:, None] * np.float32(w.alpha), out=out)
         else:
-            _ternary_f32(x, w.packed, w.k, alpha, bias, has_bias, out)
+            acc = np.empty((w.n, m), dtype=np.float32)
+            _signed_sums(np.ascontiguousarray(x.T), w.packed, w.k, acc)
+            np.multiply(acc.T, np.float32(w.alpha), out=out)
+        if w.bias is not None:
+            out += w.bias
         return out

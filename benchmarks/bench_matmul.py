@@ -1,0 +1,190 @@
+"""Ternary matmul throughput: every available backend x activation mode against NumPy float32.
+
+    python benchmarks/bench_matmul.py [--json] [--threads N] [--repeat R] [--backends cython,numba]
+                                      [--shapes 512x1536x1536,1x1536x4096]
+
+Shapes are M x K x N (tokens x input features x output features); the defaults are the
+TerDiT-600M projections at batch 2 x 256 tokens (M = 512) and the per-step conditioning GEMVs
+(M = 1, 2). The baseline is `x @ W.T` with W = alpha * Q dense float32, timed in the same run
+under the same thread limit; ops are counted as 2 M N K for every method. When onnxruntime and
+onnx are importable, onnxruntime's MatMulNBits (com.microsoft, bits=2, block_size=32,
+accuracy_level=4) runs the same ternary weights as a third reference.
+
+Times are the best of R runs (the median is in --json output): the best run is the one least
+disturbed by other processes on a shared machine. `--clock cpu` measures process CPU time instead of
+wall time; with `--threads 1` that is the one figure a busy shared machine cannot inflate by
+descheduling the process (with more threads it is the CPU time summed over threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from terdit_edge.kernels import available_backends, default_threads, get_backend  # noqa: E402
+from terdit_edge.kernels.base import TernaryWeight  # noqa: E402
+from terdit_edge.kernels.reference import ternary_matmul_reference  # noqa: E402
+from terdit_edge.packing import pack_ternary_2bit  # noqa: E402
+
+DEFAULT_SHAPES = [(512, 1536, 1536), (512, 1536, 4096), (512, 4096, 1536), (2, 1024, 9216), (1, 1536, 4096)]
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+CLOCK = time.perf_counter
+
+
+def timeit(fn, repeat: int) -> tuple[float, float]:
+    """(best, median) seconds of `repeat` calls after one warm-up call, on CLOCK."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = CLOCK()
+        fn()
+        times.append(CLOCK() - t0)
+    return min(times), statistics.median(times)
+
+
+def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
+    """A callable x -> y running onnxruntime's 2-bit MatMulNBits on Q (N, K), or None."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    n, k = q.shape
+    block = 32
+    if k % block:
+        return None
+    nblk = k // block
+    codes = (q + 2).astype(np.uint8)  # default zero point of 2-bit MatMulNBits is 2
+    codes = codes.reshape(n, nblk, block // 4, 4)
+    packed = (codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)).astype(np.uint8)
+    scales = np.full(n * nblk, alpha, dtype=np.float32)
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
+                            K=k, N=n, bits=2, block_size=block, accuracy_level=4)
+    graph = helper.make_graph(
+        [node], "ternary", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        initializer=[helper.make_tensor("B", TensorProto.UINT8, packed.shape, packed.tobytes(), raw=True),
+                     helper.make_tensor("scales", TensorProto.FLOAT, scales.shape, scales.tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - an older onnxruntime without 2-bit support
+        print(f"onnxruntime MatMulNBits unavailable: {e}", file=sys.stderr)
+        return None
+    return lambda x: sess.run(None, {"A": x})[0]
+
+
+def bench_shape(m, k, n, threads, repeat, backends, rng):
+    q = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    alpha = 0.05
+    w = TernaryWeight(pack_ternary_2bit(q), n, k, alpha, None, name="bench")
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    dense = (q.astype(np.float32) * np.float32(alpha))
+    ops = 2.0 * m * n * k
+    rows = []
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=threads):
+        best, med = timeit(lambda: x @ dense.T, repeat)
+    base = best
+    rows.append(dict(method="numpy float32 matmul", mode="fp32", best_s=best, median_s=med))
+    check_x = x[: min(m, 8)]
+    for name in backends:
+        for mode in ("fp32", "int8"):
+            b = get_backend(name, threads=threads, activations=mode)
+            out = np.empty((m, n), np.float32)
+            got = b.ternary_matmul(check_x, w)
+            ref = ternary_matmul_reference(check_x, w, mode)
+            err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
+            r = repeat if name != "numba" or m < 64 else max(1, min(repeat, 2))
+            best, med = timeit(lambda: b.ternary_matmul(x, w, out=out), r)
+            rows.append(dict(method=f"{name}", mode=mode, best_s=best, median_s=med, rel_err=err))
+    run = ort_matmulnbits(q, alpha, threads)
+    if run is not None:
+        got = run(check_x)
+        ref = ternary_matmul_reference(check_x, w, "fp32")
+        err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
+        best, med = timeit(lambda: run(x), repeat)
+        rows.append(dict(method="onnxruntime MatMulNBits 2-bit", mode="acc4", best_s=best, median_s=med,
+                         rel_err=err))
+    for row in rows:
+        row.update(M=m, K=k, N=n, gops=ops / row["best_s"] / 1e9, speedup_vs_numpy=base / row["best_s"])
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--backends", default=None, help="comma-separated (default: cython and numba if available)")
+    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default) or process CPU time (see the module docstring)")
+    args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    status = available_backends()
+    if args.backends:
+        backends = args.backends.split(",")
+    else:
+        backends = [b for b in ("cython", "numba") if status.get(b) == "ok"]
+    shapes = DEFAULT_SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rng = np.random.default_rng(0)
+    info = dict(cpu=cpu_model(), threads=args.threads, repeat=args.repeat, clock=args.clock,
+                numpy=np.__version__, load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                backends={b: status.get(b) for b in ("cython", "numba")})
+    try:
+        from terdit_edge.kernels.cpu import cpu_features
+        info["cpu_features"] = cpu_features()
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    results = []
+    for m, k, n in shapes:
+        results.extend(bench_shape(m, k, n, args.threads, args.repeat, backends, rng))
+        if not args.json:
+            print(f"... {m}x{k}x{n} done", file=sys.stderr)
+    if args.json:
+        print(json.dumps(dict(info=info, results=results), indent=1))
+        return 0
+    load = info["load_average"]
+    print(f"# {info['cpu']}, {args.threads} threads, best of {args.repeat} ({args.clock} clock); "
+          f"kernel path: {info.get('cpu_features', {}).get('isa')}"
+          + (f"; load average at start {load[0]:.1f}" if load else ""))
+    print(f"{'M x K x N':>18} | {'method':<30} | {'mode':<4} | {'time ms':>9} | {'GOP/s':>7} | "
+          f"{'x numpy':>7} | {'rel err':>8}")
+    for r in results:
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"{r['M']:>5} x{r['K']:>5} x{r['N']:>5} | {r['method']:<30} | {r['mode']:<4} | "
+              f"{r['best_s'] * 1e3:9.3f} | {r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
