@@ -9,7 +9,7 @@ The step is the model forward on batch 2 (one image: the conditional and the nul
 at 256 px) plus the guidance mix. PyTorch runs the same weights dequantized (alpha * Q as float32
 nn.Linear) in the independent reference implementation from tests/torch_reference.py.
 
-Each measurement runs in its own subprocess so that its peak RSS (ru_maxrss) is its own. Ratios
+Each measurement runs in its own subprocess so that its peak RSS (VmHWM) is its own. Ratios
 are against PyTorch float32 measured in the same run; the int8 row also reports the relative L2
 error of the model output against the fp32 mode.
 """
@@ -119,6 +119,17 @@ def worker_torch(args) -> dict:
     return {"seconds": min(times), "backend": f"torch {torch.__version__} float32"}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Unlike ru_maxrss, which Linux carries over from the
+    parent across fork + exec, VmHWM belongs to the process image."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource  # not Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_worker(kind: str, extra: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, *extra]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -147,9 +158,8 @@ def main():
 
     if args.worker:
         args.threads = int(args.threads)
-        import resource
         res = worker_ours(args) if args.worker == "ours" else worker_torch(args)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
 
