@@ -5,15 +5,19 @@ Latents (B, C_lat, h, w) float32 -> images (B, 3, 8h, 8w) float32 in about [-1, 
 Layout and arithmetic
 ---------------------
 Activations are kept channels-last, (H, W, C) float32 per image, so that every channel loop is
-contiguous and a 1x1 convolution is one matrix product. 3x3 convolutions use Winograd
-F(2x2, 3x3) by default: each 4x4 input tile is transformed (B^T d B), the 16 transform-domain
-planes are multiplied by the transformed weights (G g G^T) as 16 batched BLAS matrix products, and
-the products are transformed back (A^T m A). That is 16 multiplies per 2x2 output block instead of
-36, and the products run at BLAS speed. F(4x4, 3x3) (36 multiplies per 4x4 block) and im2col + BLAS
-are kept as alternatives (``conv="winograd4"`` / ``"im2col"``) for measurement and as references.
-The nearest 2x upsampling that precedes each upsampler convolution is folded into the Winograd
-input transform (it reads the low-resolution tensor with halved coordinates), so the 4x larger
-upsampled tensor is never stored.
+contiguous and a 1x1 convolution is one matrix product. 3x3 convolutions use Winograd's minimal
+filtering (Lavin & Gray 2015): each input tile is transformed (B^T d B), the transform-domain
+planes are multiplied by the transformed weights (G g G^T) as a batch of BLAS matrix products,
+and the products are transformed back (A^T m A). F(4x4, 3x3) needs 36 multiplies per 4x4 output
+block where a direct convolution needs 144 (F(2x2, 3x3): 16 per 2x2 block, 2.25x fewer), and the
+multiplies run at BLAS speed. im2col + BLAS is kept too; ``conv="auto"`` picks per layer (small
+images favour the methods with less per-call weight preparation). The nearest 2x upsampling
+before each upsampler convolution is folded into the Winograd input transform (it reads the
+low-resolution tensor with halved coordinates), so the 4x larger upsampled tensor is never stored.
+
+Threads: the decoder owns a small pool; each worker takes a band of tile rows (transform, BLAS
+matmul, inverse transform) with BLAS itself limited to one thread, so no two thread pools spin
+against each other (OpenMP-parallel Numba next to threaded OpenBLAS was 20x slower on 2 cores).
 
 Weights stay as the caller gave them (float16 or float32, possibly memory-mapped); each layer's
 weights are converted to float32 / Winograd form just before the layer runs and dropped after,
@@ -25,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
@@ -35,9 +40,22 @@ from threadpoolctl import threadpool_limits
 
 from .errors import FormatError, InputError
 
-__all__ = ["VAEConfig", "expected_vae_tensors", "VAEDecoder", "to_uint8", "CONV_METHODS"]
+__all__ = ["VAEConfig", "expected_vae_tensors", "VAEDecoder", "to_uint8", "CONV_METHODS", "choose_conv_method",
+           "conv3x3", "conv1x1", "group_norm", "linear"]
 
-CONV_METHODS = ("winograd2", "winograd4", "im2col")
+CONV_METHODS = ("auto", "winograd2", "winograd4", "im2col")
+
+
+def choose_conv_method(out_pixels: int) -> str:
+    """The 3x3 method "auto" uses for an output of ``out_pixels`` (h*w) pixels.
+
+    Per-call weight preparation (G g G^T: 16 or 36 planes of K x C) does not shrink with the
+    image, so small images favour F(2x2, 3x3), which has less of it; measured with
+    benchmarks/bench_vae.py (one convolution per resolution, 2 AVX2 cores).
+    """
+    if out_pixels <= 32 * 32:
+        return "winograd2"
+    return "winograd4"
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +336,30 @@ def _winograd_output(mm, at, bias, m, row0, nrows, tiles_w, out, residual, has_r
 
 
 @njit(nogil=True, cache=True)
+def _winograd_weight_transform(w, g, k0, u):  # pragma: no cover - compiled
+    """u[i*a + j, k0 + kk, :] = sum_rs g[i, r] w[kk, 3r + s, :] g[j, s] for each kk of w.
+
+    w: float32 (nk, 9, C) (kernel taps first, channels contiguous); g: float32 (a, 3);
+    u: float32 (a*a, K, C).
+    """
+    a = g.shape[0]
+    c_n = w.shape[2]
+    tmp = np.empty((a, 3, c_n), np.float32)
+    for kk in range(w.shape[0]):
+        for i in range(a):
+            for s in range(3):
+                for c in range(c_n):
+                    tmp[i, s, c] = g[i, 0] * w[kk, s, c] + g[i, 1] * w[kk, 3 + s, c] + g[i, 2] * w[kk, 6 + s, c]
+        for i in range(a):
+            for j in range(a):
+                g0 = g[j, 0]
+                g1 = g[j, 1]
+                g2 = g[j, 2]
+                for c in range(c_n):
+                    u[i * a + j, k0 + kk, c] = tmp[i, 0, c] * g0 + tmp[i, 1, c] * g1 + tmp[i, 2, c] * g2
+
+
+@njit(nogil=True, cache=True)
 def _channel_sums(x, lo, hi, sums):  # pragma: no cover - compiled
     """sums[0, c] += sum x[lo:hi, c]; sums[1, c] += sum x[lo:hi, c]^2 (float64). x: float32 (N, C)."""
     c_n = x.shape[1]
@@ -328,17 +370,45 @@ def _channel_sums(x, lo, hi, sums):  # pragma: no cover - compiled
             sums[1, c] += v * v
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _scale_shift(x, lo, hi, scale, shift, silu, out):  # pragma: no cover - compiled
-    """out[p] = x[p] * scale + shift (then SiLU) for rows p in [lo, hi). x, out: float32 (N, C)."""
+    """out[p] = x[p] * scale + shift, then SiLU if ``silu``, for rows p in [lo, hi).
+
+    x, out: float32 (N, C) (out may be x). SiLU y / (1 + exp(-y)) uses its own exp so that the
+    loops vectorise (a libm call per element does not): exp(t) = 2^n exp(r), |r| <= ln2 / 2,
+    exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n assembled from its
+    float32 exponent bits.
+    """
     c_n = x.shape[1]
+    y = np.empty(c_n, np.float32)
+    poly = np.empty(c_n, np.float32)
+    bits = np.empty(c_n, np.int32)
+    pow2 = bits.view(np.float32)
+    log2e = np.float32(1.4426950408889634)
+    ln2_hi = np.float32(0.693359375)  # ln 2 split so that n * ln2_hi is exact in float32
+    ln2_lo = np.float32(-2.12194440e-4)
     one = np.float32(1.0)
     for p in range(lo, hi):
+        if not silu:
+            for c in range(c_n):
+                out[p, c] = x[p, c] * scale[c] + shift[c]
+            continue
         for c in range(c_n):
-            y = x[p, c] * scale[c] + shift[c]
-            if silu:
-                y = y / (one + np.exp(-y))
-            out[p, c] = y
+            v = x[p, c] * scale[c] + shift[c]
+            y[c] = v
+            t = min(max(-v, np.float32(-87.0)), np.float32(88.0))  # keeps 2^n a normal float
+            n = np.floor(t * log2e + np.float32(0.5))
+            r = (t - n * ln2_hi) - n * ln2_lo
+            poly[c] = one + r * (one + r * (np.float32(1 / 2) + r * (np.float32(1 / 6) + r * (
+                np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720))))))
+            bits[c] = np.int32(n) + 127
+        for c in range(c_n):
+            bits[c] = bits[c] << 23
+        # local buffers only: the division loop vectorises (out may alias x)
+        for c in range(c_n):
+            poly[c] = y[c] / (one + poly[c] * pow2[c])
+        for c in range(c_n):
+            out[p, c] = poly[c]
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,6 +419,11 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _pieces(n: int, workers: "_Workers") -> list:
+    """Row ranges for ``workers``: a few per thread so that a slowed thread can hand work off."""
+    return _splits(n, 1 if workers.n == 1 else 4 * workers.n)
+
+
 def _splits(n: int, parts: int) -> list:
     """[lo, hi) ranges cutting range(n) into at most ``parts`` nearly equal non-empty pieces."""
     parts = max(1, min(parts, n))
@@ -356,7 +431,11 @@ def _splits(n: int, parts: int) -> list:
 
 
 class _Workers:
-    """Runs a function over row ranges on ``n`` threads (the caller's thread included)."""
+    """Runs a function over row ranges on ``n`` threads (the caller's thread included).
+
+    Ranges are handed out one at a time to whichever thread is free, so on a shared machine a
+    thread that gets less CPU simply takes fewer ranges.
+    """
 
     def __init__(self, n: int):
         self.n = n
@@ -366,9 +445,23 @@ class _Workers:
         """Call fn(lo, hi) for each (lo, hi) in ranges, in parallel; return the results in order."""
         if self._pool is None or len(ranges) == 1:
             return [fn(lo, hi) for lo, hi in ranges]
-        futures = [self._pool.submit(fn, lo, hi) for lo, hi in ranges[1:]]
-        first = fn(*ranges[0])
-        return [first] + [f.result() for f in futures]
+        results = [None] * len(ranges)
+        order = iter(range(len(ranges)))
+        lock = threading.Lock()
+
+        def drain():
+            while True:
+                with lock:
+                    i = next(order, None)
+                if i is None:
+                    return
+                results[i] = fn(*ranges[i])
+
+        helpers = [self._pool.submit(drain) for _ in range(min(self.n, len(ranges)) - 1)]
+        drain()
+        for h in helpers:
+            h.result()  # re-raises a worker's exception
+        return results
 
     def close(self):
         if self._pool is not None:
@@ -376,21 +469,50 @@ class _Workers:
             self._pool = None
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, shape: tuple) -> np.ndarray:
+    """A float32 array of ``shape`` owned by the calling thread, reused across calls (no fresh
+    pages to fault in for every band). Contents are undefined."""
+    size = int(np.prod(shape))
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.size < size:
+        buf = buffers[slot] = np.empty(size, np.float32)
+    return buf[:size].reshape(shape)
+
+
 _SERIAL = _Workers(1)
 
 
-def _winograd_weights(weight: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(K, C, 3, 3) float16/32 -> float32 (a*a, C, K): U = G g G^T per (k, c), ready for V @ U."""
+def _winograd_weights(weight: np.ndarray, g: np.ndarray, workers: "_Workers" = None) -> np.ndarray:
+    """(K, C, 3, 3) float16/32 -> float32 (a*a, K, C): U = G g G^T per (k, c).
+
+    The (K, C) planes are used transposed (V @ U[i].T): BLAS takes the transpose for free.
+    """
     k_n, c_n = weight.shape[:2]
     a = g.shape[0]
-    w9 = np.ascontiguousarray(weight.transpose(2, 3, 1, 0), dtype=np.float32).reshape(9, c_n * k_n)
-    gg = np.kron(g, g).astype(np.float32)  # (a*a, 9): row (i, j) holds G[i, r] G[j, s]
-    return (gg @ w9).reshape(a * a, c_n, k_n)
+    u = np.empty((a * a, k_n, c_n), np.float32)
+    w = weight.reshape(k_n, c_n, 9)
+
+    def rows(lo, hi):
+        # (k, 9, C) float32 block: channel loops in the kernel are then contiguous
+        for k0 in range(lo, hi, 32):
+            k1 = min(k0 + 32, hi)
+            block = np.ascontiguousarray(w[k0:k1].transpose(0, 2, 1), dtype=np.float32)
+            _winograd_weight_transform(block, g, k0, u)
+
+    workers = workers or _SERIAL
+    workers.run(rows, _pieces(k_n, workers))
+    return u
 
 
 # Largest transform-domain band (V or M) one worker holds, in bytes: big enough for BLAS to run
 # at full speed, small enough to stay near the caches and keep the peak memory low.
-_BAND_BYTES = 4 << 20
+_BAND_BYTES = 8 << 20
 _WINOGRAD = {m: tuple(mat.astype(np.float32) for mat in _winograd_matrices(m)) for m in (2, 4)}
 
 
@@ -407,6 +529,8 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
     k_n = weight.shape[0]
     hh, ww = h * up, w * up
     bias32 = _f32(bias)
+    if method == "auto":
+        method = choose_conv_method(hh * ww)
     if method == "im2col":
         xu = x if up == 1 else np.repeat(np.repeat(x, up, axis=0), up, axis=1)
         pad = np.zeros((hh + 2, ww + 2, c_n), np.float32)
@@ -422,7 +546,7 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
         def rows(lo, hi):
             np.matmul(cols2[lo:hi], wmat, out=out[lo:hi])
 
-        workers.run(rows, _splits(hh * ww, workers.n))
+        workers.run(rows, _pieces(hh * ww, workers))
         out = out.reshape(hh, ww, k_n)
         out += bias32
         if residual is not None:
@@ -431,29 +555,30 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
     m = 2 if method == "winograd2" else 4
     bt, g, at = _WINOGRAD[m]
     a = m + 2
-    u = _winograd_weights(weight, g)
+    u_t = _winograd_weights(weight, g, workers).transpose(0, 2, 1)  # (a*a, C, K) view
     tiles_h = -(-hh // m)
     tiles_w = -(-ww // m)
     out = np.empty((hh, ww, k_n), np.float32)
     has_res = residual is not None
     res = residual if has_res else out
     band_rows = max(1, _BAND_BYTES // (a * a * tiles_w * max(c_n, k_n) * 4))
+    band_rows = min(band_rows, -(-tiles_h // workers.n))  # at least one band per thread
 
     def tile_rows(lo, hi):
         # one worker's share of tile rows, in bands that keep V and M small
         rows = min(band_rows, hi - lo)
-        v = np.empty((a * a, rows * tiles_w, c_n), np.float32)
-        mm = np.empty((a * a, rows * tiles_w, k_n), np.float32)
+        v = _scratch("winograd_v", (a * a, rows * tiles_w, c_n))
+        mm = _scratch("winograd_m", (a * a, rows * tiles_w, k_n))
         for row0 in range(lo, hi, rows):
             nrows = min(rows, hi - row0)
             p = nrows * tiles_w
             _winograd_input(x, up, bt, m, row0, nrows, tiles_w, v)
-            np.matmul(v[:, :p], u, out=mm[:, :p])
+            np.matmul(v[:, :p], u_t, out=mm[:, :p])
             _winograd_output(mm, at, bias32, m, row0, nrows, tiles_w, out, res, has_res)
 
-    # more pieces than workers only when there are many rows: evens out uneven thread speeds
-    parts = workers.n if tiles_h < 8 * workers.n else 2 * workers.n
-    workers.run(tile_rows, _splits(tiles_h, parts))
+    # one band per piece: free threads pick up the next band (see _Workers)
+    workers.run(tile_rows, [(r, min(r + band_rows, tiles_h)) for r in range(0, tiles_h, band_rows)]
+                if workers.n > 1 else [(0, tiles_h)])
     return out
 
 
@@ -474,7 +599,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, workers: _Worker
         np.matmul(x[lo:hi], wmat, out=out[lo:hi])
         out[lo:hi] += b
 
-    workers.run(rows, _splits(x.shape[0], workers.n))
+    workers.run(rows, _pieces(x.shape[0], workers))
     return out
 
 
@@ -490,7 +615,7 @@ def group_norm(x: np.ndarray, gamma, beta, groups: int, eps: float, silu: bool,
     c_n = x.shape[-1]
     x2 = x.reshape(-1, c_n)
     o2 = out.reshape(-1, c_n)
-    ranges = _splits(x2.shape[0], workers.n)
+    ranges = _pieces(x2.shape[0], workers)
 
     def sums(lo, hi):
         s = np.zeros((2, c_n), np.float64)
@@ -520,11 +645,12 @@ class VAEDecoder:
     cfg: the decoder shape; tensors: name -> array for every name of ``expected_vae_tensors(cfg)``
     (float16 or float32, may be read-only memory maps; they are never copied as a whole: each
     layer's weights are converted when the layer runs); threads: worker threads (None: the CPUs
-    this process may use); conv: one of CONV_METHODS (Winograd F(2x2,3x3) by default).
+    this process may use); conv: one of CONV_METHODS; "auto" (default) picks per layer with
+    :func:`choose_conv_method` (Winograd F(4x4,3x3) above 32 x 32 output pixels, F(2x2,3x3) below).
     """
 
     def __init__(self, cfg: VAEConfig, tensors: Mapping[str, np.ndarray], threads: int | None = None,
-                 conv: str = "winograd2"):
+                 conv: str = "auto"):
         self.cfg = cfg.validate()
         expected = expected_vae_tensors(cfg)
         missing = [k for k in expected if k not in tensors]
@@ -604,7 +730,7 @@ class VAEDecoder:
                 scores /= scores.sum(axis=1, keepdims=True)
                 np.matmul(scores, v, out=o[s:e])
 
-        workers.run(queries, _splits(q.shape[0], workers.n))
+        workers.run(queries, _pieces(q.shape[0], workers))
         del q, k, v
         out = proj(o, "to_out.0")
         out += x.reshape(hgt * wid, c_n)
@@ -630,13 +756,14 @@ class VAEDecoder:
         return self._conv3(x, "decoder.conv_out")
 
     # -- public ----------------------------------------------------------------------------------
-    def decode(self, latents: np.ndarray, tile: int | None = None, overlap: int = 8) -> np.ndarray:
+    def decode(self, latents: np.ndarray, tile: int | None = None, overlap: int | None = None) -> np.ndarray:
         """Decode latents float32 (B, C_lat, h, w) -> images float32 (B, out_channels, f*h, f*w).
 
         f = cfg.upsample_factor (8). The latents are divided by ``scaling_factor`` (and shifted by
         ``shift_factor``) here. Output is not clamped (as diffusers). ``tile`` (latent pixels)
         decodes overlapping tiles of that size independently and blends them with linear ramps
-        over ``overlap`` latent pixels: memory then depends on the tile, not the image.
+        over ``overlap`` latent pixels (default tile // 4, i.e. 8 for tile 32): memory then depends
+        on the tile, not the image.
         """
         cfg = self.cfg
         z = np.asarray(latents)
@@ -650,6 +777,8 @@ class VAEDecoder:
         if tile is not None:
             if type(tile) is not int or tile < 2:
                 raise InputError(f"tile must be an integer >= 2 or None, found {tile!r}")
+            if overlap is None:
+                overlap = tile // 4
             if type(overlap) is not int or not (0 <= overlap < tile):
                 raise InputError(f"overlap must be an integer in [0, tile), found {overlap!r}")
         z = z.astype(np.float32) / np.float32(cfg.scaling_factor) + np.float32(cfg.shift_factor)
@@ -669,10 +798,12 @@ class VAEDecoder:
         stride = tile - overlap
 
         def starts(n):
+            # fewest tiles that overlap by at least `overlap`, spread evenly, the last flush
+            # with the edge
             if n <= tile:
                 return [0]
-            s = list(range(0, n - tile, stride))
-            return s + [n - tile]  # last tile flush with the edge
+            count = 1 + -(-(n - tile) // stride)
+            return [round(i * (n - tile) / (count - 1)) for i in range(count)]
 
         acc = np.zeros((h * f, w * f, self.cfg.out_channels), np.float32)
         wsum = np.zeros((h * f, w * f, 1), np.float32)
