@@ -12,9 +12,19 @@ from ..packing import unpack_ternary_2bit
 from .base import TernaryWeight
 
 try:  # threadpoolctl bounds BLAS threads so that `threads=` holds for the dense matmuls too
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 except ImportError:  # pragma: no cover - threadpoolctl is a declared dependency
-    threadpool_limits = None
+    ThreadpoolController = None
+
+_controller = None
+
+
+def _blas_controller():
+    """One ThreadpoolController per process: finding the BLAS libraries costs ~1 ms, limiting is cheap."""
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController()
+    return _controller
 
 # Gathered activations per chunk (elements); bounds the reference's temporary memory.
 _GATHER_ELEMENTS = 1 << 22
@@ -96,10 +106,10 @@ class NumpyBackend:
 
     def thread_limit(self):
         """Context manager bounding BLAS threads to self.threads."""
-        if threadpool_limits is None:  # pragma: no cover
+        if ThreadpoolController is None:  # pragma: no cover
             import contextlib
             return contextlib.nullcontext()
-        return threadpool_limits(limits=self.threads)
+        return _blas_controller().limit(limits=self.threads, user_api="blas")
 
     # --- ternary linear -------------------------------------------------------------------
     def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
