@@ -1,14 +1,15 @@
 """Ternary matmul throughput: every available backend x activation mode against NumPy float32.
 
     python benchmarks/bench_matmul.py [--json] [--threads N] [--repeat R] [--backends cython,numba]
-                                      [--shapes 512x1536x1536,1x1536x4096]
+                                      [--shapes 512x1536x1536,1x1536x4096] [--attention 2x256x32x32x48]
 
 Shapes are M x K x N (tokens x input features x output features); the defaults are the
 TerDiT-600M projections at batch 2 x 256 tokens (M = 512) and the per-step conditioning GEMVs
 (M = 1, 2). The baseline is `x @ W.T` with W = alpha * Q dense float32, timed in the same run
 under the same thread limit; ops are counted as 2 M N K for every method. When onnxruntime and
 onnx are importable, onnxruntime's MatMulNBits (com.microsoft, bits=2, block_size=32,
-accuracy_level=4) runs the same ternary weights as a third reference.
+accuracy_level=4) runs the same ternary weights as a third reference. The fused C attention is timed
+against the NumPy/BLAS reference attention on one shape (B x T x H x Hkv x hd, TerDiT-600M by default).
 
 Times are the best of R runs (the median is in --json output): the best run is the one least
 disturbed by other processes on a shared machine. `--clock cpu` measures process CPU time instead of
@@ -138,6 +139,31 @@ def bench_shape(m, k, n, threads, repeat, backends, rng):
     return rows
 
 
+def bench_attention(shape, threads, repeat, rng):
+    """Softmax attention of the C backend against the NumPy/BLAS reference on q (B, T, H, hd),
+    k and v (B, T, Hkv, hd); ops counted as 4 B H T^2 hd (the two products)."""
+    from terdit_edge.kernels.reference import NumpyBackend
+    b, t, h, hkv, hd = shape
+    q = rng.standard_normal((b, t, h, hd)).astype(np.float32)
+    k = rng.standard_normal((b, t, hkv, hd)).astype(np.float32)
+    v = rng.standard_normal((b, t, hkv, hd)).astype(np.float32)
+    ref_be = NumpyBackend(threads=threads)
+    out = np.empty_like(q)
+    best, med = timeit(lambda: ref_be.attention(q, k, v, out=out), repeat)
+    rows = [dict(method="numpy reference attention", best_s=best, median_s=med)]
+    ref = ref_be.attention(q, k, v)
+    if available_backends().get("cython") == "ok":
+        be = get_backend("cython", threads=threads)
+        err = float(np.abs(be.attention(q, k, v) - ref).max())
+        best, med = timeit(lambda: be.attention(q, k, v, out=out), repeat)
+        rows.append(dict(method="cython fused attention", best_s=best, median_s=med, abs_err=err))
+    ops = 4.0 * b * h * t * t * hd
+    for row in rows:
+        row.update(shape="x".join(map(str, shape)), gops=ops / row["best_s"] / 1e9,
+                   speedup_vs_numpy=rows[0]["best_s"] / row["best_s"])
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -147,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time (see the module docstring)")
+    ap.add_argument("--attention", default="2x256x32x32x48",
+                    help="BxTxHxHkvxhd attention shape to time as well ('' to skip; default: TerDiT-600M)")
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
@@ -170,8 +198,11 @@ def main(argv=None) -> int:
         results.extend(bench_shape(m, k, n, args.threads, args.repeat, backends, rng))
         if not args.json:
             print(f"... {m}x{k}x{n} done", file=sys.stderr)
+    att = []
+    if args.attention:
+        att = bench_attention(tuple(int(v) for v in args.attention.split("x")), args.threads, args.repeat, rng)
     if args.json:
-        print(json.dumps(dict(info=info, results=results), indent=1))
+        print(json.dumps(dict(info=info, results=results, attention=att), indent=1))
         return 0
     load = info["load_average"]
     print(f"# {info['cpu']}, {args.threads} threads, best of {args.repeat} ({args.clock} clock); "
@@ -183,6 +214,10 @@ def main(argv=None) -> int:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         print(f"{r['M']:>5} x{r['K']:>5} x{r['N']:>5} | {r['method']:<30} | {r['mode']:<4} | "
               f"{r['best_s'] * 1e3:9.3f} | {r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
+    for r in att:
+        err = f"{r['abs_err']:.1e}" if "abs_err" in r else ""
+        print(f"attention {r['shape']:>16} | {r['method']:<30} | fp32 | {r['best_s'] * 1e3:9.3f} | "
+              f"{r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
     return 0
 
 

@@ -193,3 +193,32 @@ def rope(float[:, :, :, ::1] x, const float[:, ::1] cos, const float[:, ::1] sin
     with nogil:
         td_rope(&x[0, 0, 0, 0], &cos[0, 0], &sin[0, 0], b, t, h, hd, threads)
     return x
+
+
+def attention(const float[:, :, :, ::1] q, const float[:, :, :, ::1] k, const float[:, :, :, ::1] v,
+              float[:, :, :, ::1] out, int threads=1):
+    """out (B, T, H, hd) = softmax(q k^T / sqrt(hd)) v per batch and head, not causal; q (B, T, H, hd),
+    k and v (B, T, Hkv, hd) with H a multiple of Hkv (head h reads kv head h // (H // Hkv)).
+    out must not overlap q, k or v (the caller checks)."""
+    cdef int64_t b = q.shape[0], t = q.shape[1], h = q.shape[2], hd = q.shape[3], hkv = k.shape[2]
+    if (k.shape[0] != b or k.shape[1] != t or k.shape[3] != hd or v.shape[0] != b or v.shape[1] != t
+            or v.shape[2] != hkv or v.shape[3] != hd):
+        raise InputError(f"attention: q (B, T, H, hd) = ({b}, {t}, {h}, {hd}) needs k and v of shape "
+                         f"(B, T, Hkv, hd); got k {np.shape(k)}, v {np.shape(v)}")
+    if hkv < 1 or h % hkv:
+        raise InputError(f"attention: {h} query heads are not a multiple of {hkv} key/value heads")
+    if out.shape[0] != b or out.shape[1] != t or out.shape[2] != h or out.shape[3] != hd:
+        raise InputError(f"attention: out has shape {np.shape(out)}, expected ({b}, {t}, {h}, {hd})")
+    if threads < 1:
+        raise InputError(f"threads must be >= 1, got {threads}")
+    if b * t * h * hd == 0:
+        return out
+    cdef int rc
+    with nogil:
+        rc = td_attention(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0], &out[0, 0, 0, 0], b, t, h, hkv,
+                          hd, threads)
+    if rc == TD_ENOMEM:
+        raise MemoryError("attention could not allocate its scratch buffers")
+    if rc != TD_OK:
+        raise InputError("attention: bad head counts")
+    return out

@@ -3,6 +3,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
 
 #include "ternary_internal.h"
 
@@ -125,7 +128,7 @@ void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8
     int isa = td_get_isa();
     (void)threads; (void)isa;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || m * k > 65536)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(threads) if (td_force_parallel || m * k > 65536)
 #endif
     for (int64_t r = 0; r < m; r++) {
 #if TD_X86
@@ -269,7 +272,7 @@ void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift
                          int threads) {
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || rows * d > 32768)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads) if (td_force_parallel || rows * d > 32768)
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
@@ -292,7 +295,7 @@ void td_layernorm(const float *x, const float *weight, const float *bias, float 
                   int64_t d, float eps, int threads) {
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || rows * d > 32768)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads) if (td_force_parallel || rows * d > 32768)
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
@@ -326,7 +329,7 @@ void td_swiglu(const float *a, const float *b, float *out, int64_t count, int th
     const int isa = td_get_isa();
     (void)threads; (void)isa;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || count > 32768)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (td_force_parallel || count > 32768)
 #endif
     for (int64_t c0 = 0; c0 < count; c0 += chunk) {
         const int64_t c1 = c0 + chunk < count ? c0 + chunk : count;
@@ -344,7 +347,7 @@ void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int
                   int64_t d, int threads) {
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || rows * d > 32768)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads) if (td_force_parallel || rows * d > 32768)
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gate + (r / rows_per_group) * d;
@@ -359,7 +362,7 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
     const int64_t half = hd / 2;
     (void)threads;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || b * t * h * hd > 32768)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads) if (td_force_parallel || b * t * h * hd > 32768)
 #endif
     for (int64_t bt = 0; bt < b * t; bt++) {
         const int64_t pos = bt % t;
@@ -373,4 +376,125 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
             }
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Softmax attention (not causal), fused: scores, softmax and the weighted sum of values for a
+ * block of query rows at a time, so no (T, T) matrix is ever stored; scratch is O(T * hd) per
+ * thread. Work items are (batch, head, query chunk); a thread rebuilds its transposed keys and
+ * padded values only when the (batch, kv head) changes. */
+
+/* Portable path, one query row at a time; the inner loops run over contiguous memory so that
+ * the compiler can vectorize them (NEON at -O2/-O3, SSE on x86). */
+static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
+                                  const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp,
+                                  float scale, float *s, float *ob, float *out, int64_t ldo) {
+    for (int64_t i = i0; i < i1; i++) {
+        const float *qi = q + i * ldq;
+        for (int64_t j = 0; j < tp; j++) s[j] = 0.0f;
+        for (int64_t d = 0; d < hd; d++) {
+            const float qd = qi[d];
+            const float *kd = kt + d * tp;
+            for (int64_t j = 0; j < tp; j++) s[j] += qd * kd[j];
+        }
+        float m = s[0];
+        for (int64_t j = 1; j < t; j++) m = s[j] > m ? s[j] : m;
+        const float ms = m * scale; /* scale > 0: max(scale s) = scale max(s) */
+        float tot = 0.0f;
+        for (int64_t j = 0; j < t; j++) {
+            s[j] = expf(s[j] * scale - ms);
+            tot += s[j];
+        }
+        for (int64_t c = 0; c < hdp; c++) ob[c] = 0.0f;
+        for (int64_t j = 0; j < t; j++) {
+            const float p = s[j];
+            const float *vj = vs + j * hdp;
+            for (int64_t c = 0; c < hdp; c++) ob[c] += p * vj[c];
+        }
+        const float inv = 1.0f / tot;
+        float *o = out + i * ldo;
+        for (int64_t c = 0; c < hd; c++) o[c] = ob[c] * inv;
+    }
+}
+
+/* 64-byte aligned scratch: the AVX2 tile loads and stores are aligned */
+static void *att_alloc(size_t bytes) {
+    bytes = (bytes + 63) & ~(size_t)63;
+#if defined(_WIN32)
+    return _aligned_malloc(bytes ? bytes : 64, 64);
+#else
+    return aligned_alloc(64, bytes ? bytes : 64);
+#endif
+}
+
+static void att_free(void *p) {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
+int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
+                 int64_t h, int64_t hkv, int64_t hd, int threads) {
+    if (b <= 0 || t <= 0 || h <= 0 || hd <= 0) return TD_OK;
+    if (hkv <= 0 || h % hkv) return TD_EINVAL;
+    if (threads < 1) threads = 1;
+    const int64_t rep = h / hkv, tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const int isa = td_get_isa();
+    /* below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md) */
+    if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
+    /* query chunks: enough items for the threads to balance, chunks a multiple of the 6-row tile */
+    int64_t nq = (4 * (int64_t)threads + b * h - 1) / (b * h);
+    if (threads == 1) nq = 1;
+    int64_t chunk = (t + nq - 1) / nq;
+    chunk = (chunk + 5) / 6 * 6;
+    nq = (t + chunk - 1) / chunk;
+    const int64_t items = b * h * nq;
+    int err = 0;
+    (void)isa;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+        float *kt = att_alloc(sizeof(float) * (size_t)(hd * tp));
+        float *vs = att_alloc(sizeof(float) * (size_t)(t * hdp));
+        float *s = att_alloc(sizeof(float) * (size_t)(6 * tp));
+        float *ob = att_alloc(sizeof(float) * (size_t)(6 * hdp));
+        const int ok = kt && vs && s && ob;
+        int64_t built = -1; /* batch * hkv + kv head whose keys/values are in kt/vs */
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t it = 0; it < items; it++) {
+            if (!ok) { err = 1; continue; }
+            const int64_t bh = it / nq, qc = it % nq, bb = bh / h, hh = bh % h, kvh = hh / rep;
+            if (built != bb * hkv + kvh) {
+                built = bb * hkv + kvh;
+                const float *kb = k + (bb * t * hkv + kvh) * hd, *vb = v + (bb * t * hkv + kvh) * hd;
+                for (int64_t j = 0; j < t; j++) {
+                    const float *kj = kb + j * hkv * hd, *vj = vb + j * hkv * hd;
+                    for (int64_t d = 0; d < hd; d++) kt[d * tp + j] = kj[d];
+                    float *vr = vs + j * hdp;
+                    for (int64_t c = 0; c < hd; c++) vr[c] = vj[c];
+                    for (int64_t c = hd; c < hdp; c++) vr[c] = 0.0f;
+                }
+                for (int64_t d = 0; d < hd; d++)
+                    for (int64_t j = t; j < tp; j++) kt[d * tp + j] = 0.0f;
+            }
+            const int64_t i0 = qc * chunk, i1 = i0 + chunk < t ? i0 + chunk : t;
+            const float *qh = q + (bb * t * h + hh) * hd;
+            float *oh = out + (bb * t * h + hh) * hd;
+#if TD_X86
+            if (isa == TD_ISA_AVX2) {
+                td_attention_rows_avx2(qh, h * hd, i0, i1, kt, vs, t, tp, hd, hdp, scale, s, ob, oh, h * hd);
+                continue;
+            }
+#endif
+            attention_rows_scalar(qh, h * hd, i0, i1, kt, vs, t, tp, hd, hdp, scale, s, ob, oh, h * hd);
+        }
+        att_free(kt); att_free(vs); att_free(s); att_free(ob);
+    }
+    return err ? TD_ENOMEM : TD_OK;
 }

@@ -33,6 +33,7 @@ enum td_isa {
 /* Return codes of the entry points. */
 #define TD_OK 0
 #define TD_ENOMEM 1
+#define TD_EINVAL 2
 
 /* CPU feature bits reported by td_cpu_flags. */
 #define TD_CPU_AVX2 1
@@ -84,6 +85,13 @@ void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int
 /* In-place rotary embedding of x (b, t, h, hd) contiguous; cos/sin (t, hd/2). */
 void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h,
              int64_t hd, int threads);
+
+/* Softmax attention, not causal: out (b, t, h, hd) = softmax(q k^T / sqrt(hd)) v per (batch, head),
+ * query head hh reading key/value head hh / (h / hkv) (grouped-query attention). q, out (b, t, h, hd)
+ * and k, v (b, t, hkv, hd) float32, C-contiguous; out must not overlap q, k or v.
+ * Returns TD_OK, TD_ENOMEM, or TD_EINVAL when h is not a multiple of hkv. */
+int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
+                 int64_t h, int64_t hkv, int64_t hd, int threads);
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,8 @@ cdef extern from "ternary_gemm.h" nogil:
     int TD_ISA_NEON
     int TD_ISA_NEON_DOT
     int TD_OK
+    int TD_ENOMEM
+    int TD_EINVAL
     int TD_CPU_AVX2
     int TD_CPU_FMA
     int TD_CPU_NEON
@@ -40,3 +42,5 @@ cdef extern from "ternary_gemm.h" nogil:
                       int64_t d, int threads)
     void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h,
                  int64_t hd, int threads)
+    int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
+                     int64_t h, int64_t hkv, int64_t hd, int threads)

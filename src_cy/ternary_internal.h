@@ -49,6 +49,9 @@ int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
                     int64_t n, const td_out_t *o, int threads);
 void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
 void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count);
+void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
+                            const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale,
+                            float *s, float *ob, float *out, int64_t ldo);
 #endif
 #if TD_ARM64
 int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,

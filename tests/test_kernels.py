@@ -311,3 +311,67 @@ def test_fused_ops_reject_bad_shapes(fused):
                                np.zeros((2, 8), np.float32), 1e-5)
     with pytest.raises(InputError):
         fused.rope(np.zeros((1, 3, 2, 8), np.float32), np.ones((3, 3), np.float32), np.ones((3, 3), np.float32))
+
+
+# --- attention -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("b,t,h,hkv,hd", [(1, 1, 2, 2, 16), (2, 7, 4, 2, 48), (1, 256, 4, 4, 64),
+                                          (2, 256, 3, 1, 48), (1, 19, 6, 3, 20)])
+def test_attention_matches_reference(isa, threads, b, t, h, hkv, hd):
+    from terdit_edge import _ternary
+    be = _backend_or_skip("cython", threads=threads)
+    rng = np.random.default_rng(16 + t + hd)
+    q = (rng.standard_normal((b, t, h, hd)) * 2).astype(np.float32)
+    k = (rng.standard_normal((b, t, hkv, hd)) * 2).astype(np.float32)
+    v = rng.standard_normal((b, t, hkv, hd)).astype(np.float32)
+    ref = NumpyBackend().attention(q, k, v)
+    _ternary.set_isa(isa)
+    try:
+        out = np.full_like(q, np.nan)  # every element must be written
+        got = be.attention(q, k, v, out=out)
+    finally:
+        _ternary.set_isa("best")
+    assert got is out
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_attention_large_scores_are_stable():
+    """Scores of several hundred: without the max subtraction exp would overflow to inf/NaN."""
+    be = _backend_or_skip("cython")
+    rng = np.random.default_rng(17)
+    q = (rng.standard_normal((1, 9, 2, 16)) * 40).astype(np.float32)
+    k = (rng.standard_normal((1, 9, 2, 16)) * 40).astype(np.float32)
+    v = rng.standard_normal((1, 9, 2, 16)).astype(np.float32)
+    got = be.attention(q, k, v)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, NumpyBackend().attention(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_converts_views_and_handles_overlapping_out():
+    be = _backend_or_skip("cython")
+    rng = np.random.default_rng(18)
+    qkv = rng.standard_normal((2, 5, 3, 4, 8)).astype(np.float64)  # non-contiguous float64 views
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    ref = NumpyBackend().attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
+    np.testing.assert_allclose(be.attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
+    q32 = np.ascontiguousarray(q, dtype=np.float32)
+    k32, v32 = np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
+    got = be.attention(q32, k32, v32, out=q32)  # out is q: goes through a copy
+    assert got is q32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_rejects_bad_shapes():
+    be = _backend_or_skip("cython")
+    q = np.zeros((1, 4, 6, 8), np.float32)
+    with pytest.raises(InputError):
+        be.attention(q, np.zeros((1, 4, 4, 8), np.float32), np.zeros((1, 4, 4, 8), np.float32))  # 6 % 4
+    with pytest.raises(InputError):
+        be.attention(q, np.zeros((1, 5, 3, 8), np.float32), np.zeros((1, 5, 3, 8), np.float32))  # T
+    with pytest.raises(InputError):
+        be.attention(q, np.zeros((1, 4, 3, 8), np.float32), np.zeros((1, 4, 3, 8), np.float32),
+                     out=np.zeros((1, 4, 6, 4), np.float32))
+    with pytest.raises(InputError):
+        be.attention(q[0], q[0], q[0])

@@ -146,6 +146,55 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
     free(acc_ref); free(acc); free(f_ref); free(f_abs); free(y);
 }
 
+/* Attention against a naive double-precision reference (scores, max-subtracted softmax, weighted
+ * sum of values), on every ISA path and 1 or 2 threads. */
+static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_t hd, const int *isas,
+                            int nisa) {
+    const int64_t nq = b * t * h * hd, nk = b * t * hkv * hd;
+    float *q = malloc(sizeof(float) * (size_t)nq), *out = malloc(sizeof(float) * (size_t)nq);
+    float *k = malloc(sizeof(float) * (size_t)nk), *v = malloc(sizeof(float) * (size_t)nk);
+    double *ref = malloc(sizeof(double) * (size_t)nq), *p = malloc(sizeof(double) * (size_t)t);
+    for (int64_t i = 0; i < nq; i++) q[i] = 3.0f * rndf();
+    for (int64_t i = 0; i < nk; i++) { k[i] = 3.0f * rndf(); v[i] = rndf(); }
+    const double scale = 1.0 / sqrt((double)hd);
+    for (int64_t bb = 0; bb < b; bb++)
+        for (int64_t hh = 0; hh < h; hh++)
+            for (int64_t i = 0; i < t; i++) {
+                const float *qi = q + ((bb * t + i) * h + hh) * hd;
+                double mx = -1e300, tot = 0;
+                for (int64_t j = 0; j < t; j++) {
+                    const float *kj = k + ((bb * t + j) * hkv + hh / (h / hkv)) * hd;
+                    double s = 0;
+                    for (int64_t d = 0; d < hd; d++) s += (double)qi[d] * kj[d];
+                    p[j] = s * scale;
+                    mx = p[j] > mx ? p[j] : mx;
+                }
+                for (int64_t j = 0; j < t; j++) { p[j] = exp(p[j] - mx); tot += p[j]; }
+                for (int64_t d = 0; d < hd; d++) {
+                    double o = 0;
+                    for (int64_t j = 0; j < t; j++) o += p[j] * v[((bb * t + j) * hkv + hh / (h / hkv)) * hd + d];
+                    ref[((bb * t + i) * h + hh) * hd + d] = o / tot;
+                }
+            }
+    for (int ii = 0; ii < nisa; ii++) {
+        if (td_set_isa(isas[ii]) != 0) continue;
+        for (int threads = 1; threads <= 2; threads++) {
+            memset(out, 0xff, sizeof(float) * (size_t)nq); /* NaN: every output must be written */
+            if (td_attention(q, k, v, out, b, t, h, hkv, hd, threads) != 0) { printf("FAIL attention rc\n"); failures++; }
+            for (int64_t i = 0; i < nq; i++)
+                if (!(fabs(out[i] - ref[i]) <= 2e-5)) {
+                    printf("FAIL attention isa=%s b=%lld t=%lld h=%lld hkv=%lld hd=%lld thr=%d at %lld: %g != %g\n",
+                           td_isa_name(isas[ii]), (long long)b, (long long)t, (long long)h, (long long)hkv,
+                           (long long)hd, threads, (long long)i, out[i], ref[i]);
+                    failures++;
+                    break;
+                }
+        }
+    }
+    if (td_attention(q, k, v, out, b, t, 3, 2, hd, 1) != TD_EINVAL) { printf("FAIL attention hkv check\n"); failures++; }
+    free(q); free(out); free(k); free(v); free(ref); free(p);
+}
+
 int main(int argc, char **argv) {
     int isas[4], nisa = 0;
     const int best = td_best_isa();
@@ -168,6 +217,12 @@ int main(int argc, char **argv) {
             if (wkind && s % 3) continue; /* constant weights on a few shapes */
             check_shape(shapes[s][0], shapes[s][1], shapes[s][2], wkind, isas, nisa);
         }
+    static const int64_t att_shapes[][5] = {  /* b, t, h, hkv, hd */
+        {1, 1, 1, 1, 16}, {2, 7, 4, 2, 48}, {1, 13, 6, 3, 64}, {2, 40, 3, 1, 5}, {1, 70, 2, 2, 33},
+    };
+    for (int s = 0; s < (int)(sizeof att_shapes / sizeof att_shapes[0]); s++)
+        check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3],
+                        att_shapes[s][4], isas, nisa);
     if (failures) {
         printf("%d FAILURES\n", failures);
         return 1;

@@ -16,12 +16,25 @@ from ..errors import InputError
 from .base import TernaryWeight
 from .reference import NumpyBackend
 
+# OpenMP threads that finish a kernel early, or wait for the next one, sleep instead of spinning
+# (libgomp's default spins for milliseconds). On a machine whose cores are shared with other
+# processes a spinning thread takes CPU time from the thread everyone is waiting for: one guided
+# 600M step with 2 threads took 5.4-6.4 s spinning and 2.4 s passive (docs/kernels.md). libgomp
+# reads it once, when it is loaded with the extension, so it is set only around that import (child
+# processes, e.g. a PyTorch baseline, keep the environment they were given); an explicit
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins.
+_PASSIVE = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+if _PASSIVE:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
     from .. import _ternary
     _IMPORT_ERROR = None
 except ImportError as e:  # extension not built
     _ternary = None
     _IMPORT_ERROR = str(e)
+finally:
+    if _PASSIVE:
+        del os.environ["OMP_WAIT_POLICY"]
 
 if _ternary is not None and os.environ.get("TERDIT_ISA"):
     _ternary.set_isa(os.environ["TERDIT_ISA"])
@@ -136,3 +149,25 @@ class CythonBackend(NumpyBackend):
             return super().rope(x, cos, sin)
         _ternary.rope(x, _f32(cos, "cos"), _f32(sin, "sin"), self.threads)
         return x
+
+    # --- attention --------------------------------------------------------------------------
+    def attention(self, q, k, v, out=None):
+        """Softmax attention, not causal, fused in C (no (T, T) matrix is stored).
+        q (B, T, H, hd); k, v (B, T, Hkv, hd) with H a multiple of Hkv (grouped-query attention:
+        head h reads kv head h // (H // Hkv)); returns float32 (B, T, H, hd), into `out` when given."""
+        q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
+        if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+            raise InputError(f"attention expects q, k, v of shape (B, T, H, hd), got {q.shape}, {k.shape}, "
+                             f"{v.shape}")
+        if out is None:
+            out = np.empty_like(q)
+        else:
+            _writable_f32(out, q.shape, "out")
+        # the kernel reads k and v while it writes out: an overlapping out goes through a copy
+        target = out
+        if any(np.may_share_memory(out, a) for a in (q, k, v)):
+            target = np.empty_like(q)
+        _ternary.attention(q, k, v, target, self.threads)
+        if target is not out:
+            out[...] = target
+        return out
