@@ -138,6 +138,11 @@ def run_worker(kind: str, extra: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _ratio(row: dict, key: str, width: int) -> str:
+    """A ratio column: "1.23x", or "-" where the row has no such ratio (a baseline row)."""
+    return f"{row[key]:{width - 1}.2f}x" if key in row else "-".rjust(width)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
@@ -232,7 +237,7 @@ def main():
         if "max_abs_vs_torch_over_std" in r:
             notes.append(f"max|diff| vs torch / std {r['max_abs_vs_torch_over_std']:.1e}")
         print(f"{r['name']:28s} {r['threads']:3d} {r['seconds']:8.3f} "
-              f"{r.get('speedup_vs_torch', float('nan')):7.2f}x {r.get('speedup_vs_1_thread', float('nan')):6.2f}x "
+              f"{_ratio(r, 'speedup_vs_torch', 7)} {_ratio(r, 'speedup_vs_1_thread', 6)} "
               f"{r['peak_rss_mb']:7.0f}MB  {'; '.join(notes)}")
 
 

@@ -23,10 +23,8 @@ def cpu_features() -> dict:
     """dict with avx2, fma, neon, dotprod, openmp (bools), threads (int), isa (kernel path in
     use, or None without the extension), machine, and extension (whether terdit_edge._ternary
     is built). With the extension the flags are what its run-time detection saw."""
-    try:
-        from .. import _ternary
-    except ImportError:
-        _ternary = None
+    # through the backend module: it loads the extension with the OpenMP wait policy it wants
+    from .cython_backend import _ternary
     if _ternary is not None:
         info = _ternary.cpu_features()
         info["extension"] = True

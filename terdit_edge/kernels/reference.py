@@ -28,6 +28,8 @@ def _blas_controller():
 
 # Gathered activations per chunk (elements); bounds the reference's temporary memory.
 _GATHER_ELEMENTS = 1 << 22
+# Dense layers below this many multiply-adds run on one BLAS thread.
+_SMALL_DENSE_FLOPS = 1 << 22
 
 
 def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,12 +106,12 @@ class NumpyBackend:
     def describe(self) -> str:
         return f"{self.name} ({self.activations}, {self.threads} threads)"
 
-    def thread_limit(self):
-        """Context manager bounding BLAS threads to self.threads."""
+    def thread_limit(self, threads: int | None = None):
+        """Context manager bounding BLAS threads to `threads` (default self.threads)."""
         if ThreadpoolController is None:  # pragma: no cover
             import contextlib
             return contextlib.nullcontext()
-        return _blas_controller().limit(limits=self.threads, user_api="blas")
+        return _blas_controller().limit(limits=threads or self.threads, user_api="blas")
 
     # --- ternary linear -------------------------------------------------------------------
     def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
@@ -192,7 +194,9 @@ class NumpyBackend:
 
     def dense(self, x, weight, bias=None):
         """Full-precision linear: x (M, K) @ weight(N, K)^T + bias."""
-        with self.thread_limit():
+        # the conditioning layers are tiny (M = batch): waking BLAS threads costs more than they save
+        small = x.shape[0] * weight.shape[0] * weight.shape[1] < _SMALL_DENSE_FLOPS
+        with self.thread_limit(1 if small else None):
             y = x @ weight.T
         if bias is not None:
             y += bias
