@@ -550,7 +550,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/digits", help="checkpoint directory to write")
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, default=96)
     p.add_argument("--n-layers", type=int, default=4)
