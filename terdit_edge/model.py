@@ -62,6 +62,12 @@ class TernaryDiT:
         self.params = params
         self.backend = backend
         self.ternary = {k: backend.prepare(w) for k, w in ternary.items()}
+        # The adaLN layers see one conditioning row per image (M = batch), so quantizing their input
+        # saves nothing, while their error would reach every token through shift/scale/gate: they
+        # always run in fp32, also in int8 mode.
+        self.cond_backend = backend
+        if getattr(backend, "activations", "fp32") != "fp32":
+            self.cond_backend = type(backend)(threads=backend.threads, activations="fp32")
         self.label_map = list(label_map) if label_map is not None else list(range(config.num_classes))
         self.label_map_name = label_map_name
         self.file = source  # keeps the memory map alive
@@ -157,7 +163,7 @@ class TernaryDiT:
         ws = self._workspace(bsz)
         rows = bsz * n_tok
 
-        mod = be.rmsnorm(be.ternary_matmul(c_act, W[pre + "adaLN_modulation.1"], out=ws["mod"]),
+        mod = be.rmsnorm(self.cond_backend.ternary_matmul(c_act, W[pre + "adaLN_modulation.1"], out=ws["mod"]),
                          P[pre + "adaLN_modulation.2.weight"], cfg.norm_eps)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             np.ascontiguousarray(m) for m in np.split(mod, 6, axis=1))
