@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 from .config import ModelConfig
 from .diffusion import sample
 from .errors import (BackendError, ChecksumError, ConvertError, FormatError, InputError, TerditError)
+from .pipeline import Pipeline, load_vae
 
-__all__ = ["load_model", "sample", "ModelConfig", "TerditError", "FormatError", "ChecksumError",
+__all__ = ["load_model", "sample", "Pipeline", "load_vae", "ModelConfig", "TerditError", "FormatError", "ChecksumError",
            "ConvertError", "InputError", "BackendError", "__version__"]
 
 
