@@ -2,7 +2,7 @@
 
 The C kernels are compiled for the baseline ISA; AVX2/FMA code carries per-function target
 attributes and is chosen at run time, so one build runs on every x86-64 (and NEON on aarch64).
-Set TERDIT_NATIVE=1 to add -march=native for a private build (never the default).
+Set TERDIT_NATIVE=1 (opt-in) to add -march=native for a private build (never the default).
 OpenMP is used when the compiler supports it.
 """
 import os
@@ -46,7 +46,7 @@ class BuildExt(build_ext):
             ext.extra_compile_args = ["-O3", "-std=c11", "-fno-strict-aliasing", *omp]
             ext.extra_link_args = [*omp]
             if os.environ.get("TERDIT_NATIVE") == "1":  # opt-in only; shipped builds dispatch at run time
-                ext.extra_compile_args.append("-march=native")
+                ext.extra_compile_args.append("-march=native")  # opt-in (TERDIT_NATIVE=1) only
             ext.define_macros = [*(ext.define_macros or []), ("TERDIT_HAVE_OPENMP", "1" if omp else "0")]
         super().build_extensions()
 
