@@ -130,8 +130,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(kind: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, *extra]
+def run_worker(kind: str, extra: list[str], script: str = __file__) -> dict:
+    """Run `script --worker kind ...` in a fresh process; its last stdout line is a JSON result."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker", kind, *extra]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -208,11 +207,10 @@ def worker_torch(args) -> dict:
 
 # --- driver ---------------------------------------------------------------------------------------------------
 def run_worker(kind: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, HERE)
+    from bench_step import run_worker as run_script_worker
+
+    return run_script_worker(kind, extra, script=__file__)
 
 
 def main():
