@@ -41,24 +41,6 @@
 #define GEMV_PARALLEL_MIN (td_force_parallel ? 0 : (8 << 20))
 #define LUT_PARALLEL_MIN (td_force_parallel ? 0 : (1 << 20))
 
-/* 64-byte aligned buffers (cache lines; every AVX2 table load is aligned). */
-static void *td_alloc(size_t bytes) {
-    bytes = (bytes + 63) & ~(size_t)63;
-#if defined(_WIN32)
-    return _aligned_malloc(bytes ? bytes : 64, 64);
-#else
-    return aligned_alloc(64, bytes ? bytes : 64);
-#endif
-}
-
-static void td_free(void *p) {
-#if defined(_WIN32)
-    _aligned_free(p);
-#else
-    free(p);
-#endif
-}
-
 /* byte -> byte offset of its entry inside a group's table: entry index c0 + 3 c1 + 9 c2 + 27 c3
  * for codes c_q of bits 2q+1..2q. The invalid code 3 reads as 1 (zero) so that a corrupted
  * weight cannot index outside the table. */

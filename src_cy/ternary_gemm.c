@@ -417,23 +417,6 @@ static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64
     }
 }
 
-/* 64-byte aligned scratch: the AVX2 tile loads and stores are aligned */
-static void *att_alloc(size_t bytes) {
-    bytes = (bytes + 63) & ~(size_t)63;
-#if defined(_WIN32)
-    return _aligned_malloc(bytes ? bytes : 64, 64);
-#else
-    return aligned_alloc(64, bytes ? bytes : 64);
-#endif
-}
-
-static void att_free(void *p) {
-#if defined(_WIN32)
-    _aligned_free(p);
-#else
-    free(p);
-#endif
-}
 
 int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
                  int64_t h, int64_t hkv, int64_t hd, int threads) {
@@ -458,10 +441,10 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
     {
-        float *kt = att_alloc(sizeof(float) * (size_t)(hd * tp));
-        float *vs = att_alloc(sizeof(float) * (size_t)(t * hdp));
-        float *s = att_alloc(sizeof(float) * (size_t)(6 * tp));
-        float *ob = att_alloc(sizeof(float) * (size_t)(6 * hdp));
+        float *kt = td_alloc(sizeof(float) * (size_t)(hd * tp));
+        float *vs = td_alloc(sizeof(float) * (size_t)(t * hdp));
+        float *s = td_alloc(sizeof(float) * (size_t)(6 * tp));
+        float *ob = td_alloc(sizeof(float) * (size_t)(6 * hdp));
         const int ok = kt && vs && s && ob;
         int64_t built = -1; /* batch * hkv + kv head whose keys/values are in kt/vs */
 #if defined(_OPENMP)
@@ -494,7 +477,7 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
 #endif
             attention_rows_scalar(qh, h * hd, i0, i1, kt, vs, t, tp, hd, hdp, scale, s, ob, oh, h * hd);
         }
-        att_free(kt); att_free(vs); att_free(s); att_free(ob);
+        td_free(kt); td_free(vs); td_free(s); td_free(ob);
     }
     return err ? TD_ENOMEM : TD_OK;
 }

@@ -4,6 +4,11 @@
 
 #include "ternary_gemm.h"
 
+#include <stdlib.h>
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
+
 /* The SIMD files rely on GCC/Clang target attributes and builtins; other compilers get the
  * portable scalar kernels only. */
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -77,6 +82,24 @@ static inline void td_store_f32(const td_out_t *o, int64_t row, int64_t col, flo
     float r = v * o->alpha;
     if (o->bias) r = r + o->bias[col];
     o->y[row * o->ldy + col] = r;
+}
+
+/* 64-byte aligned scratch (cache lines; the AVX2 table and tile loads are aligned). */
+static inline void *td_alloc(size_t bytes) {
+    bytes = (bytes + 63) & ~(size_t)63;
+#if defined(_WIN32)
+    return _aligned_malloc(bytes ? bytes : 64, 64);
+#else
+    return aligned_alloc(64, bytes ? bytes : 64);
+#endif
+}
+
+static inline void td_free(void *p) {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
 }
 
 #if defined(_OPENMP)
