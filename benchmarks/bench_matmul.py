@@ -2,6 +2,7 @@
 
     python benchmarks/bench_matmul.py [--json] [--threads N] [--repeat R] [--backends cython,numba]
                                       [--shapes 512x1536x1536,1x1536x4096] [--attention 2x256x32x32x48]
+                                      [--modes fp32,int8,int10]
 
 Shapes are M x K x N (tokens x input features x output features); the defaults are the
 TerDiT-600M projections at batch 2 x 256 tokens (M = 512) and the per-step conditioning GEMVs
@@ -102,7 +103,7 @@ def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
     return lambda x: sess.run(None, {"A": x})[0]
 
 
-def bench_shape(m, k, n, threads, repeat, backends, rng):
+def bench_shape(m, k, n, threads, repeat, backends, rng, modes=("fp32", "int8", "int10")):
     q = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
     alpha = 0.05
     w = TernaryWeight(pack_ternary_2bit(q), n, k, alpha, None, name="bench")
@@ -117,7 +118,7 @@ def bench_shape(m, k, n, threads, repeat, backends, rng):
     rows.append(dict(method="numpy float32 matmul", mode="fp32", best_s=best, median_s=med))
     check_x = x[: min(m, 8)]
     for name in backends:
-        for mode in ("fp32", "int8"):
+        for mode in modes:
             b = get_backend(name, threads=threads, activations=mode)
             out = np.empty((m, n), np.float32)
             got = b.ternary_matmul(check_x, w)
@@ -171,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--backends", default=None, help="comma-separated (default: cython and numba if available)")
     ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
+    ap.add_argument("--modes", default="fp32,int8,int10", help="activation modes (comma list)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time (see the module docstring)")
     ap.add_argument("--attention", default="2x256x32x32x48",
@@ -195,7 +197,8 @@ def main(argv=None) -> int:
         pass
     results = []
     for m, k, n in shapes:
-        results.extend(bench_shape(m, k, n, args.threads, args.repeat, backends, rng))
+        results.extend(bench_shape(m, k, n, args.threads, args.repeat, backends, rng,
+                                   tuple(args.modes.split(","))))
         if not args.json:
             print(f"... {m}x{k}x{n} done", file=sys.stderr)
     att = []
@@ -208,15 +211,15 @@ def main(argv=None) -> int:
     print(f"# {info['cpu']}, {args.threads} threads, best of {args.repeat} ({args.clock} clock); "
           f"kernel path: {info.get('cpu_features', {}).get('isa')}"
           + (f"; load average at start {load[0]:.1f}" if load else ""))
-    print(f"{'M x K x N':>18} | {'method':<30} | {'mode':<4} | {'time ms':>9} | {'GOP/s':>7} | "
+    print(f"{'M x K x N':>18} | {'method':<30} | {'mode':<5} | {'time ms':>9} | {'GOP/s':>7} | "
           f"{'x numpy':>7} | {'rel err':>8}")
     for r in results:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        print(f"{r['M']:>5} x{r['K']:>5} x{r['N']:>5} | {r['method']:<30} | {r['mode']:<4} | "
+        print(f"{r['M']:>5} x{r['K']:>5} x{r['N']:>5} | {r['method']:<30} | {r['mode']:<5} | "
               f"{r['best_s'] * 1e3:9.3f} | {r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
     for r in att:
         err = f"{r['abs_err']:.1e}" if "abs_err" in r else ""
-        print(f"attention {r['shape']:>16} | {r['method']:<30} | fp32 | {r['best_s'] * 1e3:9.3f} | "
+        print(f"attention {r['shape']:>16} | {r['method']:<30} | fp32  | {r['best_s'] * 1e3:9.3f} | "
               f"{r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
     return 0
 

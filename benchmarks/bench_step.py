@@ -1,7 +1,7 @@
 """One guided denoising step of a TerDiT-600M-config model: terdit-edge vs PyTorch float32.
 
     python benchmarks/bench_step.py [--json] [--threads 1,2] [--repeat 3] [--config 600m]
-                                    [--backends cython,numba] [--skip-torch]
+                                    [--backends cython,numba] [--modes fp32,int8,int10] [--skip-torch]
 
 A random checkpoint in the official release layout is written once (cached under
 $TERDIT_BENCH_CACHE, default ~/.cache/terdit-edge-bench) and converted with the real converter.
@@ -10,8 +10,8 @@ at 256 px) plus the guidance mix. PyTorch runs the same weights dequantized (alp
 nn.Linear) in the independent reference implementation from tests/torch_reference.py.
 
 Each measurement runs in its own subprocess so that its peak RSS (VmHWM) is its own. Ratios
-are against PyTorch float32 measured in the same run; the int8 row also reports the relative L2
-error of the model output against the fp32 mode.
+are against PyTorch float32 measured in the same run; the integer rows (int8, int10) also report the
+relative L2 error of the guided model output against the fp32 mode of the same backend.
 """
 from __future__ import annotations
 
@@ -151,6 +151,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--config", default="600m", choices=("600m", "3b", "small"))
     ap.add_argument("--backends", default="cython,numba")
+    ap.add_argument("--modes", default="fp32,int8,int10", help="activation modes to run (comma list)")
     ap.add_argument("--skip-torch", action="store_true")
     # worker mode
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -199,7 +200,8 @@ def main():
                 rows.append({"name": f"{be}", "threads": th, "error": status.get(be, "unknown backend")})
                 continue
             outs = {}
-            for act in ("fp32", "int8"):
+            fp32_row = None
+            for act in args.modes.split(","):
                 save = os.path.join(tmp, f"{be}-{act}-{th}.npy")
                 r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act, "--threads", str(th),
                                         "--repeat", str(args.repeat), "--config", args.config, "--save", save])
@@ -208,14 +210,16 @@ def main():
                     r["speedup_vs_torch"] = base / r["seconds"]
                 if os.path.exists(save):
                     outs[act] = np.load(save)
-                if act == "int8" and "fp32" in outs and "int8" in outs:
-                    a, b = outs["fp32"], outs["int8"]
+                if act != "fp32" and "fp32" in outs and act in outs:
+                    a, b = outs["fp32"], outs[act]
                     r["rel_l2_vs_fp32"] = float(np.linalg.norm(b - a) / np.linalg.norm(a))
+                if act == "fp32":
+                    fp32_row = r
                 rows.append(r)
             tpath = os.path.join(tmp, f"torch-{th}.npy")
-            if "fp32" in outs and os.path.exists(tpath):
+            if fp32_row is not None and "fp32" in outs and os.path.exists(tpath):
                 t_out = np.load(tpath)
-                rows[-2]["max_abs_vs_torch_over_std"] = float(np.abs(outs["fp32"] - t_out).max() / t_out.std())
+                fp32_row["max_abs_vs_torch_over_std"] = float(np.abs(outs["fp32"] - t_out).max() / t_out.std())
     # thread scaling of each configuration
     by = {(r["name"], r["threads"]): r for r in rows if "seconds" in r}
     for (name, th), r in by.items():

@@ -4,7 +4,7 @@ around every kernel call. Shapes are checked here too, so a wrong call raises In
 reading out of bounds; the friendlier checks (dtype conversion, messages in model terms) live in
 terdit_edge/kernels/cython_backend.py.
 """
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
 
 from ternary_gemm cimport *
 
@@ -69,8 +69,9 @@ cdef _check_gemm(const float[:, ::1] x, const uint8_t[:, ::1] packed, int64_t k,
 
 
 def gemm(const float[:, ::1] x, const uint8_t[:, ::1] packed, int64_t k, float alpha,
-         const float[::1] bias, float[:, ::1] out, int threads=1, bint int8=False):
-    """out (M, N) float32 = alpha * x (M, K) Q^T + bias, float32 or int8 activations."""
+         const float[::1] bias, float[:, ::1] out, int threads=1, int bits=0):
+    """out (M, N) float32 = alpha * x (M, K) Q^T + bias: float32 activations (bits 0) or per-row
+    absmax integers of `bits` bits (8: int8, 10: int10)."""
     _check_gemm(x, packed, k, bias, out)
     cdef int64_t m = x.shape[0], n = packed.shape[0]
     cdef const float *xp = &x[0, 0] if m > 0 and k > 0 else NULL
@@ -80,6 +81,8 @@ def gemm(const float[:, ::1] x, const uint8_t[:, ::1] packed, int64_t k, float a
     cdef int rc
     if threads < 1:
         raise InputError(f"threads must be >= 1, got {threads}")
+    if bits != 0 and not 2 <= bits <= 10:
+        raise InputError(f"integer activations need 2..10 bits, got {bits}")
     if m == 0 or n == 0:
         return out
     if k == 0:  # empty sum: y = bias
@@ -88,8 +91,8 @@ def gemm(const float[:, ::1] x, const uint8_t[:, ::1] packed, int64_t k, float a
             np.asarray(out)[...] += np.asarray(bias)
         return out
     with nogil:
-        if int8:
-            rc = td_gemm_i8(xp, m, k, k, wp, n, alpha, bp, yp, n, threads)
+        if bits:
+            rc = td_gemm_int(xp, m, k, k, wp, n, alpha, bp, yp, n, threads, bits)
         else:
             rc = td_gemm_f32(xp, m, k, k, wp, n, alpha, bp, yp, n, threads)
     if rc != TD_OK:
@@ -107,6 +110,22 @@ def quantize_rows_int8(const float[:, ::1] x, int threads=1):
     if m and k:
         with nogil:
             td_quantize_rows_i8(&x[0, 0], m, k, k, &xqv[0, 0], k, &sv[0], threads)
+    return xq, scale
+
+
+def quantize_rows(const float[:, ::1] x, int bits, int threads=1):
+    """(xq int16 (M, K), scale float32 (M,)) exactly as reference.quantize_rows(x, bits), bits 2..10."""
+    if not 2 <= bits <= 10:
+        raise InputError(f"integer activations need 2..10 bits, got {bits}")
+    cdef int64_t m = x.shape[0], k = x.shape[1]
+    xq = np.zeros((m, k), dtype=np.int16)
+    scale = np.zeros(m, dtype=np.float32)
+    cdef int16_t[:, ::1] xqv = xq
+    cdef float[::1] sv = scale
+    cdef int lim = (1 << (bits - 1)) - 1
+    if m and k:
+        with nogil:
+            td_quantize_rows_i16(&x[0, 0], m, k, k, &xqv[0, 0], k, &sv[0], lim, threads)
     return xq, scale
 
 

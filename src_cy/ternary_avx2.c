@@ -32,7 +32,9 @@
 #define N_ENT 81                     /* 3^4 sign patterns of a group */
 #define ENT_BYTES 32                 /* one AVX2 vector per entry */
 #define GROUP_BYTES (N_ENT * ENT_BYTES)
+#ifndef I16_SUPER
 #define I16_SUPER (64 / G_TILE)      /* table sets summed in int16 before widening (see below) */
+#endif
 #define GEMV_MAX_M 7                 /* int8: up to this many tokens stream the weights (GEMV) */
 /* Work below these sizes (~0.5 ms on one core) runs on the calling thread alone: waking a second
  * OpenMP thread, and waiting for it at the closing barrier, costs more than it saves, and far
@@ -327,26 +329,32 @@ TD_TARGET static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t
 }
 
 
-/* Entries are sums of four |xq| <= 127, so |entry| <= 508; I16_SUPER table sets of G_TILE look-ups
- * add at most 8 * 8 * 508 = 32512 < 32767 per lane before the int16 sums are widened to int32. */
-TD_TARGET static void lut_i16_block(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
-                                    const uint8_t *packed, int64_t r0, int64_t r1,
+/* Entries are sums of four |xq| <= lim, so |entry| <= 4 lim; `super` table sets of G_TILE look-ups
+ * add at most super * G_TILE * 4 lim <= 32767 per lane before the int16 sums are widened to int32:
+ * int8 (lim 127): 8 * 8 * 508 = 32512; 10 bits (lim 511): 2 * 8 * 2044 = 32704 (i16_super). */
+TD_TARGET static void lut_i16_block(const int8_t *xq, const int16_t *xq16, int64_t ldq, int64_t m0, int mt,
+                                    int64_t kb, int super, const uint8_t *packed, int64_t r0, int64_t r1,
                                     int64_t n, const uint16_t *off, const uint16_t *offs, int16_t *xT,
                                     int16_t *T, int16_t *res16, int32_t *res32, const td_out_t *o) {
     const int64_t kp = kb * 4;
     memset(xT, 0, (size_t)kp * 16 * sizeof(int16_t));
     for (int t = 0; t < mt; t++) {
-        const int8_t *xr = xq + (m0 + t) * ldq;
-        for (int64_t kk = 0; kk < kp; kk++) xT[kk * 16 + t] = xr[kk];
+        if (xq16) {
+            const int16_t *xr = xq16 + (m0 + t) * ldq;
+            for (int64_t kk = 0; kk < kp; kk++) xT[kk * 16 + t] = xr[kk];
+        } else {
+            const int8_t *xr = xq + (m0 + t) * ldq;
+            for (int64_t kk = 0; kk < kp; kk++) xT[kk * 16 + t] = xr[kk];
+        }
     }
     const int64_t ntile = kb / G_TILE;
     for (int64_t kt = 0; kt < ntile; kt++) {
         build_tables_i16(xT, (kt / TILES_PER_BLOCK) * TD_BLOCK_K + (kt % TILES_PER_BLOCK) * G_TILE, T);
         const uint8_t *wp = packed + kt * G_TILE;
         const uint16_t *op = offs ? offs + kt * n * G_TILE : NULL;
-        const int first = kt % I16_SUPER == 0;
-        const int last = kt % I16_SUPER == I16_SUPER - 1 || kt == ntile - 1;
-        const int widen_add = kt >= I16_SUPER;
+        const int first = kt % super == 0;
+        const int last = kt % super == super - 1 || kt == ntile - 1;
+        const int widen_add = kt >= super;
         for (int64_t row = r0; row < r1; row++) {
             __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
             if (op) {
@@ -468,22 +476,10 @@ TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, in
     }
 }
 
-int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                    int64_t n, const td_out_t *o, int threads) {
+/* The int16-table GEMM over token blocks of 16, on int8 (xq) or int16 (xq16) activations. */
+static int lut_i16_driver(const int8_t *xq, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq,
+                          const uint8_t *packed, int64_t n, const td_out_t *o, int threads, int super) {
     const int64_t kb = kp / 4;
-    (void)threads;
-    if (m <= GEMV_MAX_M) {
-        const int64_t chunk = 32; /* rows per work item */
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n * kb * m >= GEMV_PARALLEL_MIN)
-#endif
-        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-            const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
-            for (int64_t m0 = 0; m0 < m; m0 += 4)
-                gemv_i8_rows(xq, ldq, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
-        }
-        return TD_OK;
-    }
     uint16_t off[256];
     build_offsets(off);
     int64_t ntb, nsplit, rows_per;
@@ -514,7 +510,7 @@ int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 16 < 16 ? m - tb * 16 : 16);
             if (r0 < r1)
-                lut_i16_block(xq, ldq, tb * 16, mt, kb, packed, r0, r1, n, off, offs, xT, T, res16, res32, o);
+                lut_i16_block(xq, xq16, ldq, tb * 16, mt, kb, super, packed, r0, r1, n, off, offs, xT, T, res16, res32, o);
         }
         td_free(xT); td_free(T); td_free(res16); td_free(res32);
     }
@@ -522,15 +518,43 @@ int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
     return err ? TD_ENOMEM : TD_OK;
 }
 
+
+int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                    int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = kp / 4;
+    (void)threads;
+    if (m <= GEMV_MAX_M) {
+        const int64_t chunk = 32; /* rows per work item */
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n * kb * m >= GEMV_PARALLEL_MIN)
+#endif
+        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+            const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
+            for (int64_t m0 = 0; m0 < m; m0 += 4)
+                gemv_i8_rows(xq, ldq, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
+        }
+        return TD_OK;
+    }
+    return lut_i16_driver(xq, NULL, m, kp, ldq, packed, n, o, threads, I16_SUPER);
+}
+
+/* Table sets per int16 run for activations bounded by lim (see lut_i16_block). */
+static int i16_super(int lim) {
+    int s = 32767 / (4 * lim * G_TILE);
+    return s < 1 ? 1 : s;
+}
+
+int td_gemm_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads, int lim) {
+    return lut_i16_driver(NULL, xq, m, kp, ldq, packed, n, o, threads, i16_super(lim));
+}
+
 /* ------------------------------------------------------------------------------------------- */
 /* int8 quantization of one row, bit-exact with the scalar path: round-half-even of x * (127/absmax)
  * in float32, clamped to [-127, 127]. */
 
-TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 mx = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= k; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), absmask), mx);
+/* max of the lanes of mx and of |x[i..k-1]| */
+TD_TARGET static inline float hmax_abs_tail(__m256 mx, const float *x, int64_t i, int64_t k) {
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
@@ -539,6 +563,15 @@ TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64
         float a = x[i] < 0 ? -x[i] : x[i];
         amax = a > amax ? a : amax;
     }
+    return amax;
+}
+
+TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), absmask), mx);
+    float amax = hmax_abs_tail(mx, x, i, k);
     if (!(amax > 0.0f) || amax > FLT_MAX) {
         memset(xq, 0, (size_t)kq);
         *scale = (amax > 0.0f) ? amax / 127.0f : 0.0f;
@@ -568,6 +601,45 @@ TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64
     }
     if (kq > k) memset(xq + k, 0, (size_t)(kq - k));
     *scale = amax / 127.0f;
+}
+
+/* The same for lim = 2^(bits-1) - 1 levels into int16 (9..10-bit activations). */
+TD_TARGET void td_quantize_row16_avx2(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const float flim = (float)lim;
+    __m256 mx = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), absmask), mx);
+    float amax = hmax_abs_tail(mx, x, i, k);
+    if (!(amax > 0.0f) || amax > FLT_MAX) {
+        memset(xq, 0, (size_t)kq * sizeof(int16_t));
+        *scale = (amax > 0.0f) ? amax / flim : 0.0f;
+        return;
+    }
+    const float inv = flim / amax;
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(flim), lo = _mm256_set1_ps(-flim);
+    i = 0;
+    for (; i + 16 <= k; i += 16) {
+        __m256i v[2];
+        for (int j = 0; j < 2; j++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vinv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm256_max_ps(_mm256_min_ps(r, hi), lo);
+            v[j] = _mm256_cvtps_epi32(r);
+        }
+        /* packs interleaves the 128-bit lanes: 0-3 8-11 4-7 12-15; permute puts them in order */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), _MM_SHUFFLE(3, 1, 2, 0));
+        _mm256_storeu_si256((__m256i *)(xq + i), p);
+    }
+    const float magic = 12582912.0f;
+    for (; i < k; i++) {
+        float r = (x[i] * inv + magic) - magic;
+        r = r < flim ? r : flim;
+        r = r > -flim ? r : -flim;
+        xq[i] = (int16_t)(int)r;
+    }
+    for (; i < kq; i++) xq[i] = 0;
+    *scale = amax / flim;
 }
 
 /* ------------------------------------------------------------------------------------------- */

@@ -141,6 +141,48 @@ void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8
     }
 }
 
+/* Wider integers (bits 9..10) in int16, same rounding with lim = 2^(bits-1) - 1 levels. */
+static void quantize_row16_scalar(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim) {
+    float amax = 0.0f;
+    const float flim = (float)lim;
+    for (int64_t i = 0; i < k; i++) {
+        float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
+    if (!(amax > 0.0f) || !isfinite(amax)) {
+        memset(xq, 0, (size_t)kq * sizeof(int16_t));
+        *scale = (amax > 0.0f) ? amax / flim : 0.0f;
+        return;
+    }
+    float inv = flim / amax;
+    for (int64_t i = 0; i < k; i++) {
+        float r = td_rint_small(x[i] * inv);
+        r = r < flim ? r : flim;
+        r = r > -flim ? r : -flim;
+        xq[i] = (int16_t)(int)r;
+    }
+    for (int64_t i = k; i < kq; i++) xq[i] = 0;
+    *scale = amax / flim;
+}
+
+void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq,
+                          float *scale, int lim, int threads) {
+    int isa = td_get_isa();
+    (void)threads; (void)isa;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(threads) if (td_force_parallel || m * k > 65536)
+#endif
+    for (int64_t r = 0; r < m; r++) {
+#if TD_X86
+        if (isa == TD_ISA_AVX2) {
+            td_quantize_row16_avx2(x + r * ldx, k, xq + r * ldq, ldq, scale + r, lim);
+            continue;
+        }
+#endif
+        quantize_row16_scalar(x + r * ldx, k, xq + r * ldq, ldq, scale + r, lim);
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Portable scalar kernels: one row of Q at a time, decoded byte by byte into its four weights;
  * each weight adds, subtracts or skips its activation. */
@@ -185,6 +227,33 @@ int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
         const uint8_t *w = packed + row * kb;
         for (int64_t t = 0; t < m; t++) {
             const int8_t *xt = xq + t * ldq;
+            int32_t acc = 0;
+            for (int64_t byte = 0; byte < kb; byte++) {
+                const uint8_t v = w[byte];
+                const int64_t k0 = (byte / TD_BLOCK_BYTES) * TD_BLOCK_K + byte % TD_BLOCK_BYTES;
+                for (int q = 0; q < 4; q++) {
+                    const int code = (v >> (2 * q)) & 3;
+                    if (code == 2) acc += xt[k0 + 32 * q];
+                    else if (code == 0) acc -= xt[k0 + 32 * q];
+                }
+            }
+            td_store(o, t, row, acc);
+        }
+    }
+    return TD_OK;
+}
+
+int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                       int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = kp / 4;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || m * n * kp > 100000)
+#endif
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * kb;
+        for (int64_t t = 0; t < m; t++) {
+            const int16_t *xt = xq + t * ldq;
             int32_t acc = 0;
             for (int64_t byte = 0; byte < kb; byte++) {
                 const uint8_t v = w[byte];
@@ -252,6 +321,61 @@ int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t 
     td_out_t o = {alpha, scale, bias, y, ldy, NULL};
     int rc = dispatch_i8(xq, m, kp, ldq, packed, n, &o, threads);
     free(buf);
+    return rc;
+}
+
+/* 9..10-bit activations. AVX2 with more than a few tokens: int16 look-up tables (ternary_avx2.c).
+ * Otherwise the integers are converted to float32 and run through the float kernel: every partial
+ * sum is an integer of magnitude <= lim * K, exact in float32 while that is below 2^24, so the
+ * result equals the integer sum; past that bound the scalar integer kernel runs. */
+int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits) {
+    if (bits < 2 || bits > 10) return TD_EINVAL;
+    if (bits == 8) return td_gemm_i8(x, m, k, ldx, packed, n, alpha, bias, y, ldy, threads);
+    if (m <= 0 || n <= 0) return TD_OK;
+    if (threads < 1) threads = 1;
+    const int lim = (1 << (bits - 1)) - 1;
+    const int64_t kp = td_padded_k(k);
+    const int64_t ldq = kp > 0 ? kp : TD_BLOCK_K;
+    int16_t *xq = td_alloc((size_t)m * (size_t)ldq * sizeof(int16_t));
+    float *scale = td_alloc((size_t)m * sizeof(float));
+    if (!xq || !scale) {
+        td_free(xq); td_free(scale);
+        return TD_ENOMEM;
+    }
+    td_quantize_rows_i16(x, m, k, ldx, xq, ldq, scale, lim, threads);
+    td_out_t o = {alpha, scale, bias, y, ldy, NULL};
+    int rc = TD_OK;
+    const int isa = td_get_isa();
+#if TD_X86
+    if (isa == TD_ISA_AVX2 && m > 7) {
+        rc = td_gemm_i16_avx2(xq, m, kp, ldq, packed, n, &o, threads, lim);
+        td_free(xq); td_free(scale);
+        return rc;
+    }
+#endif
+    if ((double)lim * (double)kp < 16777216.0) {
+        float *xf = td_alloc((size_t)m * (size_t)ldq * sizeof(float));
+        if (!xf) {
+            rc = TD_ENOMEM;
+        } else {
+            for (int64_t i = 0; i < m * ldq; i++) xf[i] = (float)xq[i];
+            switch (isa) {
+#if TD_X86
+            case TD_ISA_AVX2: rc = td_gemm_f32_avx2(xf, m, k, ldq, packed, n, &o, threads); break;
+#endif
+#if TD_ARM64
+            case TD_ISA_NEON:
+            case TD_ISA_NEON_DOT: rc = td_gemm_f32_neon(xf, m, k, ldq, packed, n, &o, threads); break;
+#endif
+            default: rc = td_gemm_f32_scalar(xf, m, k, ldq, packed, n, &o, threads);
+            }
+            td_free(xf);
+        }
+    } else {
+        rc = td_gemm_i16_scalar(xq, m, kp, ldq, packed, n, &o, threads);
+    }
+    td_free(xq); td_free(scale);
     return rc;
 }
 

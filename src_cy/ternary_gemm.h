@@ -4,10 +4,12 @@
  * KB = padded_k(K) / 4; a row is cut into blocks of 128 weights stored in 32 bytes, byte j of a
  * block holding the 2-bit codes f = Q + 1 of weights j, j+32, j+64, j+96 in bits 1-0, 3-2, 5-4, 7-6.
  *
- * y (M, N) = alpha * x (M, K) Q^T + bias, in one of two activation modes:
+ * y (M, N) = alpha * x (M, K) Q^T + bias, in one of these activation modes:
  *   td_gemm_f32: float32 accumulation;
  *   td_gemm_i8:  x quantized per row to int8 (absmax / 127), exact int32 accumulation,
- *                y = float(acc) * (scale_m * alpha) + bias.
+ *                y = float(acc) * (scale_m * alpha) + bias;
+ *   td_gemm_int: the same with `bits` (2..10) bit signed integers (absmax / (2^(bits-1) - 1));
+ *                bits = 8 is td_gemm_i8.
  * No kernel multiplies by a weight value: weights select, negate or drop activations.
  *
  * The instruction set is chosen once at run time (td_best_isa) and may be forced lower with
@@ -57,12 +59,19 @@ void td_set_force_parallel(int on);
 void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                          int8_t *xq, int64_t ldq, float *scale, int threads);
 
+/* The same with lim = 2^(bits-1) - 1 levels into int16 (bit-exact with quantize_rows(x, bits)). */
+void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq,
+                          float *scale, int lim, int threads);
+
 /* y float32 (m, n) row stride ldy; x float32 (m, k) row stride ldx; packed uint8 (n, padded_k(k)/4);
  * bias float32 (n,) or NULL. Returns TD_OK or TD_ENOMEM. */
 int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                 float alpha, const float *bias, float *y, int64_t ldy, int threads);
 int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                float alpha, const float *bias, float *y, int64_t ldy, int threads);
+/* Returns TD_EINVAL for bits outside 2..10. */
+int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits);
 
 /* The int8 core on pre-quantized rows: xq int8 (m, ldq), ldq >= padded_k(k), zero beyond k;
  * acc int32 (m, n) = xq Q^T exactly. Exposed for the C harness. */

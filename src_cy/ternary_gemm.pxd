@@ -1,5 +1,5 @@
 # Declarations of the C kernels (src_cy/ternary_gemm.h), cimported by _ternary.pyx.
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
 
 cdef extern from "ternary_gemm.h" nogil:
     int TD_ISA_SCALAR
@@ -29,6 +29,10 @@ cdef extern from "ternary_gemm.h" nogil:
                     float alpha, const float *bias, float *y, int64_t ldy, int threads)
     int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                    float alpha, const float *bias, float *y, int64_t ldy, int threads)
+    void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq,
+                              int64_t ldq, float *scale, int lim, int threads)
+    int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                    float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits)
     int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed,
                        int64_t n, int32_t *acc, int threads)
 

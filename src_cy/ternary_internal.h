@@ -46,13 +46,18 @@ int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const 
                        int64_t n, const td_out_t *o, int threads);
 int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                       int64_t n, const td_out_t *o, int threads);
+int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                       int64_t n, const td_out_t *o, int threads);
 
 #if TD_X86
 int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
                      int64_t n, const td_out_t *o, int threads);
 int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                     int64_t n, const td_out_t *o, int threads);
+int td_gemm_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads, int lim);
 void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
+void td_quantize_row16_avx2(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim);
 void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count);
 void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
                             const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale,
@@ -78,8 +83,10 @@ static inline void td_store(const td_out_t *o, int64_t row, int64_t col, int32_t
     }
 }
 
+/* fp32 mode (scale NULL): v * alpha + bias. A float kernel run on integer activations (see
+ * td_gemm_int) sets scale and then rounds exactly as td_store. */
 static inline void td_store_f32(const td_out_t *o, int64_t row, int64_t col, float v) {
-    float r = v * o->alpha;
+    float r = v * (o->scale ? o->scale[row] * o->alpha : o->alpha);
     if (o->bias) r = r + o->bias[col];
     o->y[row * o->ldy + col] = r;
 }

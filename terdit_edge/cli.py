@@ -13,6 +13,7 @@ import time
 
 from . import __version__
 from .errors import TerditError
+from .kernels.base import ACTIVATION_MODES
 
 
 def _int_at_least(minimum: int, what: str):
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
     g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
     g.add_argument("--backend", choices=("auto", "cython", "numba", "numpy", "cuda"), default="auto")
-    g.add_argument("--activations", choices=("fp32", "int8"), default="fp32")
+    g.add_argument("--activations", choices=ACTIVATION_MODES, default="fp32",
+                   help="fp32 (parity), int8 or int10 (per-token integer activations; faster)")
     g.add_argument("--vae", default=None, help="a VAE .tdit file for a model file without an embedded VAE")
     g.add_argument("--vae-tile", type=_positive_int, default=None, help="decode in latent tiles of this size")
     g.add_argument("--save-latents", default=None, metavar="NPY", help="also save the sampled latents (.npy)")

@@ -1,7 +1,8 @@
 """The fast ternary backends against the NumPy reference, on random and awkward shapes.
 
 fp32 mode must agree with the reference to float rounding (relative to sum |x| of the row);
-int8 mode must produce the reference's integer sums exactly, hence the same float32 outputs.
+the integer modes (int8, int10) must produce the reference's integer sums exactly, hence the same
+float32 outputs.
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 from terdit_edge.errors import InputError
 from terdit_edge.kernels import get_backend
 from terdit_edge.kernels.base import TernaryWeight
-from terdit_edge.kernels.reference import NumpyBackend, quantize_rows_int8, ternary_matmul_reference
+from terdit_edge.kernels.reference import (NumpyBackend, quantize_rows, quantize_rows_int8,
+                                           ternary_matmul_reference)
 from terdit_edge.packing import pack_ternary_2bit, padded_k
 
 FAST = ("cython", "numba")
-MODES = ("fp32", "int8")
+MODES = ("fp32", "int8", "int10")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,7 +57,7 @@ def make_weight(rng, n: int, k: int, kind: str = "random", bias: bool = True, al
 def assert_matches(y, x, w, mode):
     ref = ternary_matmul_reference(x, w, mode)
     assert y.shape == ref.shape and y.dtype == np.float32
-    if mode == "int8":
+    if mode != "fp32":
         # same integers, same two float32 roundings: equal up to the last bit
         np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-30)
     else:
@@ -190,6 +192,57 @@ def test_quantizer_is_bit_exact_with_reference():
         np.testing.assert_array_equal(scale, rs)
 
 
+def test_int10_quantizer_is_bit_exact_with_reference():
+    t = _ext()
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((7, 517)).astype(np.float32) * 5
+    x[1] = 0.0
+    x[3, 0] = np.float32(1e30)  # one huge value: every other activation rounds to 0
+    # exact ties: absmax 511 makes 511/absmax = 1, so k + 0.5 must round half to even
+    x[2, :300] = np.arange(-150, 150, dtype=np.float32) + 0.5
+    x[2, 300] = -511.0
+    for isa in ("best", "scalar"):
+        t.set_isa(isa)
+        try:
+            xq, scale = t.quantize_rows(x, 10)
+        finally:
+            t.set_isa("best")
+        rq, rs = quantize_rows(x, 10)
+        assert rq.dtype == np.int16 and np.abs(rq).max() <= 511
+        np.testing.assert_array_equal(xq, rq)
+        np.testing.assert_array_equal(scale, rs)
+    with pytest.raises(InputError):
+        t.quantize_rows(x, 11)
+
+
+@pytest.mark.parametrize("m", [1, 5, 9])
+def test_int10_past_float_exact_range(m):
+    """K * 511 >= 2^24: the few-token path cannot borrow the float kernel and sums in integers."""
+    b = _backend_or_skip("cython", threads=2, activations="int10")
+    rng = np.random.default_rng(13)
+    w, _ = make_weight(rng, 3, 33000)
+    x = rng.standard_normal((m, 33000)).astype(np.float32)
+    assert_matches(b.ternary_matmul(x, w), x, w, "int10")
+
+
+@pytest.mark.parametrize("name", ("numpy",) + FAST)
+def test_integer_modes_error_bound(name):
+    """|int - fp32| <= alpha * sum_k |Q| * scale / 2 per output (each activation is off by at most
+    half a step); int10's steps are 4x finer than int8's and so is its error on Gaussian inputs."""
+    rng = np.random.default_rng(14)
+    w, q = make_weight(rng, 64, 1000, bias=False)
+    x = rng.standard_normal((20, 1000)).astype(np.float32)
+    y32 = ternary_matmul_reference(x, w, "fp32")
+    errs = {}
+    for mode, lim in (("int8", 127), ("int10", 511)):
+        y = _backend_or_skip(name, threads=2, activations=mode).ternary_matmul(x, w)
+        step = np.abs(x).max(axis=1, keepdims=True) / lim
+        bound = w.alpha * np.abs(q).sum(axis=1)[None, :] * step / 2 * (1 + 1e-5) + 1e-6
+        assert np.all(np.abs(y - y32) <= bound)
+        errs[mode] = np.linalg.norm(y - y32) / np.linalg.norm(y32)
+    assert errs["int10"] < errs["int8"] / 2.5, errs
+
+
 def test_int8_sums_are_exact_integers():
     t = _ext()
     rng = np.random.default_rng(9)
@@ -218,7 +271,7 @@ def test_scalar_path_equals_simd_path(mode):
             scalar = b.ternary_matmul(x, w)
         finally:
             t.set_isa("best")
-        if mode == "int8":
+        if mode != "fp32":
             np.testing.assert_array_equal(scalar, simd)
         else:
             assert_matches(scalar, x, w, mode)

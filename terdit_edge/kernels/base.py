@@ -7,7 +7,12 @@ import numpy as np
 
 from ..packing import padded_k
 
-ACTIVATION_MODES = ("fp32", "int8")
+ACTIVATION_MODES = ("fp32", "int8", "int10")
+
+
+def activation_bits(activations: str) -> int:
+    """Bits of the per-token integer activations of a mode: 0 for "fp32", 8 for "int8", 10 for "int10"."""
+    return 0 if activations == "fp32" else int(activations[3:])
 
 
 @dataclass

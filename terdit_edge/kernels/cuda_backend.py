@@ -40,6 +40,8 @@ class CudaBackend(NumpyBackend):
 
     def __init__(self, threads: int = 1, activations: str = "fp32"):
         super().__init__(threads=threads, activations=activations)
+        if activations not in ("fp32", "int8"):
+            raise BackendError(f"backend 'cuda' runs activations 'fp32' or 'int8' (dp4a), not {activations!r}")
         reason = self.unavailable_reason()
         if reason:
             raise BackendError(f"backend 'cuda' is not available here: {reason}")

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from .base import TernaryWeight
+from .base import TernaryWeight, activation_bits
 from .reference import NumpyBackend
 
 # OpenMP threads that finish a kernel early, or wait for the next one, sleep instead of spinning
@@ -93,7 +93,7 @@ class CythonBackend(NumpyBackend):
             _writable_f32(out, (m, w.n), "out")
         packed = w.packed if w.packed.flags.c_contiguous else np.ascontiguousarray(w.packed)
         bias = None if w.bias is None else np.ascontiguousarray(w.bias, dtype=np.float32)
-        _ternary.gemm(x, packed, w.k, w.alpha, bias, out, self.threads, self.activations == "int8")
+        _ternary.gemm(x, packed, w.k, w.alpha, bias, out, self.threads, activation_bits(self.activations))
         return out
 
     # --- fused per-token ops ----------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..packing import unpack_ternary_2bit
-from .base import TernaryWeight
+from .base import TernaryWeight, activation_bits
 
 try:  # threadpoolctl bounds BLAS threads so that `threads=` holds for the dense matmuls too
     from threadpoolctl import ThreadpoolController
@@ -32,20 +32,28 @@ _GATHER_ELEMENTS = 1 << 22
 _SMALL_DENSE_FLOPS = 1 << 22
 
 
-def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row absmax quantization shared by every int8 backend.
+def quantize_rows(x: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax quantization to signed `bits`-bit integers, shared by every integer backend.
 
-    Returns (xq int8 (M, K), scale float32 (M,)) with x ~= xq * scale[:, None]:
-    scale = absmax / 127, xq = clip(rint(x * (127 / absmax)), -127, 127); an all-zero row has
-    scale 0 and xq 0.
+    Returns (xq (M, K), scale float32 (M,)) with x ~= xq * scale[:, None], L = 2^(bits-1) - 1:
+    scale = absmax / L, xq = clip(rint(x * (L / absmax)), -L, L), all in float32; an all-zero row
+    has scale 0 and xq 0. xq is int8 for bits <= 8, int16 above.
     """
+    if not 2 <= bits <= 10:
+        raise ValueError(f"bits must be in 2..10, got {bits}")
+    lim = np.float32((1 << (bits - 1)) - 1)
     x = np.asarray(x, dtype=np.float32)
     absmax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0], np.float32)
     safe = np.where(absmax > 0, absmax, np.float32(1))
-    inv = (np.float32(127) / safe).astype(np.float32)
-    xq = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
-    scale = np.where(absmax > 0, absmax / np.float32(127), np.float32(0)).astype(np.float32)
+    inv = (lim / safe).astype(np.float32)
+    xq = np.clip(np.rint(x * inv[:, None]), -lim, lim).astype(np.int8 if bits <= 8 else np.int16)
+    scale = np.where(absmax > 0, absmax / lim, np.float32(0)).astype(np.float32)
     return xq, scale
+
+
+def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize_rows` with 8 bits: (xq int8 (M, K), scale float32 (M,)), scale = absmax / 127."""
+    return quantize_rows(x, 8)
 
 
 def _signed_sums(x: np.ndarray, q: np.ndarray, sign: int, acc_dtype) -> np.ndarray:
@@ -69,8 +77,9 @@ def ternary_matmul_reference(x: np.ndarray, w: TernaryWeight, activations: str =
     """y (M, N) float32 = alpha * x Q^T + bias, by selected additions and subtractions only."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     m = x.shape[0]
-    if activations == "int8":
-        xq, scale = quantize_rows_int8(x)
+    bits = activation_bits(activations)
+    if bits:
+        xq, scale = quantize_rows(x, bits)
         src, acc_dtype = xq, np.int32
     else:
         src, acc_dtype = x, np.float32
@@ -79,7 +88,7 @@ def ternary_matmul_reference(x: np.ndarray, w: TernaryWeight, activations: str =
     for n0 in range(0, w.n, rows_per_chunk):
         q = unpack_ternary_2bit(w.packed[n0:n0 + rows_per_chunk], w.k)
         diff = _signed_sums(src, q, 1, acc_dtype) - _signed_sums(src, q, -1, acc_dtype)
-        if activations == "int8":
+        if bits:
             y[:, n0:n0 + q.shape[0]] = diff.astype(np.float32) * (scale[:, None] * np.float32(w.alpha))
         else:
             y[:, n0:n0 + q.shape[0]] = diff * np.float32(w.alpha)
