@@ -1,6 +1,6 @@
 /* C harness for the ternary kernels: every ISA path this CPU can run (scalar, AVX2, NEON plain,
  * NEON dot-product) against a naive reference written here from the layout's definition.
- * int8 sums must match exactly, float32 outputs to float rounding. Exit status 1 on a mismatch.
+ * int8 and 10-bit sums must match exactly, float32 outputs to float rounding. Exit status 1 on a mismatch.
  *
  *   cc -O2 -std=c11 -Isrc_cy src_cy/ternary_*.c src_cy/tests/test_kernels.c -lm -o test_kernels
  *   ./test_kernels            (or: ./test_kernels scalar   to test only the scalar path)
@@ -53,6 +53,19 @@ static void quantize_ref(const float *x, int64_t m, int64_t k, int8_t *xq, int64
     }
 }
 
+/* 10-bit activations (lim 511): the same rounding into int32 here. */
+static void quantize10_ref(const float *x, int64_t m, int64_t k, int32_t *xq, float *scale) {
+    for (int64_t r = 0; r < m; r++) {
+        float amax = 0;
+        for (int64_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[r * k + i]));
+        scale[r] = amax > 0 ? amax / 511.0f : 0.0f;
+        for (int64_t i = 0; i < k; i++) {
+            float v = amax > 0 ? rintf(x[r * k + i] * (511.0f / amax)) : 0.0f;
+            xq[r * k + i] = (int32_t)(v > 511 ? 511 : v < -511 ? -511 : v);
+        }
+    }
+}
+
 static int failures = 0;
 
 static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *isas, int nisa) {
@@ -75,6 +88,15 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
     for (int64_t i = 0; i < n; i++) bias[i] = rndf();
     pack(q, n, k, w);
     quantize_ref(x, m, k, xq, kp, scale);
+    int32_t *xq10 = malloc(sizeof(int32_t) * (size_t)(m * k + 1)), *acc10 = malloc(sizeof(int32_t) * (size_t)(m * n + 1));
+    float *scale10 = malloc(sizeof(float) * (size_t)(m + 1));
+    quantize10_ref(x, m, k, xq10, scale10);
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t r = 0; r < n; r++) {
+            int32_t s = 0;
+            for (int64_t i = 0; i < k; i++) s += q[r * k + i] * xq10[t * k + i]; /* reference only */
+            acc10[t * n + r] = s;
+        }
     for (int64_t t = 0; t < m; t++) {
         f_abs[t] = 0;
         for (int64_t i = 0; i < k; i++) f_abs[t] += fabs((double)x[t * k + i]);
@@ -125,6 +147,20 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
                         break;
                     }
                 }
+            /* 10-bit integers: the same two roundings on exact sums */
+            if (td_gemm_int(x, m, k, k, w, n, alpha, bias, y, n, threads, 10) != 0) { printf("FAIL int10 rc\n"); failures++; }
+            for (int64_t t = 0; t < m; t++)
+                for (int64_t r = 0; r < n; r++) {
+                    const float want = (float)acc10[t * n + r] * (scale10[t] * alpha) + bias[r];
+                    if (y[t * n + r] != want) {
+                        printf("FAIL int10 y isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n",
+                               td_isa_name(isa), (long long)m, (long long)k, (long long)n,
+                               (long long)t, (long long)r, y[t * n + r], want);
+                        failures++;
+                        t = m;
+                        break;
+                    }
+                }
             /* float32: within float rounding of the sum of |x| */
             td_gemm_f32(x, m, k, k, w, n, alpha, bias, y, n, threads);
             for (int64_t t = 0; t < m; t++)
@@ -143,7 +179,7 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
         }
     }
     free(q); free(w); free(x); free(bias); free(xq); free(xq2); free(scale); free(scale2);
-    free(acc_ref); free(acc); free(f_ref); free(f_abs); free(y);
+    free(acc_ref); free(acc); free(f_ref); free(f_abs); free(y); free(xq10); free(acc10); free(scale10);
 }
 
 /* Attention against a naive double-precision reference (scores, max-subtracted softmax, weighted
