@@ -430,7 +430,12 @@ TD_TARGET static inline int32_t hsum_epi32(__m256i v) {
 
 TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
                                    const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
-    const __m256i m3 = _mm256_set1_epi8(3), one8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i one8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
+    /* nibble c0 + 4 c1 -> c0 - 1 (SIGN_LO) or c1 - 1 (SIGN_HI); the invalid code 3 reads as 0 */
+    const __m256i sign_lo = _mm256_setr_epi8(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0,
+                                             -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0);
+    const __m256i sign_hi = _mm256_setr_epi8(-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0,
+                                             -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     const int8_t *x0 = xq + m0 * ldq;
     const int8_t *x1 = x0 + (mt > 1 ? ldq : 0), *x2 = x0 + (mt > 2 ? 2 * ldq : 0), *x3 = x0 + (mt > 3 ? 3 * ldq : 0);
@@ -443,10 +448,10 @@ TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, in
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t bk = sb; bk < e; bk++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(w + bk * TD_BLOCK_BYTES));
-                const __m256i q0 = _mm256_sub_epi8(_mm256_and_si256(v, m3), one8);
-                const __m256i q1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), one8);
-                const __m256i q2 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), one8);
-                const __m256i q3 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), one8);
+                /* weights as -1/0/+1 bytes: two nibbles, each looked up twice (pshufb) */
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                const __m256i q0 = _mm256_shuffle_epi8(sign_lo, lo), q1 = _mm256_shuffle_epi8(sign_hi, lo);
+                const __m256i q2 = _mm256_shuffle_epi8(sign_lo, hi), q3 = _mm256_shuffle_epi8(sign_hi, hi);
                 const int64_t kk = bk * TD_BLOCK_K;
                 SEL_ADD(a0, x0 + kk, q0); SEL_ADD(a0, x0 + kk + 32, q1);
                 SEL_ADD(a0, x0 + kk + 64, q2); SEL_ADD(a0, x0 + kk + 96, q3);
