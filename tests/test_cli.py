@@ -55,6 +55,15 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     assert paths[0] != paths[2]
 
 
+@pytest.mark.parametrize("activations", ["int8", "int10"])
+def test_integer_activations_generate_and_are_recorded(tmp_path, activations):
+    model = build_model_file(tmp_path, **PIXEL)
+    out = tmp_path / "i.png"
+    assert main(["generate", str(model), "--class", "1", "--steps", "4", "--activations", activations,
+                 "--out", str(out), "--no-progress"]) == 0
+    assert Image.open(out).text["activations"] == activations
+
+
 def test_default_classes_make_one_grid_of_every_class(tmp_path):
     model = build_model_file(tmp_path, **PIXEL)
     out = tmp_path / "grid.png"
@@ -93,7 +102,8 @@ def test_bad_classes_exit_1_with_a_message(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--steps", "x"], ["--cfg", "-1"], ["--seed", "-3"],
-                                  ["--sampler", "euler"], ["--threads", "0"], ["--backend", "tpu"]])
+                                  ["--sampler", "euler"], ["--threads", "0"], ["--backend", "tpu"],
+                                  ["--activations", "int4"]])
 def test_bad_arguments_exit_2(tmp_path, args):
     model = build_model_file(tmp_path, **PIXEL)
     with pytest.raises(SystemExit) as e:

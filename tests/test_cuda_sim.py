@@ -383,3 +383,13 @@ if __name__ == "__main__":
         _run_checks(sys.argv[2])
     else:
         sys.exit("usage: test_cuda_sim.py --run-checks OUT.json")
+
+
+def test_cuda_backend_refuses_int10():
+    """The CUDA GEMM is int8 dp4a or fp32; the 10-bit mode is a clear error, not a silent fp32 run."""
+    pytest.importorskip("numba")
+    from terdit_edge.errors import BackendError
+    from terdit_edge.kernels.cuda_backend import CudaBackend
+
+    with pytest.raises(BackendError, match="int10"):
+        CudaBackend(activations="int10")

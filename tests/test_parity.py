@@ -248,3 +248,25 @@ def test_backend_forward_matches_numpy(request, backend):
         want = terdit_edge.load_model(path, backend="numpy", threads=1)(x, t, y)
         got = terdit_edge.load_model(path, backend=backend, threads=2)(x, t, y)
         assert rel_err(got, want) <= FORWARD_TOL, (backend, name)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_integer_modes_forward_match_numpy(request, backend):
+    """int8 and int10 through a fast backend equal the reference's integer mode (up to an activation
+    that rounds the other way where float sums before it differ in the last bit), and int10 is closer
+    to fp32 than int8."""
+    status = available_backends().get(backend, "not registered")
+    if status != "ok":
+        pytest.skip(f"backend {backend!r} not available: {status}")
+    models = request.getfixturevalue("models")
+    _, path = models["mha", "released"]
+    x, t, y = forward_inputs(batch=3)
+    fp32 = terdit_edge.load_model(path, backend="numpy", threads=1)(x, t, y)
+    err = {}
+    for mode in ("int8", "int10"):
+        want = terdit_edge.load_model(path, backend="numpy", threads=1, activations=mode)(x, t, y)
+        got = terdit_edge.load_model(path, backend=backend, threads=2, activations=mode)(x, t, y)
+        assert rel_err(got, want) <= 5e-3, (backend, mode)
+        assert rel_err(got, want) < 0.25 * rel_err(fp32, want), (backend, mode)  # really integers
+        err[mode] = float(np.linalg.norm(want - fp32) / np.linalg.norm(fp32))
+    assert 0 < err["int10"] < err["int8"], err
