@@ -36,11 +36,13 @@
 #define I16_SUPER (64 / G_TILE)      /* table sets summed in int16 before widening (see below) */
 #endif
 #define GEMV_MAX_M 7                 /* int8: up to this many tokens stream the weights (GEMV) */
-/* Work below these sizes (~0.5 ms on one core) runs on the calling thread alone: waking a second
- * OpenMP thread, and waiting for it at the closing barrier, costs more than it saves, and far
- * more when the cores are shared with other processes. Units: packed bytes x tokens (GEMV),
- * packed bytes x token blocks (tables). */
-#define GEMV_PARALLEL_MIN (td_force_parallel ? 0 : (8 << 20))
+/* Work below these sizes (~0.1 ms on one core for the GEMV, ~0.5 ms for the tables) runs on the
+ * calling thread alone: waking a second OpenMP thread, and waiting for it at the closing barrier,
+ * costs more than it saves, and far more when the cores are shared with other processes. Units:
+ * packed bytes x tokens (GEMV), packed bytes x token blocks (tables). The GEMV bound was 8 M until
+ * the 1 x 1536 x 4096 GEMV (1.5 M) was measured at 139 us on one thread and 86 us on two (quiet
+ * machine). */
+#define GEMV_PARALLEL_MIN (td_force_parallel ? 0 : (1 << 20))
 #define LUT_PARALLEL_MIN (td_force_parallel ? 0 : (1 << 20))
 
 /* byte -> byte offset of its entry inside a group's table: entry index c0 + 3 c1 + 9 c2 + 27 c3
