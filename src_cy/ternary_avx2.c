@@ -30,7 +30,7 @@
 /* G_TILE: packed bytes (groups of 4 weights) per table set; divides 32 */
 #define TILES_PER_BLOCK (TD_BLOCK_BYTES / G_TILE)
 #define N_ENT 81                     /* 3^4 sign patterns of a group */
-#define ENT_BYTES 32                 /* one AVX2 vector per entry */
+#define ENT_BYTES 32                 /* one AVX2 vector per entry (fill_panel shifts by 5) */
 #define GROUP_BYTES (N_ENT * ENT_BYTES)
 #ifndef I16_SUPER
 #define I16_SUPER (64 / G_TILE)      /* table sets summed in int16 before widening (see below) */
@@ -155,8 +155,41 @@ TD_TARGET static void build_tables_f32(const float *xT, int64_t kbase, float *T)
 /* Fill the panel; called by every thread of the GEMM's parallel region (an orphaned `omp for`,
  * so the panel costs no parallel region of its own); the loop's closing barrier makes it complete
  * before any thread reads it. */
-static void fill_panel(const uint8_t *packed, int64_t n, int64_t kb, const uint16_t *off, uint16_t *offs) {
+TD_TARGET static void fill_panel(const uint8_t *packed, int64_t n, int64_t kb, const uint16_t *off, uint16_t *offs) {
     const int64_t ntile = kb / G_TILE;
+#if G_TILE == 8
+    /* 32 packed bytes (4 table sets) at a time: entry index = lo[low nibble] + hi[high nibble] with
+     * lo = c0 + 3 c1 and hi = 9 (c2 + 3 c3) looked up by pshufb (code 3 reads as 1, as in
+     * build_offsets), widened to uint16 and scaled by the entry size */
+    int8_t lo_t[16], hi_t[16];
+    for (int v = 0; v < 16; v++) {
+        const int a = (v & 3) == 3 ? 1 : (v & 3), b = (v >> 2) == 3 ? 1 : (v >> 2);
+        lo_t[v] = (int8_t)(a + 3 * b);
+        hi_t[v] = (int8_t)(9 * (a + 3 * b));
+    }
+    const __m256i lo_v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lo_t));
+    const __m256i hi_v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)hi_t));
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    (void)off;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 64)
+#endif
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * kb;
+        for (int64_t kt = 0; kt < ntile; kt += 4) { /* kb is a multiple of 32: ntile of 4 */
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + kt * G_TILE));
+            const __m256i idx = _mm256_add_epi8(
+                _mm256_shuffle_epi8(lo_v, _mm256_and_si256(v, low4)),
+                _mm256_shuffle_epi8(hi_v, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)));
+            const __m256i o0 = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(idx)), 5);
+            const __m256i o1 = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(idx, 1)), 5);
+            _mm_storeu_si128((__m128i *)(offs + (kt * n + row) * G_TILE), _mm256_castsi256_si128(o0));
+            _mm_storeu_si128((__m128i *)(offs + ((kt + 1) * n + row) * G_TILE), _mm256_extracti128_si256(o0, 1));
+            _mm_storeu_si128((__m128i *)(offs + ((kt + 2) * n + row) * G_TILE), _mm256_castsi256_si128(o1));
+            _mm_storeu_si128((__m128i *)(offs + ((kt + 3) * n + row) * G_TILE), _mm256_extracti128_si256(o1, 1));
+        }
+    }
+#else
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 64)
 #endif
@@ -165,6 +198,7 @@ static void fill_panel(const uint8_t *packed, int64_t n, int64_t kb, const uint1
         for (int64_t kt = 0; kt < ntile; kt++)
             for (int g = 0; g < G_TILE; g++) offs[(kt * n + row) * G_TILE + g] = off[w[kt * G_TILE + g]];
     }
+#endif
 }
 
 /* Tokens m0..m0+mt-1 (mt <= 8) times rows r0..r1-1. Buffers: xT (kp, 8), T (G_TILE tables),
