@@ -201,6 +201,34 @@ TD_TARGET static void fill_panel(const uint8_t *packed, int64_t n, int64_t kb, c
 #endif
 }
 
+/* xT (kp, 8) = the first mt rows of x (row stride ldx, k columns) transposed, zero beyond k and
+ * for tokens mt..7: 8 x 8 tiles transposed in registers, the last k % 8 columns one by one. */
+TD_TARGET static void transpose8_f32(const float *x, int64_t ldx, int mt, int64_t k, int64_t kp, float *xT) {
+    int64_t k0 = 0;
+    for (; k0 + 8 <= k; k0 += 8) {
+        __m256 r[8], u[8];
+        for (int t = 0; t < 8; t++) r[t] = t < mt ? _mm256_loadu_ps(x + t * ldx + k0) : _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            u[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            u[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 2; i++) {
+            r[4 * i] = _mm256_shuffle_ps(u[4 * i], u[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+            r[4 * i + 1] = _mm256_shuffle_ps(u[4 * i], u[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+            r[4 * i + 2] = _mm256_shuffle_ps(u[4 * i + 1], u[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+            r[4 * i + 3] = _mm256_shuffle_ps(u[4 * i + 1], u[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        /* r[j] (j < 4) holds columns j (low lane) and j + 4 (high lane) of rows 0-3; r[4 + j] of rows 4-7 */
+        for (int j = 0; j < 4; j++) {
+            _mm256_store_ps(xT + (k0 + j) * 8, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+            _mm256_store_ps(xT + (k0 + j + 4) * 8, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+        }
+    }
+    memset(xT + k0 * 8, 0, (size_t)(kp - k0) * 8 * sizeof(float));
+    for (int t = 0; t < mt; t++)
+        for (int64_t kk = k0; kk < k; kk++) xT[kk * 8 + t] = x[t * ldx + kk];
+}
+
 /* Tokens m0..m0+mt-1 (mt <= 8) times rows r0..r1-1. Buffers: xT (kp, 8), T (G_TILE tables),
  * res (r1 - r0, 8). */
 TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k,
@@ -208,11 +236,7 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
                                     int64_t n, const uint16_t *off, const uint16_t *offs, float *xT,
                                     float *T, float *res, const td_out_t *o) {
     const int64_t kp = kb * 4;
-    memset(xT, 0, (size_t)kp * 8 * sizeof(float));
-    for (int t = 0; t < mt; t++) {
-        const float *xr = x + (m0 + t) * ldx;
-        for (int64_t kk = 0; kk < k; kk++) xT[kk * 8 + t] = xr[kk];
-    }
+    transpose8_f32(x + m0 * ldx, ldx, mt, k, kp, xT);
     const int64_t ntile = kb / G_TILE;
     for (int64_t kt = 0; kt < ntile; kt++) {
         /* table set kt covers bytes G_TILE kt .. G_TILE (kt + 1) - 1 of each row */
@@ -365,6 +389,68 @@ TD_TARGET static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t
 }
 
 
+/* xT (kp, 16) int16 = the first mt rows of x (row stride ldq, kp columns; kp a multiple of 16)
+ * transposed, tokens mt..15 zero: 16 x 16 byte tiles transposed in registers (four unpack
+ * rounds), then sign-extended. */
+TD_TARGET static void transpose16_i8(const int8_t *x, int64_t ldq, int mt, int64_t kp, int16_t *xT) {
+    for (int64_t k0 = 0; k0 < kp; k0 += 16) {
+        __m128i r[16], u[16];
+        for (int t = 0; t < 16; t++)
+            r[t] = t < mt ? _mm_loadu_si128((const __m128i *)(x + t * ldq + k0)) : _mm_setzero_si128();
+        for (int i = 0; i < 8; i++) {
+            u[2 * i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+            u[2 * i + 1] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 2; j++) {
+                r[4 * i + j] = _mm_unpacklo_epi16(u[4 * i + j], u[4 * i + 2 + j]);
+                r[4 * i + 2 + j] = _mm_unpackhi_epi16(u[4 * i + j], u[4 * i + 2 + j]);
+            }
+        for (int i = 0; i < 2; i++)
+            for (int j = 0; j < 4; j++) {
+                u[8 * i + j] = _mm_unpacklo_epi32(r[8 * i + j], r[8 * i + 4 + j]);
+                u[8 * i + 4 + j] = _mm_unpackhi_epi32(r[8 * i + j], r[8 * i + 4 + j]);
+            }
+        for (int j = 0; j < 8; j++) {
+            r[j] = _mm_unpacklo_epi64(u[j], u[8 + j]);
+            r[8 + j] = _mm_unpackhi_epi64(u[j], u[8 + j]);
+        }
+        /* r[c] now holds column k0 + perm(c) of the 16 rows */
+        static const int col[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+        for (int c = 0; c < 16; c++)
+            _mm256_store_si256((__m256i *)(xT + (k0 + col[c]) * 16), _mm256_cvtepi8_epi16(r[c]));
+    }
+}
+
+/* The same for int16 rows: two 8 x 8 tiles of int16 per 8 columns. */
+TD_TARGET static void transpose16_i16(const int16_t *x, int64_t ldq, int mt, int64_t kp, int16_t *xT) {
+    for (int64_t k0 = 0; k0 < kp; k0 += 8) {
+        __m128i half[2][8];
+        for (int h = 0; h < 2; h++) {
+            __m128i r[8], u[8];
+            for (int t = 0; t < 8; t++)
+                r[t] = 8 * h + t < mt ? _mm_loadu_si128((const __m128i *)(x + (8 * h + t) * ldq + k0))
+                                      : _mm_setzero_si128();
+            for (int i = 0; i < 4; i++) {
+                u[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+                u[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+            }
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 2; j++) {
+                    r[4 * i + j] = _mm_unpacklo_epi32(u[4 * i + j], u[4 * i + 2 + j]);
+                    r[4 * i + 2 + j] = _mm_unpackhi_epi32(u[4 * i + j], u[4 * i + 2 + j]);
+                }
+            for (int j = 0; j < 4; j++) {
+                half[h][j] = _mm_unpacklo_epi64(r[j], r[4 + j]);
+                half[h][4 + j] = _mm_unpackhi_epi64(r[j], r[4 + j]);
+            }
+        }
+        static const int col[8] = {0, 4, 2, 6, 1, 5, 3, 7};
+        for (int c = 0; c < 8; c++)
+            _mm256_store_si256((__m256i *)(xT + (k0 + col[c]) * 16), _mm256_set_m128i(half[1][c], half[0][c]));
+    }
+}
+
 /* Entries are sums of four |xq| <= lim, so |entry| <= 4 lim; `super` table sets of G_TILE look-ups
  * add at most super * G_TILE * 4 lim <= 32767 per lane before the int16 sums are widened to int32:
  * int8 (lim 127): 8 * 8 * 508 = 32512; 10 bits (lim 511): 2 * 8 * 2044 = 32704 (i16_super). */
@@ -373,16 +459,8 @@ TD_TARGET static void lut_i16_block(const int8_t *xq, const int16_t *xq16, int64
                                     int64_t n, const uint16_t *off, const uint16_t *offs, int16_t *xT,
                                     int16_t *T, int16_t *res16, int32_t *res32, const td_out_t *o) {
     const int64_t kp = kb * 4;
-    memset(xT, 0, (size_t)kp * 16 * sizeof(int16_t));
-    for (int t = 0; t < mt; t++) {
-        if (xq16) {
-            const int16_t *xr = xq16 + (m0 + t) * ldq;
-            for (int64_t kk = 0; kk < kp; kk++) xT[kk * 16 + t] = xr[kk];
-        } else {
-            const int8_t *xr = xq + (m0 + t) * ldq;
-            for (int64_t kk = 0; kk < kp; kk++) xT[kk * 16 + t] = xr[kk];
-        }
-    }
+    if (xq16) transpose16_i16(xq16 + m0 * ldq, ldq, mt, kp, xT);
+    else transpose16_i8(xq + m0 * ldq, ldq, mt, kp, xT);
     const int64_t ntile = kb / G_TILE;
     for (int64_t kt = 0; kt < ntile; kt++) {
         build_tables_i16(xT, (kt / TILES_PER_BLOCK) * TD_BLOCK_K + (kt % TILES_PER_BLOCK) * G_TILE, T);
