@@ -252,9 +252,12 @@ def test_backend_forward_matches_numpy(request, backend):
 
 @pytest.mark.parametrize("backend", ["cython", "numba"])
 def test_integer_modes_forward_match_numpy(request, backend):
-    """int8 and int10 through a fast backend equal the reference's integer mode (up to an activation
-    that rounds the other way where float sums before it differ in the last bit), and int10 is closer
-    to fp32 than int8."""
+    """int8 and int10 through a fast backend agree with the reference's integer mode, and int10 is
+    closer to fp32 than int8. Not bit for bit: where a float sum before a quantizer differs in the
+    last bit (the fp32 conditioning layers, norms), an activation can round to the neighbouring
+    integer, and random weights carry that through the layers; so the bound is on the relative L2
+    error, and a second check makes sure the backend really ran integers (it is far closer to the
+    integer reference than the fp32 output is)."""
     status = available_backends().get(backend, "not registered")
     if status != "ok":
         pytest.skip(f"backend {backend!r} not available: {status}")
@@ -266,7 +269,8 @@ def test_integer_modes_forward_match_numpy(request, backend):
     for mode in ("int8", "int10"):
         want = terdit_edge.load_model(path, backend="numpy", threads=1, activations=mode)(x, t, y)
         got = terdit_edge.load_model(path, backend=backend, threads=2, activations=mode)(x, t, y)
-        assert rel_err(got, want) <= 5e-3, (backend, mode)
-        assert rel_err(got, want) < 0.25 * rel_err(fp32, want), (backend, mode)  # really integers
+        l2 = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        l2_fp32 = float(np.linalg.norm(fp32 - want) / np.linalg.norm(want))
+        assert l2 <= 2e-3 and l2 < 0.25 * l2_fp32, (backend, mode, l2, l2_fp32)
         err[mode] = float(np.linalg.norm(want - fp32) / np.linalg.norm(fp32))
     assert 0 < err["int10"] < err["int8"], err
