@@ -137,6 +137,7 @@ def _cmd_info(args) -> int:
     print("cpu: " + ", ".join(f"{k}={v}" for k, v in cpu.items()))
     print("backends: " + ", ".join(f"{k}: {v}" for k, v in info["backends"].items()))
     print(f"auto backend: {info['auto_backend']}")
+    print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
     if "model" in info:
         m = info["model"]
         print(f"model file: {m['path']} ({m['file_bytes'] / 1e6:.1f} MB, format v{m['format_version']}, "
