@@ -100,27 +100,30 @@ static inline float td_rint_small(float v) {
     return (v + magic) - magic;
 }
 
-static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
+/* One row to integers of lim levels (127: int8 into xq8; 511: 10 bits into xq16). */
+static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq8, int16_t *xq16, int64_t kq,
+                                float *scale, int lim) {
     float amax = 0.0f;
+    const float flim = (float)lim;
     for (int64_t i = 0; i < k; i++) {
         float a = fabsf(x[i]);
         amax = a > amax ? a : amax;
     }
-    if (!(amax > 0.0f) || !isfinite(amax)) {
-        /* zero row -> 0 (reference); a non-finite row has no meaningful int8 form: zero too */
-        memset(xq, 0, (size_t)kq);
-        *scale = (amax > 0.0f) ? amax / 127.0f : 0.0f;
-        return;
+    const int ok = amax > 0.0f && isfinite(amax);
+    /* zero row -> 0 (reference); a non-finite row has no meaningful integer form: zero too */
+    const float inv = ok ? flim / amax : 0.0f;
+    for (int64_t i = 0; i < kq; i++) {
+        int v = 0;
+        if (ok && i < k) {
+            float r = td_rint_small(x[i] * inv);
+            r = r < flim ? r : flim;   /* NaN ends at lim, never at an undefined conversion */
+            r = r > -flim ? r : -flim;
+            v = (int)r;
+        }
+        if (xq16) xq16[i] = (int16_t)v;
+        else xq8[i] = (int8_t)v;
     }
-    float inv = 127.0f / amax;
-    for (int64_t i = 0; i < k; i++) {
-        float r = td_rint_small(x[i] * inv);
-        r = r < 127.0f ? r : 127.0f;   /* NaN ends at 127, never at an undefined conversion */
-        r = r > -127.0f ? r : -127.0f;
-        xq[i] = (int8_t)(int)r;
-    }
-    if (kq > k) memset(xq + k, 0, (size_t)(kq - k));
-    *scale = amax / 127.0f;
+    *scale = (amax > 0.0f) ? amax / flim : 0.0f;
 }
 
 void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq, int64_t ldq,
@@ -137,32 +140,8 @@ void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8
             continue;
         }
 #endif
-        quantize_row_scalar(x + r * ldx, k, xq + r * ldq, ldq, scale + r);
+        quantize_row_scalar(x + r * ldx, k, xq + r * ldq, NULL, ldq, scale + r, 127);
     }
-}
-
-/* Wider integers (bits 9..10) in int16, same rounding with lim = 2^(bits-1) - 1 levels. */
-static void quantize_row16_scalar(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim) {
-    float amax = 0.0f;
-    const float flim = (float)lim;
-    for (int64_t i = 0; i < k; i++) {
-        float a = fabsf(x[i]);
-        amax = a > amax ? a : amax;
-    }
-    if (!(amax > 0.0f) || !isfinite(amax)) {
-        memset(xq, 0, (size_t)kq * sizeof(int16_t));
-        *scale = (amax > 0.0f) ? amax / flim : 0.0f;
-        return;
-    }
-    float inv = flim / amax;
-    for (int64_t i = 0; i < k; i++) {
-        float r = td_rint_small(x[i] * inv);
-        r = r < flim ? r : flim;
-        r = r > -flim ? r : -flim;
-        xq[i] = (int16_t)(int)r;
-    }
-    for (int64_t i = k; i < kq; i++) xq[i] = 0;
-    *scale = amax / flim;
 }
 
 void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq,
@@ -179,7 +158,7 @@ void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int
             continue;
         }
 #endif
-        quantize_row16_scalar(x + r * ldx, k, xq + r * ldq, ldq, scale + r, lim);
+        quantize_row_scalar(x + r * ldx, k, NULL, xq + r * ldq, ldq, scale + r, lim);
     }
 }
 
@@ -216,8 +195,9 @@ int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const 
     return TD_OK;
 }
 
-int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                      int64_t n, const td_out_t *o, int threads) {
+/* int8 (xq8) or int16 (xq16) activations, exact int32 sums. */
+static int gemm_int_scalar(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq,
+                           const uint8_t *packed, int64_t n, const td_out_t *o, int threads) {
     const int64_t kb = kp / 4;
     (void)threads;
 #if defined(_OPENMP)
@@ -226,15 +206,16 @@ int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
     for (int64_t row = 0; row < n; row++) {
         const uint8_t *w = packed + row * kb;
         for (int64_t t = 0; t < m; t++) {
-            const int8_t *xt = xq + t * ldq;
             int32_t acc = 0;
             for (int64_t byte = 0; byte < kb; byte++) {
                 const uint8_t v = w[byte];
                 const int64_t k0 = (byte / TD_BLOCK_BYTES) * TD_BLOCK_K + byte % TD_BLOCK_BYTES;
                 for (int q = 0; q < 4; q++) {
                     const int code = (v >> (2 * q)) & 3;
-                    if (code == 2) acc += xt[k0 + 32 * q];
-                    else if (code == 0) acc -= xt[k0 + 32 * q];
+                    if (code != 0 && code != 2) continue;
+                    const int64_t i = t * ldq + k0 + 32 * q;
+                    const int32_t xv = xq16 ? xq16[i] : xq8[i];
+                    acc += code == 2 ? xv : -xv;
                 }
             }
             td_store(o, t, row, acc);
@@ -243,31 +224,14 @@ int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
     return TD_OK;
 }
 
+int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                      int64_t n, const td_out_t *o, int threads) {
+    return gemm_int_scalar(xq, NULL, m, kp, ldq, packed, n, o, threads);
+}
+
 int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                        int64_t n, const td_out_t *o, int threads) {
-    const int64_t kb = kp / 4;
-    (void)threads;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || m * n * kp > 100000)
-#endif
-    for (int64_t row = 0; row < n; row++) {
-        const uint8_t *w = packed + row * kb;
-        for (int64_t t = 0; t < m; t++) {
-            const int16_t *xt = xq + t * ldq;
-            int32_t acc = 0;
-            for (int64_t byte = 0; byte < kb; byte++) {
-                const uint8_t v = w[byte];
-                const int64_t k0 = (byte / TD_BLOCK_BYTES) * TD_BLOCK_K + byte % TD_BLOCK_BYTES;
-                for (int q = 0; q < 4; q++) {
-                    const int code = (v >> (2 * q)) & 3;
-                    if (code == 2) acc += xt[k0 + 32 * q];
-                    else if (code == 0) acc -= xt[k0 + 32 * q];
-                }
-            }
-            td_store(o, t, row, acc);
-        }
-    }
-    return TD_OK;
+    return gemm_int_scalar(NULL, xq, m, kp, ldq, packed, n, o, threads);
 }
 
 /* ---------------------------------------------------------------------------------------------
