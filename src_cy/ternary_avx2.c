@@ -663,8 +663,70 @@ static int i16_super(int lim) {
     return s < 1 ? 1 : s;
 }
 
+/* int16 GEMV (10-bit activations, up to 2 tokens per pass): the weights are decoded as in
+ * gemv_i8_rows, each 32-weight vector is sign-extended to two 16-weight halves, and
+ * `_mm256_sign_epi16` selects, negates or drops 16 activations at a time. Per int16 lane a block
+ * adds 8 values of |.| <= lim; GEMV16_WIDEN blocks stay below 32767 (lim <= 511: 8 x 8 x 511 =
+ * 32704) before `madd(., ones)` widens to int32. */
+#define GEMV16_WIDEN 8
+
+TD_TARGET static void gemv_i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                                    const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+    const __m256i ones16 = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
+    const __m256i sign_lo = _mm256_setr_epi8(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0,
+                                             -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0);
+    const __m256i sign_hi = _mm256_setr_epi8(-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0,
+                                             -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    const int64_t nblk = kb / TD_BLOCK_BYTES;
+    const int16_t *x0 = xq + m0 * ldq, *x1 = x0 + (mt > 1 ? ldq : 0);
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *w = packed + row * kb;
+        __m256i t0 = _mm256_setzero_si256(), t1 = t0;
+        for (int64_t sb = 0; sb < nblk; sb += GEMV16_WIDEN) {
+            const int64_t e = sb + GEMV16_WIDEN < nblk ? sb + GEMV16_WIDEN : nblk;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+            for (int64_t bk = sb; bk < e; bk++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + bk * TD_BLOCK_BYTES));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                const __m256i q[4] = {_mm256_shuffle_epi8(sign_lo, lo), _mm256_shuffle_epi8(sign_hi, lo),
+                                      _mm256_shuffle_epi8(sign_lo, hi), _mm256_shuffle_epi8(sign_hi, hi)};
+                const int64_t kk = bk * TD_BLOCK_K;
+                for (int j = 0; j < 4; j++) {
+                    const __m256i wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q[j]));
+                    const __m256i wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q[j], 1));
+                    const int64_t c = kk + 32 * j;
+                    a0 = _mm256_add_epi16(a0, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x0 + c)), wl));
+                    a0 = _mm256_add_epi16(a0, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x0 + c + 16)), wh));
+                    if (mt > 1) {
+                        a1 = _mm256_add_epi16(a1, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x1 + c)), wl));
+                        a1 = _mm256_add_epi16(a1, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x1 + c + 16)), wh));
+                    }
+                }
+            }
+            t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(a0, ones16));
+            t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(a1, ones16));
+        }
+        td_store(o, m0, row, hsum_epi32(t0));
+        if (mt > 1) td_store(o, m0 + 1, row, hsum_epi32(t1));
+    }
+}
+
 int td_gemm_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                      int64_t n, const td_out_t *o, int threads, int lim) {
+    const int64_t kb = kp / 4;
+    (void)threads;
+    if (m <= GEMV_MAX_M && lim <= 511) {
+        const int64_t chunk = 32;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (2 * n * kb * m >= GEMV_PARALLEL_MIN)
+#endif
+        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+            const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
+            for (int64_t m0 = 0; m0 < m; m0 += 2)
+                gemv_i16_rows(xq, ldq, m0, (int)(m - m0 < 2 ? m - m0 : 2), kb, packed, r0, r1, o);
+        }
+        return TD_OK;
+    }
     return lut_i16_driver(NULL, xq, m, kp, ldq, packed, n, o, threads, i16_super(lim));
 }
 

@@ -288,10 +288,10 @@ int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t 
     return rc;
 }
 
-/* 9..10-bit activations. AVX2 with more than a few tokens: int16 look-up tables (ternary_avx2.c).
- * Otherwise the integers are converted to float32 and run through the float kernel: every partial
- * sum is an integer of magnitude <= lim * K, exact in float32 while that is below 2^24, so the
- * result equals the integer sum; past that bound the scalar integer kernel runs. */
+/* 9..10-bit activations. AVX2: int16 look-up tables for many tokens, an int16 GEMV for a few
+ * (ternary_avx2.c). Elsewhere the integers are converted to float32 and run through the float
+ * kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that is
+ * below 2^24, so the result equals the integer sum; past that bound the scalar integer kernel runs. */
 int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                 float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits) {
     if (bits < 2 || bits > 10) return TD_EINVAL;
@@ -312,7 +312,7 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     int rc = TD_OK;
     const int isa = td_get_isa();
 #if TD_X86
-    if (isa == TD_ISA_AVX2 && m > 7) {
+    if (isa == TD_ISA_AVX2) {
         rc = td_gemm_i16_avx2(xq, m, kp, ldq, packed, n, &o, threads, lim);
         td_free(xq); td_free(scale);
         return rc;

@@ -215,14 +215,27 @@ def test_int10_quantizer_is_bit_exact_with_reference():
         t.quantize_rows(x, 11)
 
 
-@pytest.mark.parametrize("m", [1, 5, 9])
-def test_int10_past_float_exact_range(m):
-    """K * 511 >= 2^24: the few-token path cannot borrow the float kernel and sums in integers."""
+@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("m", [1, 2, 5, 9])
+def test_int10_past_float_exact_range(m, isa):
+    """K * 511 >= 2^24: where int10 borrows the float kernel (no SIMD integer path) it must sum in
+    integers instead; the AVX2 GEMV and tables widen before int16 overflows."""
+    t = _ext()
     b = _backend_or_skip("cython", threads=2, activations="int10")
     rng = np.random.default_rng(13)
     w, _ = make_weight(rng, 3, 33000)
     x = rng.standard_normal((m, 33000)).astype(np.float32)
-    assert_matches(b.ternary_matmul(x, w), x, w, "int10")
+    x[:, 0] = 40.0  # one large value: most activations small, as in real rows
+    t.set_isa(isa)
+    try:
+        y = b.ternary_matmul(x, w)
+        w1, _ = make_weight(rng, 2, 4000, kind="plus")
+        xc = np.ones((m, 4000), np.float32)  # every activation 511 on all +1 weights: the int16 worst case
+        y1 = b.ternary_matmul(xc, w1)
+    finally:
+        t.set_isa("best")
+    assert_matches(y, x, w, "int10")
+    assert_matches(y1, xc, w1, "int10")
 
 
 @pytest.mark.parametrize("name", ("numpy",) + FAST)
