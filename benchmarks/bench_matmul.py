@@ -55,8 +55,15 @@ def cpu_model() -> str:
 CLOCK = time.perf_counter
 
 
+# Pause before each method: the thread pools of the method timed before (OpenBLAS workers spin for
+# about 2^28 cycles, ~0.1 s, after a call; onnxruntime's spin too) would otherwise compete for the
+# cores with the next method's threads, which at M = 1 (0.1 ms per call) is the whole measurement.
+IDLE_GAP_S = 0.3
+
+
 def timeit(fn, repeat: int) -> tuple[float, float]:
-    """(best, median) seconds of `repeat` calls after one warm-up call, on CLOCK."""
+    """(best, median) seconds of `repeat` calls after an idle gap and one warm-up call, on CLOCK."""
+    time.sleep(IDLE_GAP_S)
     fn()
     times = []
     for _ in range(repeat):

@@ -16,16 +16,22 @@ from ..errors import InputError
 from .base import TernaryWeight, activation_bits
 from .reference import NumpyBackend
 
-# OpenMP threads that finish a kernel early, or wait for the next one, sleep instead of spinning
-# (libgomp's default spins for milliseconds). On a machine whose cores are shared with other
-# processes a spinning thread takes CPU time from the thread everyone is waiting for: one guided
-# 600M step with 2 threads took 5.4-6.4 s spinning and 2.4 s passive (docs/kernels.md). libgomp
-# reads it once, when it is loaded with the extension, so it is set only around that import (child
-# processes, e.g. a PyTorch baseline, keep the environment they were given); an explicit
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins.
-_PASSIVE = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
-if _PASSIVE:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# OpenMP threads that finish a kernel early, or wait for the next one, spin only briefly (1000
+# iterations, tens of microseconds) before they sleep; libgomp's default spins for milliseconds. On a
+# machine whose cores are shared with other processes a spinning thread takes CPU time from the thread
+# everyone is waiting for: one guided 600M step with 2 threads took 5.4-6.4 s with the default spin,
+# 2.8-3.1 s with GOMP_SPINCOUNT=20000, 2.4 s passive (OMP_WAIT_POLICY=PASSIVE). Fully passive threads,
+# though, are woken by the kernel's scheduler for every parallel region and, after other libraries'
+# thread pools had run (OpenBLAS), were often woken on the core of the calling thread: a 0.08 ms GEMV
+# then took 0.15 ms, its two halves run one after the other. A 1000-iteration spin keeps the worker
+# on its core between back-to-back kernels: 0.078 ms in both cases, and the loaded 600M step is as
+# fast as passive (1.73 vs 1.74 s with a busy loop on the other core; 10000 iterations: 1.88 s).
+# See docs/kernels.md. libgomp reads the variable once, when it is loaded with the extension, so it
+# is set only around that import (child processes, e.g. a PyTorch baseline, keep the environment
+# they were given); an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins.
+_SPIN = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+if _SPIN:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 try:
     from .. import _ternary
     _IMPORT_ERROR = None
@@ -33,8 +39,8 @@ except ImportError as e:  # extension not built
     _ternary = None
     _IMPORT_ERROR = str(e)
 finally:
-    if _PASSIVE:
-        del os.environ["OMP_WAIT_POLICY"]
+    if _SPIN:
+        del os.environ["GOMP_SPINCOUNT"]
 
 if _ternary is not None and os.environ.get("TERDIT_ISA"):
     _ternary.set_isa(os.environ["TERDIT_ISA"])
