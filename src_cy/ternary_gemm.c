@@ -289,8 +289,8 @@ int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t 
 }
 
 /* 9..10-bit activations. AVX2: int16 look-up tables for many tokens, an int16 GEMV for a few
- * (ternary_avx2.c). Elsewhere the integers are converted to float32 and run through the float
- * kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that is
+ * (ternary_avx2.c); NEON: int16 select-and-add (ternary_neon.c). On the scalar path the integers
+ * are converted to float32 and run through the float kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that is
  * below 2^24, so the result equals the integer sum; past that bound the scalar integer kernel runs. */
 int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                 float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits) {
@@ -314,6 +314,13 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
 #if TD_X86
     if (isa == TD_ISA_AVX2) {
         rc = td_gemm_i16_avx2(xq, m, kp, ldq, packed, n, &o, threads, lim);
+        td_free(xq); td_free(scale);
+        return rc;
+    }
+#endif
+#if TD_ARM64
+    if (isa == TD_ISA_NEON || isa == TD_ISA_NEON_DOT) {
+        rc = td_gemm_i16_neon(xq, m, kp, ldq, packed, n, &o, threads);
         td_free(xq); td_free(scale);
         return rc;
     }

@@ -68,6 +68,8 @@ int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const ui
                      int64_t n, const td_out_t *o, int threads);
 int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                     int64_t n, const td_out_t *o, int threads, int use_dot);
+int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads);
 #endif
 
 /* Store one output: the int32 sum itself, or its scaled float32 value. */

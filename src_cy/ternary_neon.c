@@ -2,7 +2,8 @@
  * select masks (code 2 -> +x, code 0 -> -x, code 1 -> dropped); up to four tokens share each
  * decoded block. The int8 path sums the selected bytes with SDOT against a vector of ones where
  * the CPU has the dot-product extension (checked at run time via HWCAP_ASIMDDP), and with
- * pairwise add-accumulate (SADALP) otherwise. */
+ * pairwise add-accumulate (SADALP) otherwise. 10-bit activations (int10) select int16 lanes with the
+ * same masks, widened to 16 bits. */
 #include "ternary_internal.h"
 
 #if TD_ARM64
@@ -165,6 +166,65 @@ int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
             if (use_dot) i8_rows_dot(xq, ldq, m0, mt, kb, packed, r0, r1, o);
             else i8_rows_plain(xq, ldq, m0, mt, kb, packed, r0, r1, o);
         }
+    }
+    return TD_OK;
+}
+
+/* ----------------------------------------------------------------------------------------- */
+/* int16 activations (10-bit mode): the byte masks are sign-extended to 16-bit lanes and each
+ * selects 8 activations, added or subtracted in int16 lanes. A block adds at most 16 values of
+ * |.| <= 511 per lane; 4 blocks (32704) stay inside int16 before SADALP widens to int32. */
+
+static void i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                     const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+    const int64_t nblk = kb / TD_BLOCK_BYTES;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *w = packed + row * kb;
+        int32x4_t acc[4];
+        for (int t = 0; t < 4; t++) acc[t] = vdupq_n_s32(0);
+        for (int64_t sb = 0; sb < nblk; sb += 4) {
+            const int64_t e = sb + 4 < nblk ? sb + 4 : nblk;
+            int16x8_t a16[4];
+            for (int t = 0; t < 4; t++) a16[t] = vdupq_n_s16(0);
+            for (int64_t b = sb; b < e; b++) {
+                for (int h = 0; h < 2; h++) {
+                    const uint8x16_t v = vld1q_u8(w + b * TD_BLOCK_BYTES + 16 * h);
+                    for (int q = 0; q < 4; q++) {
+                        uint8x16_t pos, neg;
+                        decode_masks(v, q, &pos, &neg);
+                        const int16x8_t pm[2] = {vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(pos))),
+                                                 vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(pos)))};
+                        const int16x8_t nm[2] = {vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(neg))),
+                                                 vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(neg)))};
+                        const int64_t kk = b * TD_BLOCK_K + 32 * q + 16 * h;
+                        for (int t = 0; t < mt; t++) {
+                            const int16_t *xp = xq + (m0 + t) * ldq + kk;
+                            for (int i = 0; i < 2; i++) {
+                                const int16x8_t xv = vld1q_s16(xp + 8 * i);
+                                a16[t] = vaddq_s16(a16[t], vandq_s16(xv, pm[i]));
+                                a16[t] = vsubq_s16(a16[t], vandq_s16(xv, nm[i]));
+                            }
+                        }
+                    }
+                }
+            }
+            for (int t = 0; t < mt; t++) acc[t] = vpadalq_s16(acc[t], a16[t]);
+        }
+        for (int t = 0; t < mt; t++) td_store(o, m0 + t, row, vaddvq_s32(acc[t]));
+    }
+}
+
+int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                     int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = kp / 4;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || n * kb * m > 65536)
+#endif
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {
+        const int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
+        for (int64_t m0 = 0; m0 < m; m0 += 4)
+            i16_rows(xq, ldq, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
     }
     return TD_OK;
 }
