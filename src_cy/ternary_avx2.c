@@ -538,18 +538,29 @@ TD_TARGET static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* The 128 weights of a 32-byte block as -1/0/+1 bytes: q[j] holds k = 32 j .. 32 j + 31. Each
+ * byte's low nibble (codes of k and k + 32) and high nibble (k + 64, k + 96) are looked up twice
+ * with pshufb: nibble c0 + 4 c1 -> c0 - 1 or c1 - 1; the invalid code 3 reads as 0. */
+TD_TARGET static inline void decode_signs(__m256i v, __m256i q[4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i sign_lo = _mm256_setr_epi8(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0,
+                                             -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0);
+    const __m256i sign_hi = _mm256_setr_epi8(-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0,
+                                             -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    q[0] = _mm256_shuffle_epi8(sign_lo, lo);
+    q[1] = _mm256_shuffle_epi8(sign_hi, lo);
+    q[2] = _mm256_shuffle_epi8(sign_lo, hi);
+    q[3] = _mm256_shuffle_epi8(sign_hi, hi);
+}
+
 /* sign(x, w) selects, negates or drops each activation; maddubs(1, .) adds neighbouring pairs. */
 #define SEL_ADD(acc, xp, w) \
     acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(one8, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xp)), w)))
 
 TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
                                    const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
-    const __m256i one8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
-    /* nibble c0 + 4 c1 -> c0 - 1 (SIGN_LO) or c1 - 1 (SIGN_HI); the invalid code 3 reads as 0 */
-    const __m256i sign_lo = _mm256_setr_epi8(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0,
-                                             -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0);
-    const __m256i sign_hi = _mm256_setr_epi8(-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0,
-                                             -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m256i one8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     const int8_t *x0 = xq + m0 * ldq;
     const int8_t *x1 = x0 + (mt > 1 ? ldq : 0), *x2 = x0 + (mt > 2 ? 2 * ldq : 0), *x3 = x0 + (mt > 3 ? 3 * ldq : 0);
@@ -562,10 +573,9 @@ TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, in
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t bk = sb; bk < e; bk++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(w + bk * TD_BLOCK_BYTES));
-                /* weights as -1/0/+1 bytes: two nibbles, each looked up twice (pshufb) */
-                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                const __m256i q0 = _mm256_shuffle_epi8(sign_lo, lo), q1 = _mm256_shuffle_epi8(sign_hi, lo);
-                const __m256i q2 = _mm256_shuffle_epi8(sign_lo, hi), q3 = _mm256_shuffle_epi8(sign_hi, hi);
+                __m256i q[4];
+                decode_signs(v, q);
+                const __m256i q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
                 const int64_t kk = bk * TD_BLOCK_K;
                 SEL_ADD(a0, x0 + kk, q0); SEL_ADD(a0, x0 + kk + 32, q1);
                 SEL_ADD(a0, x0 + kk + 64, q2); SEL_ADD(a0, x0 + kk + 96, q3);
@@ -672,11 +682,7 @@ static int i16_super(int lim) {
 
 TD_TARGET static void gemv_i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
                                     const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
-    const __m256i ones16 = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
-    const __m256i sign_lo = _mm256_setr_epi8(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0,
-                                             -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0);
-    const __m256i sign_hi = _mm256_setr_epi8(-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0,
-                                             -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m256i ones16 = _mm256_set1_epi16(1);
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     const int16_t *x0 = xq + m0 * ldq, *x1 = x0 + (mt > 1 ? ldq : 0);
     for (int64_t row = r0; row < r1; row++) {
@@ -687,9 +693,8 @@ TD_TARGET static void gemv_i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, 
             __m256i a0 = _mm256_setzero_si256(), a1 = a0;
             for (int64_t bk = sb; bk < e; bk++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(w + bk * TD_BLOCK_BYTES));
-                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                const __m256i q[4] = {_mm256_shuffle_epi8(sign_lo, lo), _mm256_shuffle_epi8(sign_hi, lo),
-                                      _mm256_shuffle_epi8(sign_lo, hi), _mm256_shuffle_epi8(sign_hi, hi)};
+                __m256i q[4];
+                decode_signs(v, q);
                 const int64_t kk = bk * TD_BLOCK_K;
                 for (int j = 0; j < 4; j++) {
                     const __m256i wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q[j]));

@@ -126,8 +126,9 @@ static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq8, int16_t 
     *scale = (amax > 0.0f) ? amax / flim : 0.0f;
 }
 
-void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq, int64_t ldq,
-                         float *scale, int threads) {
+/* Rows to int8 (xq8, lim 127) or int16 (xq16, lim up to 511), split across threads. */
+static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq8, int16_t *xq16,
+                          int64_t ldq, float *scale, int lim, int threads) {
     int isa = td_get_isa();
     (void)threads; (void)isa;
 #if defined(_OPENMP)
@@ -136,30 +137,24 @@ void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8
     for (int64_t r = 0; r < m; r++) {
 #if TD_X86
         if (isa == TD_ISA_AVX2) {
-            td_quantize_row_avx2(x + r * ldx, k, xq + r * ldq, ldq, scale + r);
+            if (xq16) td_quantize_row16_avx2(x + r * ldx, k, xq16 + r * ldq, ldq, scale + r, lim);
+            else td_quantize_row_avx2(x + r * ldx, k, xq8 + r * ldq, ldq, scale + r);
             continue;
         }
 #endif
-        quantize_row_scalar(x + r * ldx, k, xq + r * ldq, NULL, ldq, scale + r, 127);
+        quantize_row_scalar(x + r * ldx, k, xq8 ? xq8 + r * ldq : NULL, xq16 ? xq16 + r * ldq : NULL, ldq,
+                            scale + r, lim);
     }
+}
+
+void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq, int64_t ldq,
+                         float *scale, int threads) {
+    quantize_rows(x, m, k, ldx, xq, NULL, ldq, scale, 127, threads);
 }
 
 void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq,
                           float *scale, int lim, int threads) {
-    int isa = td_get_isa();
-    (void)threads; (void)isa;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 8) num_threads(threads) if (td_force_parallel || m * k > 65536)
-#endif
-    for (int64_t r = 0; r < m; r++) {
-#if TD_X86
-        if (isa == TD_ISA_AVX2) {
-            td_quantize_row16_avx2(x + r * ldx, k, xq + r * ldq, ldq, scale + r, lim);
-            continue;
-        }
-#endif
-        quantize_row_scalar(x + r * ldx, k, NULL, xq + r * ldq, ldq, scale + r, lim);
-    }
+    quantize_rows(x, m, k, ldx, NULL, xq, ldq, scale, lim, threads);
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -68,6 +68,22 @@ static void quantize10_ref(const float *x, int64_t m, int64_t k, int32_t *xq, fl
 
 static int failures = 0;
 
+/* y must equal float(acc) * (scale * alpha) + bias exactly (the documented two roundings). */
+static void check_int_outputs(const char *mode, int isa, int64_t m, int64_t k, int64_t n, const float *y,
+                              const int32_t *acc, const float *scale, float alpha, const float *bias) {
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t r = 0; r < n; r++) {
+            const float want = (float)acc[t * n + r] * (scale[t] * alpha) + bias[r];
+            if (y[t * n + r] != want) {
+                printf("FAIL %s y isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n", mode,
+                       td_isa_name(isa), (long long)m, (long long)k, (long long)n, (long long)t,
+                       (long long)r, y[t * n + r], want);
+                failures++;
+                return;
+            }
+        }
+}
+
 static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *isas, int nisa) {
     const int64_t kp = padk(k), kb = kp / 4;
     int8_t *q = malloc((size_t)(n * k));
@@ -135,32 +151,10 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
                 }
             /* int8 outputs: the documented two roundings */
             td_gemm_i8(x, m, k, k, w, n, alpha, bias, y, n, threads);
-            for (int64_t t = 0; t < m; t++)
-                for (int64_t r = 0; r < n; r++) {
-                    const float want = (float)acc_ref[t * n + r] * (scale[t] * alpha) + bias[r];
-                    if (y[t * n + r] != want) {
-                        printf("FAIL int8 y isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n",
-                               td_isa_name(isa), (long long)m, (long long)k, (long long)n,
-                               (long long)t, (long long)r, y[t * n + r], want);
-                        failures++;
-                        t = m;
-                        break;
-                    }
-                }
+            check_int_outputs("int8", isa, m, k, n, y, acc_ref, scale, alpha, bias);
             /* 10-bit integers: the same two roundings on exact sums */
             if (td_gemm_int(x, m, k, k, w, n, alpha, bias, y, n, threads, 10) != 0) { printf("FAIL int10 rc\n"); failures++; }
-            for (int64_t t = 0; t < m; t++)
-                for (int64_t r = 0; r < n; r++) {
-                    const float want = (float)acc10[t * n + r] * (scale10[t] * alpha) + bias[r];
-                    if (y[t * n + r] != want) {
-                        printf("FAIL int10 y isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n",
-                               td_isa_name(isa), (long long)m, (long long)k, (long long)n,
-                               (long long)t, (long long)r, y[t * n + r], want);
-                        failures++;
-                        t = m;
-                        break;
-                    }
-                }
+            check_int_outputs("int10", isa, m, k, n, y, acc10, scale10, alpha, bias);
             /* float32: within float rounding of the sum of |x| */
             td_gemm_f32(x, m, k, k, w, n, alpha, bias, y, n, threads);
             for (int64_t t = 0; t < m; t++)
