@@ -243,9 +243,13 @@ int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
 #endif
 #if TD_ARM64
     case TD_ISA_NEON:
-    case TD_ISA_NEON_DOT: return td_gemm_f32_neon(x, m, k, ldx, packed, n, &o, threads);
+    case TD_ISA_NEON_DOT:
+        if (m >= TD_LUT_MIN_M) return td_gemm_f32_lut(x, m, k, ldx, packed, n, &o, threads);
+        return td_gemm_f32_neon(x, m, k, ldx, packed, n, &o, threads);
 #endif
-    default: return td_gemm_f32_scalar(x, m, k, ldx, packed, n, &o, threads);
+    default:
+        if (m >= TD_LUT_MIN_M) return td_gemm_f32_lut(x, m, k, ldx, packed, n, &o, threads);
+        return td_gemm_f32_scalar(x, m, k, ldx, packed, n, &o, threads);
     }
 }
 
@@ -334,7 +338,9 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
             case TD_ISA_NEON:
             case TD_ISA_NEON_DOT: rc = td_gemm_f32_neon(xf, m, k, ldq, packed, n, &o, threads); break;
 #endif
-            default: rc = td_gemm_f32_scalar(xf, m, k, ldq, packed, n, &o, threads);
+            default:
+                rc = m >= TD_LUT_MIN_M ? td_gemm_f32_lut(xf, m, k, ldq, packed, n, &o, threads)
+                                       : td_gemm_f32_scalar(xf, m, k, ldq, packed, n, &o, threads);
             }
             td_free(xf);
         }

@@ -46,6 +46,10 @@ int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const 
                        int64_t n, const td_out_t *o, int threads);
 int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                       int64_t n, const td_out_t *o, int threads);
+/* Portable table GEMM, float32 (ternary_lut.c); for M >= TD_LUT_MIN_M on NEON and the scalar path. */
+#define TD_LUT_MIN_M 8
+int td_gemm_f32_lut(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                    const td_out_t *o, int threads);
 int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                        int64_t n, const td_out_t *o, int threads);
 
