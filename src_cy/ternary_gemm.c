@@ -260,10 +260,14 @@ static int dispatch_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, con
     case TD_ISA_AVX2: return td_gemm_i8_avx2(xq, m, kp, ldq, packed, n, o, threads);
 #endif
 #if TD_ARM64
-    case TD_ISA_NEON: return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 0);
-    case TD_ISA_NEON_DOT: return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 1);
+    case TD_ISA_NEON:
+    case TD_ISA_NEON_DOT:
+        if (m >= TD_LUT_MIN_M) return td_gemm_int_lut(xq, NULL, m, kp, ldq, packed, n, o, threads, 127);
+        return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, td_get_isa() == TD_ISA_NEON_DOT);
 #endif
-    default: return td_gemm_i8_scalar(xq, m, kp, ldq, packed, n, o, threads);
+    default:
+        if (m >= TD_LUT_MIN_M) return td_gemm_int_lut(xq, NULL, m, kp, ldq, packed, n, o, threads, 127);
+        return td_gemm_i8_scalar(xq, m, kp, ldq, packed, n, o, threads);
     }
 }
 
@@ -288,8 +292,9 @@ int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t 
 }
 
 /* 9..10-bit activations. AVX2: int16 look-up tables for many tokens, an int16 GEMV for a few
- * (ternary_avx2.c); NEON: int16 select-and-add (ternary_neon.c). On the scalar path the integers
- * are converted to float32 and run through the float kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that is
+ * (ternary_avx2.c). NEON and scalar, M >= 8: the portable int16 tables (ternary_lut.c); fewer
+ * tokens: NEON int16 select-and-add (ternary_neon.c), or on the scalar path the integers converted
+ * to float32 and run through the float kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that is
  * below 2^24, so the result equals the integer sum; past that bound the scalar integer kernel runs. */
 int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                 float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits) {
@@ -310,6 +315,7 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     td_out_t o = {alpha, scale, bias, y, ldy, NULL};
     int rc = TD_OK;
     const int isa = td_get_isa();
+    (void)isa;
 #if TD_X86
     if (isa == TD_ISA_AVX2) {
         rc = td_gemm_i16_avx2(xq, m, kp, ldq, packed, n, &o, threads, lim);
@@ -317,6 +323,11 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
         return rc;
     }
 #endif
+    if (m >= TD_LUT_MIN_M) { /* NEON and scalar: the portable int16 tables */
+        rc = td_gemm_int_lut(NULL, xq, m, kp, ldq, packed, n, &o, threads, lim);
+        td_free(xq); td_free(scale);
+        return rc;
+    }
 #if TD_ARM64
     if (isa == TD_ISA_NEON || isa == TD_ISA_NEON_DOT) {
         rc = td_gemm_i16_neon(xq, m, kp, ldq, packed, n, &o, threads);
@@ -330,18 +341,7 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
             rc = TD_ENOMEM;
         } else {
             for (int64_t i = 0; i < m * ldq; i++) xf[i] = (float)xq[i];
-            switch (isa) {
-#if TD_X86
-            case TD_ISA_AVX2: rc = td_gemm_f32_avx2(xf, m, k, ldq, packed, n, &o, threads); break;
-#endif
-#if TD_ARM64
-            case TD_ISA_NEON:
-            case TD_ISA_NEON_DOT: rc = td_gemm_f32_neon(xf, m, k, ldq, packed, n, &o, threads); break;
-#endif
-            default:
-                rc = m >= TD_LUT_MIN_M ? td_gemm_f32_lut(xf, m, k, ldq, packed, n, &o, threads)
-                                       : td_gemm_f32_scalar(xf, m, k, ldq, packed, n, &o, threads);
-            }
+            rc = td_gemm_f32_scalar(xf, m, k, ldq, packed, n, &o, threads);
             td_free(xf);
         }
     } else {

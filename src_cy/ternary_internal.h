@@ -46,10 +46,13 @@ int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const 
                        int64_t n, const td_out_t *o, int threads);
 int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                       int64_t n, const td_out_t *o, int threads);
-/* Portable table GEMM, float32 (ternary_lut.c); for M >= TD_LUT_MIN_M on NEON and the scalar path. */
+/* Portable table GEMMs (ternary_lut.c), for M >= TD_LUT_MIN_M on NEON and the scalar path. */
 #define TD_LUT_MIN_M 8
 int td_gemm_f32_lut(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                     const td_out_t *o, int threads);
+/* The same with int16 tables for integer activations, int8 (xq8) or int16 (xq16) of |x| <= lim. */
+int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq,
+                    const uint8_t *packed, int64_t n, const td_out_t *o, int threads, int lim);
 int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                        int64_t n, const td_out_t *o, int threads);
 

@@ -148,3 +148,125 @@ int td_gemm_f32_lut(const float *x, int64_t m, int64_t k, int64_t ldx, const uin
     }
     return err ? TD_ENOMEM : TD_OK;
 }
+
+/* ------------------------------------------------------------------------------------------- */
+/* Integer activations (int8, or 10-bit in int16): int16 tables of 16 tokens per entry. An entry is
+ * a sum of four |x| <= lim, so |entry| <= 4 lim; `super` table sets of LUT_G look-ups stay within
+ * int16 (super * LUT_G * 4 lim <= 32767) before the sums are widened into int32. */
+
+#define LUT_ITOK 16
+
+#if LUT_VEC
+typedef int16_t lutiv __attribute__((vector_size(LUT_ITOK * sizeof(int16_t)), aligned(LUT_ITOK * sizeof(int16_t))));
+#endif
+
+static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t *T) {
+    for (int g = 0; g < LUT_G; g++) {
+        const int16_t *xk = xT + (kbase + g) * LUT_ITOK;
+        int16_t lo[9][LUT_ITOK], hi[9][LUT_ITOK];
+        for (int l = 0; l < LUT_ITOK; l++) {
+            const int16_t a = xk[l], b = xk[32 * LUT_ITOK + l];
+            const int16_t c = xk[64 * LUT_ITOK + l], d = xk[96 * LUT_ITOK + l];
+            lo[0][l] = (int16_t)(-a - b); lo[1][l] = (int16_t)-b; lo[2][l] = (int16_t)(a - b);
+            lo[3][l] = (int16_t)-a;       lo[4][l] = 0;           lo[5][l] = a;
+            lo[6][l] = (int16_t)(b - a);  lo[7][l] = b;           lo[8][l] = (int16_t)(a + b);
+            hi[0][l] = (int16_t)(-c - d); hi[1][l] = (int16_t)-d; hi[2][l] = (int16_t)(c - d);
+            hi[3][l] = (int16_t)-c;       hi[4][l] = 0;           hi[5][l] = c;
+            hi[6][l] = (int16_t)(d - c);  hi[7][l] = d;           hi[8][l] = (int16_t)(c + d);
+        }
+        int16_t *e = T + (int64_t)g * LUT_ENT * LUT_ITOK;
+        for (int j = 0; j < 9; j++)
+            for (int i = 0; i < 9; i++)
+                for (int l = 0; l < LUT_ITOK; l++) e[(9 * j + i) * LUT_ITOK + l] = (int16_t)(lo[i][l] + hi[j][l]);
+    }
+}
+
+static void lut_block_i16(const int8_t *xq8, const int16_t *xq16, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                          int super, const uint8_t *packed, int64_t r0, int64_t r1, const uint8_t idx[256],
+                          int16_t *xT, int16_t *T, int16_t *res16, int32_t *res32, const td_out_t *o) {
+    const int64_t kp = kb * 4;
+    memset(xT, 0, (size_t)kp * LUT_ITOK * sizeof(int16_t));
+    for (int t = 0; t < mt; t++)
+        for (int64_t kk = 0; kk < kp; kk++)
+            xT[kk * LUT_ITOK + t] = xq16 ? xq16[(m0 + t) * ldq + kk] : xq8[(m0 + t) * ldq + kk];
+    memset(res32, 0, (size_t)(r1 - r0) * LUT_ITOK * sizeof(int32_t));
+    const int64_t nset = kb / LUT_G;
+    for (int64_t s = 0; s < nset; s++) {
+        const int64_t byte0 = s * LUT_G;
+        build_tables_i16(xT, (byte0 / TD_BLOCK_BYTES) * TD_BLOCK_K + byte0 % TD_BLOCK_BYTES, T);
+        const int first = s % super == 0, last = s % super == super - 1 || s == nset - 1;
+        for (int64_t row = r0; row < r1; row++) {
+            const uint8_t *w = packed + row * kb + byte0;
+            int16_t *rp = res16 + (row - r0) * LUT_ITOK;
+#if LUT_VEC
+            const lutiv *tv = (const lutiv *)T;
+            lutiv a = tv[idx[w[0]]], b = tv[LUT_ENT + idx[w[1]]];
+            for (int g = 2; g < LUT_G; g += 2) {
+                a += tv[g * LUT_ENT + idx[w[g]]];
+                b += tv[(g + 1) * LUT_ENT + idx[w[g + 1]]];
+            }
+            a += b;
+            if (!first) a += *(const lutiv *)rp;
+            *(lutiv *)rp = a;
+#else
+            int16_t acc[LUT_ITOK];
+            for (int l = 0; l < LUT_ITOK; l++) acc[l] = first ? 0 : rp[l];
+            for (int g = 0; g < LUT_G; g++) {
+                const int16_t *e = T + ((int64_t)g * LUT_ENT + idx[w[g]]) * LUT_ITOK;
+                for (int l = 0; l < LUT_ITOK; l++) acc[l] = (int16_t)(acc[l] + e[l]);
+            }
+            for (int l = 0; l < LUT_ITOK; l++) rp[l] = acc[l];
+#endif
+            if (last) {
+                int32_t *qp = res32 + (row - r0) * LUT_ITOK;
+                for (int l = 0; l < LUT_ITOK; l++) qp[l] += rp[l];
+            }
+        }
+    }
+    for (int t = 0; t < mt; t++)
+        for (int64_t row = r0; row < r1; row++) td_store(o, m0 + t, row, res32[(row - r0) * LUT_ITOK + t]);
+}
+
+int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq,
+                    const uint8_t *packed, int64_t n, const td_out_t *o, int threads, int lim) {
+    const int64_t kb = kp / 4;
+    int super = 32767 / (LUT_G * 4 * lim);
+    if (super < 1) return TD_EINVAL;
+    uint8_t idx[256];
+    entry_index(idx);
+    const int64_t ntb = (m + LUT_ITOK - 1) / LUT_ITOK;
+    int64_t nsplit = (n + LUT_ROWS - 1) / LUT_ROWS;
+    if (ntb * nsplit < threads) {
+        int64_t want = (threads + ntb - 1) / ntb;
+        if (want > (n + 63) / 64) want = (n + 63) / 64;
+        if (want > nsplit) nsplit = want;
+    }
+    if (nsplit < 1) nsplit = 1;
+    const int64_t rows_per = (n + nsplit - 1) / nsplit;
+    int err = 0;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) if (td_force_parallel || ntb * n * kb >= (1 << 20))
+#endif
+    {
+        int16_t *xT = td_alloc((size_t)kp * LUT_ITOK * sizeof(int16_t));
+        int16_t *T = td_alloc((size_t)LUT_G * LUT_ENT * LUT_ITOK * sizeof(int16_t));
+        int16_t *res16 = td_alloc((size_t)rows_per * LUT_ITOK * sizeof(int16_t));
+        int32_t *res32 = td_alloc((size_t)rows_per * LUT_ITOK * sizeof(int32_t));
+        const int ok = xT && T && res16 && res32;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < ntb * nsplit; item++) {
+            if (!ok) { err = 1; continue; }
+            const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
+            const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
+            const int mt = (int)(m - tb * LUT_ITOK < LUT_ITOK ? m - tb * LUT_ITOK : LUT_ITOK);
+            if (r0 < r1)
+                lut_block_i16(xq8, xq16, ldq, tb * LUT_ITOK, mt, kb, super, packed, r0, r1, idx, xT, T,
+                              res16, res32, o);
+        }
+        td_free(xT); td_free(T); td_free(res16); td_free(res32);
+    }
+    return err ? TD_ENOMEM : TD_OK;
+}
