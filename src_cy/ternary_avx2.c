@@ -149,7 +149,7 @@ TD_TARGET static void build_tables_f32(const float *xT, int64_t kbase, float *T)
 #define PANEL_WORDS 1
 #endif
 #ifndef LUT_MAX_ROWS
-#define LUT_MAX_ROWS 4096
+#define LUT_MAX_ROWS 4096  /* rows per work item at most: 4096 measured faster than 256..2048 here */
 #endif
 
 /* Fill the panel; called by every thread of the GEMM's parallel region (an orphaned `omp for`,
@@ -287,22 +287,6 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
     }
 }
 
-/* Work split shared by both LUT drivers: token blocks first (tables are then built once per
- * block and shared by all rows); when there are fewer blocks than threads, rows are split too. */
-static void lut_split(int64_t m, int tb, int64_t n, int threads, int64_t *ntb, int64_t *nsplit,
-                      int64_t *rows_per) {
-    *ntb = (m + tb - 1) / tb;
-    /* rows per work item: at most LUT_MAX_ROWS, which bounds the per-row partial-sum buffers;
-     * longer ranges build fewer tables (4096 measured faster than 256..2048 here) */
-    *nsplit = (n + LUT_MAX_ROWS - 1) / LUT_MAX_ROWS;
-    if (*ntb * *nsplit < threads) {
-        int64_t want = (threads + *ntb - 1) / *ntb;
-        if (want > (n + 63) / 64) want = (n + 63) / 64; /* keep >= 64 rows per table build */
-        if (want > *nsplit) *nsplit = want;
-    }
-    if (*nsplit < 1) *nsplit = 1;
-    *rows_per = (n + *nsplit - 1) / *nsplit;
-}
 
 int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
                      int64_t n, const td_out_t *o, int threads) {
@@ -331,7 +315,7 @@ int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const ui
     build_offsets(off);
     int64_t ntb, nsplit, rows_per;
     if (((m + 7) / 8) * n * kb < LUT_PARALLEL_MIN) threads = 1;
-    lut_split(m, 8, n, threads, &ntb, &nsplit, &rows_per);
+    td_lut_split(m, 8, n, threads, LUT_MAX_ROWS, &ntb, &nsplit, &rows_per);
     uint16_t *offs = NULL;
     if (ntb >= PANEL_MIN_BLOCKS) {
         offs = td_alloc((size_t)n * (size_t)kb * sizeof(uint16_t));
@@ -613,7 +597,7 @@ static int lut_i16_driver(const int8_t *xq, const int16_t *xq16, int64_t m, int6
     build_offsets(off);
     int64_t ntb, nsplit, rows_per;
     if (((m + 15) / 16) * n * kb < LUT_PARALLEL_MIN) threads = 1;
-    lut_split(m, 16, n, threads, &ntb, &nsplit, &rows_per);
+    td_lut_split(m, 16, n, threads, LUT_MAX_ROWS, &ntb, &nsplit, &rows_per);
     uint16_t *offs = NULL;
     if (ntb >= PANEL_MIN_BLOCKS) {
         offs = td_alloc((size_t)n * (size_t)kb * sizeof(uint16_t));

@@ -38,6 +38,24 @@ typedef struct {
     int32_t *acc;        /* int8 mode only: raw sums instead of y when not NULL */
 } td_out_t;
 
+/* Work split of the table GEMMs (AVX2 and portable): token blocks of `tb` first (their tables are
+ * built once and shared by all rows), rows cut into ranges of at most `max_rows` (bounding the
+ * per-row partial sums; longer ranges build fewer tables), and cut further when there are fewer
+ * blocks than threads, keeping >= 64 rows per table build. Work item i is token block i / nsplit,
+ * rows (i % nsplit) * rows_per onward. */
+static inline void td_lut_split(int64_t m, int tb, int64_t n, int threads, int64_t max_rows, int64_t *ntb,
+                                int64_t *nsplit, int64_t *rows_per) {
+    *ntb = (m + tb - 1) / tb;
+    *nsplit = (n + max_rows - 1) / max_rows;
+    if (*ntb * *nsplit < threads) {
+        int64_t want = (threads + *ntb - 1) / *ntb;
+        if (want > (n + 63) / 64) want = (n + 63) / 64;
+        if (want > *nsplit) *nsplit = want;
+    }
+    if (*nsplit < 1) *nsplit = 1;
+    *rows_per = (n + *nsplit - 1) / *nsplit;
+}
+
 /* Set by td_set_force_parallel: 1 = split even tiny problems across threads (tests). */
 extern int td_force_parallel;
 

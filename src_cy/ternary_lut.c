@@ -115,15 +115,8 @@ int td_gemm_f32_lut(const float *x, int64_t m, int64_t k, int64_t ldx, const uin
     const int64_t kb = td_padded_k(k) / 4, kp = kb * 4;
     uint8_t idx[256];
     entry_index(idx);
-    const int64_t ntb = (m + LUT_TOK - 1) / LUT_TOK;
-    int64_t nsplit = (n + LUT_ROWS - 1) / LUT_ROWS;
-    if (ntb * nsplit < threads) {
-        int64_t want = (threads + ntb - 1) / ntb;
-        if (want > (n + 63) / 64) want = (n + 63) / 64;
-        if (want > nsplit) nsplit = want;
-    }
-    if (nsplit < 1) nsplit = 1;
-    const int64_t rows_per = (n + nsplit - 1) / nsplit;
+    int64_t ntb, nsplit, rows_per;
+    td_lut_split(m, LUT_TOK, n, threads, LUT_ROWS, &ntb, &nsplit, &rows_per);
     int err = 0;
     (void)threads;
 #if defined(_OPENMP)
@@ -234,15 +227,8 @@ int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t k
     if (super < 1) return TD_EINVAL;
     uint8_t idx[256];
     entry_index(idx);
-    const int64_t ntb = (m + LUT_ITOK - 1) / LUT_ITOK;
-    int64_t nsplit = (n + LUT_ROWS - 1) / LUT_ROWS;
-    if (ntb * nsplit < threads) {
-        int64_t want = (threads + ntb - 1) / ntb;
-        if (want > (n + 63) / 64) want = (n + 63) / 64;
-        if (want > nsplit) nsplit = want;
-    }
-    if (nsplit < 1) nsplit = 1;
-    const int64_t rows_per = (n + nsplit - 1) / nsplit;
+    int64_t ntb, nsplit, rows_per;
+    td_lut_split(m, LUT_ITOK, n, threads, LUT_ROWS, &ntb, &nsplit, &rows_per);
     int err = 0;
     (void)threads;
 #if defined(_OPENMP)
