@@ -33,6 +33,14 @@ DIT_PREFIX = "dit."
 VAE_PREFIX = "vae."
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8}
+# Offsets (in the file) at which a tensor is used in place: float tensors at a multiple of their
+# itemsize, packed ternary bytes at a multiple of 4 (the kernels read them as 32-bit words). Files
+# from write_tdit always meet this (see docs/format.md, "Alignment"); a tensor of another file that
+# does not is copied once into a 64-byte aligned buffer, so the numbers a model computes never
+# depend on where its tensors happen to sit in the file (NumPy and BLAS take other code paths, with
+# another summation order, for misaligned operands).
+_IN_PLACE_ALIGNMENT = {"F32": 4, "F16": 2, "U8": 4}
+COPY_ALIGNMENT = 64
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 FLOAT_DTYPES = {"fp32": "F32", "fp16": "F16"}
 
@@ -217,6 +225,16 @@ def _json_meta(meta: dict, key: str, path: str, kind):
     return value
 
 
+def _aligned_copy(view: np.ndarray) -> np.ndarray:
+    """A read-only copy of `view` whose data starts on a COPY_ALIGNMENT-byte boundary."""
+    raw = np.empty(view.nbytes + COPY_ALIGNMENT, dtype=np.uint8)
+    start = (-raw.ctypes.data) % COPY_ALIGNMENT
+    out = raw[start:start + view.nbytes].view(view.dtype).reshape(view.shape)
+    out[...] = view
+    out.flags.writeable = False
+    return out
+
+
 def _check_finite(arr: np.ndarray, name: str, path: str) -> None:
     flat = arr.reshape(-1)
     step = 1 << 20
@@ -324,6 +342,8 @@ def _read_mapped(mm, size: int, path: str, verify: bool) -> TditFile:
             if crc != checksums[name]:
                 raise ChecksumError(f"{path}: tensor {name!r} fails its checksum (file corrupted); "
                                     "re-copy or re-convert the model")
+        if (data_start + begin) % _IN_PLACE_ALIGNMENT[dt]:
+            arr = _aligned_copy(arr)  # a file from another writer: one aligned copy, see _IN_PLACE_ALIGNMENT
         tensors[name] = arr
 
     if cfg is not None:
