@@ -43,6 +43,13 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def _seed_list(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return [_non_negative_int(p) for p in parts]
+
+
 def _steps(text: str):
     if text.startswith("ddim"):
         return text
@@ -64,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm")
     g.add_argument("--cfg", type=_non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
     g.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (default 0)")
-    g.add_argument("--seed", type=_non_negative_int, default=0)
+    sg = g.add_mutually_exclusive_group()
+    sg.add_argument("--seed", type=_non_negative_int, default=0,
+                    help="seed of the first image; image k gets SEED + k (default 0)")
+    sg.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                    help="one seed per image (as many as classes); an image depends only on its class and seed")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images sampled together (default: what fits in memory); the images do not depend on it")
     g.add_argument("--out", default="out.png", help="output PNG (several classes without --grid: OUT-0.png, ...)")
     g.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
     g.add_argument("--upscale", type=_positive_int, default=None,
@@ -182,17 +195,30 @@ def _save_images(images, args, meta: dict) -> list[str]:
     for k, (im, path) in enumerate(zip(images, paths)):
         info = PngImagePlugin.PngInfo()
         for key, value in meta.items():
-            if key == "class" and len(paths) > 1:
-                value = meta["class"].split(",")[k]
+            if key in ("class", "seed", "index") and len(paths) > 1:  # one file per image: its own values
+                value = value[k]
+            elif key in ("class", "seed", "index"):
+                if len(images_meta := value) == 1:
+                    value = images_meta[0]
+                else:  # a grid: every image's value, in grid order
+                    key = {"class": "class", "seed": "seeds", "index": "indices"}[key]
+                    value = ",".join(str(v) for v in images_meta)
             info.add_text(key, str(value))
         im.save(path, pnginfo=info)
         written.append(path)
     return written
 
 
+def _seed_summary(seeds: list[int]) -> str:
+    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}..{seeds[-1]}"
+    return ",".join(str(s) for s in seeds)
+
+
 def _cmd_generate(args) -> int:
     import numpy as np
 
+    from .diffusion import image_seeds
     from .pipeline import Pipeline
 
     t0 = time.time()
@@ -213,21 +239,22 @@ def _cmd_generate(args) -> int:
     if latents_only and not args.save_latents:
         raise TerditError("this model samples SD-VAE latents but the file holds no VAE: embed one with "
                           "`terdit-edge convert ... --vae VAE_SRC`, pass --vae FILE, or use --save-latents NPY")
+    seeds = image_seeds(len(classes), args.seed, args.seeds)
     print(f"model: {pipe.path} ({cfg.n_layers} layers, dim {cfg.dim}); backend "
           f"{pipe.model.backend.describe()}; {len(classes)} image(s), {args.sampler} {steps} steps, cfg {args.cfg}, "
-          f"seed {args.seed}", file=sys.stderr)
-    latents = pipe.latents(classes, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,
-                           eta=args.eta, progress=not args.no_progress)
+          f"seeds {_seed_summary(seeds)}", file=sys.stderr)
+    latents = pipe.latents(classes, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seeds=seeds,
+                           eta=args.eta, progress=not args.no_progress, batch_size=args.batch_size)
     if args.save_latents:
         np.save(args.save_latents, latents)
         print(f"wrote {args.save_latents}", file=sys.stderr)
     if latents_only:
         return 0
     from .pipeline import to_pil
-    images = [to_pil(im) for im in pipe.decode(latents, vae_tile=args.vae_tile)]
-    meta = {"model": os.path.basename(pipe.path), "class": ",".join(str(c) for c in classes),
-            "seed": args.seed, "steps": steps, "sampler": args.sampler, "cfg": args.cfg, "eta": args.eta,
-            "activations": args.activations, "version": f"terdit-edge {__version__}"}
+    images = [to_pil(pipe.decode(latents[k:k + 1], vae_tile=args.vae_tile)[0]) for k in range(len(classes))]
+    meta = {"model": os.path.basename(pipe.path), "class": classes, "seed": seeds,
+            "index": list(range(len(classes))), "steps": steps, "sampler": args.sampler, "cfg": args.cfg,
+            "eta": args.eta, "activations": args.activations, "version": f"terdit-edge {__version__}"}
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -5,10 +5,12 @@ plus ``model.config`` (in_channels, input_size, guided_channels), ``model.map_la
 ``model.null_label``. Schedule arithmetic is float64; coefficients are cast to float32 where they
 meet the tensors, as in the authors' code.
 
-Randomness contract (a seed means the same image on every machine and backend):
-``rng = numpy.random.default_rng(seed)`` draws the initial noise
-``rng.standard_normal((B, C, H, W), dtype=float32)``, then exactly one draw of that shape per step,
-every step and every sampler, whether the step uses it or not.
+Randomness contract (an image is a pure function of the model file, its class, its seed and the
+sampler settings, whatever batch, process, thread count or machine made it): every image k has its
+own integer seed ``seeds[k]`` (``seed=s`` means ``seeds[k] = s + k``) and its own generator
+``rng_k = numpy.random.default_rng(seeds[k])``, which draws the image's initial noise
+``rng_k.standard_normal((C, H, W), dtype=float32)`` and then exactly one draw of that shape per
+step, every step and every sampler, whether the step uses it or not. See docs/reproducibility.md.
 """
 from __future__ import annotations
 
@@ -202,12 +204,36 @@ def guided_model_output(model, x: np.ndarray, t: int, labels: np.ndarray, cfg_sc
     return guided
 
 
+MAX_SEED = 2**64 - 1
+
+
+def image_seeds(n: int, seed: int | None = 0, seeds=None) -> list[int]:
+    """The per-image seeds of n images: ``seeds`` as given (one non-negative int per image), or
+    ``seed + k`` for image k. Raises InputError for anything else."""
+    if seeds is not None:
+        if isinstance(seeds, (int, np.integer)) or isinstance(seeds, (str, bytes)):
+            raise InputError(f"seeds must be a list of integers (one per image), got {seeds!r}")
+        seeds = list(seeds)
+        if len(seeds) != n:
+            raise InputError(f"seeds has {len(seeds)} entries but there are {n} images; give one seed per image")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+                raise InputError(f"every seed must be an integer in 0..2**64-1, got {s!r}")
+        return [int(s) for s in seeds]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED - max(n - 1, 0):
+        raise InputError(f"seed must be a non-negative integer (image k gets seed + k, at most 2**64-1), got {seed!r}")
+    return [int(seed) + k for k in range(n)]
+
+
 def sample(model, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
-           eta: float = 0.0, callback: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
+           eta: float = 0.0, callback: Callable[[int, int, np.ndarray], None] | None = None,
+           seeds=None) -> np.ndarray:
     """Sample latents (B, C, H, W) float32 for standard class ids (mapped through the model's label map).
 
     steps: int N (uniform respacing) or "ddimN" (integer stride). sampler: "ddpm", "ddim" (with eta)
-    or "dpm++2m". callback(step_index, total, latents) runs after each step; raise in it to cancel.
+    or "dpm++2m". Image k uses seed ``seeds[k]`` when seeds are given, else ``seed + k`` (see the
+    randomness contract above): its latents do not depend on the other images of the batch.
+    callback(step_index, total, latents) runs after each step; raise in it to cancel.
     """
     sampler = _SAMPLER_ALIASES.get(str(sampler).lower(), str(sampler).lower())
     if sampler not in SAMPLERS:
@@ -216,19 +242,26 @@ def sample(model, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: flo
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value) or value < 0:
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     labels = model.map_labels(class_labels)
+    seed_list = image_seeds(len(labels), seed, seeds)
     sched = Schedule.create(steps)
     cfg = model.config
-    shape = (len(labels), cfg.in_channels, cfg.input_size, cfg.input_size)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32)
+    image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = (len(labels), *image_shape)
+    rngs = [np.random.default_rng(s) for s in seed_list]  # one stream per image (the contract)
+
+    def draw() -> np.ndarray:
+        x = np.empty(shape, dtype=np.float32)
+        for k, rng in enumerate(rngs):
+            x[k] = rng.standard_normal(image_shape, dtype=np.float32)
+        return x
+
+    x = draw()
     solver = DPMSolverPP2M(sched) if sampler == "dpm++2m" else None
     total = len(sched)
     for step_index, j in enumerate(range(total - 1, -1, -1)):
         out = guided_model_output(model, x, int(sched.timesteps[j]), labels, cfg_scale)
-        noise = rng.standard_normal(shape, dtype=np.float32)  # drawn every step (the contract)
+        noise = draw()  # drawn every step (the contract)
         if sampler == "ddpm":
             x = ddpm_step(sched, j, x, out, noise)
         elif sampler == "ddim":

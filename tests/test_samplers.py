@@ -145,22 +145,50 @@ class RecordingRng:
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 @pytest.mark.parametrize("steps", [1, 5])
-def test_rng_contract_initial_noise_then_one_draw_per_step(monkeypatch, sampler, steps):
+@pytest.mark.parametrize("seeding", ["seed", "seeds"])
+def test_rng_contract_one_stream_per_image_initial_noise_then_one_draw_per_step(monkeypatch, sampler, steps,
+                                                                                seeding):
     rec = RecordingRng(np.random.default_rng)
     monkeypatch.setattr(np.random, "default_rng", rec)
     model = RecordingModel()
-    sample(model, [1, 2], steps=steps, sampler=sampler, cfg_scale=1.0, seed=123)
-    assert len(rec.made) == 1
+    kw = dict(seed=123) if seeding == "seed" else dict(seeds=[77, 5])
+    want_seeds = [123, 124] if seeding == "seed" else [77, 5]
+    sample(model, [1, 2], steps=steps, sampler=sampler, cfg_scale=1.0, **kw)
+    assert len(rec.made) == 2  # one generator per image, made from that image's seed alone
 
-    shape = (2, 4, 8, 8)
-    ref = rec.real(123)
-    first = ref.standard_normal(shape, dtype=np.float32)
+    image = (4, 8, 8)
+    refs = [rec.real(s) for s in want_seeds]
+    first = np.stack([r.standard_normal(image, dtype=np.float32) for r in refs])
     assert np.array_equal(model.calls[0][0], first)
-    for _ in range(steps):
-        ref.standard_normal(shape, dtype=np.float32)
-    # the sampler's generator has made exactly steps + 1 draws: same state, same next draw
-    assert rec.made[0].bit_generator.state == ref.bit_generator.state
-    assert np.array_equal(rec.made[0].standard_normal(3), ref.standard_normal(3))
+    for r in refs:
+        for _ in range(steps):
+            r.standard_normal(image, dtype=np.float32)
+    # each image's generator has made exactly steps + 1 draws: same state, same next draw
+    for made, r in zip(rec.made, refs):
+        assert made.bit_generator.state == r.bit_generator.state
+        assert np.array_equal(made.standard_normal(3), r.standard_normal(3))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_image_seed_k_is_seed_plus_k_and_an_image_does_not_depend_on_its_batch(sampler):
+    model = RecordingModel()
+    batch = sample(model, [3, 7, 1], steps=4, sampler=sampler, cfg_scale=4.0, seed=5)
+    assert np.array_equal(batch[1], sample(model, [7], steps=4, sampler=sampler, cfg_scale=4.0, seed=6)[0])
+    assert np.array_equal(batch[1], sample(model, [7], steps=4, sampler=sampler, cfg_scale=4.0, seeds=[6])[0])
+    mixed = sample(model, [9, 1, 3], steps=4, sampler=sampler, cfg_scale=4.0, seeds=[40, 7, 5])
+    assert np.array_equal(mixed[2], batch[0])
+    assert not np.array_equal(batch[0], batch[2])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(seeds=[1]), "one seed per image"), (dict(seeds=[1, 2, 3]), "one seed per image"),
+    (dict(seeds=[1, -2]), "every seed"), (dict(seeds=[1, True]), "every seed"), (dict(seeds=[1, 2.0]), "every seed"),
+    (dict(seeds=[1, 2**64]), "every seed"), (dict(seeds=7), "list of integers"), (dict(seeds="12"), "list of"),
+    (dict(seed=-1), "seed must be"), (dict(seed=2**64 - 1), "seed must be"), (dict(seed=1.5), "seed must be"),
+])
+def test_bad_seeds_are_refused(kw, match):
+    with pytest.raises(InputError, match=match):
+        sample(RecordingModel(), [1, 2], steps=2, sampler="ddim", cfg_scale=1.0, **kw)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])

@@ -71,6 +71,9 @@ class CythonBackend(NumpyBackend):
     """C kernels: ternary matmul in fp32 or int8 activation mode, fused per-token ops."""
 
     name = "cython"
+    # the table GEMMs (AVX2 from 2 tokens, NEON and portable from TD_LUT_MIN_M = 8) sum each token in
+    # an order fixed by K; fewer tokens stream the weights (GEMV), summing in another order
+    invariant_min_rows = 8
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -524,6 +524,7 @@ class NumbaBackend(NumpyBackend):
     """Ternary matmul compiled by Numba (fp32, int8 and int10 modes); other ops from the reference."""
 
     name = "numba"
+    invariant_min_rows = _SMALL_M  # the tiled kernels from _SMALL_M tokens; the per-token tables below
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
