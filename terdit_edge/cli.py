@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_info(args) -> int:
-    from .kernels import available_backends, get_backend
+    from .kernels import available_backends, batch_invariance, get_backend
 
-    info = {"version": __version__, "backends": available_backends()}
+    info = {"version": __version__, "backends": available_backends(), "batch_invariant": batch_invariance()}
     try:
         from .kernels.cpu import cpu_features
         info["cpu"] = cpu_features()
@@ -150,6 +150,9 @@ def _cmd_info(args) -> int:
     print("cpu: " + ", ".join(f"{k}={v}" for k, v in cpu.items()))
     print("backends: " + ", ".join(f"{k}: {v}" for k, v in info["backends"].items()))
     print(f"auto backend: {info['auto_backend']}")
+    inv = info["batch_invariant"]
+    print("batch-invariant images (same bytes in any batch, any thread count): "
+          + ", ".join(f"{k}: {'yes' if v else 'not promised'}" for k, v in inv.items()))
     print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
     if "model" in info:
         m = info["model"]

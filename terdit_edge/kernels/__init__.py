@@ -64,6 +64,18 @@ def available_backends() -> dict[str, str]:
     return status
 
 
+def batch_invariance() -> dict[str, bool]:
+    """Each registered backend -> whether it promises batch-invariant images (docs/reproducibility.md).
+    Backends whose module cannot be imported here count as not promising it."""
+    out = {}
+    for name in _REGISTRY:
+        try:
+            out[name] = bool(getattr(_factory(name), "batch_invariant", False))
+        except BackendError:
+            out[name] = False
+    return out
+
+
 def get_backend(name: str = "auto", threads: int | None = None, activations: str = "fp32"):
     """Instantiate a backend by name ("auto", "numpy", "cython", "numba", "cuda")."""
     if activations not in ACTIVATION_MODES:

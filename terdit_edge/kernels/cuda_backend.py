@@ -37,6 +37,8 @@ class CudaBackend(NumpyBackend):
     """Numba CUDA kernels. ``threads`` is accepted for a uniform signature and ignored."""
 
     name = "cuda"
+    # its own forward (build_model) and kernels; not checked for batch invariance (CI has no GPU)
+    batch_invariant = False
 
     def __init__(self, threads: int = 1, activations: str = "fp32"):
         super().__init__(threads=threads, activations=activations)

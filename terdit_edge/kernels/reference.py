@@ -107,6 +107,9 @@ class NumpyBackend:
     # calls of at least this many rows; below it a backend may switch to a small-batch kernel that
     # sums in another order. The model runs layers with fewer rows per image image by image.
     invariant_min_rows = 1
+    # whether an image's numbers are promised (and tested) to be the same in every batch and with
+    # any thread count (docs/reproducibility.md); `terdit-edge info` shows it
+    batch_invariant = True
 
     def __init__(self, threads: int = 1, activations: str = "fp32"):
         self.threads = threads
