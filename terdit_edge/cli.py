@@ -12,6 +12,7 @@ import sys
 import time
 
 from . import __version__
+from .diffusion import SAMPLER_REGISTRY
 from .errors import TerditError
 from .kernels.base import ACTIVATION_MODES
 
@@ -50,6 +51,17 @@ def _seed_list(text: str) -> list[int]:
     return [_non_negative_int(p) for p in parts]
 
 
+def _guidance_interval(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two integer timesteps), got {text!r}") from None
+    if not 0 <= lo <= hi <= 999:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 999, got {text!r}")
+    return lo, hi
+
+
 def _steps(text: str):
     if text.startswith("ddim"):
         return text
@@ -66,9 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     g.add_argument("--class", dest="classes", action="append", default=None, metavar="ID_OR_NAME",
                    help="class id or name, repeatable (default: every class of a model with <= 100 classes)")
+    defaults = ", ".join(f"{n} {c.default_steps}" for n, c in SAMPLER_REGISTRY.items())
     g.add_argument("--steps", type=_steps, default=None,
-                   help="sampling steps N, or 'ddimN' for the DDIM integer stride (default 250; 50 for ddim/dpm++2m)")
-    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm")
+                   help=f"sampling steps N, or 'ddimN' for the DDIM integer stride (default: {defaults})")
+    g.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
+    g.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
+                   help="guide only at steps whose timestep t (0..999) has LO <= t <= HI (default: every step)")
     g.add_argument("--cfg", type=_non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
     g.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (default 0)")
     sg = g.add_mutually_exclusive_group()
@@ -237,7 +252,7 @@ def _cmd_generate(args) -> int:
             args.grid = True
     else:
         classes = pipe.resolve_classes(args.classes)
-    steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
+    steps = args.steps if args.steps is not None else SAMPLER_REGISTRY[args.sampler].default_steps
     latents_only = cfg.latent and pipe.vae is None
     if latents_only and not args.save_latents:
         raise TerditError("this model samples SD-VAE latents but the file holds no VAE: embed one with "
@@ -247,7 +262,8 @@ def _cmd_generate(args) -> int:
           f"{pipe.model.backend.describe()}; {len(classes)} image(s), {args.sampler} {steps} steps, cfg {args.cfg}, "
           f"seeds {_seed_summary(seeds)}", file=sys.stderr)
     latents = pipe.latents(classes, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seeds=seeds,
-                           eta=args.eta, progress=not args.no_progress, batch_size=args.batch_size)
+                           eta=args.eta, progress=not args.no_progress, batch_size=args.batch_size,
+                           guidance_interval=args.guidance_interval)
     if args.save_latents:
         np.save(args.save_latents, latents)
         print(f"wrote {args.save_latents}", file=sys.stderr)
@@ -258,6 +274,8 @@ def _cmd_generate(args) -> int:
     meta = {"model": os.path.basename(pipe.path), "class": classes, "seed": seeds,
             "index": list(range(len(classes))), "steps": steps, "sampler": args.sampler, "cfg": args.cfg,
             "eta": args.eta, "activations": args.activations, "version": f"terdit-edge {__version__}"}
+    if args.guidance_interval is not None:
+        meta["guidance_interval"] = "{},{}".format(*args.guidance_interval)
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ from importlib import resources
 import numpy as np
 
 from .classnames import imagenet_class_names, resolve_class
-from .diffusion import image_seeds, respaced_timesteps, sample
+from .diffusion import image_seeds, respaced_timesteps, sample, sampler_class
 from .errors import FormatError, InputError
 from .format import VAE_PREFIX, TditFile, read_tdit
 from .model import model_from_file
@@ -118,9 +118,9 @@ class Pipeline:
             raise InputError("give at least one class")
         return ids
 
-    def latents(self, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
+    def latents(self, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
                 eta: float = 0.0, progress: bool = False, callback=None, seeds=None,
-                batch_size: int | None = None) -> np.ndarray:
+                batch_size: int | None = None, guidance_interval=None) -> np.ndarray:
         """Sampled latents (or pixels for pixel-space models), float32 (B, C, H, W).
 
         Image k has seed ``seeds[k]``, or ``seed + k`` without seeds, and comes out with the same
@@ -128,6 +128,7 @@ class Pipeline:
         ``batch_size`` at a time (default: :func:`default_batch_size`); every batch size gives the
         same result. ``callback(step_index, total, latents)`` runs after each step of each batch,
         counting steps over all batches (``latents`` is the current batch); raise in it to cancel.
+        ``steps`` None: the sampler's default; ``guidance_interval``: see :func:`terdit_edge.sample`.
         """
         ids = self.resolve_classes(class_labels)
         seed_list = image_seeds(len(ids), seed, seeds)
@@ -136,6 +137,8 @@ class Pipeline:
         elif isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         starts = range(0, len(ids), int(batch_size))
+        if steps is None:
+            steps = sampler_class(sampler).default_steps
         n_steps = len(respaced_timesteps(steps))
         bar = None
         if progress:
@@ -157,7 +160,8 @@ class Pipeline:
             for b0 in starts:
                 b1 = b0 + int(batch_size)
                 parts.append(sample(self.model, ids[b0:b1], steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                    eta=eta, seeds=seed_list[b0:b1], callback=on_step))
+                                    eta=eta, seeds=seed_list[b0:b1], callback=on_step,
+                                    guidance_interval=guidance_interval))
                 done += n_steps
         finally:
             if bar is not None:
@@ -175,9 +179,9 @@ class Pipeline:
             images = latents
         return np.clip((images.transpose(0, 2, 3, 1) + 1) / 2, 0, 1).astype(np.float32)
 
-    def __call__(self, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
+    def __call__(self, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
                  eta: float = 0.0, progress: bool = True, output: str = "pil", vae_tile: int | None = None,
-                 callback=None, seeds=None, batch_size: int | None = None):
+                 callback=None, seeds=None, batch_size: int | None = None, guidance_interval=None):
         """Generate one image per class label (id or ImageNet/stored class name).
 
         Image k has seed ``seeds[k]`` (or ``seed + k``): ``pipe([3, 7], seed=5)[1]`` equals
@@ -187,7 +191,8 @@ class Pipeline:
         if output not in ("pil", "np"):
             raise InputError(f"output must be 'pil' or 'np', got {output!r}")
         lat = self.latents(class_labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, eta=eta,
-                           progress=progress, callback=callback, seeds=seeds, batch_size=batch_size)
+                           progress=progress, callback=callback, seeds=seeds, batch_size=batch_size,
+                           guidance_interval=guidance_interval)
         # one image at a time: the decoder's BLAS calls then have the same shapes for every image
         # (batch invariance of the pictures), and its activations are one image's
         images = np.concatenate([self.decode(lat[k:k + 1], vae_tile=vae_tile) for k in range(lat.shape[0])])

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import terdit_edge
-from terdit_edge.diffusion import Schedule, guided_model_output, linear_betas, respaced_timesteps, sample
+from terdit_edge import Pipeline, diffusion
+from terdit_edge.diffusion import (SAMPLER_REGISTRY, SAMPLERS, Schedule, guided_model_output, linear_betas,
+                                   respaced_timesteps, sample, sampler_class)
 from terdit_edge.errors import InputError, TerditError
 
 # --- respacing ----------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def test_bad_class_labels(tiny_model, labels, match):
         sample(tiny_model, labels, steps=2, seed=0)
 
 
-@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", None, [10], "ddim37", True])
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", [10], "ddim37", True])  # None: the default
 def test_bad_steps(tiny_model, steps):
     with pytest.raises(InputError, match="steps|ddim"):
         sample(tiny_model, [1], steps=steps, seed=0)
@@ -373,3 +375,86 @@ def test_sampler_aliases(tiny_model):
     a = sample(tiny_model, [1], steps=3, sampler="dpm++2m", seed=0)
     for alias in ("DPM++2M", "dpmpp2m", "dpm-solver++"):
         assert np.array_equal(sample(tiny_model, [1], steps=3, sampler=alias, seed=0), a)
+
+
+# --- guidance interval ---------------------------------------------------------------------------
+
+
+def _guided_steps(model) -> list[int]:
+    """Timesteps of the calls that ran guidance partners (batch 2B with null labels)."""
+    return [int(t[0]) for x, t, y in model.calls if (y == model.null_label).any()]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_guidance_interval_guides_exactly_the_steps_inside_it(sampler):
+    model = RecordingModel()
+    sample(model, [1, 2], steps=10, sampler=sampler, cfg_scale=4.0, seed=0, guidance_interval=(300, 700))
+    assert _guided_steps(model) == [666, 555, 444, 333]
+    for x, t, y in model.calls:  # outside the interval: the conditional half alone
+        assert x.shape[0] == (4 if int(t[0]) in (666, 555, 444, 333) else 2)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_full_interval_is_plain_guided_sampling_and_an_empty_one_is_unguided(sampler):
+    kw = dict(steps=6, sampler=sampler, seed=4, eta=1.0)
+    plain = sample(RecordingModel(), [1, 2], cfg_scale=4.0, **kw)
+    assert np.array_equal(sample(RecordingModel(), [1, 2], cfg_scale=4.0, guidance_interval=(0, 999), **kw), plain)
+    model = RecordingModel()
+    none_guided = sample(model, [1, 2], cfg_scale=4.0, guidance_interval=(1, 150), **kw)  # steps: 999..0 by 200
+    assert _guided_steps(model) == []
+    assert np.array_equal(none_guided, sample(RecordingModel(), [1, 2], cfg_scale=1.0, **kw))
+
+
+def test_guidance_interval_on_the_bundled_model_is_bit_exact_at_its_ends():
+    """With a real (batch-invariant) model: the conditional half run alone equals it beside its partner."""
+    model = terdit_edge.load_model(Pipeline.load().path, threads=2)
+    kw = dict(steps=8, sampler="ddim", seed=3)
+    plain = sample(model, [3, 8], cfg_scale=4.0, **kw)
+    assert np.array_equal(sample(model, [3, 8], cfg_scale=4.0, guidance_interval=(0, 999), **kw), plain)
+    assert np.array_equal(sample(model, [3, 8], cfg_scale=4.0, guidance_interval=(500, 501), **kw),
+                          sample(model, [3, 8], cfg_scale=1.0, **kw))
+    part = sample(model, [3, 8], cfg_scale=4.0, guidance_interval=(0, 500), **kw)
+    assert not np.array_equal(part, plain)
+
+
+@pytest.mark.parametrize("interval", [(5, 2), (-1, 10), (0, 1000), (0,), "0,9", (0, float("nan")), (True, 5)])
+def test_bad_guidance_intervals_are_refused(interval):
+    with pytest.raises(InputError, match="guidance_interval"):
+        sample(RecordingModel(), [1], steps=2, cfg_scale=4.0, guidance_interval=interval)
+
+
+# --- the sampler registry --------------------------------------------------------------------------
+
+
+def test_registry_names_defaults_and_aliases():
+    assert tuple(SAMPLER_REGISTRY) == SAMPLERS == ("ddpm", "ddim", "dpm++2m")
+    assert SAMPLER_REGISTRY["ddpm"].default_steps == 250 and SAMPLER_REGISTRY["ddim"].default_steps == 50
+    assert sampler_class("DPM-Solver++") is SAMPLER_REGISTRY["dpm++2m"]
+    with pytest.raises(InputError, match="choose one of"):
+        sampler_class("euler")
+    model = RecordingModel()
+    sample(model, [1], sampler="ddim", cfg_scale=1.0)  # steps=None: the sampler's default
+    assert len(model.calls) == 50
+
+
+def test_a_registered_sampler_is_usable_by_name_everywhere(monkeypatch):
+    """Adding a sampler is one class and one registration: sample() and the CLI pick it up."""
+    monkeypatch.setattr(diffusion, "SAMPLER_REGISTRY", dict(SAMPLER_REGISTRY))
+    monkeypatch.setattr(diffusion, "_SAMPLER_ALIASES", dict(diffusion._SAMPLER_ALIASES))
+
+    @diffusion.register_sampler
+    class X0(diffusion.Sampler):
+        """Jumps to the predicted x0 at once (a test sampler)."""
+        name = "x0-test"
+        default_steps = 3
+
+        def step(self, j, x, model_out, noise):
+            return diffusion.predict_x0(self.s, j, x, model_out[:, :x.shape[1]]).astype(np.float32)
+
+    model = RecordingModel()
+    out = sample(model, [2], sampler="x0-test", cfg_scale=1.0, seed=1)
+    assert len(model.calls) == 3 and out.shape == (1, 4, 8, 8) and np.isfinite(out).all()
+    monkeypatch.setattr("terdit_edge.cli.SAMPLER_REGISTRY", diffusion.SAMPLER_REGISTRY)
+    from terdit_edge.cli import build_parser
+    args = build_parser().parse_args(["generate", "--sampler", "x0-test"])
+    assert args.sampler == "x0-test"
