@@ -73,7 +73,7 @@ def to_digit_features(images: torch.Tensor) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: the TerDiT "DiT-LLaMA" layout (docs: terdit-model.md, section 1)
+# Model: the TerDiT "DiT-LLaMA" layout (docs/model.md §2)
 # ----------------------------------------------------------------------------------------------
 
 class TernaryLinear(nn.Linear):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import FormatError
 
-TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (facts page, section 1)
+TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (docs/model.md §2)
 
 # Upper bounds that keep a hostile config from asking for absurd memory (7B: dim 4096, 32 layers).
 _INT_LIMITS = {"dim": 16384, "n_layers": 512, "n_heads": 1024, "n_kv_heads": 1024, "ffn_dim": 65536,

@@ -1,7 +1,7 @@
 """The ternary DiT ("DiT-LLaMA") forward pass on top of a compute backend.
 
 Names follow the paper and the checkpoints (x_embedder, t_embedder, adaLN, modulate, ...); the math
-is in the order of /docs (the facts page, section 1). No SIMD and no I/O here: the ternary linear
+is in the order of docs/model.md §2. No SIMD and no I/O here: the ternary linear
 layers and per-token ops go through ``self.backend`` (see :mod:`terdit_edge.kernels`).
 """
 from __future__ import annotations
@@ -132,7 +132,8 @@ class TernaryDiT:
 
         t_emb = be.dense(timestep_embedding(t), P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"],
                          rows_per_image=1)
-        t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"], rows_per_image=1)
+        t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"],
+                         rows_per_image=1)  # (B, cond_dim)
         c = t_emb + P["y_embedder.embedding_table.weight"][y]
         c_act = np.ascontiguousarray(silu(c), dtype=np.float32)  # (B, cond_dim)
 
@@ -141,9 +142,9 @@ class TernaryDiT:
 
         shift, scale = np.split(be.dense(c_act, P["final_layer.adaLN_modulation.1.weight"],
                                          P["final_layer.adaLN_modulation.1.bias"], rows_per_image=1), 2, axis=1)
-        hn = be.layernorm(h, None, None, 1e-6) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]
+        hn = be.layernorm(h, None, None, 1e-6) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]  # (B, T, D)
         out = be.dense(hn.reshape(bsz * n_tok, d), P["final_layer.linear.weight"], P["final_layer.linear.bias"],
-                       rows_per_image=n_tok)
+                       rows_per_image=n_tok)  # (B T, p p 2C)
         return unpatchify(out.reshape(bsz, n_tok, -1), p, cfg.out_channels, cfg.input_size, cfg.input_size)
 
     def _ternary(self, x: np.ndarray, w, out: np.ndarray, rows_per_image: int, backend=None) -> np.ndarray:
@@ -188,29 +189,29 @@ class TernaryDiT:
 
         # attention
         hn = be.rmsnorm_modulate(h, P[pre + "attention_norm.weight"], shift_msa, scale_msa, cfg.norm_eps,
-                                 out=ws["hn"]).reshape(rows, d)
+                                 out=ws["hn"]).reshape(rows, d)  # (B T, D)
         q = self._ternary(hn, W[pre + "attention.wq"], ws["q"], n_tok)
         k = self._ternary(hn, W[pre + "attention.wk"], ws["k"], n_tok)
-        v = self._ternary(hn, W[pre + "attention.wv"], ws["v"], n_tok)
+        v = self._ternary(hn, W[pre + "attention.wv"], ws["v"], n_tok)  # q (B T, D); k, v (B T, D_kv)
         if cfg.qk_norm:
             q = be.layernorm(q, P[pre + "attention.q_norm.weight"], P[pre + "attention.q_norm.bias"], 1e-5)
             k = be.layernorm(k, P[pre + "attention.k_norm.weight"], P[pre + "attention.k_norm.bias"], 1e-5)
         q = q.reshape(bsz, n_tok, cfg.n_heads, hd)
         k = k.reshape(bsz, n_tok, cfg.n_kv_heads, hd)
-        v = v.reshape(bsz, n_tok, cfg.n_kv_heads, hd)
+        v = v.reshape(bsz, n_tok, cfg.n_kv_heads, hd)  # q (B, T, H, hd); k, v (B, T, H_kv, hd)
         be.rope(q, self.rope_cos, self.rope_sin)
         be.rope(k, self.rope_cos, self.rope_sin)
-        att = be.attention(q, k, v, out=ws["att"].reshape(bsz, n_tok, cfg.n_heads, hd)).reshape(rows, d)
+        att = be.attention(q, k, v, out=ws["att"].reshape(bsz, n_tok, cfg.n_heads, hd)).reshape(rows, d)  # (B T, D)
         o = self._ternary(att, W[pre + "attention.wo"], ws["o"], n_tok)
-        be.add_gated(h, gate_msa, o.reshape(bsz, n_tok, d))
+        be.add_gated(h, gate_msa, o.reshape(bsz, n_tok, d))  # h (B, T, D) += gate (B, 1, D) * o
 
         # feed-forward (SwiGLU)
         hn = be.rmsnorm_modulate(h, P[pre + "ffn_norm.weight"], shift_mlp, scale_mlp, cfg.norm_eps,
                                  out=ws["hn"]).reshape(rows, d)
         a = self._ternary(hn, W[pre + "feed_forward.w1"], ws["a"], n_tok)
-        g = self._ternary(hn, W[pre + "feed_forward.w3"], ws["g"], n_tok)
+        g = self._ternary(hn, W[pre + "feed_forward.w3"], ws["g"], n_tok)  # a, g (B T, F)
         be.swiglu(a, g, out=a)
-        o = self._ternary(a, W[pre + "feed_forward.w2"], ws["o"], n_tok)
+        o = self._ternary(a, W[pre + "feed_forward.w2"], ws["o"], n_tok)  # (B T, D)
         be.add_gated(h, gate_mlp, o.reshape(bsz, n_tok, d))
         return h
 

@@ -41,7 +41,7 @@ def tiny_run(td, tmp_path_factory):
 
 
 def expected_shapes(dim, n_layers, patch_size, in_channels=1, num_classes=10):
-    """The TerDiT QAT key layout (docs/terdit-model.md section 1) for the given config."""
+    """The TerDiT QAT key layout (docs/model.md §2-3) for the given config."""
     cond = min(dim, 1024)
     ffn = 256 * math.ceil(int(2 * 4 * dim / 3) / 256)
     ppc = patch_size * patch_size * in_channels

@@ -1,4 +1,4 @@
-"""An independent PyTorch TerDiT, written from docs/terdit-model.md, for parity tests.
+"""An independent PyTorch TerDiT, written from the model's specification (docs/model.md), for parity tests.
 
 This is the yardstick terdit-edge is measured against, so it is written the way the authors' PyTorch
 code is organised (nn.Modules named like the checkpoint keys, a BitLinear-style ternary layer holding
