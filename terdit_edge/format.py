@@ -310,7 +310,7 @@ def _read_mapped(mm, size: int, path: str, verify: bool) -> TditFile:
         expected.update(expected_model_tensors(cfg, float_dtype))
     vae_json = meta.get("vae_config")
     if vae_json is not None:
-        from .vae import VAEConfig, expected_vae_tensors  # the VAE knows its own tensor list
+        from .vae_config import VAEConfig, expected_vae_tensors  # light: no numba
 
         vcfg = VAEConfig.from_json(vae_json)
         vdt = meta.get("vae_dtype")

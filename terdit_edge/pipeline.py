@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from importlib import resources
 
 import numpy as np
@@ -12,6 +11,7 @@ from .classnames import imagenet_class_names, resolve_class
 from .diffusion import image_seeds, respaced_timesteps, sample, sampler_class
 from .errors import FormatError, InputError
 from .format import VAE_PREFIX, TditFile, read_tdit
+from .images import to_pil, to_uint8  # noqa: F401 (to_uint8: part of this module's API)
 from .model import model_from_file
 
 DEFAULT_MODEL_NAME = "digits.tdit"
@@ -72,7 +72,8 @@ class Pipeline:
         self.path = path
         cfg = model.config
         if class_names is None:
-            class_names = imagenet_class_names() if cfg.num_classes == 1000 else [str(i) for i in range(cfg.num_classes)]
+            class_names = (imagenet_class_names() if cfg.num_classes == 1000
+                           else [str(i) for i in range(cfg.num_classes)])
         self.class_names = class_names
 
     @classmethod
@@ -199,20 +200,3 @@ class Pipeline:
         if output == "np":
             return images
         return [to_pil(img) for img in images]
-
-
-def to_uint8(images01: np.ndarray) -> np.ndarray:
-    """float images in [0, 1] -> uint8 with x * 255 + 0.5 truncated (the authors' conversion)."""
-    return (np.clip(images01, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def to_pil(image01: np.ndarray):
-    """(H, W, C) float in [0, 1] -> PIL image (L for one channel, RGB for three)."""
-    from PIL import Image
-
-    arr = to_uint8(image01)
-    if arr.shape[2] == 1:
-        return Image.fromarray(np.ascontiguousarray(arr[:, :, 0]))
-    if arr.shape[2] == 3:
-        return Image.fromarray(arr)
-    raise InputError(f"cannot make a picture of {arr.shape[2]} channels")
