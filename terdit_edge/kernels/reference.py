@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..packing import unpack_ternary_2bit
-from .base import TernaryWeight, activation_bits
+from .base import TernaryWeight, activation_bits, check_matmul_args
 
 try:  # threadpoolctl bounds BLAS threads so that `threads=` holds for the dense matmuls too
     from threadpoolctl import ThreadpoolController
@@ -132,7 +132,7 @@ class NumpyBackend:
     # --- ternary linear -------------------------------------------------------------------
     def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
         """x float32 (M, K) -> float32 (M, N); written into `out` when given."""
-        y = ternary_matmul_reference(x, w, self.activations)
+        y = ternary_matmul_reference(check_matmul_args(x, w, out), w, self.activations)
         if out is None:
             return y
         out[...] = y
