@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out")
     v.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
 
+    h = sub.add_parser("pull", help="download a released TerDiT model from the Hugging Face Hub and convert it "
+                       "(needs the [hub] extra)")
+    h.add_argument("name", nargs="?", default=None, help="model name (see --list)")
+    h.add_argument("--list", action="store_true", help="list the released models and what is cached")
+    h.add_argument("--force", action="store_true", help="download and convert again")
+    h.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model repository")
+
     i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--json", action="store_true")
@@ -281,6 +288,22 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_pull(args) -> int:
+    from .hub import cache_dir, list_models, pull
+
+    if args.list or args.name is None:
+        print(f"released models (cache: {cache_dir()}):")
+        for r in list_models():
+            state = f"cached, {r['file_mb']} MB" if r["cached"] else f"download about {r['download_mb']} MB"
+            print(f"  {r['name']:18s} {r['description']:34s} {state}")
+        if args.name is None and not args.list:
+            print("pull one with: terdit-edge pull NAME", file=sys.stderr)
+        return 0
+    path = pull(args.name, force=args.force, revision=args.revision, log=lambda m: print(m, file=sys.stderr))
+    print(path)
+    return 0
+
+
 def _cmd_convert(args) -> int:
     from .converters.terdit import main_convert
 
@@ -301,7 +324,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
-               "info": _cmd_info}[args.command]
+               "info": _cmd_info, "pull": _cmd_pull}[args.command]
     try:
         return handler(args)
     except TerditError as e:

@@ -106,6 +106,16 @@ class Pipeline:
                 raise FormatError(f"{path}: metadata class_names must list {tf.config.num_classes} strings")
         return cls(model, decoder, names, path)
 
+    @classmethod
+    def from_pretrained(cls, name: str, force: bool = False, revision: str | None = None, log=None,
+                        **load_kwargs) -> "Pipeline":
+        """A released TerDiT model by name ("terdit-600m-256", ...): downloaded from the Hugging Face
+        Hub, converted and cached on first use (:func:`terdit_edge.hub.pull`; needs the [hub] extra),
+        then loaded with ``Pipeline.load(path, **load_kwargs)``."""
+        from .hub import pull
+
+        return cls.load(pull(name, force=force, revision=revision, log=log), **load_kwargs)
+
     @property
     def config(self):
         return self.model.config
