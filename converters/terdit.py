@@ -19,8 +19,14 @@ import numpy as np
 from terdit_edge import __version__
 from terdit_edge.config import ModelConfig
 from terdit_edge.errors import ConvertError, TerditError
-from terdit_edge.format import (DIT_PREFIX, FLOAT_DTYPES, TERNARY_LAYERS, VAE_PREFIX, float_param_shapes,
-                                read_tdit, ternary_layer_shapes, write_tdit)
+from terdit_edge.format import (
+    DIT_PREFIX,
+    FLOAT_DTYPES,
+    float_param_shapes,
+    read_tdit,
+    ternary_layer_shapes,
+    write_tdit,
+)
 from terdit_edge.labels import LABEL_MAPS, make_label_map
 from terdit_edge.packing import PACKING_NAME, pack_ternary_2bit
 

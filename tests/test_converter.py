@@ -169,7 +169,8 @@ def wide(tmp_path_factory):
 
 def test_heads_default_to_32(wide, tmp_path):
     cfg = convert(wide, str(tmp_path / "m.tdit"), log=QUIET)["config"]
-    assert (cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["ffn_dim"], cfg["cond_dim"]) == (1024, 32, 32, 2816, 1024)
+    got = (cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["ffn_dim"], cfg["cond_dim"])
+    assert got == (1024, 32, 32, 2816, 1024)
     assert cfg["qk_norm"] is True and cfg["input_size"] == 8
 
 

@@ -8,8 +8,16 @@ import pytest
 
 import terdit_edge
 from terdit_edge import Pipeline, diffusion
-from terdit_edge.diffusion import (SAMPLER_REGISTRY, SAMPLERS, Schedule, guided_model_output, linear_betas,
-                                   respaced_timesteps, sample, sampler_class)
+from terdit_edge.diffusion import (
+    SAMPLER_REGISTRY,
+    SAMPLERS,
+    Schedule,
+    guided_model_output,
+    linear_betas,
+    respaced_timesteps,
+    sample,
+    sampler_class,
+)
 from terdit_edge.errors import InputError, TerditError
 
 # --- respacing ----------------------------------------------------------------------------------
@@ -382,7 +390,7 @@ def test_sampler_aliases(tiny_model):
 
 def _guided_steps(model) -> list[int]:
     """Timesteps of the calls that ran guidance partners (batch 2B with null labels)."""
-    return [int(t[0]) for x, t, y in model.calls if (y == model.null_label).any()]
+    return [int(t[0]) for _, t, y in model.calls if (y == model.null_label).any()]
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
@@ -390,7 +398,7 @@ def test_guidance_interval_guides_exactly_the_steps_inside_it(sampler):
     model = RecordingModel()
     sample(model, [1, 2], steps=10, sampler=sampler, cfg_scale=4.0, seed=0, guidance_interval=(300, 700))
     assert _guided_steps(model) == [666, 555, 444, 333]
-    for x, t, y in model.calls:  # outside the interval: the conditional half alone
+    for x, t, _ in model.calls:  # outside the interval: the conditional half alone
         assert x.shape[0] == (4 if int(t[0]) in (666, 555, 444, 333) else 2)
 
 

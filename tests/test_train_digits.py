@@ -73,7 +73,8 @@ def test_model_args_load_with_weights_only_and_describe_the_model(tiny_run):
         margs = torch.load(tiny_run / "model_args.pth", weights_only=True)
     assert isinstance(margs, argparse.Namespace)
     assert margs.model == "DiT_Llama_digits"
-    assert (margs.image_size, margs.num_classes, margs.in_channels, margs.vae, margs.qk_norm) == (16, 10, 1, "none", False)
+    got = (margs.image_size, margs.num_classes, margs.in_channels, margs.vae, margs.qk_norm)
+    assert got == (16, 10, 1, "none", False)
     assert (margs.dim, margs.n_layers, margs.n_heads, margs.patch_size) == (
         TINY["dim"], TINY["n_layers"], TINY["n_heads"], TINY["patch_size"])
     assert (margs.seed, margs.steps) == (0, 3)
