@@ -191,7 +191,7 @@ def _cmd_info(args) -> int:
 
 
 def _save_images(images, args, meta: dict) -> list[str]:
-    from PIL import Image, PngImagePlugin
+    from PIL import Image
 
     h = images[0].height
     factor = args.upscale or max(1, -(-64 // h))
@@ -216,20 +216,11 @@ def _save_images(images, args, meta: dict) -> list[str]:
             paths = [out]
     else:
         paths = [f"{root}-{k}{ext}" for k in range(len(images))]
+    from .pngmeta import png_info
+
     written = []
     for k, (im, path) in enumerate(zip(images, paths)):
-        info = PngImagePlugin.PngInfo()
-        for key, value in meta.items():
-            if key in ("class", "seed", "index") and len(paths) > 1:  # one file per image: its own values
-                value = value[k]
-            elif key in ("class", "seed", "index"):
-                if len(images_meta := value) == 1:
-                    value = images_meta[0]
-                else:  # a grid: every image's value, in grid order
-                    key = {"class": "class", "seed": "seeds", "index": "indices"}[key]
-                    value = ",".join(str(v) for v in images_meta)
-            info.add_text(key, str(value))
-        im.save(path, pnginfo=info)
+        im.save(path, pnginfo=png_info(meta, k if len(paths) > 1 else None))
         written.append(path)
     return written
 
@@ -278,11 +269,9 @@ def _cmd_generate(args) -> int:
         return 0
     from .pipeline import to_pil
     images = [to_pil(pipe.decode(latents[k:k + 1], vae_tile=args.vae_tile)[0]) for k in range(len(classes))]
-    meta = {"model": os.path.basename(pipe.path), "class": classes, "seed": seeds,
-            "index": list(range(len(classes))), "steps": steps, "sampler": args.sampler, "cfg": args.cfg,
-            "eta": args.eta, "activations": args.activations, "version": f"terdit-edge {__version__}"}
-    if args.guidance_interval is not None:
-        meta["guidance_interval"] = "{},{}".format(*args.guidance_interval)
+    from .pngmeta import generation_metadata
+    meta = generation_metadata(os.path.basename(pipe.path), classes, seeds, steps, args.sampler, args.cfg, args.eta,
+                               args.activations, guidance_interval=args.guidance_interval)
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
