@@ -132,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--list", action="store_true", help="list the released models and what is cached")
     h.add_argument("--force", action="store_true", help="download and convert again")
     h.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model repository")
+    s = sub.add_parser("serve", help="a resident HTTP server: job API, progress events, web page (needs the "
+                       "[server] extra; docs/server.md)")
+    s.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port (default 8000; 0: a free one)")
+    s.add_argument("--api-key-file", default=None, help="file of bearer keys, one per line (default: no auth)")
+    s.add_argument("--max-queue", type=_positive_int, default=32, help="queued jobs before 429 (default 32)")
+    s.add_argument("--max-batch", type=_positive_int, default=8, help="images sampled together (default 8)")
+    s.add_argument("--max-n", type=_positive_int, default=16, help="images per request (default 16)")
+    s.add_argument("--max-steps", type=_positive_int, default=1000, help="sampler steps per job (default 1000)")
+    s.add_argument("--keep-seconds", type=_non_negative_float, default=600.0,
+                   help="finished jobs are kept this long (default 600)")
+    s.add_argument("--keep-jobs", type=_positive_int, default=256, help="at most this many finished jobs kept")
+    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
+    s.add_argument("--backend", choices=("auto", "cython", "numba", "numpy", "cuda"), default="auto")
+    s.add_argument("--activations", choices=ACTIVATION_MODES, default="fp32")
+    s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    s.add_argument("--access-log", action="store_true", help="log every request")
 
     i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
     i.add_argument("model", nargs="?", default=None)
@@ -306,6 +324,12 @@ def _cmd_convert_vae(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .server.main import serve_command
+
+    return serve_command(args)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -313,7 +337,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
-               "info": _cmd_info, "pull": _cmd_pull}[args.command]
+               "info": _cmd_info, "pull": _cmd_pull, "serve": _cmd_serve}[args.command]
     try:
         return handler(args)
     except TerditError as e:
