@@ -96,6 +96,7 @@ class Job:
     events: list = field(default_factory=list)  # (seq, name, data)
     seq: int = 0
     cancel_requested: bool = False
+    cancel_requested_at_step: int | None = None  # the step the job had reached when the cancel arrived
     batch_images: int | None = None  # images sampled together with this job's (its batch), once running
     stopped_at_step: int | None = None
 
@@ -233,6 +234,7 @@ class JobManager:
             if job.final:
                 raise AlreadyFinished(job.status)
             job.cancel_requested = True
+            job.cancel_requested_at_step = job.step
             if job.status == QUEUED:
                 self._queue.remove(job)
                 self._finish(job, CANCELLED)
@@ -249,6 +251,8 @@ class JobManager:
                  "batch_images": job.batch_images, "cancel_requested": job.cancel_requested}
             if job.stopped_at_step is not None:
                 d["stopped_at_step"] = job.stopped_at_step
+            if job.cancel_requested_at_step is not None:
+                d["cancel_requested_at_step"] = job.cancel_requested_at_step
             return d
 
     def events_after(self, job: Job, seq: int) -> tuple[list, bool]:
