@@ -382,7 +382,7 @@ class JobManager:
             offsets.append(o)
             o += job.params.n
         one_batch = len(classes) <= self.limits.max_batch
-        preview_every = max(1, p.n_steps // 8)
+        preview_every = max(1, p.n_steps // 20)
         latent = bool(pipe.config.latent)
         t_last = [time.perf_counter()]
 
