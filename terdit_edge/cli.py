@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key-file", default=None, help="file of bearer keys, one per line (default: no auth)")
     s.add_argument("--max-queue", type=_positive_int, default=32, help="queued jobs before 429 (default 32)")
     s.add_argument("--max-batch", type=_positive_int, default=8, help="images sampled together (default 8)")
+    s.add_argument("--batch-wait-ms", type=_non_negative_float, default=20.0,
+                   help="wait up to this long for more jobs to fill a batch (default 20)")
     s.add_argument("--max-n", type=_positive_int, default=16, help="images per request (default 16)")
     s.add_argument("--max-steps", type=_positive_int, default=1000, help="sampler steps per job (default 1000)")
     s.add_argument("--keep-seconds", type=_non_negative_float, default=600.0,

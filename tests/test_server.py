@@ -159,7 +159,7 @@ def test_job_events_in_order_and_images_identical_to_the_python_api(client, pipe
     steps = [d["step"] for n, d in events if n == "step"]
     assert steps == sorted(steps) and steps[-1] == 24
     previews = [d["preview"] for n, d in events if n == "step" and "preview" in d]
-    assert len(previews) >= 2
+    assert len(previews) >= 1  # a finished job keeps its last preview (a live stream sees them all)
     im = Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1])))
     assert im.size == (16, 16)
     state = client.get(job["status_url"]).json()

@@ -79,6 +79,8 @@ class Limits:
     max_body_bytes: int = 16 * 1024
     keep_seconds: float = 600.0
     keep_jobs: int = 256
+    batch_wait: float = 0.02  # seconds the worker waits for more jobs to fill a batch that is not full
+    step_event_interval: float = 0.1  # a job's plain step events are at least this many seconds apart
 
 
 @dataclass
@@ -200,6 +202,9 @@ class JobManager:
                         self._finish(job, CANCELLED, error="the server is shutting down")
                     self._queue.clear()
                     return
+                self._gather()
+                if self._stop or not self._queue:
+                    continue
                 batch = self._take_batch()
             self._run_batch(batch)
 
@@ -338,6 +343,10 @@ class JobManager:
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         job.status, job.error, job.finished = status, error, time.time()
+        previews = [k for k, e in enumerate(job.events) if "preview" in e[2]]
+        for k in previews[:-1]:  # a retained job keeps its last preview only
+            seq, name, data = job.events[k]
+            job.events[k] = (seq, name, {key: v for key, v in data.items() if key != "preview"})
         self.counts[status] += 1
         if status == SUCCEEDED:
             self.images_total += len(job.images)
@@ -347,6 +356,20 @@ class JobManager:
             self._emit(job, "cancelled", {"status": status, "step": job.step})
         else:
             self._emit(job, "error", {"status": status, "error": error})
+
+    def _compatible_images(self) -> int:
+        key = self._queue[0].params.batch_key()
+        return sum(j.params.n for j in self._queue if j.params.batch_key() == key)
+
+    def _gather(self) -> None:
+        """Wait up to ``batch_wait`` s for more jobs like the oldest one while its batch is not full:
+        clients whose jobs finished together submit their next ones a few ms apart."""
+        deadline = time.monotonic() + self.limits.batch_wait
+        while self._queue and not self._stop and self._compatible_images() < self.limits.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
 
     def _take_batch(self) -> list[Job]:
         head = self._queue[0]
@@ -385,6 +408,7 @@ class JobManager:
         preview_every = max(1, p.n_steps // 20)
         latent = bool(pipe.config.latent)
         t_last = [time.perf_counter()]
+        t_event = [0.0]
 
         def on_step(i: int, total: int, x: np.ndarray) -> None:
             now = time.perf_counter()
@@ -406,6 +430,11 @@ class JobManager:
                 if not live:
                     raise _BatchCancelled()
                 previews = (i + 1) % preview_every == 0 or i + 1 == total
+                for job in live:
+                    job.step = i + 1
+                if not previews and now - t_event[0] < self.limits.step_event_interval:
+                    return  # the step is in the job's state; its event is skipped (they are throttled)
+                t_event[0] = now
             for job, off in zip(batch, offsets):
                 if job not in live:
                     continue
@@ -417,7 +446,6 @@ class JobManager:
                     except Exception:  # noqa: BLE001 - a preview is never worth failing a job
                         log.exception("preview failed")
                 with self._lock:
-                    job.step = i + 1
                     data["eta_seconds"] = round(self._batch_remaining_steps * (self.seconds_per_step or 0), 3)
                     self._emit(job, "step", data)
 
