@@ -42,6 +42,13 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(max_batch: int, max_queue: int, threads: int | None):
     cmd = [sys.executable, "-m", "terdit_edge.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
            "--max-queue", str(max_queue), "--log-level", "warning", "--keep-jobs", "100000", "--keep-seconds", "3600"]
@@ -131,7 +138,8 @@ def run_load(url: str, plan, clients: int):
                         res["event_names"] = [ln[7:] for ln in ev.iter_lines() if ln.startswith("event: ")]
                 st = c.get(f"/v1/jobs/{job['id']}")
                 res["final"] = st.json()
-                res["latency"] = time.perf_counter() - t0
+                res["t_final"] = time.perf_counter()
+                res["latency"] = res["t_final"] - t0
                 if res["final"]["status"] == "succeeded":
                     res["pngs"] = [c.get(u).content for u in res["final"]["images"]]
                 with lock:
@@ -172,11 +180,13 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
     sampler_thread = threading.Thread(target=sample_rss, daemon=True)
     try:
         rss_idle = rss_mb(proc.pid)
+        cpu0 = cpu_seconds(proc.pid)
         sampler_thread.start()
         t_start = time.perf_counter()
         results, wall = run_load(url, plan, args.clients)
         stop.set()
         sampler_thread.join()
+        cpu = cpu_seconds(proc.pid) - cpu0
         m = metrics(url)
     finally:
         stop.set()
@@ -209,8 +219,11 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
     cancels = [r for r in accepted if r["kind"] == "cancel"]
     cancelled_running = [r for r in cancels if r.get("cancel_state", {}).get("started")
                          and r["cancel_state"]["status"] == "cancelled"]
-    first_done = min((r["latency"] for r in accepted), default=0)
-    after_first = [v for t, v in rss if t - t_start >= first_done] or [v for _, v in rss]
+    first_done = min((r["t_final"] for r in accepted), default=t_start)
+    after_first = [v for t, v in rss if t >= first_done] or [v for _, v in rss]
+    rss_series = [(round(t - t_start, 2), round(v, 1)) for t, v in rss]
+    marks = [rss_series[min(len(rss_series) - 1, int(f * (len(rss_series) - 1)))][1] for f in (0, .25, .5, .75, 1)] \
+        if rss_series else []
     succeeded = [r for r in accepted if r["final"]["status"] == "succeeded"]
     lat = [r["latency"] for r in succeeded]
     return {
@@ -222,7 +235,8 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
         "invalid_requests": len(invalid), "invalid_not_4xx_json": len(invalid_bad),
         "valid_rejected": len(rejected_valid), "throttled_429": sum(r.get("throttled", 0) for r in results),
         "server_5xx": server_errors, "images": images, "wrong_images": wrong,
-        "wall_s": wall, "images_per_s": images / wall, "jobs_per_s": len(succeeded) / wall,
+        "wall_s": wall, "images_per_s": images / wall, "server_cpu_s": cpu,
+        "server_cpu_ms_per_image": 1000 * cpu / max(images, 1), "jobs_per_s": len(succeeded) / wall,
         "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95), "latency_max_s": max(lat, default=0),
         "cancel_requests": len(cancels), "cancelled_while_running": len(cancelled_running),
         "cancel_response_p50_s": pct([r["cancel_seconds"] for r in cancelled_running], 0.5),
@@ -232,7 +246,7 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
                                                for r in cancelled_running), default=0),
         "batches": m.get("terdit_batches_total"),
         "rss_idle_mb": rss_idle, "rss_after_first_batch_mb": after_first[0] if after_first else float("nan"),
-        "rss_end_mb": rss[-1][1] if rss else float("nan"), "rss_max_mb": max(v for _, v in rss) if rss else float("nan"),
+        "rss_end_mb": rss[-1][1] if rss else float("nan"), "rss_at_0_25_50_75_100pct_mb": marks, "rss_max_mb": max(v for _, v in rss) if rss else float("nan"),
     }
 
 
@@ -296,17 +310,19 @@ def main() -> int:
         r = one_run(args, mb, plan, pipe, solo)
         runs.append(r)
         print(f"--max-batch {mb}: {r['succeeded']} jobs / {r['images']} images in {r['wall_s']:.2f} s = "
-              f"{r['images_per_s']:.1f} images/s; latency p50 {r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s; "
+              f"{r['images_per_s']:.1f} images/s, server CPU {r['server_cpu_ms_per_image']:.1f} ms/image; latency p50 {r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s; "
               f"{r['batches']:.0f} batches; cancelled {r['cancelled']} ({r['cancelled_while_running']} while running, "
               f"answer p50 {r['cancel_response_p50_s'] * 1000:.1f} ms, max {r['cancel_response_max_s'] * 1000:.1f} ms, "
               f"<= {r['cancel_steps_after_request_max']} step after the request); lost {r['lost']}, duplicated "
               f"{r['duplicated']}, wrong images {r['wrong_images']}, 5xx {r['server_5xx']}, invalid answered 4xx JSON "
               f"{r['invalid_requests'] - r['invalid_not_4xx_json']}/{r['invalid_requests']}, 429s {r['throttled_429']}; "
               f"RSS idle {r['rss_idle_mb']:.1f} MB, after first batch {r['rss_after_first_batch_mb']:.1f}, end "
-              f"{r['rss_end_mb']:.1f}, max {r['rss_max_mb']:.1f}", flush=True)
+              f"{r['rss_end_mb']:.1f}, max {r['rss_max_mb']:.1f} (at 0/25/50/75/100% of the run: "
+              f"{', '.join(f'{v:.1f}' for v in r['rss_at_0_25_50_75_100pct_mb'])})", flush=True)
     if args.compare:
         print(f"batched (--max-batch {args.max_batch}) / one at a time: "
-              f"{runs[1]['images_per_s'] / runs[0]['images_per_s']:.2f}x images/s")
+              f"{runs[1]['images_per_s'] / runs[0]['images_per_s']:.2f}x images/s, "
+              f"{runs[0]['server_cpu_ms_per_image'] / runs[1]['server_cpu_ms_per_image']:.2f}x less server CPU per image")
     if args.json:
         print(json.dumps(runs, indent=1))
     problems = [f"--max-batch {r['max_batch']}: {p}" for r in runs for p in check(r, args.rss_tolerance_mb)]

@@ -81,6 +81,7 @@ class Limits:
     keep_jobs: int = 256
     batch_wait: float = 0.02  # seconds the worker waits for more jobs to fill a batch that is not full
     step_event_interval: float = 0.1  # a job's plain step events are at least this many seconds apart
+    preview_interval: float = 0.25  # a job's step events carry a preview at least this many seconds apart
 
 
 @dataclass
@@ -405,10 +406,10 @@ class JobManager:
             offsets.append(o)
             o += job.params.n
         one_batch = len(classes) <= self.limits.max_batch
-        preview_every = max(1, p.n_steps // 20)
         latent = bool(pipe.config.latent)
         t_last = [time.perf_counter()]
         t_event = [0.0]
+        t_preview = [time.perf_counter()]
 
         def on_step(i: int, total: int, x: np.ndarray) -> None:
             now = time.perf_counter()
@@ -429,7 +430,9 @@ class JobManager:
                         live.append(job)
                 if not live:
                     raise _BatchCancelled()
-                previews = (i + 1) % preview_every == 0 or i + 1 == total
+                previews = i + 1 == total or now - t_preview[0] >= self.limits.preview_interval
+                if previews:
+                    t_preview[0] = now
                 for job in live:
                     job.step = i + 1
                 if not previews and now - t_event[0] < self.limits.step_event_interval:
