@@ -474,3 +474,41 @@ def test_serve_command_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["serve", "--max-batch", "0"])
     assert e.value.code == 2
+
+
+def test_non_loopback_host_without_a_key_warns(monkeypatch, capsys):
+    import argparse
+
+    import uvicorn
+
+    from terdit_edge.server import main as server_main
+
+    assert server_main._is_loopback("127.0.0.1") and server_main._is_loopback("::1")
+    assert server_main._is_loopback("localhost") and not server_main._is_loopback("0.0.0.0")
+    bound = []
+    monkeypatch.setattr(server_main, "bind_socket", lambda host, port: bound.append(host) or
+                        server_main.socket.create_server(("127.0.0.1", 0)))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    args = argparse.Namespace(model=None, host="0.0.0.0", port=0, api_key_file=None, max_queue=4, max_batch=2,
+                              max_n=2, max_steps=10, keep_seconds=1.0, keep_jobs=1, batch_wait_ms=0.0, threads=None,
+                              backend="auto", activations="fp32", log_level="warning", access_log=False)
+    assert server_main.serve_command(args) == 0
+    assert bound == ["0.0.0.0"]
+    assert "WARNING: listening on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_the_server_modules_never_import_torch():
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch is blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import terdit_edge.server.app, terdit_edge.server.main, terdit_edge.server.jobs\n"
+            "from terdit_edge.server.main import build\n"
+            "m, app = build()\n"
+            "m.start(); assert m.wait_ready(60) and m.state == 'ready', m.load_error; m.stop()\n"
+            "assert not [k for k in sys.modules if k == 'torch' or k.startswith('torch.')]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-3000:]
