@@ -7,7 +7,7 @@ and against the batched server and prints the throughput ratio.
 
     python benchmarks/bench_server.py                            # 200 jobs, 16 clients, --max-batch 8
     python benchmarks/bench_server.py --compare                  # + the same load one job at a time
-    python benchmarks/bench_server.py --jobs 40 --clients 8 --steps 20    # the CI smoke run
+    python benchmarks/bench_server.py --jobs 40 --clients 8 --steps 20 --cancel-probe 3   # the CI smoke run
 
 Needs the server extras (pip install ".[server-test]"). Exits 1 when a check fails.
 """
@@ -83,8 +83,9 @@ def make_plan(args):
     for i in range(args.jobs):
         r = rng.random()
         kind = "invalid" if r < args.invalid else "cancel" if r < args.invalid + args.cancel else "normal"
+        which = 0 if args.one_setting or rng.random() < 0.8 else 1
         body = {"class": rng.randrange(10), "seed": rng.randrange(2**31), "n": 1 if rng.random() < 0.75 else 2,
-                **settings[0 if rng.random() < 0.8 else 1]}
+                **settings[which]}
         plan.append({"i": i, "kind": kind, "body": body, "bad": BAD_BODIES[i % len(BAD_BODIES)],
                      "cancel_after": rng.uniform(0.0, 0.05)})
     return plan
@@ -154,6 +155,34 @@ def run_load(url: str, plan, clients: int):
     return results, time.perf_counter() - t0
 
 
+def cancel_probe(url: str, repeats: int, steps: int = 1000) -> dict:
+    """Cancel a running long job ``repeats`` times: seconds until the cancel is answered (the job is then
+    final) and steps run after the request arrived, with the server's seconds per step for scale."""
+    answers, extra_steps = [], []
+    rng = random.Random(1)
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for _ in range(repeats):
+            job = c.post("/v1/jobs", json={"class": rng.randrange(10), "steps": steps, "sampler": "ddpm"}).json()
+            target = rng.randrange(5, 100)
+            with c.stream("GET", f"/v1/jobs/{job['id']}/events") as ev:
+                for line in ev.iter_lines():
+                    if line.startswith("data: ") and json.loads(line[6:]).get("step", 0) >= target:
+                        break
+            t0 = time.perf_counter()
+            r = c.post(f"/v1/jobs/{job['id']}/cancel")
+            answers.append(time.perf_counter() - t0)
+            st = r.json()
+            assert st["status"] == "cancelled", st
+            extra_steps.append(st["stopped_at_step"] - st["cancel_requested_at_step"])
+            nxt = c.post("/v1/jobs", json={"class": 1, "steps": 2, "sampler": "ddim"}).json()  # the worker is free
+            while c.get(f"/v1/jobs/{nxt['id']}").json()["status"] not in ("succeeded", "failed", "cancelled"):
+                time.sleep(0.005)
+    sps = metrics(url).get("terdit_seconds_per_step", float("nan"))
+    return {"cancel_probe_n": repeats, "cancel_probe_answer_median_ms": 1000 * statistics.median(answers),
+            "cancel_probe_answer_min_ms": 1000 * min(answers), "cancel_probe_answer_max_ms": 1000 * max(answers),
+            "cancel_probe_steps_after_request_max": max(extra_steps), "cancel_probe_seconds_per_step": sps}
+
+
 def metrics(url: str) -> dict:
     out = {}
     for line in httpx.get(url + "/metrics").text.splitlines():
@@ -188,6 +217,7 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
         sampler_thread.join()
         cpu = cpu_seconds(proc.pid) - cpu0
         m = metrics(url)
+        probe = cancel_probe(url, args.cancel_probe) if args.cancel_probe else {}
     finally:
         stop.set()
         proc.terminate()
@@ -244,7 +274,7 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
         "cancel_steps_after_request_max": max((r["cancel_state"]["stopped_at_step"]
                                                - r["cancel_state"]["cancel_requested_at_step"]
                                                for r in cancelled_running), default=0),
-        "batches": m.get("terdit_batches_total"),
+        "batches": m.get("terdit_batches_total"), **probe,
         "rss_idle_mb": rss_idle, "rss_after_first_batch_mb": after_first[0] if after_first else float("nan"),
         "rss_end_mb": rss[-1][1] if rss else float("nan"), "rss_at_0_25_50_75_100pct_mb": marks, "rss_max_mb": max(v for _, v in rss) if rss else float("nan"),
     }
@@ -271,6 +301,8 @@ def png_bytes_reindexed(solo_png: bytes, k: int) -> bytes:
 
 def check(r: dict, rss_tolerance_mb: float) -> list[str]:
     problems = []
+    if r.get("cancel_probe_steps_after_request_max", 0) > 1:
+        problems.append(f"a probed cancel ran {r['cancel_probe_steps_after_request_max']} steps after its request")
     for key in ("lost", "duplicated", "wrong_images", "server_5xx", "invalid_not_4xx_json", "valid_rejected", "failed"):
         if r[key]:
             problems.append(f"{key} = {r[key]}")
@@ -298,6 +330,10 @@ def main() -> int:
     ap.add_argument("--invalid", type=float, default=0.1, help="fraction of invalid requests (default 0.1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare", action="store_true", help="also run the plan with --max-batch 1")
+    ap.add_argument("--one-setting", action="store_true",
+                    help="every job with the same sampler settings (default: 20%% use a second set)")
+    ap.add_argument("--cancel-probe", type=int, default=0, metavar="N",
+                    help="after the load, cancel N running 1000-step jobs and time the answers")
     ap.add_argument("--rss-tolerance-mb", type=float, default=24.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -319,6 +355,11 @@ def main() -> int:
               f"RSS idle {r['rss_idle_mb']:.1f} MB, after first batch {r['rss_after_first_batch_mb']:.1f}, end "
               f"{r['rss_end_mb']:.1f}, max {r['rss_max_mb']:.1f} (at 0/25/50/75/100% of the run: "
               f"{', '.join(f'{v:.1f}' for v in r['rss_at_0_25_50_75_100pct_mb'])})", flush=True)
+        if args.cancel_probe:
+            print(f"  cancel probe: {r['cancel_probe_n']} running jobs cancelled, answered in median "
+                  f"{r['cancel_probe_answer_median_ms']:.1f} ms (range {r['cancel_probe_answer_min_ms']:.1f}-"
+                  f"{r['cancel_probe_answer_max_ms']:.1f}), at most {r['cancel_probe_steps_after_request_max']} step "
+                  f"after the request; {1000 * r['cancel_probe_seconds_per_step']:.1f} ms per step", flush=True)
     if args.compare:
         print(f"batched (--max-batch {args.max_batch}) / one at a time: "
               f"{runs[1]['images_per_s'] / runs[0]['images_per_s']:.2f}x images/s, "
