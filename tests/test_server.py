@@ -123,6 +123,16 @@ def test_openapi_file_ships_and_lists_every_route(client, server):
               if m != "HEAD"}
     documented = {(p, m) for p, ops in spec["paths"].items() for m in ops}
     assert routes == documented
+    # answers carry the fields the document marks required
+    schemas = spec["components"]["schemas"]
+    created = client.post("/v1/jobs", json={"class": 1, "steps": 2}).json()
+    assert set(schemas["JobCreated"]["required"]) <= set(created)
+    job = wait_final(client, created["id"])
+    assert set(schemas["Job"]["required"]) <= set(job) and set(job) <= set(schemas["Job"]["properties"])
+    assert set(schemas["JobRequest"]["properties"]) == {"class", "n", "seed", "seeds", "steps", "sampler",
+                                                        "cfg_scale", "eta"}
+    err = client.get("/v1/jobs/none").json()
+    assert set(schemas["Error"]["properties"]["error"]["required"]) <= set(err["error"])
 
 
 def test_health_is_503_while_the_model_loads_and_jobs_wait_for_it():
