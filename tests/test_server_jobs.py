@@ -71,3 +71,20 @@ def test_finished_jobs_expire_after_keep_seconds():
         assert m.get(job.id) is None  # kept 0 s: gone
     finally:
         m.stop()
+
+
+def test_a_job_over_max_batch_counts_the_steps_of_all_its_sub_batches():
+    m = JobManager(lambda: Pipeline.load(), Limits(max_batch=2))
+    m.start()
+    try:
+        assert m.wait_ready(60)
+        job = m.submit(params(4, n=3, steps=5))
+        assert m.snapshot(job)["steps"] == 10  # two sub-batches (2 + 1 images) of 5 steps
+        deadline = time.monotonic() + 60  # a bounded wait, not a timing assertion
+        while not job.final and time.monotonic() < deadline:
+            time.sleep(0.01)
+        state = m.snapshot(job)
+        assert state["status"] == SUCCEEDED and state["step"] == state["steps"] == 10 and len(job.images) == 3
+        assert job.batch_images == 3
+    finally:
+        m.stop()

@@ -101,6 +101,7 @@ class Job:
     cancel_requested: bool = False
     cancel_requested_at_step: int | None = None  # the step the job had reached when the cancel arrived
     batch_images: int | None = None  # images sampled together with this job's (its batch), once running
+    total_steps: int = 0  # sampler steps the job's images take: steps x sub-batches for a job over max_batch
     stopped_at_step: int | None = None
 
     @property
@@ -218,7 +219,8 @@ class JobManager:
             self._purge()
             if len(self._queue) >= self.limits.max_queue:
                 raise QueueFull(self._retry_after())
-            job = Job(id=secrets.token_urlsafe(12), owner=owner, params=params, created=time.time())
+            job = Job(id=secrets.token_urlsafe(12), owner=owner, params=params, created=time.time(),
+                      total_steps=params.n_steps * math.ceil(params.n / self.limits.max_batch))
             self._jobs[job.id] = job
             self._queue.append(job)
             self.jobs_total += 1
@@ -249,7 +251,7 @@ class JobManager:
         """The job's public state (GET /v1/jobs/{id})."""
         with self._lock:
             p = job.params
-            d = {"id": job.id, "status": job.status, "step": job.step, "steps": p.n_steps,
+            d = {"id": job.id, "status": job.status, "step": job.step, "steps": job.total_steps,
                  "queue_position": self._position(job), "eta_seconds": self._eta(job), "error": job.error,
                  "n": p.n, "classes": list(p.classes), "seeds": list(p.seeds), "sampler": p.sampler,
                  "steps_spec": p.steps, "cfg_scale": p.cfg_scale, "eta": p.eta,
@@ -315,12 +317,12 @@ class JobManager:
         if job.status == RUNNING:
             return round(self._batch_remaining_steps * sps, 3)
         pos = self._position(job) or 0
-        ahead = self._batch_remaining_steps + sum(j.params.n_steps for j in list(self._queue)[:pos])
-        return round((ahead + job.params.n_steps) * sps, 3)
+        ahead = self._batch_remaining_steps + sum(j.total_steps for j in list(self._queue)[:pos])
+        return round((ahead + job.total_steps) * sps, 3)
 
     def _retry_after(self) -> int:
         sps = self.seconds_per_step or 0.05
-        steps = self._batch_remaining_steps + (self._queue[0].params.n_steps if self._queue else 0)
+        steps = self._batch_remaining_steps + (self._queue[0].total_steps if self._queue else 0)
         return max(1, math.ceil(steps * sps))
 
     def _purge(self) -> None:
@@ -391,7 +393,7 @@ class JobManager:
             self._emit(job, "started", {"batch_images": total})
         self._running = batch
         self.batches_total += 1
-        self._batch_remaining_steps = head.params.n_steps
+        self._batch_remaining_steps = head.total_steps
         return batch
 
     # -- the worker's batch (runs without the lock, takes it for each update) -----------------------------
@@ -489,7 +491,7 @@ class JobManager:
                     self._finish(job, CANCELLED)
                     continue
                 job.images = pngs
-                job.step = p.n_steps
+                job.step = job.total_steps
                 self._finish(job, SUCCEEDED)
 
     def _fail(self, batch: list[Job], message: str) -> None:
