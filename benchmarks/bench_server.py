@@ -276,7 +276,8 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
                                                for r in cancelled_running), default=0),
         "batches": m.get("terdit_batches_total"), **probe,
         "rss_idle_mb": rss_idle, "rss_after_first_batch_mb": after_first[0] if after_first else float("nan"),
-        "rss_end_mb": rss[-1][1] if rss else float("nan"), "rss_at_0_25_50_75_100pct_mb": marks, "rss_max_mb": max(v for _, v in rss) if rss else float("nan"),
+        "rss_end_mb": rss[-1][1] if rss else float("nan"), "rss_at_0_25_50_75_100pct_mb": marks,
+        "rss_max_mb": max(v for _, v in rss) if rss else float("nan"),
     }
 
 
@@ -346,12 +347,14 @@ def main() -> int:
         r = one_run(args, mb, plan, pipe, solo)
         runs.append(r)
         print(f"--max-batch {mb}: {r['succeeded']} jobs / {r['images']} images in {r['wall_s']:.2f} s = "
-              f"{r['images_per_s']:.1f} images/s, server CPU {r['server_cpu_ms_per_image']:.1f} ms/image; latency p50 {r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s; "
+              f"{r['images_per_s']:.1f} images/s, server CPU {r['server_cpu_ms_per_image']:.1f} ms/image; "
+              f"latency p50 {r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s; "
               f"{r['batches']:.0f} batches; cancelled {r['cancelled']} ({r['cancelled_while_running']} while running, "
               f"answer p50 {r['cancel_response_p50_s'] * 1000:.1f} ms, max {r['cancel_response_max_s'] * 1000:.1f} ms, "
               f"<= {r['cancel_steps_after_request_max']} step after the request); lost {r['lost']}, duplicated "
               f"{r['duplicated']}, wrong images {r['wrong_images']}, 5xx {r['server_5xx']}, invalid answered 4xx JSON "
-              f"{r['invalid_requests'] - r['invalid_not_4xx_json']}/{r['invalid_requests']}, 429s {r['throttled_429']}; "
+              f"{r['invalid_requests'] - r['invalid_not_4xx_json']}/{r['invalid_requests']}, "
+              f"429s {r['throttled_429']}; "
               f"RSS idle {r['rss_idle_mb']:.1f} MB, after first batch {r['rss_after_first_batch_mb']:.1f}, end "
               f"{r['rss_end_mb']:.1f}, max {r['rss_max_mb']:.1f} (at 0/25/50/75/100% of the run: "
               f"{', '.join(f'{v:.1f}' for v in r['rss_at_0_25_50_75_100pct_mb'])})", flush=True)
@@ -363,7 +366,8 @@ def main() -> int:
     if args.compare:
         print(f"batched (--max-batch {args.max_batch}) / one at a time: "
               f"{runs[1]['images_per_s'] / runs[0]['images_per_s']:.2f}x images/s, "
-              f"{runs[0]['server_cpu_ms_per_image'] / runs[1]['server_cpu_ms_per_image']:.2f}x less server CPU per image")
+              f"{runs[0]['server_cpu_ms_per_image'] / runs[1]['server_cpu_ms_per_image']:.2f}x "
+              "less server CPU per image")
     if args.json:
         print(json.dumps(runs, indent=1))
     problems = [f"--max-batch {r['max_batch']}: {p}" for r in runs for p in check(r, args.rss_tolerance_mb)]

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 from terdit_edge.pipeline import Pipeline, to_uint8  # noqa: E402
 from terdit_edge.pngmeta import generation_metadata, png_bytes  # noqa: E402
 from terdit_edge.server.jobs import JobManager, Limits  # noqa: E402
-from tests.conftest import build_model_file, model_metadata, random_model_tensors, small_config  # noqa: E402
+from tests.conftest import model_metadata, random_model_tensors, small_config  # noqa: E402
 from tests.server_util import LiveServer, bundled_manager  # noqa: E402
 
 LONG = {"steps": 1000, "sampler": "ddpm"}  # seconds of work: long enough to be seen running and cancelled
@@ -50,11 +50,12 @@ def client(server):
         yield c
 
 
-def expected_pngs(pipe, cls, seeds, steps, sampler="ddpm", cfg=4.0, eta=0.0) -> list[bytes]:
+def expected_pngs(pipe, cls, seeds, steps, sampler="ddpm", cfg=4.0, eta=0.0, interval=None) -> list[bytes]:
     """The PNGs the Python API gives for these parameters, with the CLI's metadata."""
     images = pipe([cls] * len(seeds), steps=steps, sampler=sampler, cfg_scale=cfg, eta=eta, seeds=seeds,
-                  progress=False)
-    meta = generation_metadata("digits.tdit", [cls] * len(seeds), seeds, steps, sampler, cfg, eta, "fp32")
+                  progress=False, guidance_interval=interval)
+    meta = generation_metadata("digits.tdit", [cls] * len(seeds), seeds, steps, sampler, cfg, eta, "fp32",
+                               guidance_interval=interval)
     return [png_bytes(im, meta, k) for k, im in enumerate(images)]
 
 
@@ -111,7 +112,8 @@ def test_service_endpoints(client, server):
     assert models["object"] == "list" and models["data"][0]["id"] == "digits" and models["data"][0]["object"] == "model"
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    names = {line.split("{")[0].split(" ")[0] for line in metrics.text.splitlines() if line and not line.startswith("#")}
+    names = {line.split("{")[0].split(" ")[0] for line in metrics.text.splitlines()
+             if line and not line.startswith("#")}
     assert {"terdit_queue_depth", "terdit_jobs", "terdit_images_total", "terdit_step_seconds_sum",
             "terdit_seconds_per_step", "terdit_jobs_finished_total"} <= names
 
@@ -130,7 +132,7 @@ def test_openapi_file_ships_and_lists_every_route(client, server):
     job = wait_final(client, created["id"])
     assert set(schemas["Job"]["required"]) <= set(job) and set(job) <= set(schemas["Job"]["properties"])
     assert set(schemas["JobRequest"]["properties"]) == {"class", "n", "seed", "seeds", "steps", "sampler",
-                                                        "cfg_scale", "eta"}
+                                                        "cfg_scale", "eta", "guidance_interval"}
     err = client.get("/v1/jobs/none").json()
     assert set(schemas["Error"]["properties"]["error"]["required"]) <= set(err["error"])
 
@@ -190,16 +192,16 @@ def test_job_events_in_order_and_images_identical_to_the_python_api(client, pipe
 def test_queued_jobs_with_the_same_settings_run_as_one_batch_and_match_solo_results(client, pipe):
     blocker = submit(client, **{"class": 0, **LONG})
     events_of(client, blocker["id"], until_step=1)  # the blocker runs; the next jobs queue behind it
-    same = {"steps": 16, "sampler": "dpm++2m", "cfg_scale": 4.0}
+    same = {"steps": 16, "sampler": "dpm++2m", "cfg_scale": 4.0, "guidance_interval": [100, 800]}
     jobs = [submit(client, **{"class": c, "n": n, "seed": s, **same}) for c, n, s in ((3, 1, 5), (8, 2, 40), (1, 3, 7))]
-    odd = submit(client, **{"class": 2, "seed": 1, "steps": 10, "sampler": "dpm++2m"})  # other steps: own batch
+    odd = submit(client, **{"class": 2, "seed": 1, "steps": 16, "sampler": "dpm++2m"})  # no interval: own batch
     assert [j["queue_position"] for j in jobs] == [0, 1, 2]
     assert client.post(f"/v1/jobs/{blocker['id']}/cancel").json()["status"] == "cancelled"
     states = [wait_final(client, j["id"]) for j in jobs]
     assert all(s["status"] == "succeeded" and s["batch_images"] == 6 for s in states)
     assert wait_final(client, odd["id"])["batch_images"] == 1
     for (c, n, seed), job in zip(((3, 1, 5), (8, 2, 40), (1, 3, 7)), jobs):
-        want = expected_pngs(pipe, c, [seed + k for k in range(n)], 16, "dpm++2m")
+        want = expected_pngs(pipe, c, [seed + k for k in range(n)], 16, "dpm++2m", interval=(100, 800))
         got = [client.get(f"/v1/jobs/{job['id']}/images/{k}.png").content for k in range(n)]
         assert got == want
 
@@ -269,6 +271,9 @@ BAD_JOBS = [
     ({"class": 1, "seed": 1, "seeds": [1]}, "not both"),
     ({"class": 1, "n": 2, "seeds": [1]}, "list of 2"),
     ({"class": 1, "seeds": ["a"]}, "every seed"),
+    ({"class": 1, "guidance_interval": [5]}, "[lo, hi]"),
+    ({"class": 1, "guidance_interval": [500, 100]}, "lo <= hi"),
+    ({"class": 1, "sampler": 3}, "unknown sampler"),
 ]
 
 

@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
-from ..diffusion import SAMPLERS
-from .jobs import FINAL, AlreadyFinished, JobManager, NotReady, QueueFull
+from ..diffusion import SAMPLER_REGISTRY
+from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull
 from .validate import ApiError, bad, job_params, openai_params
 
 log = logging.getLogger("terdit_edge.server")
@@ -140,8 +140,9 @@ class Server:
     def job_json(self, job) -> dict:
         d = self.m.snapshot(job)
         base = f"/v1/jobs/{job.id}"
+        done = d["status"] == "succeeded"
         d.update(status_url=base, events_url=base + "/events", cancel_url=base + "/cancel",
-                 images=[f"{base}/images/{k}.png" for k in range(len(job.images))] if d["status"] == "succeeded" else [])
+                 images=[f"{base}/images/{k}.png" for k in range(len(job.images))] if done else [])
         return d
 
     # -- service endpoints ----------------------------------------------------------------------------
@@ -162,7 +163,8 @@ class Server:
         return JSONResponse({
             "model": self.model_id(), "version": __version__,
             "classes": [{"id": i, "name": n} for i, n in enumerate(pipe.class_names)],
-            "samplers": list(SAMPLERS), "default_steps": {s: 250 if s == "ddpm" else 50 for s in SAMPLERS},
+            "samplers": list(SAMPLER_REGISTRY),
+            "default_steps": {name: cls.default_steps for name, cls in SAMPLER_REGISTRY.items()},
             "image": {"width": side, "height": side, "channels": 3 if cfg.latent else cfg.in_channels},
             "backend": pipe.model.backend.describe(), "activations": self.activations,
             "limits": {"max_queue": lim.max_queue, "max_batch": lim.max_batch, "max_n": lim.max_n,

@@ -61,13 +61,14 @@ class JobParams:
     sampler: str
     cfg_scale: float
     eta: float
+    guidance_interval: tuple | None = None  # (lo, hi) timesteps where guidance applies; None: every step
 
     @property
     def n(self) -> int:
         return len(self.classes)
 
     def batch_key(self) -> tuple:
-        return (str(self.steps), self.sampler, float(self.cfg_scale), float(self.eta))
+        return (str(self.steps), self.sampler, float(self.cfg_scale), float(self.eta), self.guidance_interval)
 
 
 @dataclass
@@ -255,6 +256,7 @@ class JobManager:
                  "queue_position": self._position(job), "eta_seconds": self._eta(job), "error": job.error,
                  "n": p.n, "classes": list(p.classes), "seeds": list(p.seeds), "sampler": p.sampler,
                  "steps_spec": p.steps, "cfg_scale": p.cfg_scale, "eta": p.eta,
+                 "guidance_interval": list(p.guidance_interval) if p.guidance_interval else None,
                  "created": job.created, "started": job.started, "finished": job.finished,
                  "batch_images": job.batch_images, "cancel_requested": job.cancel_requested}
             if job.stopped_at_step is not None:
@@ -456,7 +458,8 @@ class JobManager:
 
         try:
             lat = pipe.latents(classes, steps=p.steps, sampler=p.sampler, cfg_scale=p.cfg_scale, eta=p.eta,
-                               seeds=seeds, batch_size=min(len(classes), self.limits.max_batch), callback=on_step)
+                               seeds=seeds, batch_size=min(len(classes), self.limits.max_batch), callback=on_step,
+                               guidance_interval=p.guidance_interval)
             self._deliver(batch, offsets, lat)
         except _BatchCancelled:
             pass
@@ -471,7 +474,7 @@ class JobManager:
                 self._batch_remaining_steps = 0
 
     def _deliver(self, batch: list[Job], offsets: list[int], lat: np.ndarray) -> None:
-        from ..pipeline import to_pil
+        from ..images import to_pil
         from ..pngmeta import generation_metadata, png_bytes
 
         pipe = self.pipe
@@ -481,7 +484,7 @@ class JobManager:
                 continue
             p = job.params
             meta = generation_metadata(model_name, p.classes, p.seeds, p.steps, p.sampler, p.cfg_scale, p.eta,
-                                       self.activations)
+                                       self.activations, guidance_interval=p.guidance_interval)
             # one image at a time, as Pipeline.__call__ decodes (same shapes, same bytes)
             pngs = [png_bytes(to_pil(pipe.decode(lat[off + k:off + k + 1])[0]), meta, k) for k in range(p.n)]
             with self._lock:

@@ -61,8 +61,8 @@ def build(model=None, backend="auto", activations="fp32", threads=None, api_keys
 
 def serve_command(args) -> int:
     try:
-        import uvicorn  # noqa: F401
         import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise TerditError(f"`terdit-edge serve` needs the server extra ({e.name} is missing): "
                           "pip install \"terdit-edge[server]\" (from a checkout: pip install \".[server]\")") from None

@@ -5,7 +5,7 @@ import math
 import re
 import secrets
 
-from ..diffusion import MAX_SEED, SAMPLERS, respaced_timesteps
+from ..diffusion import MAX_SEED, SAMPLER_REGISTRY, check_guidance_interval, respaced_timesteps, sampler_class
 from ..errors import InputError
 from .jobs import JobParams, Limits
 
@@ -26,10 +26,10 @@ def bad(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, code, message)
 
 
-JOB_FIELDS = ("class", "n", "seed", "seeds", "steps", "sampler", "cfg_scale", "eta")
+JOB_FIELDS = ("class", "n", "seed", "seeds", "steps", "sampler", "cfg_scale", "eta", "guidance_interval")
 # OpenAI's image-generation fields, plus this server's sampling extensions
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "quality", "style", "user",
-                 "seed", "seeds", "steps", "sampler", "cfg_scale", "eta")
+                 "seed", "seeds", "steps", "sampler", "cfg_scale", "eta", "guidance_interval")
 MAX_CFG = 100.0
 MAX_ETA = 10.0
 
@@ -74,11 +74,16 @@ def resolve_class(pipe, value) -> int:
 
 
 def sampling_params(body: dict, limits: Limits, class_id: int, n: int) -> JobParams:
-    """The shared part of both APIs: seeds, steps, sampler, cfg_scale, eta."""
+    """The shared part of both APIs: seeds, steps, sampler, cfg_scale, eta, guidance_interval."""
     sampler = body.get("sampler", "ddpm")
-    if sampler not in SAMPLERS:
-        raise bad(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = body.get("steps", 250 if sampler == "ddpm" else 50)
+    try:
+        if not isinstance(sampler, str) or len(sampler) > 40:
+            raise InputError("")
+        sampler_cls = sampler_class(sampler)
+    except InputError:
+        raise bad(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_REGISTRY)}") from None
+    sampler = sampler_cls.name
+    steps = body.get("steps", sampler_cls.default_steps)
     if isinstance(steps, bool) or not isinstance(steps, (int, str)) or (
             isinstance(steps, str) and not re.fullmatch(r"ddim[0-9]{1,4}", steps)):
         raise bad(f"steps must be an integer or 'ddimN', got {steps!r}")
@@ -90,6 +95,15 @@ def sampling_params(body: dict, limits: Limits, class_id: int, n: int) -> JobPar
         raise bad(f"steps must be at most {limits.max_steps} on this server, got {n_steps}")
     cfg = _number(body, "cfg_scale", 0.0, MAX_CFG, 4.0)
     eta = _number(body, "eta", 0.0, MAX_ETA, 0.0)
+    interval = body.get("guidance_interval")
+    if interval is not None:
+        if not isinstance(interval, list) or len(interval) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in interval):
+            raise bad(f"guidance_interval must be [LO, HI], two integer timesteps, got {interval!r}"[:300])
+        try:
+            interval = tuple(check_guidance_interval(interval))
+        except InputError as e:
+            raise bad(str(e)) from None
     if body.get("seeds") is not None:
         if "seed" in body and body["seed"] is not None:
             raise bad("give seed or seeds, not both")
@@ -106,7 +120,7 @@ def sampling_params(body: dict, limits: Limits, class_id: int, n: int) -> JobPar
             seed = secrets.randbelow(2**31)  # no seed: a random one, reported with the job
         seeds = tuple(seed + k for k in range(n))
     return JobParams(classes=(class_id,) * n, seeds=seeds, steps=steps, n_steps=n_steps, sampler=sampler,
-                     cfg_scale=cfg, eta=eta)
+                     cfg_scale=cfg, eta=eta, guidance_interval=interval)
 
 
 def job_params(body, pipe, limits: Limits) -> JobParams:
