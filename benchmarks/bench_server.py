@@ -21,6 +21,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -54,7 +55,14 @@ def start_server(max_batch: int, max_queue: int, threads: int | None):
            "--max-queue", str(max_queue), "--log-level", "warning", "--keep-jobs", "100000", "--keep-seconds", "3600"]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # the server runs the terdit_edge this process imported (`python -m` from a source checkout would
+    # otherwise pick up the checkout, which may lack the compiled kernels of the installed package)
+    import terdit_edge
+
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(terdit_edge.__file__)))
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=tempfile.gettempdir())
     line = proc.stderr.readline()
     if "listening on " not in line:
         proc.kill()
