@@ -22,7 +22,7 @@ fi
 
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-src=(src_cy/ternary_gemm.c src_cy/ternary_avx2.c src_cy/ternary_neon.c src_cy/ternary_lut.c src_cy/tests/test_kernels.c)
+src=(src_cy/ternary_gemm.c src_cy/ternary_avx2.c src_cy/ternary_avx512.c src_cy/ternary_neon.c src_cy/ternary_lut.c src_cy/tests/test_kernels.c)
 
 # -O2 and no -march: the dot-product kernel carries its own target attribute and is chosen at run
 # time, exactly as in the Python extension. Static, so qemu needs no aarch64 sysroot.

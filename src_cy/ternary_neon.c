@@ -229,4 +229,36 @@ int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
     return TD_OK;
 }
 
+/* ----------------------------------------------------------------------------------------- */
+/* The NEON tables: streaming kernels for few tokens; the portable table GEMMs (M >= 8), the
+ * quantizers, swiglu and attention come from the scalar table (the compiler vectorizes them). */
+
+static int gemv_i8_neon_plain(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                              int64_t n, const td_out_t *o, int threads) {
+    return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 0);
+}
+
+static int gemv_i8_neon_dot(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                            int64_t n, const td_out_t *o, int threads) {
+    return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 1);
+}
+
+static int gemv_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                         int64_t n, const td_out_t *o, int threads, int lim) {
+    (void)lim; /* lim <= 511: 4 blocks stay inside int16 (above) */
+    return td_gemm_i16_neon(xq, m, kp, ldq, packed, n, o, threads);
+}
+
+const td_ops_t td_ops_neon = {
+    .isa = TD_ISA_NEON, .name = "neon", .parent = TD_ISA_SCALAR, .rank = 10, .cpu_flags = TD_CPU_NEON,
+    .f32_lut_min_m = TD_LUT_MIN_M, .i8_lut_min_m = TD_LUT_MIN_M, .i16_lut_min_m = TD_LUT_MIN_M,
+    .gemv_f32 = td_gemm_f32_neon, .gemv_i8 = gemv_i8_neon_plain, .gemv_i16 = gemv_i16_neon,
+};
+
+const td_ops_t td_ops_neon_dot = {
+    .isa = TD_ISA_NEON_DOT, .name = "neon-dotprod", .parent = TD_ISA_NEON, .rank = 15,
+    .cpu_flags = TD_CPU_NEON | TD_CPU_DOTPROD,
+    .gemv_i8 = gemv_i8_neon_dot,
+};
+
 #endif /* TD_ARM64 */
