@@ -4,16 +4,17 @@
  * the opmask and ZMM state (XCR0, see x86_avx512_flags in ternary_gemm.c). Entries not set here
  * (float32 GEMMs, swiglu, attention) come from the AVX2 table.
  *
- * Integer GEMMs, many tokens (M >= 8): a dense integer GEMM on VNNI dot products instead of the
- * AVX2 tables of partial sums. The four weights of one packed byte (k, k+32, k+64, k+96) form one
- * 32-bit "quad"; the activations of a block of 16 tokens are packed quad by quad into one 512-bit
- * vector (token t in lane t), so one `vpdpbusd` adds 4 weights x 16 tokens of products into int32
- * lanes and one broadcast quad of weights serves 16 tokens.
- *   int8: vpdpbusd multiplies unsigned by signed bytes; the activations are stored as x + 128 (the
- *         byte x ^ 0x80, in 1..255) and the weights as signed -1/0/+1 bytes, so each lane adds
- *         sum w (x + 128) = sum w x + 128 sum w; 128 sum w of each weight row is subtracted at the end.
- *   int10: vpdpwssd on int16 pairs (k, k+32) and (k+64, k+96), weights as int16 -1/0/+1.
- * Every sum is an exact int32 (|sum| <= 255 K or 511 K), and outputs go through td_store: results are
+ * int8 GEMM, many tokens (M >= 8): a dense integer GEMM on VNNI dot products instead of the AVX2
+ * tables of partial sums. The four weights of one packed byte (k, k+32, k+64, k+96) form one 32-bit
+ * "quad"; the activations of a block of 16 tokens are packed quad by quad into one 512-bit vector
+ * (token t in lane t), so one `vpdpbusd` adds 4 weights x 16 tokens of products into int32 lanes
+ * and one broadcast quad of weights serves 16 tokens. vpdpbusd multiplies unsigned by signed
+ * bytes: the activations are stored as x + 128 (the byte x ^ 0x80, in 1..255) and the weights as
+ * signed -1/0/+1 bytes, so each lane adds sum w (x + 128) = sum w x + 128 sum w, and 128 sum w of
+ * each weight row is subtracted at the end. Micro-tile: 12 rows x 32 tokens, 24 accumulators.
+ * int10 (int16 activations) keeps the AVX2 int16 tables for M >= 8: vpdpwssd adds only 2 products
+ * per lane and measured 0.86x the AVX2 tables (docs/kernels.md); its few-token GEMV is here.
+ * Every sum is an exact int32 (|sum| <= 255 K), and outputs go through td_store: results are
  * bit-identical to the scalar path, for any M, token position and thread split.
  * Here weights do get multiplied, by -1, 0 or +1 (the only way VNNI adds bytes four at a time); the
  * AVX2 and portable kernels keep select-and-add. Design notes and measurements: docs/kernels.md. */
@@ -26,60 +27,44 @@
 
 #define TD512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 
-#define NR 8           /* weight rows per micro-tile */
+#define NR 12          /* weight rows per micro-tile (MK_ALL lists them) */
 #define TOK 32         /* tokens per block: two 16-lane vectors */
-#define ROW_CHUNK 128  /* rows per work item (a multiple of NR) */
+#define ROW_CHUNK 120  /* rows per work item (a multiple of NR) */
 #define GEMV_MAX_M 7   /* up to this many tokens stream the weights */
 #define PARALLEL_MIN (td_force_parallel ? 0 : (1 << 20)) /* as the AVX2 kernels: below, one thread */
 
-/* quad of a packed byte: its four codes as signed weight bytes (code 3, invalid, reads as 0) */
-static void build_quads(uint32_t q8[256], uint64_t q16[256]) {
-    for (int v = 0; v < 256; v++) {
-        uint32_t a = 0;
-        uint64_t b = 0;
-        for (int q = 0; q < 4; q++) {
-            int c = (v >> (2 * q)) & 3;
-            const int w = c == 3 ? 0 : c - 1;
-            a |= (uint32_t)(uint8_t)(int8_t)w << (8 * q);
-            b |= (uint64_t)(uint16_t)(int16_t)w << (16 * q);
-        }
-        q8[v] = a;
-        q16[v] = b;
-    }
-}
-
 /* ------------------------------------------------------------------------------------------- */
-/* Packing. Weights: panel of NR rows, quad p of row r at wq[p * NR + r] (int8: one dword per quad)
- * or wq[(2 p + h) * NR + r] (int10: dword h holds weights h*2, h*2+1 of the quad as int16).
- * Activations of a 32-token block: xp[(p * D + h) * 32 + t], D = 1 (int8) or 2 (int10). */
+/* Packing. Weights: row r's quads in p order at wd[r * kb + p], each the four weights of packed
+ * byte p as signed bytes (code 3, invalid, reads as 0), and corr[r] = 128 * (sum of the row's
+ * weights). Activations of a 32-token block: xp[p * 32 + t] = quad p of token t, as x + 128. */
 
-/* One panel of weights (rows r0.. r0+NR-1; rows past n are zero weights). Returns nothing;
- * corr[r] = 128 * sum of the row's weights (int8 only). */
-static void pack_panel(const uint8_t *packed, int64_t n, int64_t kb, int64_t r0, int wide, const uint32_t *q8,
-                       const uint64_t *q16, uint32_t *wq, int32_t *corr) {
-    for (int r = 0; r < NR; r++) {
-        const int64_t row = r0 + r;
-        int32_t s = 0;
+/* Rows r0..r1-1 (rows past n: zero weights). 16 packed bytes at a time: each byte zero-extended to
+ * a dword, its 2-bit codes moved to bits 0, 8, 16, 24, and mapped by vpshufb to -1, 0, +1, 0. */
+TD512 static void decode_rows(const uint8_t *packed, int64_t n, int64_t kb, int64_t r0, int64_t r1,
+                              uint32_t *wd, int32_t *corr) {
+    const __m512i m2 = _mm512_set1_epi32(3), map = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(-1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t row = r0; row < r1; row++) {
+        uint32_t *o = wd + row * kb;
         if (row >= n) {
-            for (int64_t p = 0; p < kb; p++) {
-                if (wide) { wq[(2 * p) * NR + r] = 0; wq[(2 * p + 1) * NR + r] = 0; }
-                else wq[p * NR + r] = 0;
-            }
-        } else {
-            const uint8_t *w = packed + row * kb;
-            for (int64_t p = 0; p < kb; p++) {
-                if (wide) {
-                    const uint64_t v = q16[w[p]];
-                    wq[(2 * p) * NR + r] = (uint32_t)v;
-                    wq[(2 * p + 1) * NR + r] = (uint32_t)(v >> 32);
-                } else {
-                    const uint32_t v = q8[w[p]];
-                    wq[p * NR + r] = v;
-                    s += (int8_t)v + (int8_t)(v >> 8) + (int8_t)(v >> 16) + (int8_t)(v >> 24);
-                }
-            }
+            memset(o, 0, (size_t)kb * 4);
+            corr[row] = 0;
+            continue;
         }
-        if (corr) corr[r] = 128 * s;
+        const uint8_t *w = packed + row * kb;
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t p = 0; p < kb; p += 16) { /* kb is a multiple of 32 */
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + p)));
+            const __m512i c = _mm512_or_si512(
+                _mm512_or_si512(_mm512_and_si512(v, m2), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 2), m2), 8)),
+                _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 4), m2), 16),
+                                _mm512_slli_epi32(_mm512_srli_epi32(v, 6), 24)));
+            const __m512i q = _mm512_shuffle_epi8(map, c);
+            _mm512_storeu_si512((void *)(o + p), q);
+            sum = _mm512_dpbusd_epi32(sum, ones, q); /* 1 x w, four at a time: the row's sum */
+        }
+        corr[row] = 128 * _mm512_reduce_add_epi32(sum);
     }
 }
 
@@ -106,134 +91,92 @@ TD512 static void quads_i8(const int8_t *x, int64_t kp, uint32_t *out) {
     }
 }
 
-/* Row of int16 activations -> out[2 p + h] = pair (x[k + 64 h], x[k + 32 + 64 h]) of quad p. */
-TD512 static void quads_i16(const int16_t *x, int64_t kp, uint32_t *out) {
-    for (int64_t b = 0; b < kp / TD_BLOCK_K; b++) {
-        const int16_t *xb = x + b * TD_BLOCK_K;
-        uint32_t *o = out + 2 * b * TD_BLOCK_BYTES;
-        for (int j0 = 0; j0 < 32; j0 += 16) {
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(xb + j0));
-            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(xb + 32 + j0));
-            const __m256i c2 = _mm256_loadu_si256((const __m256i *)(xb + 64 + j0));
-            const __m256i c3 = _mm256_loadu_si256((const __m256i *)(xb + 96 + j0));
-            /* lane 0: j0 + 0-3 (lo), 4-7 (hi); lane 1: j0 + 8-11, 12-15 */
-            const __m256i ab_lo = _mm256_unpacklo_epi16(a, c1), ab_hi = _mm256_unpackhi_epi16(a, c1);
-            const __m256i cd_lo = _mm256_unpacklo_epi16(c2, c3), cd_hi = _mm256_unpackhi_epi16(c2, c3);
-            const __m256i h0a = _mm256_permute2x128_si256(ab_lo, ab_hi, 0x20); /* j0 + 0..7 */
-            const __m256i h0b = _mm256_permute2x128_si256(ab_lo, ab_hi, 0x31); /* j0 + 8..15 */
-            const __m256i h1a = _mm256_permute2x128_si256(cd_lo, cd_hi, 0x20);
-            const __m256i h1b = _mm256_permute2x128_si256(cd_lo, cd_hi, 0x31);
-            /* interleave h = 0 and h = 1 dwords, out[2 (j0 + i) + h]: unpack gives qwords of
-             * i = (0, 1, 4, 5) (lo) and (2, 3, 6, 7) (hi) */
-            __m256i lo = _mm256_unpacklo_epi32(h0a, h1a), hi = _mm256_unpackhi_epi32(h0a, h1a);
-            _mm256_storeu_si256((__m256i *)(o + 2 * j0), _mm256_permute2x128_si256(lo, hi, 0x20));
-            _mm256_storeu_si256((__m256i *)(o + 2 * j0 + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
-            lo = _mm256_unpacklo_epi32(h0b, h1b);
-            hi = _mm256_unpackhi_epi32(h0b, h1b);
-            _mm256_storeu_si256((__m256i *)(o + 2 * j0 + 16), _mm256_permute2x128_si256(lo, hi, 0x20));
-            _mm256_storeu_si256((__m256i *)(o + 2 * j0 + 24), _mm256_permute2x128_si256(lo, hi, 0x31));
-        }
-    }
-}
-
-/* Tokens m0..m0+mt-1 (mt <= 32) into xp ((kb * D) x 32 dwords): each token's quads in p order
- * (tmp, row-major), then 16 tokens at a time gathered per quad. Tokens mt..31 read as x = 0. */
-TD512 static void pack_tokens(const int8_t *xq8, const int16_t *xq16, int64_t ldq, int64_t m0, int mt,
-                              int64_t kp, uint32_t *tmp, uint32_t *xp) {
-    const int D = xq16 ? 2 : 1;
-    const int64_t nq = kp / 4 * D; /* dwords per token */
-    for (int t = 0; t < TOK; t++) {
-        uint32_t *o = tmp + t * nq;
-        if (t >= mt) {
-            memset(o, xq16 ? 0 : 0x80, (size_t)nq * 4);
-            continue;
-        }
-        if (xq16) quads_i16(xq16 + (m0 + t) * ldq, kp, o);
-        else quads_i8(xq8 + (m0 + t) * ldq, kp, o);
+/* Tokens m0..m0+mt-1 (mt <= 32) into xp (kb x 32 dwords): each token's quads in p order (tmp,
+ * row-major), then 16 tokens at a time gathered per quad. Tokens mt..31 read as x = 0. */
+TD512 static void pack_tokens(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kp, uint32_t *tmp,
+                              uint32_t *xp) {
+    const int64_t kb = kp / 4;
+    const int hv = (mt + 15) / 16; /* vectors holding real tokens; the micro-kernel reads only these */
+    for (int t = 0; t < 16 * hv; t++) {
+        if (t < mt) quads_i8(xq + (m0 + t) * ldq, kp, tmp + t * kb);
+        else memset(tmp + t * kb, 0x80, (size_t)kb * 4);
     }
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)nq));
-    const int hv = (mt + 15) / 16; /* vectors with real tokens; the other stays as set above */
-    for (int h = 0; h < 2; h++) {
-        const uint32_t *base = tmp + h * 16 * nq;
-        if (h >= hv) {
-            const __m512i fill = _mm512_set1_epi32(xq16 ? 0 : (int)0x80808080u);
-            for (int64_t p = 0; p < nq; p++) _mm512_store_si512((void *)(xp + p * TOK + 16 * h), fill);
-            continue;
-        }
-        for (int64_t p = 0; p < nq; p++)
+                                           _mm512_set1_epi32((int)kb));
+    for (int h = 0; h < hv; h++) {
+        const uint32_t *base = tmp + h * 16 * kb;
+        for (int64_t p = 0; p < kb; p++)
             _mm512_store_si512((void *)(xp + p * TOK + 16 * h), _mm512_i32gather_epi32(idx, (const void *)(base + p), 4));
     }
 }
 
 /* ------------------------------------------------------------------------------------------- */
-/* Micro-kernels: NR rows x 32 tokens (HV = 2 vectors) or 16 (HV = 1), int32 sums into c. */
+/* Micro-kernel: NR rows x 32 tokens (HV = 2 vectors) or 16 (HV = 1), int32 sums into
+ * out[(2 r + h) * 16 + lane]. Accumulators are named variables, not an array: GCC keeps an array
+ * of vectors in registers but copied every one of them each iteration (measured 2x slower). */
+#define MK_DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = _mm512_setzero_si512();
+#define MK_OUT(r)                                                                                   \
+    _mm512_store_si512((void *)(out + (2 * (r)) * 16), c##r##0);                                   \
+    if (HV > 1) _mm512_store_si512((void *)(out + (2 * (r) + 1) * 16), c##r##1);
+#define MK_ALL(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define MK_ROW(r)                                                                                   \
+    {                                                                                               \
+        const __m512i b = _mm512_set1_epi32((int)w[(r) * kb + p]);                                  \
+        c##r##0 = _mm512_dpbusd_epi32(c##r##0, a0, b);                                              \
+        if (HV > 1) c##r##1 = _mm512_dpbusd_epi32(c##r##1, a1, b);                                  \
+    }
 
-#define MK_STORE(c, HV)                                                                            \
-    for (int r = 0; r < NR; r++)                                                                   \
-        for (int h = 0; h < (HV); h++) _mm512_store_si512((void *)(out + (r * 2 + h) * 16), c[r][h]);
-
-TD512 static inline __attribute__((always_inline)) void mk_i8(const uint32_t *xp, const uint32_t *wq, int64_t kb,
+TD512 static inline __attribute__((always_inline)) void mk_i8(const uint32_t *xp, const uint32_t *w, int64_t kb,
                                                               int32_t *out, const int HV) {
-    __m512i c[NR][2];
-    for (int r = 0; r < NR; r++) c[r][0] = c[r][1] = _mm512_setzero_si512();
+    MK_ALL(MK_DECL)
     for (int64_t p = 0; p < kb; p++) {
         const __m512i a0 = _mm512_load_si512((const void *)(xp + p * TOK));
         const __m512i a1 = HV > 1 ? _mm512_load_si512((const void *)(xp + p * TOK + 16)) : a0;
-        const uint32_t *w = wq + p * NR;
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; r++) {
-            const __m512i b = _mm512_set1_epi32((int)w[r]);
-            c[r][0] = _mm512_dpbusd_epi32(c[r][0], a0, b);
-            if (HV > 1) c[r][1] = _mm512_dpbusd_epi32(c[r][1], a1, b);
-        }
+        MK_ALL(MK_ROW)
     }
-    MK_STORE(c, HV)
+    MK_ALL(MK_OUT)
 }
 
-TD512 static inline __attribute__((always_inline)) void mk_i16(const uint32_t *xp, const uint32_t *wq, int64_t kb,
-                                                               int32_t *out, const int HV) {
-    __m512i c[NR][2];
-    for (int r = 0; r < NR; r++) c[r][0] = c[r][1] = _mm512_setzero_si512();
-    for (int64_t p = 0; p < kb; p++) {
-        const uint32_t *xa = xp + 2 * p * TOK, *w = wq + 2 * p * NR;
-        const __m512i a00 = _mm512_load_si512((const void *)xa);
-        const __m512i a10 = _mm512_load_si512((const void *)(xa + TOK));
-        const __m512i a01 = HV > 1 ? _mm512_load_si512((const void *)(xa + 16)) : a00;
-        const __m512i a11 = HV > 1 ? _mm512_load_si512((const void *)(xa + TOK + 16)) : a10;
-#pragma GCC unroll 8
-        for (int r = 0; r < NR; r++) {
-            const __m512i b0 = _mm512_set1_epi32((int)w[r]), b1 = _mm512_set1_epi32((int)w[NR + r]);
-            c[r][0] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(c[r][0], a00, b0), a10, b1);
-            if (HV > 1) c[r][1] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(c[r][1], a01, b0), a11, b1);
-        }
-    }
-    MK_STORE(c, HV)
-}
+TD512 static void mk_i8_32(const uint32_t *xp, const uint32_t *w, int64_t kb, int32_t *out) { mk_i8(xp, w, kb, out, 2); }
+TD512 static void mk_i8_16(const uint32_t *xp, const uint32_t *w, int64_t kb, int32_t *out) { mk_i8(xp, w, kb, out, 1); }
 
-TD512 static void mk_i8_32(const uint32_t *xp, const uint32_t *wq, int64_t kb, int32_t *out) { mk_i8(xp, wq, kb, out, 2); }
-TD512 static void mk_i8_16(const uint32_t *xp, const uint32_t *wq, int64_t kb, int32_t *out) { mk_i8(xp, wq, kb, out, 1); }
-TD512 static void mk_i16_32(const uint32_t *xp, const uint32_t *wq, int64_t kb, int32_t *out) { mk_i16(xp, wq, kb, out, 2); }
-TD512 static void mk_i16_16(const uint32_t *xp, const uint32_t *wq, int64_t kb, int32_t *out) { mk_i16(xp, wq, kb, out, 1); }
+/* Outputs of one micro-tile: res[(2 r + t / 16) * 16 + t % 16] - corr[r] is the sum of row rp + r
+ * and token m0 + t; per token, the nr <= NR rows are gathered into one vector and stored with the
+ * two roundings of td_store, float(acc) * (scale * alpha), then + bias (no FMA). */
+TD512 static void store_tile(const td_out_t *o, int64_t m0, int mt, int64_t rp, int nr, const int32_t *res,
+                             const int32_t *corr) {
+    const __mmask16 mk = (__mmask16)((1u << nr) - 1);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(32));
+    const __m512i cv = _mm512_maskz_loadu_epi32(mk, corr);
+    const __m512 bv = o->bias ? _mm512_maskz_loadu_ps(mk, o->bias + rp) : _mm512_setzero_ps();
+    for (int t = 0; t < mt; t++) {
+        const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx,
+                                                      (const void *)(res + (t / 16) * 16 + t % 16), 4);
+        const __m512i v = _mm512_sub_epi32(g, cv);
+        if (o->acc) {
+            _mm512_mask_storeu_epi32(o->acc + (m0 + t) * o->ldy + rp, mk, v);
+            continue;
+        }
+        __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(o->scale[m0 + t] * o->alpha));
+        if (o->bias) r = _mm512_add_ps(r, bv);
+        _mm512_mask_storeu_ps(o->y + (m0 + t) * o->ldy + rp, mk, r);
+    }
+}
 
 /* ------------------------------------------------------------------------------------------- */
-/* Driver of the int8/int10 VNNI GEMM: pack the weights (all panels) and the tokens (all blocks)
- * in parallel, then work items of (row chunk, token block). */
-static int vnni_gemm(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq,
-                     const uint8_t *packed, int64_t n, const td_out_t *o, int threads) {
-    const int wide = xq16 != NULL, D = wide ? 2 : 1;
-    const int64_t kb = kp / 4, nq = kb * D;
-    const int64_t npan = (n + NR - 1) / NR, ntb = (m + TOK - 1) / TOK;
+/* Driver of the int8 VNNI GEMM: decode the weights (all rows) and pack the tokens (all blocks) in
+ * parallel, then work items of (row chunk, token block). */
+static int vnni_gemm_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                        int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = kp / 4, npad = (n + NR - 1) / NR * NR, ntb = (m + TOK - 1) / TOK;
     const int64_t nchunk = (n + ROW_CHUNK - 1) / ROW_CHUNK, items = nchunk * ntb;
     if (ntb * n * kb < PARALLEL_MIN) threads = 1;
-    uint32_t q8[256];
-    uint64_t q16[256];
-    build_quads(q8, q16);
-    uint32_t *wq = td_alloc((size_t)npan * (size_t)nq * NR * 4);
-    int32_t *corr = wide ? NULL : td_alloc((size_t)npan * NR * 4);
-    uint32_t *xp = td_alloc((size_t)ntb * (size_t)nq * TOK * 4);
-    if (!wq || !xp || (!wide && !corr)) {
-        td_free(wq); td_free(corr); td_free(xp);
+    uint32_t *wd = td_alloc((size_t)npad * (size_t)kb * 4);
+    int32_t *corr = td_alloc((size_t)npad * 4);
+    uint32_t *xp = td_alloc((size_t)ntb * (size_t)kb * TOK * 4);
+    if (!wd || !xp || !corr) {
+        td_free(wd); td_free(corr); td_free(xp);
         return TD_ENOMEM;
     }
     int err = 0;
@@ -242,23 +185,22 @@ static int vnni_gemm(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t 
 #pragma omp parallel num_threads(threads)
 #endif
     {
-        uint32_t *tmp = td_alloc((size_t)TOK * (size_t)nq * 4);
+        uint32_t *tmp = td_alloc((size_t)TOK * (size_t)kb * 4);
         int32_t *res = td_alloc((size_t)NR * TOK * 4);
         const int ok = tmp && res;
 #if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 4) nowait
+#pragma omp for schedule(dynamic, 1) nowait
 #endif
-        for (int64_t pn = 0; pn < npan; pn++)
-            pack_panel(packed, n, kb, pn * NR, wide, q8, q16, wq + pn * nq * NR, corr ? corr + pn * NR : NULL);
+        for (int64_t pn = 0; pn < npad / NR; pn++) decode_rows(packed, n, kb, pn * NR, pn * NR + NR, wd, corr);
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t tb = 0; tb < ntb; tb++) {
             if (!ok) continue;
             const int mt = (int)(m - tb * TOK < TOK ? m - tb * TOK : TOK);
-            pack_tokens(xq8, xq16, ldq, tb * TOK, mt, kp, tmp, xp + tb * nq * TOK);
+            pack_tokens(xq, ldq, tb * TOK, mt, kp, tmp, xp + tb * kb * TOK);
         }
-        /* the closing barrier of the loop above: every panel and block is packed */
+        /* the closing barrier of the loop above: every row and block is packed */
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -267,40 +209,22 @@ static int vnni_gemm(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t 
             const int64_t ch = it / ntb, tb = it % ntb;
             const int64_t m0 = tb * TOK, r0 = ch * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
             const int mt = (int)(m - m0 < TOK ? m - m0 : TOK);
-            const uint32_t *xb = xp + tb * nq * TOK;
+            const uint32_t *xb = xp + tb * kb * TOK;
             for (int64_t rp = r0; rp < r1; rp += NR) {
-                const int64_t pn = rp / NR;
-                const uint32_t *wp = wq + pn * nq * NR;
-                if (wide) {
-                    if (mt > 16) mk_i16_32(xb, wp, kb, res);
-                    else mk_i16_16(xb, wp, kb, res);
-                } else {
-                    if (mt > 16) mk_i8_32(xb, wp, kb, res);
-                    else mk_i8_16(xb, wp, kb, res);
-                }
-                const int nr = (int)(n - rp < NR ? n - rp : NR);
-                for (int t = 0; t < mt; t++)
-                    for (int r = 0; r < nr; r++) {
-                        const int32_t v = res[(r * 2 + t / 16) * 16 + t % 16];
-                        td_store(o, m0 + t, rp + r, wide ? v : v - corr[pn * NR + r]);
-                    }
+                if (mt > 16) mk_i8_32(xb, wd + rp * kb, kb, res);
+                else mk_i8_16(xb, wd + rp * kb, kb, res);
+                store_tile(o, m0, mt, rp, (int)(n - rp < NR ? n - rp : NR), res, corr + rp);
             }
         }
         td_free(tmp); td_free(res);
     }
-    td_free(wq); td_free(corr); td_free(xp);
+    td_free(wd); td_free(corr); td_free(xp);
     return err ? TD_ENOMEM : TD_OK;
 }
 
 static int lut_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                          int64_t n, const td_out_t *o, int threads) {
-    return vnni_gemm(xq, NULL, m, kp, ldq, packed, n, o, threads);
-}
-
-static int lut_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                          int64_t n, const td_out_t *o, int threads, int lim) {
-    (void)lim; /* int32 sums: exact for any lim <= 511 */
-    return vnni_gemm(NULL, xq, m, kp, ldq, packed, n, o, threads);
+    return vnni_gemm_i8(xq, m, kp, ldq, packed, n, o, threads);
 }
 
 /* ------------------------------------------------------------------------------------------- */
@@ -405,7 +329,7 @@ static int gemv_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, 
                           int64_t n, const td_out_t *o, int threads) {
     const int64_t kb = kp / 4, chunk = 32;
     int32_t sx[GEMV_MAX_M + 1];
-    if (m > GEMV_MAX_M + 1) return vnni_gemm(xq, NULL, m, kp, ldq, packed, n, o, threads);
+    if (m > GEMV_MAX_M + 1) return vnni_gemm_i8(xq, m, kp, ldq, packed, n, o, threads);
     for (int64_t t = 0; t < m; t++) { /* sum of the token's activations (zero past k) */
         int32_t s = 0;
         for (int64_t i = 0; i < kp; i++) s += xq[t * ldq + i];
@@ -502,7 +426,7 @@ const td_ops_t td_ops_avx512 = {
     .cpu_flags = TD_CPU_AVX512 | TD_CPU_AVX2 | TD_CPU_FMA,
     .i8_lut_min_m = GEMV_MAX_M + 1, .i16_lut_min_m = GEMV_MAX_M + 1,
     .gemv_i8 = gemv_i8_avx512, .lut_i8 = lut_i8_avx512,
-    .gemv_i16 = gemv_i16_avx512, .lut_i16 = lut_i16_avx512,
+    .gemv_i16 = gemv_i16_avx512,
     .quantize_row_i8 = quantize_row8_avx512, .quantize_row_i16 = quantize_row16_avx512,
 };
 
