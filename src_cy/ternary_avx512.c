@@ -12,10 +12,12 @@
  * bytes: the activations are stored as x + 128 (the byte x ^ 0x80, in 1..255) and the weights as
  * signed -1/0/+1 bytes, so each lane adds sum w (x + 128) = sum w x + 128 sum w, and 128 sum w of
  * each weight row is subtracted at the end. Micro-tile: 12 rows x 32 tokens, 24 accumulators.
- * int10 (int16 activations) keeps the AVX2 int16 tables for M >= 8: vpdpwssd adds only 2 products
- * per lane and measured 0.86x the AVX2 tables (docs/kernels.md); its few-token GEMV is here.
- * Every sum is an exact int32 (|sum| <= 255 K), and outputs go through td_store: results are
- * bit-identical to the scalar path, for any M, token position and thread split.
+ * int10 (int16 activations), M >= 17: the AVX2 int16 tables widened to 32 tokens per 64-byte entry
+ * (below); vpdpwssd, which adds only 2 int16 products per lane, measured 0.86x the AVX2 tables.
+ * M = 8..16 int10 and the float32 paths use the AVX2 kernels; the few-token GEMVs are here.
+ * Every sum is an exact int32 (|sum| <= 255 K for int8, <= 511 K for int10), and outputs get the
+ * two roundings of td_store: results are bit-identical to the scalar path, for any M, token
+ * position and thread split.
  * Here weights do get multiplied, by -1, 0 or +1 (the only way VNNI adds bytes four at a time); the
  * AVX2 and portable kernels keep select-and-add. Design notes and measurements: docs/kernels.md. */
 #include "ternary_internal.h"
@@ -228,6 +230,220 @@ static int lut_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, c
 }
 
 /* ------------------------------------------------------------------------------------------- */
+/* int10 GEMM, many tokens (M >= 8): the AVX2 scheme of int16 tables of partial sums (ternary_avx2.c,
+ * docs/kernels.md) with 32 tokens per 64-byte entry, so one vpaddw adds 4 weights x 32 tokens.
+ * Tokens are first interleaved in pairs, P[j][k] = (x[2j][k], x[2j+1][k]) as one dword, so that the
+ * 32 tokens of column k are one 16-dword gather. Table sets of TG byte positions
+ * (TG x 81 x 64 B = 41.5 KB); entry sums |.| <= 4 lim, so `super` sets of TG look-ups stay inside
+ * int16 before widening to int32 (as i16_super in ternary_avx2.c). */
+
+#ifndef TG
+#define TG 8
+#endif
+#define TENT_BYTES 64
+#define TGROUP_BYTES (81 * TENT_BYTES)
+#define T_MAX_ROWS 4096
+
+/* P (16, kp) dwords for tokens m0..m0+mt-1 (mt <= 32; missing tokens are 0) */
+TD512 static void pair_tokens(const int16_t *x16, int64_t ldq, int64_t m0, int mt, int64_t kp, uint32_t *P) {
+    const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int j = 0; j < 16; j++) {
+        const int t0 = 2 * j, t1 = 2 * j + 1;
+        uint32_t *o = P + j * kp;
+        if (t0 >= mt) {
+            memset(o, 0, (size_t)kp * 4);
+            continue;
+        }
+        for (int64_t k = 0; k < kp; k += 32) {
+            const __m512i a = _mm512_loadu_si512((const void *)(x16 + (m0 + t0) * ldq + k));
+            const __m512i b = t1 < mt ? _mm512_loadu_si512((const void *)(x16 + (m0 + t1) * ldq + k)) : _mm512_setzero_si512();
+            /* per 128-bit lane l: lo = columns 8l..8l+3, hi = 8l+4..8l+7 */
+            const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+            _mm512_storeu_si512((void *)(o + k), _mm512_permutex2var_epi64(lo, i0, hi));
+            _mm512_storeu_si512((void *)(o + k + 16), _mm512_permutex2var_epi64(lo, i1, hi));
+        }
+    }
+}
+
+TD512 static inline void pair_sums16(__m512i x0, __m512i x1, __m512i s[9]) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i n0 = _mm512_sub_epi16(zero, x0);
+    s[0] = _mm512_sub_epi16(n0, x1); s[1] = _mm512_sub_epi16(zero, x1); s[2] = _mm512_sub_epi16(x0, x1);
+    s[3] = n0;                       s[4] = zero;                       s[5] = x0;
+    s[6] = _mm512_add_epi16(n0, x1); s[7] = x1;                         s[8] = _mm512_add_epi16(x0, x1);
+}
+
+/* Tables of the TG byte positions from kbase: entry c0 + 3 c1 + 9 c2 + 27 c3 = lo[c0 + 3 c1] + hi[c2 + 3 c3] */
+TD512 static void build_tables16(const uint32_t *P, __m512i gidx, int64_t kbase, int16_t *T) {
+    for (int g = 0; g < TG; g++) {
+        const uint32_t *pk = P + kbase + g;
+        __m512i lo[9], hi[9];
+        pair_sums16(_mm512_i32gather_epi32(gidx, (const void *)pk, 4),
+                    _mm512_i32gather_epi32(gidx, (const void *)(pk + 32), 4), lo);
+        pair_sums16(_mm512_i32gather_epi32(gidx, (const void *)(pk + 64), 4),
+                    _mm512_i32gather_epi32(gidx, (const void *)(pk + 96), 4), hi);
+        int16_t *e = T + g * 81 * 32;
+        for (int j = 0; j < 9; j++)
+            for (int i = 0; i < 9; i++) _mm512_store_si512((void *)(e + 32 * (9 * j + i)), _mm512_add_epi16(lo[i], hi[j]));
+    }
+}
+
+/* offs[(kt * n + row) * TG + g] = byte offset of the entry of packed byte kt * TG + g of the row
+ * inside its group's table (code 3 reads as 1, a zero weight). Orphaned `omp for`: called by every
+ * thread of the GEMM's region; its closing barrier completes the panel before any use. */
+TD512 static void fill_offsets(const uint8_t *packed, int64_t n, int64_t kb, uint16_t *offs) {
+    int8_t lo_t[16], hi_t[16];
+    for (int v = 0; v < 16; v++) {
+        const int a = (v & 3) == 3 ? 1 : (v & 3), b = (v >> 2) == 3 ? 1 : (v >> 2);
+        lo_t[v] = (int8_t)(a + 3 * b);
+        hi_t[v] = (int8_t)(9 * (a + 3 * b));
+    }
+    const __m512i lo_v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)lo_t));
+    const __m512i hi_v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)hi_t));
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 64)
+#endif
+    for (int64_t row = 0; row < n; row++) {
+        const uint8_t *w = packed + row * kb;
+        for (int64_t p = 0; p < kb; p += 32) { /* kb is a multiple of 32: 4 table sets */
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + p)));
+            const __m512i idx = _mm512_add_epi16(
+                _mm512_shuffle_epi8(lo_v, _mm512_and_si512(v, low4)),
+                _mm512_shuffle_epi8(hi_v, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)));
+            /* shuffle_epi8 on words: the high byte of each word indexes with 0 -> lo_t[0] = 0 or
+             * hi_t[0] = 0, so each word holds its index; times 64 bytes per entry */
+            const __m512i off = _mm512_slli_epi16(idx, 6);
+            uint16_t tmp[32];
+            _mm512_storeu_si512((void *)tmp, off);
+            for (int s = 0; s < 32 / TG; s++) memcpy(offs + ((p / TG + s) * n + row) * TG, tmp + s * TG, TG * sizeof(uint16_t));
+        }
+    }
+}
+
+/* Outputs of rows r0..r1-1, tokens m0..m0+mt-1 from res32[(row - r0) * 32 + t]: per token, 16 rows
+ * gathered, then the two roundings of td_store. */
+TD512 static void store_rows32(const td_out_t *o, int64_t m0, int mt, int64_t r0, int64_t r1, const int32_t *res32) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(32));
+    for (int64_t s0 = r0; s0 < r1; s0 += 16) {
+        const int nr = (int)(r1 - s0 < 16 ? r1 - s0 : 16);
+        const __mmask16 mk = (__mmask16)((1u << nr) - 1);
+        const __m512 bv = o->bias ? _mm512_maskz_loadu_ps(mk, o->bias + s0) : _mm512_setzero_ps();
+        for (int t = 0; t < mt; t++) {
+            const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx,
+                                                          (const void *)(res32 + (s0 - r0) * 32 + t), 4);
+            if (o->acc) {
+                _mm512_mask_storeu_epi32(o->acc + (m0 + t) * o->ldy + s0, mk, v);
+                continue;
+            }
+            __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(o->scale[m0 + t] * o->alpha));
+            if (o->bias) r = _mm512_add_ps(r, bv);
+            _mm512_mask_storeu_ps(o->y + (m0 + t) * o->ldy + s0, mk, r);
+        }
+    }
+}
+
+TD512 static void lut16_block(const uint32_t *P, int64_t kb, int super, int64_t r0, int64_t r1, int64_t n,
+                              const uint16_t *offs, int16_t *T, int16_t *res16, int32_t *res32) {
+    const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)(kb * 4)));
+    const int64_t ntile = kb / TG;
+    for (int64_t kt = 0; kt < ntile; kt++) {
+        build_tables16(P, gidx, (kt / (TD_BLOCK_BYTES / TG)) * TD_BLOCK_K + (kt % (TD_BLOCK_BYTES / TG)) * TG, T);
+        const uint16_t *op = offs + kt * n * TG;
+        const int first = kt % super == 0;
+        const int last = kt % super == super - 1 || kt == ntile - 1;
+        const int widen_add = kt >= super;
+        for (int64_t row = r0; row < r1; row++) {
+            uint64_t wv[TG / 4]; /* four offsets per 64-bit word */
+            memcpy(wv, op + row * TG, sizeof wv);
+            __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int g = 0; g < TG; g += 2) {
+                const uint64_t w = wv[g >> 2];
+                const int sh = 16 * (g & 3);
+                a = _mm512_add_epi16(a, _mm512_load_si512((const void *)((const char *)T + g * TGROUP_BYTES + ((w >> sh) & 0xffff))));
+                b = _mm512_add_epi16(b, _mm512_load_si512((const void *)((const char *)T + (g + 1) * TGROUP_BYTES + ((w >> (sh + 16)) & 0xffff))));
+            }
+            a = _mm512_add_epi16(a, b);
+            int16_t *rp = res16 + (row - r0) * 32;
+            if (!first) a = _mm512_add_epi16(_mm512_load_si512((const void *)rp), a);
+            if (last) {
+                int32_t *qp = res32 + (row - r0) * 32;
+                __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a));
+                __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a, 1));
+                if (widen_add) {
+                    lo = _mm512_add_epi32(lo, _mm512_load_si512((const void *)qp));
+                    hi = _mm512_add_epi32(hi, _mm512_load_si512((const void *)(qp + 16)));
+                }
+                _mm512_store_si512((void *)qp, lo);
+                _mm512_store_si512((void *)(qp + 16), hi);
+            } else {
+                _mm512_store_si512((void *)rp, a);
+            }
+        }
+    }
+}
+
+static int lut16_driver(const int16_t *x16, int64_t m, int64_t kp, int64_t ldq,
+                        const uint8_t *packed, int64_t n, const td_out_t *o, int threads, int lim) {
+    const int64_t kb = kp / 4;
+    int super = 32767 / (4 * lim * TG);
+    if (super < 1) super = 1;
+    int64_t ntb, nsplit, rows_per;
+    if (((m + 31) / 32) * n * kb < PARALLEL_MIN) threads = 1;
+    td_lut_split(m, 32, n, threads, T_MAX_ROWS, &ntb, &nsplit, &rows_per);
+    uint16_t *offs = td_alloc((size_t)n * (size_t)kb * sizeof(uint16_t));
+    if (!offs) return TD_ENOMEM;
+    int err = 0;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        uint32_t *P = td_alloc((size_t)16 * (size_t)kp * 4);
+        int16_t *T = td_alloc((size_t)TG * TGROUP_BYTES);
+        int16_t *res16 = td_alloc((size_t)rows_per * 32 * sizeof(int16_t));
+        int32_t *res32 = td_alloc((size_t)rows_per * 32 * sizeof(int32_t));
+        const int ok = P && T && res16 && res32;
+        fill_offsets(packed, n, kb, offs);
+        int64_t have = -1; /* token block whose pairs are in P */
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < ntb * nsplit; item++) {
+            if (!ok) { err = 1; continue; }
+            const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
+            const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
+            const int mt = (int)(m - tb * 32 < 32 ? m - tb * 32 : 32);
+            if (r0 >= r1) continue;
+            if (have != tb) {
+                pair_tokens(x16, ldq, tb * 32, mt, kp, P);
+                have = tb;
+            }
+            lut16_block(P, kb, super, r0, r1, n, offs, T, res16, res32);
+            store_rows32(o, tb * 32, mt, r0, r1, res32);
+        }
+        td_free(P); td_free(T); td_free(res16); td_free(res32);
+    }
+    td_free(offs);
+    return err ? TD_ENOMEM : TD_OK;
+}
+
+/* Up to 16 tokens the AVX2 tables (16 tokens per entry, no offset panel) are faster: 0.23 ms
+ * against 0.68 ms for 8 x 1536 x 1536 here; from 32 tokens these win. Integer sums are exact, so
+ * the switch changes no result. */
+#define LUT16_MIN_M 17
+
+static int lut_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                          int64_t n, const td_out_t *o, int threads, int lim) {
+    if (m < LUT16_MIN_M) return td_ops_for(TD_ISA_AVX2)->lut_i16(xq, m, kp, ldq, packed, n, o, threads, lim);
+    return lut16_driver(xq, m, kp, ldq, packed, n, o, threads, lim);
+}
+
+
+/* ------------------------------------------------------------------------------------------- */
 /* Few tokens: stream the weights. A 32-byte block is broadcast to both halves of a vector and
  * shifted by 0 / 2 (codes of k..k+31, k+32..k+63) and 4 / 6 (k+64.., k+96..), masked to 2 bits
  * and mapped by vpshufb to unsigned w + 1 in {0, 1, 2} (code 3 -> 1, a zero weight): the vector is
@@ -426,7 +642,7 @@ const td_ops_t td_ops_avx512 = {
     .cpu_flags = TD_CPU_AVX512 | TD_CPU_AVX2 | TD_CPU_FMA,
     .i8_lut_min_m = GEMV_MAX_M + 1, .i16_lut_min_m = GEMV_MAX_M + 1,
     .gemv_i8 = gemv_i8_avx512, .lut_i8 = lut_i8_avx512,
-    .gemv_i16 = gemv_i16_avx512,
+    .gemv_i16 = gemv_i16_avx512, .lut_i16 = lut_i16_avx512,
     .quantize_row_i8 = quantize_row8_avx512, .quantize_row_i16 = quantize_row16_avx512,
 };
 
