@@ -9,6 +9,13 @@ path: the median and range of wall time and of process CPU time over the rounds 
 CPU time is the figure other processes on the machine cannot inflate), and the median ratio of the
 first path's time to each other path's, taken round by round. Outputs are checked equal across the
 integer paths (exact sums) before timing.
+
+    python benchmarks/bench_isa.py --step [--config 600m] [--threads 1] [--rounds 3] [--torch]
+
+times the guided denoising step of bench_step.py (same cached random release-layout checkpoint,
+same inputs) per activation mode and ISA path, alternating in one process, by wall and process CPU
+time; --torch adds PyTorch float32 and (where the CPU has native bf16) bfloat16, built by
+bench_step.worker_torch and timed on the process CPU clock as well.
 """
 from __future__ import annotations
 
@@ -39,6 +46,64 @@ def _one(fn):
     return time.perf_counter() - w0, time.process_time() - c0
 
 
+def step_rows(config: str, isas: list[str], threads: int, rounds: int, modes: list[str], with_torch: bool):
+    """Median wall / CPU seconds of one guided step per (mode, ISA), alternating ISAs each round."""
+    import types
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_step
+
+    import terdit_edge
+    from terdit_edge.diffusion import guided_model_output
+
+    ck, tdit = bench_step.prepare(config)
+    x, t, y = bench_step._inputs(config)
+    rows = []
+    for mode in modes:
+        model = terdit_edge.load_model(tdit, backend="cython", activations=mode, threads=threads)
+        outs = {}
+        for isa in isas:  # warm-up, and the integer modes' outputs must agree bit for bit
+            _ternary.set_isa(isa)
+            outs[isa] = guided_model_output(model, x, t, y, 4.0)
+        if mode != "fp32":
+            for isa in isas[1:]:
+                assert np.array_equal(outs[isa], outs[isas[0]]), (mode, isa)
+        wall = {i: [] for i in isas}
+        cpu = {i: [] for i in isas}
+        for _ in range(rounds):
+            for isa in isas:
+                _ternary.set_isa(isa)
+                tw, tc = _one(lambda: guided_model_output(model, x, t, y, 4.0))
+                wall[isa].append(tw)
+                cpu[isa].append(tc)
+        _ternary.set_isa("best")
+        for isa in isas:
+            rows.append({"name": f"terdit-edge {mode} [{isa}]", "wall_s": statistics.median(wall[isa]),
+                         "wall_range": [min(wall[isa]), max(wall[isa])], "cpu_s": statistics.median(cpu[isa]),
+                         "cpu_range": [min(cpu[isa]), max(cpu[isa])]})
+        del model
+    if with_torch:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_path = os.path.join(tmp, "config.json")
+            from terdit_edge.format import read_tdit
+            with open(cfg_path, "w") as f:
+                f.write(read_tdit(tdit, verify=False).config.to_json())
+            kinds = [False] + ([True] if bench_step.native_bf16() else [])
+            for bf16 in kinds:
+                res = {}
+                for clock in ("wall", "cpu"):  # worker_torch times with time.perf_counter: swap the clock
+                    bench_step.time = types.SimpleNamespace(
+                        perf_counter=time.perf_counter if clock == "wall" else time.process_time)
+                    args = types.SimpleNamespace(ck=ck, tdit_config=cfg_path, config=config, threads=threads,
+                                                 repeat=rounds, save=os.path.join(tmp, "t.npy"))
+                    res[clock] = bench_step.worker_torch(args, bf16=bf16)["seconds"]
+                bench_step.time = time
+                rows.append({"name": f"pytorch {'bfloat16' if bf16 else 'float32'}", "wall_s": res["wall"],
+                             "cpu_s": res["cpu"], "note": "best of rounds (bench_step.worker_torch)"})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--isas", default=None, help="comma-separated paths (default: every supported SIMD path)")
@@ -47,7 +112,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--step", action="store_true", help="time the guided step instead of GEMMs")
+    ap.add_argument("--config", default="600m", choices=("600m", "3b", "small"))
+    ap.add_argument("--torch", action="store_true", help="with --step: PyTorch float32 and bf16 too")
     args = ap.parse_args(argv)
+    if args.step:
+        isas_s = args.isas.split(",") if args.isas else [i for i in _ternary.supported_isas() if i != "scalar"]
+        rows = step_rows(args.config, isas_s, args.threads, args.rounds, args.modes.split(","), args.torch)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(f"guided step, {args.config}, {args.threads} thread(s), {args.rounds} rounds; seconds")
+            for r in rows:
+                rng_s = (f" [{r['wall_range'][0]:.3f}-{r['wall_range'][1]:.3f}] cpu [{r['cpu_range'][0]:.3f}-"
+                         f"{r['cpu_range'][1]:.3f}]" if "wall_range" in r else f" ({r['note']})")
+                print(f"{r['name']:34s} wall {r['wall_s']:.3f} cpu {r['cpu_s']:.3f}{rng_s}")
+        return 0
     isas = args.isas.split(",") if args.isas else [i for i in _ternary.supported_isas() if i != "scalar"]
     shapes = DEFAULT_SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rng = np.random.default_rng(0)
