@@ -2,7 +2,7 @@
  * every function here carries a target attribute and is reached only through the AVX-512 table,
  * which td_set_isa / td_best_isa accept only when the CPU reports the features and the OS enables
  * the opmask and ZMM state (XCR0, see x86_avx512_flags in ternary_gemm.c). Entries not set here
- * (float32 GEMMs, swiglu, attention) come from the AVX2 table.
+ * (the one-token fp32 GEMV, swiglu, attention) come from the AVX2 table.
  *
  * int8 GEMM, many tokens (M >= 8): a dense integer GEMM on VNNI dot products instead of the AVX2
  * tables of partial sums. The four weights of one packed byte (k, k+32, k+64, k+96) form one 32-bit
@@ -14,7 +14,8 @@
  * each weight row is subtracted at the end. Micro-tile: 12 rows x 32 tokens, 24 accumulators.
  * int10 (int16 activations), M >= 17: the AVX2 int16 tables widened to 32 tokens per 64-byte entry
  * (below); vpdpwssd, which adds only 2 int16 products per lane, measured 0.86x the AVX2 tables.
- * M = 8..16 int10 and the float32 paths use the AVX2 kernels; the few-token GEMVs are here.
+ * fp32, M >= 16: the AVX2 float tables with 16 tokens per entry and the AVX2 arithmetic per lane
+ * (the same bits). M = 8..16 int10 and fp32 below 16 tokens call the AVX2 kernels.
  * Every sum is an exact int32 (|sum| <= 255 K for int8, <= 511 K for int10), and outputs get the
  * two roundings of td_store: results are bit-identical to the scalar path, for any M, token
  * position and thread split.
@@ -25,6 +26,7 @@
 #if TD_X86
 #include <float.h>
 #include <immintrin.h>
+#include <stdint.h>
 #include <string.h>
 
 #define TD512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
@@ -349,6 +351,7 @@ TD512 static void lut16_block(const uint32_t *P, int64_t kb, int super, int64_t 
     const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)(kb * 4)));
     const int64_t ntile = kb / TG;
+    if (ntile == 0) memset(res32, 0, (size_t)(r1 - r0) * 32 * sizeof(int32_t)); /* K = 0 */
     for (int64_t kt = 0; kt < ntile; kt++) {
         build_tables16(P, gidx, (kt / (TD_BLOCK_BYTES / TG)) * TD_BLOCK_K + (kt % (TD_BLOCK_BYTES / TG)) * TG, T);
         const uint16_t *op = offs + kt * n * TG;
@@ -442,6 +445,122 @@ static int lut_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq,
     return lut16_driver(xq, m, kp, ldq, packed, n, o, threads, lim);
 }
 
+
+/* ------------------------------------------------------------------------------------------- */
+/* fp32, M >= F32_MIN_M: the AVX2 float tables (ternary_avx2.c) with 16 tokens per 64-byte entry and
+ * the same arithmetic in every lane: the same pair sums, entry = lo + hi, per table set two chains
+ * from +0 over the even and the odd positions, their sum, then running sum + set sum. Each output
+ * is therefore the AVX2 kernel's bits (tests compare them), which keeps fp32 results independent of
+ * the ISA between AVX2 and AVX-512 machines, and batch-invariant like the AVX2 tables. The 16
+ * tokens of column k are one masked gather straight from x (zero past K and for missing tokens). */
+
+#define F32_MIN_M 16
+
+TD512 static void build_tables_f32x16(const float *x, __m512i gidx, __mmask16 tm, int64_t k, int64_t kbase, float *T) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int g = 0; g < TG; g++) {
+        __m512 v[4];
+        for (int q = 0; q < 4; q++) {
+            const int64_t kk = kbase + g + 32 * q;
+            v[q] = kk < k ? _mm512_mask_i32gather_ps(zero, tm, gidx, x + kk, 4) : zero;
+        }
+        __m512 lo[9], hi[9];
+        for (int h = 0; h < 2; h++) {
+            const __m512 x0 = v[2 * h], x1 = v[2 * h + 1];
+            __m512 *sp = h ? hi : lo;
+            const __m512 n0 = _mm512_sub_ps(zero, x0);
+            sp[0] = _mm512_sub_ps(n0, x1); sp[1] = _mm512_sub_ps(zero, x1); sp[2] = _mm512_sub_ps(x0, x1);
+            sp[3] = n0;                    sp[4] = zero;                    sp[5] = x0;
+            sp[6] = _mm512_add_ps(n0, x1); sp[7] = x1;                      sp[8] = _mm512_add_ps(x0, x1);
+        }
+        float *e = T + g * 81 * 16;
+        for (int j = 0; j < 9; j++)
+            for (int i = 0; i < 9; i++) _mm512_store_ps(e + 16 * (9 * j + i), _mm512_add_ps(lo[i], hi[j]));
+    }
+}
+
+/* Tokens m0..m0+mt-1 (mt <= 16) x rows r0..r1-1, then their outputs (td_store_f32's roundings). */
+TD512 static void lut_f32x16_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k, int64_t kb,
+                                   int64_t r0, int64_t r1, int64_t n, const uint16_t *offs, float *T, float *res,
+                                   const td_out_t *o) {
+    const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)ldx));
+    const __mmask16 tm = (__mmask16)((1u << mt) - 1);
+    const float *xb = x + m0 * ldx;
+    const int64_t ntile = kb / TG;
+    if (ntile == 0) memset(res, 0, (size_t)(r1 - r0) * 16 * sizeof(float)); /* K = 0 */
+    for (int64_t kt = 0; kt < ntile; kt++) {
+        build_tables_f32x16(xb, gidx, tm, k, (kt / (TD_BLOCK_BYTES / TG)) * TD_BLOCK_K + (kt % (TD_BLOCK_BYTES / TG)) * TG, T);
+        const uint16_t *op = offs + kt * n * TG;
+        for (int64_t row = r0; row < r1; row++) {
+            uint64_t wv[TG / 4];
+            memcpy(wv, op + row * TG, sizeof wv);
+            __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+#pragma GCC unroll 8
+            for (int g = 0; g < TG; g += 2) {
+                const uint64_t w = wv[g >> 2];
+                const int sh = 16 * (g & 3);
+                a = _mm512_add_ps(a, _mm512_load_ps((const float *)((const char *)T + g * TGROUP_BYTES + ((w >> sh) & 0xffff))));
+                b = _mm512_add_ps(b, _mm512_load_ps((const float *)((const char *)T + (g + 1) * TGROUP_BYTES + ((w >> (sh + 16)) & 0xffff))));
+            }
+            a = _mm512_add_ps(a, b);
+            float *rp = res + (row - r0) * 16;
+            if (kt) a = _mm512_add_ps(_mm512_load_ps(rp), a);
+            _mm512_store_ps(rp, a);
+        }
+    }
+    const __m512i ridx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(16));
+    for (int64_t s0 = r0; s0 < r1; s0 += 16) {
+        const int nr = (int)(r1 - s0 < 16 ? r1 - s0 : 16);
+        const __mmask16 mk = (__mmask16)((1u << nr) - 1);
+        const __m512 bv = o->bias ? _mm512_maskz_loadu_ps(mk, o->bias + s0) : _mm512_setzero_ps();
+        for (int t = 0; t < mt; t++) {
+            const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, ridx, res + (s0 - r0) * 16 + t, 4);
+            const float sc = o->scale ? o->scale[m0 + t] * o->alpha : o->alpha;
+            __m512 r = _mm512_mul_ps(v, _mm512_set1_ps(sc));
+            if (o->bias) r = _mm512_add_ps(r, bv);
+            _mm512_mask_storeu_ps(o->y + (m0 + t) * o->ldy + s0, mk, r);
+        }
+    }
+}
+
+static int lut_f32_avx512(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                          const td_out_t *o, int threads) {
+    /* below 16 tokens (and for row strides a 32-bit gather index cannot hold) the AVX2 tables,
+     * which give the same bits */
+    if (m < F32_MIN_M || ldx > INT32_MAX / 16) return td_ops_for(TD_ISA_AVX2)->lut_f32(x, m, k, ldx, packed, n, o, threads);
+    const int64_t kb = td_padded_k(k) / 4;
+    int64_t ntb, nsplit, rows_per;
+    if (((m + 15) / 16) * n * kb < PARALLEL_MIN) threads = 1;
+    td_lut_split(m, 16, n, threads, T_MAX_ROWS, &ntb, &nsplit, &rows_per);
+    uint16_t *offs = td_alloc((size_t)n * (size_t)kb * sizeof(uint16_t));
+    if (!offs) return TD_ENOMEM;
+    int err = 0;
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        float *T = td_alloc((size_t)TG * TGROUP_BYTES);
+        float *res = td_alloc((size_t)rows_per * 16 * sizeof(float));
+        const int ok = T && res;
+        fill_offsets(packed, n, kb, offs);
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < ntb * nsplit; item++) {
+            if (!ok) { err = 1; continue; }
+            const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
+            const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
+            const int mt = (int)(m - tb * 16 < 16 ? m - tb * 16 : 16);
+            if (r0 < r1) lut_f32x16_block(x, ldx, tb * 16, mt, k, kb, r0, r1, n, offs, T, res, o);
+        }
+        td_free(T); td_free(res);
+    }
+    td_free(offs);
+    return err ? TD_ENOMEM : TD_OK;
+}
 
 /* ------------------------------------------------------------------------------------------- */
 /* Few tokens: stream the weights. A 32-byte block is broadcast to both halves of a vector and
@@ -644,6 +763,7 @@ const td_ops_t td_ops_avx512 = {
     .gemv_i8 = gemv_i8_avx512, .lut_i8 = lut_i8_avx512,
     .gemv_i16 = gemv_i16_avx512, .lut_i16 = lut_i16_avx512,
     .quantize_row_i8 = quantize_row8_avx512, .quantize_row_i16 = quantize_row16_avx512,
+    .lut_f32 = lut_f32_avx512,
 };
 
 #endif /* TD_X86 */

@@ -369,6 +369,28 @@ def test_every_isa_is_batch_invariant_from_min_rows(isa, mode):
         t.set_isa("best")
 
 
+@pytest.mark.parametrize("m,k,n", [(2, 300, 17), (15, 129, 33), (16, 1000, 31), (17, 385, 70), (33, 260, 45),
+                                   (65, 131, 20)])
+def test_avx512_fp32_is_avx2_bits(m, k, n):
+    """The AVX-512 fp32 tables keep the AVX2 arithmetic per lane: the same bits, so fp32 results do
+    not change between AVX2 and AVX-512 machines (and stay batch-invariant as the AVX2 tables)."""
+    t = _ext()
+    if not {"avx2", "avx512"} <= set(ISAS):
+        pytest.skip(f"needs both the avx2 and the avx512 paths (this CPU: {ISAS})")
+    rng = np.random.default_rng(32)
+    w, _ = make_weight(rng, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    b = get_backend("cython", threads=2, activations="fp32")
+    ys = {}
+    try:
+        for isa in ("avx2", "avx512"):
+            t.set_isa(isa)
+            ys[isa] = b.ternary_matmul(x, w)
+    finally:
+        t.set_isa("best")
+    np.testing.assert_array_equal(ys["avx512"], ys["avx2"])
+
+
 def test_unknown_isa_is_refused():
     t = _ext()
     with pytest.raises(InputError):
