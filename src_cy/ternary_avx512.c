@@ -2,7 +2,7 @@
  * every function here carries a target attribute and is reached only through the AVX-512 table,
  * which td_set_isa / td_best_isa accept only when the CPU reports the features and the OS enables
  * the opmask and ZMM state (XCR0, see x86_avx512_flags in ternary_gemm.c). Entries not set here
- * (the one-token fp32 GEMV, swiglu, attention) come from the AVX2 table.
+ * (the one-token fp32 GEMV, swiglu) come from the AVX2 table.
  *
  * int8 GEMM, many tokens (M >= 8): a dense integer GEMM on VNNI dot products instead of the AVX2
  * tables of partial sums. The four weights of one packed byte (k, k+32, k+64, k+96) form one 32-bit
@@ -26,6 +26,7 @@
 #if TD_X86
 #include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -692,6 +693,118 @@ static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq
 }
 
 /* ------------------------------------------------------------------------------------------- */
+/* Attention rows (see td_attention in ternary_gemm.c and td_attention_rows_avx2): the same
+ * algorithm with 512-bit FMA tiles, C (6 x 32) = A (6 x L) B (L x 32) in 12 accumulators (a 6 x 16
+ * tile for the last 16 columns: tp and hdp are multiples of 16), and a 16-lane exp. Every query
+ * row is computed alone, in an order fixed by t and hd: batch-invariant. */
+
+#define ATT_MR 6
+
+TD512 static inline __attribute__((always_inline)) void att_tile512(const float *const a[ATT_MR], int64_t L,
+                                                                    const float *b, int64_t ldb, float *c,
+                                                                    int64_t ldc, const int NC) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+    for (int64_t l = 0; l < L; l++) {
+        const __m512 b0 = _mm512_load_ps(b + l * ldb);
+        const __m512 b1 = NC > 1 ? _mm512_load_ps(b + l * ldb + 16) : b0;
+        __m512 t = _mm512_set1_ps(a0[l]);
+        c00 = _mm512_fmadd_ps(t, b0, c00); if (NC > 1) c01 = _mm512_fmadd_ps(t, b1, c01);
+        t = _mm512_set1_ps(a1[l]);
+        c10 = _mm512_fmadd_ps(t, b0, c10); if (NC > 1) c11 = _mm512_fmadd_ps(t, b1, c11);
+        t = _mm512_set1_ps(a2[l]);
+        c20 = _mm512_fmadd_ps(t, b0, c20); if (NC > 1) c21 = _mm512_fmadd_ps(t, b1, c21);
+        t = _mm512_set1_ps(a3[l]);
+        c30 = _mm512_fmadd_ps(t, b0, c30); if (NC > 1) c31 = _mm512_fmadd_ps(t, b1, c31);
+        t = _mm512_set1_ps(a4[l]);
+        c40 = _mm512_fmadd_ps(t, b0, c40); if (NC > 1) c41 = _mm512_fmadd_ps(t, b1, c41);
+        t = _mm512_set1_ps(a5[l]);
+        c50 = _mm512_fmadd_ps(t, b0, c50); if (NC > 1) c51 = _mm512_fmadd_ps(t, b1, c51);
+    }
+    _mm512_store_ps(c, c00); _mm512_store_ps(c + ldc, c10); _mm512_store_ps(c + 2 * ldc, c20);
+    _mm512_store_ps(c + 3 * ldc, c30); _mm512_store_ps(c + 4 * ldc, c40); _mm512_store_ps(c + 5 * ldc, c50);
+    if (NC > 1) {
+        _mm512_store_ps(c + 16, c01); _mm512_store_ps(c + ldc + 16, c11); _mm512_store_ps(c + 2 * ldc + 16, c21);
+        _mm512_store_ps(c + 3 * ldc + 16, c31); _mm512_store_ps(c + 4 * ldc + 16, c41); _mm512_store_ps(c + 5 * ldc + 16, c51);
+    }
+}
+
+/* c (6, n16) = a b over L for n16 (a multiple of 16) columns */
+TD512 static void att_gemm512(const float *const a[ATT_MR], int64_t L, const float *b, int64_t ldb, int64_t n16,
+                              float *c, int64_t ldc) {
+    int64_t j0 = 0;
+    for (; j0 + 32 <= n16; j0 += 32) att_tile512(a, L, b + j0, ldb, c + j0, ldc, 2);
+    if (j0 < n16) att_tile512(a, L, b + j0, ldb, c + j0, ldc, 1);
+}
+
+/* e^x, the AVX2 kernel's Cody-Waite reduction and polynomial in 16 lanes */
+TD512 static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
+                                        const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale,
+                                        float *s, float *ob, float *out, int64_t ldo) {
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t ib = i0; ib < i1; ib += ATT_MR) {
+        const int nr = (int)(i1 - ib < ATT_MR ? i1 - ib : ATT_MR);
+        const float *qa[ATT_MR];
+        for (int r = 0; r < ATT_MR; r++) qa[r] = q + (ib + (r < nr ? r : nr - 1)) * ldq;
+        att_gemm512(qa, hd, kt, tp, tp, s, tp); /* scores over all keys */
+        float inv[ATT_MR];
+        for (int r = 0; r < nr; r++) {
+            float *sr = s + r * tp;
+            int64_t j = 0;
+            __m512 mx = _mm512_set1_ps(-FLT_MAX);
+            for (; j + 16 <= t; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(sr + j));
+            float m = _mm512_reduce_max_ps(mx);
+            for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
+            const __m512 vm = _mm512_set1_ps(m * scale);
+            __m512 sum = _mm512_setzero_ps();
+            for (j = 0; j + 16 <= t; j += 16) {
+                const __m512 e = exp512(_mm512_fmsub_ps(_mm512_load_ps(sr + j), vscale, vm));
+                _mm512_store_ps(sr + j, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            float tot = _mm512_reduce_add_ps(sum);
+            for (; j < t; j++) {
+                sr[j] = expf(sr[j] * scale - m * scale);
+                tot += sr[j];
+            }
+            inv[r] = 1.0f / tot;
+        }
+        const float *pa[ATT_MR];
+        for (int r = 0; r < ATT_MR; r++) pa[r] = s + (r < nr ? r : nr - 1) * tp;
+        att_gemm512(pa, t, vs, hdp, hdp, ob, hdp);
+        for (int r = 0; r < nr; r++) {
+            float *o = out + (ib + r) * ldo;
+            const float *src = ob + r * hdp;
+            const __m512 vi = _mm512_set1_ps(inv[r]);
+            int64_t c = 0;
+            for (; c + 16 <= hd; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_load_ps(src + c), vi));
+            if (c < hd) {
+                const __mmask16 mk = (__mmask16)((1u << (hd - c)) - 1);
+                _mm512_mask_storeu_ps(o + c, mk, _mm512_mul_ps(_mm512_maskz_load_ps(mk, src + c), vi));
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- */
 /* Quantizers, bit-exact with the scalar path (see td_quantize_row_avx2): 16 lanes, masked tails
  * (a masked load reads 0, which never changes the absmax and quantizes to the zero padding). */
 
@@ -763,7 +876,7 @@ const td_ops_t td_ops_avx512 = {
     .gemv_i8 = gemv_i8_avx512, .lut_i8 = lut_i8_avx512,
     .gemv_i16 = gemv_i16_avx512, .lut_i16 = lut_i16_avx512,
     .quantize_row_i8 = quantize_row8_avx512, .quantize_row_i16 = quantize_row16_avx512,
-    .lut_f32 = lut_f32_avx512,
+    .lut_f32 = lut_f32_avx512, .attention_rows = attention_rows_avx512,
 };
 
 #endif /* TD_X86 */
