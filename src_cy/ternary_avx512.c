@@ -695,8 +695,10 @@ static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq
 /* ------------------------------------------------------------------------------------------- */
 /* Attention rows (see td_attention in ternary_gemm.c and td_attention_rows_avx2): the same
  * algorithm with 512-bit FMA tiles, C (6 x 32) = A (6 x L) B (L x 32) in 12 accumulators (a 6 x 16
- * tile for the last 16 columns: tp and hdp are multiples of 16), and a 16-lane exp. Every query
- * row is computed alone, in an order fixed by t and hd: batch-invariant. */
+ * tile for the last 16 columns: tp and hdp are multiples of 16), and a 16-lane exp. Every lane does
+ * the AVX2 kernel's arithmetic (the same FMA chains over l, the same exp polynomial, the softmax sum
+ * in its order), so the outputs are the AVX2 kernel's bits (tested), and every query row is computed
+ * alone, in an order fixed by t and hd: batch-invariant. */
 
 #define ATT_MR 6
 
@@ -774,13 +776,26 @@ TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0,
             float m = _mm512_reduce_max_ps(mx);
             for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
             const __m512 vm = _mm512_set1_ps(m * scale);
-            __m512 sum = _mm512_setzero_ps();
-            for (j = 0; j + 16 <= t; j += 16) {
+            /* the AVX2 kernel's arithmetic: vector exp for the first t - t % 8 scores, their sum in
+             * 8 lanes added block by block, the same horizontal sum, then expf for the rest */
+            const int64_t t8 = t / 8 * 8;
+            __m256 sum8 = _mm256_setzero_ps();
+            for (j = 0; j + 16 <= t8; j += 16) {
                 const __m512 e = exp512(_mm512_fmsub_ps(_mm512_load_ps(sr + j), vscale, vm));
                 _mm512_store_ps(sr + j, e);
-                sum = _mm512_add_ps(sum, e);
+                sum8 = _mm256_add_ps(sum8, _mm512_castps512_ps256(e));
+                sum8 = _mm256_add_ps(sum8, _mm512_extractf32x8_ps(e, 1));
             }
-            float tot = _mm512_reduce_add_ps(sum);
+            if (j < t8) {
+                const __m512 e = exp512(_mm512_fmsub_ps(_mm512_maskz_load_ps(0xff, sr + j), vscale, vm));
+                _mm512_mask_store_ps(sr + j, 0xff, e);
+                sum8 = _mm256_add_ps(sum8, _mm512_castps512_ps256(e));
+                j += 8;
+            }
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            float tot = _mm_cvtss_f32(h);
             for (; j < t; j++) {
                 sr[j] = expf(sr[j] * scale - m * scale);
                 tot += sr[j];

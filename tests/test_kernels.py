@@ -524,6 +524,29 @@ def test_attention_matches_reference(isa, threads, b, t, h, hkv, hd):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("b,t,h,hkv,hd", [(1, 1, 2, 2, 16), (2, 7, 4, 2, 48), (1, 23, 3, 3, 20), (1, 40, 2, 1, 33),
+                                          (2, 256, 3, 1, 48)])
+def test_avx512_attention_is_avx2_bits(b, t, h, hkv, hd):
+    """The AVX-512 attention rows keep the AVX2 arithmetic per lane (FMA chains, exp polynomial,
+    softmax sum order): the same bits, so images do not change between AVX2 and AVX-512 machines."""
+    from terdit_edge import _ternary
+    be = _backend_or_skip("cython", threads=2)
+    if not {"avx2", "avx512"} <= set(ISAS):
+        pytest.skip(f"needs both the avx2 and the avx512 paths (this CPU: {ISAS})")
+    rng = np.random.default_rng(33 + t)
+    q = (rng.standard_normal((b, t, h, hd)) * 2).astype(np.float32)
+    k = (rng.standard_normal((b, t, hkv, hd)) * 2).astype(np.float32)
+    v = rng.standard_normal((b, t, hkv, hd)).astype(np.float32)
+    outs = {}
+    try:
+        for isa in ("avx2", "avx512"):
+            _ternary.set_isa(isa)
+            outs[isa] = be.attention(q, k, v)
+    finally:
+        _ternary.set_isa("best")
+    np.testing.assert_array_equal(outs["avx512"], outs["avx2"])
+
+
 def test_attention_large_scores_are_stable():
     """Scores of several hundred: without the max subtraction exp would overflow to inf/NaN."""
     be = _backend_or_skip("cython")
