@@ -23,7 +23,7 @@ def cpu_features():
     return {
         "avx2": bool(f & TD_CPU_AVX2), "fma": bool(f & TD_CPU_FMA),
         "avx512": bool(f & TD_CPU_AVX512), "avx512vbmi": bool(f & TD_CPU_AVX512_VBMI),
-        "neon": bool(f & TD_CPU_NEON), "dotprod": bool(f & TD_CPU_DOTPROD),
+        "neon": bool(f & TD_CPU_NEON), "dotprod": bool(f & TD_CPU_DOTPROD), "i8mm": bool(f & TD_CPU_I8MM),
         "openmp": bool(td_openmp_enabled()), "threads": td_max_threads(),
         "best_isa": td_isa_name(td_best_isa()).decode(), "isa": td_isa_name(td_get_isa()).decode(),
         "isas": supported_isas(),
@@ -43,7 +43,7 @@ def get_isa():
 
 def set_isa(name):
     """Force a path: any name in supported_isas() ("scalar", "avx2", "avx512", "neon",
-    "neon-dotprod"); "best" restores the default. Process-wide; meant for tests and benchmarks."""
+    "neon-dotprod", "neon-i8mm"); "best" restores the default. Process-wide; meant for tests and benchmarks."""
     if name == "best":
         name = td_isa_name(td_best_isa()).decode()
     if name not in _ISA_BY_NAME:

@@ -14,6 +14,12 @@
 #ifndef HWCAP_ASIMDDP
 #define HWCAP_ASIMDDP (1 << 20)
 #endif
+#ifndef AT_HWCAP2
+#define AT_HWCAP2 26
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1 << 13)
+#endif
 #endif
 
 /* ---------------------------------------------------------------------------------------------
@@ -53,6 +59,7 @@ int td_cpu_flags(void) {
     f |= TD_CPU_NEON; /* Advanced SIMD is mandatory in ARMv8-A */
 #if defined(__linux__)
     if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) f |= TD_CPU_DOTPROD;
+    if (getauxval(AT_HWCAP2) & HWCAP2_I8MM) f |= TD_CPU_I8MM;
 #endif
 #endif
     return f;
@@ -71,6 +78,7 @@ static const td_ops_t *const td_tables[TD_ISA_COUNT] = {
 #if TD_ARM64
     [TD_ISA_NEON] = &td_ops_neon,
     [TD_ISA_NEON_DOT] = &td_ops_neon_dot,
+    [TD_ISA_NEON_I8MM] = &td_ops_neon_i8mm,
 #endif
 };
 
@@ -156,6 +164,7 @@ const char *td_isa_name(int isa) {
     case TD_ISA_AVX512: return "avx512";
     case TD_ISA_NEON: return "neon";
     case TD_ISA_NEON_DOT: return "neon-dotprod";
+    case TD_ISA_NEON_I8MM: return "neon-i8mm";
     default: return "unknown";
     }
 }

@@ -14,7 +14,7 @@
  *
  * Each instruction set is one table of kernels (td_ops_t in ternary_internal.h); the best table the
  * CPU supports is chosen once at run time (td_best_isa), and td_set_isa selects any other one the CPU
- * supports, which is how the tests run every path (scalar, AVX2, AVX-512, NEON, NEON dot-product).
+ * supports, which is how the tests run every path (scalar, AVX2, AVX-512, NEON, NEON dot-product, NEON i8mm).
  */
 #ifndef TERDIT_TERNARY_GEMM_H
 #define TERDIT_TERNARY_GEMM_H
@@ -32,7 +32,8 @@ enum td_isa {
     TD_ISA_NEON = 2,     /* aarch64 ARMv8 Advanced SIMD */
     TD_ISA_NEON_DOT = 3, /* aarch64 with the dot-product extension (SDOT) */
     TD_ISA_AVX512 = 4,   /* x86-64 AVX-512 F/BW/VL/DQ + VNNI (and AVX2 + FMA), OS-enabled ZMM state */
-    TD_ISA_COUNT = 5     /* number of ISA ids (not an ISA) */
+    TD_ISA_NEON_I8MM = 5, /* aarch64 with dot product and the int8 matrix multiply extension (SMMLA) */
+    TD_ISA_COUNT = 6     /* number of ISA ids (not an ISA) */
 };
 
 /* Return codes of the entry points. */
@@ -47,6 +48,7 @@ enum td_isa {
 #define TD_CPU_DOTPROD 8
 #define TD_CPU_AVX512 16      /* F, BW, VL, DQ and VNNI, with XCR0 enabling opmask/ZMM state */
 #define TD_CPU_AVX512_VBMI 32 /* AVX512_VBMI (reported; not required by any table) */
+#define TD_CPU_I8MM 64        /* aarch64 FEAT_I8MM (HWCAP2_I8MM) */
 
 int td_cpu_flags(void);
 int td_best_isa(void);        /* best path this CPU can run */

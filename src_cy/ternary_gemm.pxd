@@ -7,6 +7,7 @@ cdef extern from "ternary_gemm.h" nogil:
     int TD_ISA_NEON
     int TD_ISA_NEON_DOT
     int TD_ISA_AVX512
+    int TD_ISA_NEON_I8MM
     int TD_ISA_COUNT
     int TD_OK
     int TD_ENOMEM
@@ -17,6 +18,7 @@ cdef extern from "ternary_gemm.h" nogil:
     int TD_CPU_DOTPROD
     int TD_CPU_AVX512
     int TD_CPU_AVX512_VBMI
+    int TD_CPU_I8MM
 
     int td_cpu_flags()
     int td_best_isa()

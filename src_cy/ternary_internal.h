@@ -109,7 +109,7 @@ extern const td_ops_t td_ops_avx2;    /* ternary_avx2.c */
 extern const td_ops_t td_ops_avx512;  /* ternary_avx512.c */
 #endif
 #if TD_ARM64
-extern const td_ops_t td_ops_neon, td_ops_neon_dot;  /* ternary_neon.c */
+extern const td_ops_t td_ops_neon, td_ops_neon_dot, td_ops_neon_i8mm;  /* ternary_neon.c */
 #endif
 
 /* Portable C kernels (ternary_gemm.c). */

@@ -32,7 +32,7 @@ def cpu_features() -> dict:
         flags = _proc_flags()
         arm = platform.machine().lower() in ("aarch64", "arm64")
         info = {"avx2": "avx2" in flags, "fma": "fma" in flags, "avx512": False, "isas": [], "neon": arm,
-                "dotprod": "asimddp" in flags, "openmp": False, "threads": default_threads(),
+                "dotprod": "asimddp" in flags, "i8mm": "i8mm" in flags, "openmp": False, "threads": default_threads(),
                 "best_isa": None, "isa": None, "extension": False}
     info["machine"] = platform.machine()
     return info
