@@ -247,12 +247,16 @@ static int lut_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, c
 #define TGROUP_BYTES (81 * TENT_BYTES)
 #define T_MAX_ROWS 4096
 
-/* P (16, kp) dwords for tokens m0..m0+mt-1 (mt <= 32; missing tokens are 0) */
+/* Row stride of P in dwords: kp plus one cache line, so that the 16 lines a gather touches never
+ * sit a multiple of 4 KB apart (with K = 4096 they did: one L1 set, more lines than ways). */
+static inline int64_t p_stride(int64_t kp) { return kp + 16; }
+
+/* P (16, p_stride(kp)) dwords for tokens m0..m0+mt-1 (mt <= 32; missing tokens are 0) */
 TD512 static void pair_tokens(const int16_t *x16, int64_t ldq, int64_t m0, int mt, int64_t kp, uint32_t *P) {
     const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     for (int j = 0; j < 16; j++) {
         const int t0 = 2 * j, t1 = 2 * j + 1;
-        uint32_t *o = P + j * kp;
+        uint32_t *o = P + j * p_stride(kp);
         if (t0 >= mt) {
             memset(o, 0, (size_t)kp * 4);
             continue;
@@ -350,7 +354,7 @@ TD512 static void store_rows32(const td_out_t *o, int64_t m0, int mt, int64_t r0
 TD512 static void lut16_block(const uint32_t *P, int64_t kb, int super, int64_t r0, int64_t r1, int64_t n,
                               const uint16_t *offs, int16_t *T, int16_t *res16, int32_t *res32) {
     const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)(kb * 4)));
+                                            _mm512_set1_epi32((int)p_stride(kb * 4)));
     const int64_t ntile = kb / TG;
     if (ntile == 0) memset(res32, 0, (size_t)(r1 - r0) * 32 * sizeof(int32_t)); /* K = 0 */
     for (int64_t kt = 0; kt < ntile; kt++) {
@@ -406,7 +410,7 @@ static int lut16_driver(const int16_t *x16, int64_t m, int64_t kp, int64_t ldq,
 #pragma omp parallel num_threads(threads)
 #endif
     {
-        uint32_t *P = td_alloc((size_t)16 * (size_t)kp * 4);
+        uint32_t *P = td_alloc((size_t)16 * (size_t)p_stride(kp) * 4);
         int16_t *T = td_alloc((size_t)TG * TGROUP_BYTES);
         int16_t *res16 = td_alloc((size_t)rows_per * 32 * sizeof(int16_t));
         int32_t *res32 = td_alloc((size_t)rows_per * 32 * sizeof(int32_t));
@@ -453,7 +457,8 @@ static int lut_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq,
  * from +0 over the even and the odd positions, their sum, then running sum + set sum. Each output
  * is therefore the AVX2 kernel's bits (tests compare them), which keeps fp32 results independent of
  * the ISA between AVX2 and AVX-512 machines, and batch-invariant like the AVX2 tables. The 16
- * tokens of column k are one masked gather straight from x (zero past K and for missing tokens). */
+ * tokens of column k are one masked gather from a padded copy of the block's rows (zero past K and
+ * for missing tokens). */
 
 #define F32_MIN_M 16
 
@@ -483,11 +488,15 @@ TD512 static void build_tables_f32x16(const float *x, __m512i gidx, __mmask16 tm
 /* Tokens m0..m0+mt-1 (mt <= 16) x rows r0..r1-1, then their outputs (td_store_f32's roundings). */
 TD512 static void lut_f32x16_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k, int64_t kb,
                                    int64_t r0, int64_t r1, int64_t n, const uint16_t *offs, float *T, float *res,
-                                   const td_out_t *o) {
+                                   float *xs, const td_out_t *o) {
+    /* the block's rows copied at a stride of k + 16 floats: gathers from rows a multiple of 4 KB
+     * apart (K = 1024, 4096, ...) would all fall in one L1 set */
+    const int64_t lds = k + 16;
+    for (int t = 0; t < mt; t++) memcpy(xs + t * lds, x + (m0 + t) * ldx, (size_t)k * sizeof(float));
     const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)ldx));
+                                            _mm512_set1_epi32((int)lds));
     const __mmask16 tm = (__mmask16)((1u << mt) - 1);
-    const float *xb = x + m0 * ldx;
+    const float *xb = xs;
     const int64_t ntile = kb / TG;
     if (ntile == 0) memset(res, 0, (size_t)(r1 - r0) * 16 * sizeof(float)); /* K = 0 */
     for (int64_t kt = 0; kt < ntile; kt++) {
@@ -530,7 +539,7 @@ static int lut_f32_avx512(const float *x, int64_t m, int64_t k, int64_t ldx, con
                           const td_out_t *o, int threads) {
     /* below 16 tokens (and for row strides a 32-bit gather index cannot hold) the AVX2 tables,
      * which give the same bits */
-    if (m < F32_MIN_M || ldx > INT32_MAX / 16) return td_ops_for(TD_ISA_AVX2)->lut_f32(x, m, k, ldx, packed, n, o, threads);
+    if (m < F32_MIN_M || k + 16 > INT32_MAX / 16) return td_ops_for(TD_ISA_AVX2)->lut_f32(x, m, k, ldx, packed, n, o, threads);
     const int64_t kb = td_padded_k(k) / 4;
     int64_t ntb, nsplit, rows_per;
     if (((m + 15) / 16) * n * kb < PARALLEL_MIN) threads = 1;
@@ -545,7 +554,8 @@ static int lut_f32_avx512(const float *x, int64_t m, int64_t k, int64_t ldx, con
     {
         float *T = td_alloc((size_t)TG * TGROUP_BYTES);
         float *res = td_alloc((size_t)rows_per * 16 * sizeof(float));
-        const int ok = T && res;
+        float *xs = td_alloc((size_t)16 * (size_t)(k + 16) * sizeof(float));
+        const int ok = T && res && xs;
         fill_offsets(packed, n, kb, offs);
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
@@ -555,9 +565,9 @@ static int lut_f32_avx512(const float *x, int64_t m, int64_t k, int64_t ldx, con
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 16 < 16 ? m - tb * 16 : 16);
-            if (r0 < r1) lut_f32x16_block(x, ldx, tb * 16, mt, k, kb, r0, r1, n, offs, T, res, o);
+            if (r0 < r1) lut_f32x16_block(x, ldx, tb * 16, mt, k, kb, r0, r1, n, offs, T, res, xs, o);
         }
-        td_free(T); td_free(res);
+        td_free(T); td_free(res); td_free(xs);
     }
     td_free(offs);
     return err ? TD_ENOMEM : TD_OK;
