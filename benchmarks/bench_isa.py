@@ -129,7 +129,8 @@ def main(argv=None) -> int:
                 print(f"{r['name']:34s} wall {r['wall_s']:.3f} cpu {r['cpu_s']:.3f}{rng_s}")
         return 0
     isas = args.isas.split(",") if args.isas else [i for i in _ternary.supported_isas() if i != "scalar"]
-    shapes = DEFAULT_SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = (DEFAULT_SHAPES if not args.shapes
+              else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")])
     rng = np.random.default_rng(0)
     results = []
     for m, k, n in shapes:

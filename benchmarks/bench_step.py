@@ -12,7 +12,9 @@ nn.Linear) in the independent reference implementation from tests/torch_referenc
 
 Where the CPU has native bf16, PyTorch bfloat16 (nn.Linear weights in bf16, run under CPU autocast)
 runs beside float32 with the same threads; its row shows its time against float32 ("vs torch") and
-the relative L2 error of its output against PyTorch float32. Each measurement runs in its own subprocess so that its peak RSS (VmHWM) is its own. Ratios
+the relative L2 error of its output against PyTorch float32.
+
+Each measurement runs in its own subprocess so that its peak RSS (VmHWM) is its own. Ratios
 are against PyTorch float32 measured in the same run; the integer rows (int8, int10) also report the
 relative L2 error of the guided model output against the fp32 mode of the same backend.
 """

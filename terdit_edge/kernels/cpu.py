@@ -20,9 +20,10 @@ def _proc_flags() -> set[str]:
 
 
 def cpu_features() -> dict:
-    """dict with avx2, fma, avx512, neon, dotprod, openmp (bools), threads (int), isa (kernel path in
-    use, or None without the extension), isas (every path this CPU can run), machine, and extension (whether terdit_edge._ternary
-    is built). With the extension the flags are what its run-time detection saw."""
+    """dict with avx2, fma, avx512, neon, dotprod, i8mm, openmp (bools), threads (int), isa (kernel
+    path in use, or None without the extension), isas (every path this CPU can run), machine, and
+    extension (whether terdit_edge._ternary is built). With the extension the flags are what its
+    run-time detection saw."""
     # through the backend module: it loads the extension with the OpenMP wait policy it wants
     from .cython_backend import _ternary
     if _ternary is not None:
