@@ -9,7 +9,9 @@ TerDiT-600M projections at batch 2 x 256 tokens (M = 512) and the per-step condi
 (M = 1, 2). The baseline is `x @ W.T` with W = alpha * Q dense float32, timed in the same run
 under the same thread limit; ops are counted as 2 M N K for every method. When onnxruntime and
 onnx are importable, onnxruntime's MatMulNBits (com.microsoft, bits=2, block_size=32,
-accuracy_level=4) runs the same ternary weights as a third reference. The fused C attention is timed
+accuracy_level=4) runs the same ternary weights as a third reference; when torch is importable,
+PyTorch float32 and, on CPUs with native bf16 (AVX512_BF16, AMX), bfloat16 `F.linear` on the dense
+weights (the bf16 row's rel err is against PyTorch float32). The fused C attention is timed
 against the NumPy/BLAS reference attention on one shape (B x T x H x Hkv x hd, TerDiT-600M by default).
 
 Times are the best of R runs (the median is in --json output): the best run is the one least
@@ -110,6 +112,31 @@ def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
     return lambda x: sess.run(None, {"A": x})[0]
 
 
+def torch_matmul_rows(q: np.ndarray, alpha: float, x: np.ndarray, threads: int, repeat: int) -> list[dict]:
+    """PyTorch `F.linear` on the same dense weights in float32 and, where the CPU has native bf16
+    (AVX512_BF16 or AMX-BF16), in bfloat16 (inputs and weights converted beforehand, as a bf16 model
+    holds them), same threads; the bf16 row's rel err is against PyTorch float32. [] without torch."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    from terdit_edge.kernels.cpu import _proc_flags
+    torch.set_num_threads(threads)
+    w32, x32 = torch.from_numpy(q.astype(np.float32) * np.float32(alpha)), torch.from_numpy(x)
+    lin = torch.nn.functional.linear
+    with torch.inference_mode():
+        best, med = timeit(lambda: lin(x32, w32), repeat)
+        rows = [dict(method=f"torch {torch.__version__.split('+')[0]} float32", mode="fp32", best_s=best, median_s=med)]
+        if {"avx512_bf16", "amx_bf16"} & _proc_flags():
+            xb, wb = x32.to(torch.bfloat16), w32.to(torch.bfloat16)
+            y32, yb = lin(x32, w32), lin(xb, wb).float()
+            err = float((yb - y32).abs().max() / (y32.abs().max() + 1e-30))
+            best, med = timeit(lambda: lin(xb, wb), repeat)
+            rows.append(dict(method=f"torch {torch.__version__.split('+')[0]} bfloat16", mode="bf16",
+                             best_s=best, median_s=med, rel_err=err))
+    return rows
+
+
 def bench_shape(m, k, n, threads, repeat, backends, rng, modes=("fp32", "int8", "int10")):
     q = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
     alpha = 0.05
@@ -142,6 +169,7 @@ def bench_shape(m, k, n, threads, repeat, backends, rng, modes=("fp32", "int8", 
         best, med = timeit(lambda: run(x), repeat)
         rows.append(dict(method="onnxruntime MatMulNBits 2-bit", mode="acc4", best_s=best, median_s=med,
                          rel_err=err))
+    rows.extend(torch_matmul_rows(q, alpha, x, threads, repeat))  # PyTorch float32 and native bf16
     for row in rows:
         row.update(M=m, K=k, N=n, gops=ops / row["best_s"] / 1e9, speedup_vs_numpy=base / row["best_s"])
     return rows
