@@ -29,13 +29,13 @@
 #endif
 /* G_TILE: packed bytes (groups of 4 weights) per table set; divides 32 */
 #define TILES_PER_BLOCK (TD_BLOCK_BYTES / G_TILE)
-#define N_ENT 81                     /* 3^4 sign patterns of a group */
-#define ENT_BYTES 32                 /* one AVX2 vector per entry (fill_panel shifts by 5) */
+#define N_ENT 81 /* 3^4 sign patterns of a group */
+#define ENT_BYTES 32 /* one AVX2 vector per entry (fill_panel shifts by 5) */
 #define GROUP_BYTES (N_ENT * ENT_BYTES)
 #ifndef I16_SUPER
-#define I16_SUPER (64 / G_TILE)      /* table sets summed in int16 before widening (see below) */
+#define I16_SUPER (64 / G_TILE) /* table sets summed in int16 before widening (see below) */
 #endif
-#define GEMV_MAX_M 7                 /* int8: up to this many tokens stream the weights (GEMV) */
+#define GEMV_MAX_M 7 /* int8: up to this many tokens stream the weights (GEMV) */
 /* Work below these sizes (~0.1 ms on one core for the GEMV, ~0.5 ms for the tables) runs on the
  * calling thread alone: waking a second OpenMP thread, and waiting for it at the closing barrier,
  * costs more than it saves, and far more when the cores are shared with other processes. Units:
@@ -73,12 +73,15 @@ static void build_offsets(uint16_t off[256]) {
 
 TD_TARGET static void build_byte_tables(const float *xr, int64_t k, int64_t tile, float *T) {
     for (int g = 0; g < GV_TILE; g++) {
-        const int64_t pos = tile * GV_TILE + g;                      /* byte position in the row */
+        const int64_t pos = tile * GV_TILE + g; /* byte position in the row */
         const int64_t k0 = (pos / TD_BLOCK_BYTES) * TD_BLOCK_K + pos % TD_BLOCK_BYTES;
         float s[4][4];
         for (int q = 0; q < 4; q++) {
             const float xv = k0 + 32 * q < k ? xr[k0 + 32 * q] : 0.0f; /* x ends at k: padding */
-            s[q][0] = -xv; s[q][1] = 0.0f; s[q][2] = xv; s[q][3] = 0.0f;
+            s[q][0] = -xv;
+            s[q][1] = 0.0f;
+            s[q][2] = xv;
+            s[q][3] = 0.0f;
         }
         /* v = 8 m + i: c0 = i & 3, c1 = (2 m + (i >> 2)) & 3, c2 = (m >> 1) & 3, c3 = m >> 3 */
         const __m256 lo = _mm256_setr_ps(s[0][0], s[0][1], s[0][2], s[0][3], s[0][0], s[0][1], s[0][2], s[0][3]);
@@ -92,8 +95,8 @@ TD_TARGET static void build_byte_tables(const float *xr, int64_t k, int64_t tile
 }
 
 /* Rows r0..r1-1 of token x (k,). T: GV_TILE x 256 floats; res: r1 - r0 floats. */
-TD_TARGET static void gemv1_f32_rows(const float *x, int64_t k, int64_t kb, const uint8_t *packed,
-                                     int64_t r0, int64_t r1, float *T, float *res, const td_out_t *o) {
+TD_TARGET static void gemv1_f32_rows(const float *x, int64_t k, int64_t kb, const uint8_t *packed, int64_t r0,
+                                     int64_t r1, float *T, float *res, const td_out_t *o) {
     const int64_t rows = r1 - r0, ntile = kb / GV_TILE;
     for (int64_t i = 0; i < rows; i++) res[i] = 0.0f;
     for (int64_t tile = 0; tile < ntile; tile++) {
@@ -117,9 +120,15 @@ TD_TARGET static void gemv1_f32_rows(const float *x, int64_t k, int64_t kb, cons
 TD_TARGET static inline void pair_sums_f32(__m256 x0, __m256 x1, __m256 s[9]) {
     const __m256 zero = _mm256_setzero_ps();
     const __m256 n0 = _mm256_sub_ps(zero, x0);
-    s[0] = _mm256_sub_ps(n0, x1); s[1] = _mm256_sub_ps(zero, x1); s[2] = _mm256_sub_ps(x0, x1);
-    s[3] = n0;                    s[4] = zero;                    s[5] = x0;
-    s[6] = _mm256_add_ps(n0, x1); s[7] = x1;                      s[8] = _mm256_add_ps(x0, x1);
+    s[0] = _mm256_sub_ps(n0, x1);
+    s[1] = _mm256_sub_ps(zero, x1);
+    s[2] = _mm256_sub_ps(x0, x1);
+    s[3] = n0;
+    s[4] = zero;
+    s[5] = x0;
+    s[6] = _mm256_add_ps(n0, x1);
+    s[7] = x1;
+    s[8] = _mm256_add_ps(x0, x1);
 }
 
 /* Tables for the G_TILE groups whose first weight is kbase..kbase+G_TILE-1. xT (kp, 8).
@@ -138,8 +147,8 @@ TD_TARGET static void build_tables_f32(const float *xT, int64_t kbase, float *T)
 }
 
 #define LOADI(p) _mm256_load_si256((const __m256i *)(p))
-#define LOOKUP(T, g, wb) ((const void *)((const char *)(T) + (g) * GROUP_BYTES + off[(wb)[g]]))
-#define PANEL(T, g, p) ((const void *)((const char *)(T) + (g) * GROUP_BYTES + (p)[g]))
+#define LOOKUP(T, g, wb) ((const void *)((const char *)(T) + (g)*GROUP_BYTES + off[(wb)[g]]))
+#define PANEL(T, g, p) ((const void *)((const char *)(T) + (g)*GROUP_BYTES + (p)[g]))
 
 /* With many token blocks the byte -> offset translation is done once per call into a panel
  * offs[kt][row][G_TILE] (uint16), so the inner loop is only loads and adds and streams through
@@ -149,7 +158,7 @@ TD_TARGET static void build_tables_f32(const float *xT, int64_t kbase, float *T)
 #define PANEL_WORDS 1
 #endif
 #ifndef LUT_MAX_ROWS
-#define LUT_MAX_ROWS 4096  /* rows per work item at most: 4096 measured faster than 256..2048 here */
+#define LUT_MAX_ROWS 4096 /* rows per work item at most: 4096 measured faster than 256..2048 here */
 #endif
 
 /* Fill the panel; called by every thread of the GEMM's parallel region (an orphaned `omp for`,
@@ -231,10 +240,9 @@ TD_TARGET static void transpose8_f32(const float *x, int64_t ldx, int mt, int64_
 
 /* Tokens m0..m0+mt-1 (mt <= 8) times rows r0..r1-1. Buffers: xT (kp, 8), T (G_TILE tables),
  * res (r1 - r0, 8). */
-TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k,
-                                    int64_t kb, const uint8_t *packed, int64_t r0, int64_t r1,
-                                    int64_t n, const uint16_t *off, const uint16_t *offs, float *xT,
-                                    float *T, float *res, const td_out_t *o) {
+TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k, int64_t kb,
+                                    const uint8_t *packed, int64_t r0, int64_t r1, int64_t n, const uint16_t *off,
+                                    const uint16_t *offs, float *xT, float *T, float *res, const td_out_t *o) {
     const int64_t kp = kb * 4;
     transpose8_f32(x + m0 * ldx, ldx, mt, k, kp, xT);
     const int64_t ntile = kb / G_TILE;
@@ -254,8 +262,10 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
                 for (int g = 0; g < G_TILE; g += 2) {
                     const uint64_t w = wv[g >> 2];
                     const int sh = 16 * (g & 3);
-                    a = _mm256_add_ps(a, _mm256_load_ps((const float *)((const char *)T + g * GROUP_BYTES + ((w >> sh) & 0xffff))));
-                    b = _mm256_add_ps(b, _mm256_load_ps((const float *)((const char *)T + (g + 1) * GROUP_BYTES + ((w >> (sh + 16)) & 0xffff))));
+                    a = _mm256_add_ps(
+                        a, _mm256_load_ps((const float *)((const char *)T + g * GROUP_BYTES + ((w >> sh) & 0xffff))));
+                    b = _mm256_add_ps(b, _mm256_load_ps((const float *)((const char *)T + (g + 1) * GROUP_BYTES +
+                                                                        ((w >> (sh + 16)) & 0xffff))));
                 }
 #else
                 const uint16_t *p = op + row * G_TILE;
@@ -283,14 +293,15 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
     for (int64_t s0 = r0; s0 < r1; s0 += 64) {
         const int64_t s1 = s0 + 64 < r1 ? s0 + 64 : r1;
         for (int t = 0; t < mt; t++)
-            for (int64_t row = s0; row < s1; row++) td_store_f32(o, m0 + t, row, ntile ? res[(row - r0) * 8 + t] : 0.0f);
+            for (int64_t row = s0; row < s1; row++)
+                td_store_f32(o, m0 + t, row, ntile ? res[(row - r0) * 8 + t] : 0.0f);
     }
 }
 
 
 /* One token: the byte-indexed tables (gemv1_f32_rows). */
-static int gemv_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                         int64_t n, const td_out_t *o, int threads) {
+static int gemv_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                         const td_out_t *o, int threads) {
     const int64_t kb = td_padded_k(k) / 4;
     if (m != 1) { /* the table only serves one token; more go row by row */
         for (int64_t t = 0; t < m; t++) {
@@ -324,8 +335,8 @@ static int gemv_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, cons
 }
 
 /* Two tokens or more: 8-token float32 tables. */
-static int lut_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                        int64_t n, const td_out_t *o, int threads) {
+static int lut_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                        const td_out_t *o, int threads) {
     const int64_t kb = td_padded_k(k) / 4, kp = kb * 4;
     uint16_t off[256];
     build_offsets(off);
@@ -352,13 +363,18 @@ static int lut_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t item = 0; item < ntb * nsplit; item++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 8 < 8 ? m - tb * 8 : 8);
             if (r0 < r1) lut_f32_block(x, ldx, tb * 8, mt, k, kb, packed, r0, r1, n, off, offs, xT, T, res, o);
         }
-        td_free(xT); td_free(T); td_free(res);
+        td_free(xT);
+        td_free(T);
+        td_free(res);
     }
     td_free(offs);
     return err ? TD_ENOMEM : TD_OK;
@@ -370,9 +386,15 @@ static int lut_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const
 TD_TARGET static inline void pair_sums_i16(__m256i x0, __m256i x1, __m256i s[9]) {
     const __m256i zero = _mm256_setzero_si256();
     const __m256i n0 = _mm256_sub_epi16(zero, x0);
-    s[0] = _mm256_sub_epi16(n0, x1); s[1] = _mm256_sub_epi16(zero, x1); s[2] = _mm256_sub_epi16(x0, x1);
-    s[3] = n0;                       s[4] = zero;                       s[5] = x0;
-    s[6] = _mm256_add_epi16(n0, x1); s[7] = x1;                         s[8] = _mm256_add_epi16(x0, x1);
+    s[0] = _mm256_sub_epi16(n0, x1);
+    s[1] = _mm256_sub_epi16(zero, x1);
+    s[2] = _mm256_sub_epi16(x0, x1);
+    s[3] = n0;
+    s[4] = zero;
+    s[5] = x0;
+    s[6] = _mm256_add_epi16(n0, x1);
+    s[7] = x1;
+    s[8] = _mm256_add_epi16(x0, x1);
 }
 
 TD_TARGET static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t *T) {
@@ -454,10 +476,10 @@ TD_TARGET static void transpose16_i16(const int16_t *x, int64_t ldq, int mt, int
 /* Entries are sums of four |xq| <= lim, so |entry| <= 4 lim; `super` table sets of G_TILE look-ups
  * add at most super * G_TILE * 4 lim <= 32767 per lane before the int16 sums are widened to int32:
  * int8 (lim 127): 8 * 8 * 508 = 32512; 10 bits (lim 511): 2 * 8 * 2044 = 32704 (i16_super). */
-TD_TARGET static void lut_i16_block(const int8_t *xq, const int16_t *xq16, int64_t ldq, int64_t m0, int mt,
-                                    int64_t kb, int super, const uint8_t *packed, int64_t r0, int64_t r1,
-                                    int64_t n, const uint16_t *off, const uint16_t *offs, int16_t *xT,
-                                    int16_t *T, int16_t *res16, int32_t *res32, const td_out_t *o) {
+TD_TARGET static void lut_i16_block(const int8_t *xq, const int16_t *xq16, int64_t ldq, int64_t m0, int mt, int64_t kb,
+                                    int super, const uint8_t *packed, int64_t r0, int64_t r1, int64_t n,
+                                    const uint16_t *off, const uint16_t *offs, int16_t *xT, int16_t *T, int16_t *res16,
+                                    int32_t *res32, const td_out_t *o) {
     const int64_t kp = kb * 4;
     if (xq16) transpose16_i16(xq16 + m0 * ldq, ldq, mt, kp, xT);
     else transpose16_i8(xq + m0 * ldq, ldq, mt, kp, xT);
@@ -482,7 +504,8 @@ TD_TARGET static void lut_i16_block(const int8_t *xq, const int16_t *xq16, int64
                     const uint64_t w = wv[g >> 2];
                     const int sh = 16 * (g & 3);
                     a = _mm256_add_epi16(a, LOADI((const char *)T + g * GROUP_BYTES + ((w >> sh) & 0xffff)));
-                    b = _mm256_add_epi16(b, LOADI((const char *)T + (g + 1) * GROUP_BYTES + ((w >> (sh + 16)) & 0xffff)));
+                    b = _mm256_add_epi16(b,
+                                         LOADI((const char *)T + (g + 1) * GROUP_BYTES + ((w >> (sh + 16)) & 0xffff)));
                 }
 #else
                 const uint16_t *p = op + row * G_TILE;
@@ -543,10 +566,10 @@ TD_TARGET static inline int32_t hsum_epi32(__m256i v) {
  * with pshufb: nibble c0 + 4 c1 -> c0 - 1 or c1 - 1; the invalid code 3 reads as 0. */
 TD_TARGET static inline void decode_signs(__m256i v, __m256i q[4]) {
     const __m256i low4 = _mm256_set1_epi8(0x0f);
-    const __m256i sign_lo = _mm256_setr_epi8(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0,
-                                             -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0);
-    const __m256i sign_hi = _mm256_setr_epi8(-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0,
-                                             -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m256i sign_lo = _mm256_setr_epi8(-1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1, 0, -1, 0, 1,
+                                             0, -1, 0, 1, 0, -1, 0, 1, 0);
+    const __m256i sign_hi = _mm256_setr_epi8(-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, -1, -1, -1, -1, 0, 0,
+                                             0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
     const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
     q[0] = _mm256_shuffle_epi8(sign_lo, lo);
     q[1] = _mm256_shuffle_epi8(sign_hi, lo);
@@ -555,11 +578,12 @@ TD_TARGET static inline void decode_signs(__m256i v, __m256i q[4]) {
 }
 
 /* sign(x, w) selects, negates or drops each activation; maddubs(1, .) adds neighbouring pairs. */
-#define SEL_ADD(acc, xp, w) \
-    acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(one8, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xp)), w)))
+#define SEL_ADD(acc, xp, w)                                                                                            \
+    acc = _mm256_add_epi16(acc,                                                                                        \
+                           _mm256_maddubs_epi16(one8, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xp)), w)))
 
-TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
-                                   const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb, const uint8_t *packed,
+                                   int64_t r0, int64_t r1, const td_out_t *o) {
     const __m256i one8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     const int8_t *x0 = xq + m0 * ldq;
@@ -577,19 +601,27 @@ TD_TARGET static void gemv_i8_rows(const int8_t *xq, int64_t ldq, int64_t m0, in
                 decode_signs(v, q);
                 const __m256i q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
                 const int64_t kk = bk * TD_BLOCK_K;
-                SEL_ADD(a0, x0 + kk, q0); SEL_ADD(a0, x0 + kk + 32, q1);
-                SEL_ADD(a0, x0 + kk + 64, q2); SEL_ADD(a0, x0 + kk + 96, q3);
+                SEL_ADD(a0, x0 + kk, q0);
+                SEL_ADD(a0, x0 + kk + 32, q1);
+                SEL_ADD(a0, x0 + kk + 64, q2);
+                SEL_ADD(a0, x0 + kk + 96, q3);
                 if (mt > 1) {
-                    SEL_ADD(a1, x1 + kk, q0); SEL_ADD(a1, x1 + kk + 32, q1);
-                    SEL_ADD(a1, x1 + kk + 64, q2); SEL_ADD(a1, x1 + kk + 96, q3);
+                    SEL_ADD(a1, x1 + kk, q0);
+                    SEL_ADD(a1, x1 + kk + 32, q1);
+                    SEL_ADD(a1, x1 + kk + 64, q2);
+                    SEL_ADD(a1, x1 + kk + 96, q3);
                 }
                 if (mt > 2) {
-                    SEL_ADD(a2, x2 + kk, q0); SEL_ADD(a2, x2 + kk + 32, q1);
-                    SEL_ADD(a2, x2 + kk + 64, q2); SEL_ADD(a2, x2 + kk + 96, q3);
+                    SEL_ADD(a2, x2 + kk, q0);
+                    SEL_ADD(a2, x2 + kk + 32, q1);
+                    SEL_ADD(a2, x2 + kk + 64, q2);
+                    SEL_ADD(a2, x2 + kk + 96, q3);
                 }
                 if (mt > 3) {
-                    SEL_ADD(a3, x3 + kk, q0); SEL_ADD(a3, x3 + kk + 32, q1);
-                    SEL_ADD(a3, x3 + kk + 64, q2); SEL_ADD(a3, x3 + kk + 96, q3);
+                    SEL_ADD(a3, x3 + kk, q0);
+                    SEL_ADD(a3, x3 + kk + 32, q1);
+                    SEL_ADD(a3, x3 + kk + 64, q2);
+                    SEL_ADD(a3, x3 + kk + 96, q3);
                 }
             }
             /* madd with ones widens the int16 pair sums to int32 */
@@ -634,22 +666,29 @@ static int lut_i16_driver(const int8_t *xq, const int16_t *xq16, int64_t m, int6
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t item = 0; item < ntb * nsplit; item++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 16 < 16 ? m - tb * 16 : 16);
             if (r0 < r1)
-                lut_i16_block(xq, xq16, ldq, tb * 16, mt, kb, super, packed, r0, r1, n, off, offs, xT, T, res16, res32, o);
+                lut_i16_block(xq, xq16, ldq, tb * 16, mt, kb, super, packed, r0, r1, n, off, offs, xT, T, res16, res32,
+                              o);
         }
-        td_free(xT); td_free(T); td_free(res16); td_free(res32);
+        td_free(xT);
+        td_free(T);
+        td_free(res16);
+        td_free(res32);
     }
     td_free(offs);
     return err ? TD_ENOMEM : TD_OK;
 }
 
 
-int td_gemm_i8_avx2_gemv(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                         int64_t n, const td_out_t *o, int threads) {
+int td_gemm_i8_avx2_gemv(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                         const td_out_t *o, int threads) {
     const int64_t kb = kp / 4;
     const int64_t chunk = 32; /* rows per work item */
     (void)threads;
@@ -664,8 +703,8 @@ int td_gemm_i8_avx2_gemv(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, c
     return TD_OK;
 }
 
-static int lut_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                       int64_t n, const td_out_t *o, int threads) {
+static int lut_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                       const td_out_t *o, int threads) {
     return lut_i16_driver(xq, NULL, m, kp, ldq, packed, n, o, threads, I16_SUPER);
 }
 
@@ -703,10 +742,12 @@ TD_TARGET static void gemv_i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, 
                     const __m256i wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q[j], 1));
                     const int64_t c = kk + 32 * j;
                     a0 = _mm256_add_epi16(a0, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x0 + c)), wl));
-                    a0 = _mm256_add_epi16(a0, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x0 + c + 16)), wh));
+                    a0 = _mm256_add_epi16(a0,
+                                          _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x0 + c + 16)), wh));
                     if (mt > 1) {
                         a1 = _mm256_add_epi16(a1, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x1 + c)), wl));
-                        a1 = _mm256_add_epi16(a1, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x1 + c + 16)), wh));
+                        a1 = _mm256_add_epi16(
+                            a1, _mm256_sign_epi16(_mm256_loadu_si256((const __m256i *)(x1 + c + 16)), wh));
                     }
                 }
             }
@@ -718,13 +759,13 @@ TD_TARGET static void gemv_i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, 
     }
 }
 
-static int lut_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                        int64_t n, const td_out_t *o, int threads, int lim) {
+static int lut_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                        const td_out_t *o, int threads, int lim) {
     return lut_i16_driver(NULL, xq, m, kp, ldq, packed, n, o, threads, i16_super(lim));
 }
 
-int td_gemm_i16_avx2_gemv(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                          int64_t n, const td_out_t *o, int threads, int lim) {
+int td_gemm_i16_avx2_gemv(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                          const td_out_t *o, int threads, int lim) {
     const int64_t kb = kp / 4;
     (void)threads;
     if (lim > 511) return lut_i16_avx2(xq, m, kp, ldq, packed, n, o, threads, lim);
@@ -795,7 +836,8 @@ TD_TARGET static void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq
 }
 
 /* The same for lim = 2^(bits-1) - 1 levels into int16 (9..10-bit activations). */
-TD_TARGET static void td_quantize_row16_avx2(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim) {
+TD_TARGET static void td_quantize_row16_avx2(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale,
+                                             int lim) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const float flim = (float)lim;
     __m256 mx = _mm256_setzero_ps();
@@ -865,8 +907,7 @@ TD_TARGET static inline __m256 swiglu8(__m256 av, __m256 bv) {
  * that an element's result does not depend on its position in the array (batch invariance). */
 TD_TARGET static void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count) {
     int64_t i = 0;
-    for (; i + 8 <= count; i += 8)
-        _mm256_storeu_ps(out + i, swiglu8(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    for (; i + 8 <= count; i += 8) _mm256_storeu_ps(out + i, swiglu8(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
     if (i < count) {
         float ta[8] = {0}, tb[8] = {0}, to[8];
         memcpy(ta, a + i, (size_t)(count - i) * sizeof(float));
@@ -886,8 +927,8 @@ TD_TARGET static void td_swiglu_avx2(const float *a, const float *b, float *out,
 
 /* c[r][0..15] = sum_l a[r][l] * b[l * ldb + 0..15] for r < 6 (rows past the real ones point at
  * a valid row and their results are dropped by the caller). */
-TD_TARGET static inline void att_tile(const float *const a[ATT_MR], int64_t lda_step, int64_t L,
-                                      const float *b, int64_t ldb, float *c, int64_t ldc) {
+TD_TARGET static inline void att_tile(const float *const a[ATT_MR], int64_t lda_step, int64_t L, const float *b,
+                                      int64_t ldb, float *c, int64_t ldc) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
@@ -895,24 +936,36 @@ TD_TARGET static inline void att_tile(const float *const a[ATT_MR], int64_t lda_
         const __m256 b0 = _mm256_load_ps(b + l * ldb), b1 = _mm256_load_ps(b + l * ldb + 8);
         const int64_t o = l * lda_step;
         __m256 t = _mm256_broadcast_ss(a0 + o);
-        c00 = _mm256_fmadd_ps(t, b0, c00); c01 = _mm256_fmadd_ps(t, b1, c01);
+        c00 = _mm256_fmadd_ps(t, b0, c00);
+        c01 = _mm256_fmadd_ps(t, b1, c01);
         t = _mm256_broadcast_ss(a1 + o);
-        c10 = _mm256_fmadd_ps(t, b0, c10); c11 = _mm256_fmadd_ps(t, b1, c11);
+        c10 = _mm256_fmadd_ps(t, b0, c10);
+        c11 = _mm256_fmadd_ps(t, b1, c11);
         t = _mm256_broadcast_ss(a2 + o);
-        c20 = _mm256_fmadd_ps(t, b0, c20); c21 = _mm256_fmadd_ps(t, b1, c21);
+        c20 = _mm256_fmadd_ps(t, b0, c20);
+        c21 = _mm256_fmadd_ps(t, b1, c21);
         t = _mm256_broadcast_ss(a3 + o);
-        c30 = _mm256_fmadd_ps(t, b0, c30); c31 = _mm256_fmadd_ps(t, b1, c31);
+        c30 = _mm256_fmadd_ps(t, b0, c30);
+        c31 = _mm256_fmadd_ps(t, b1, c31);
         t = _mm256_broadcast_ss(a4 + o);
-        c40 = _mm256_fmadd_ps(t, b0, c40); c41 = _mm256_fmadd_ps(t, b1, c41);
+        c40 = _mm256_fmadd_ps(t, b0, c40);
+        c41 = _mm256_fmadd_ps(t, b1, c41);
         t = _mm256_broadcast_ss(a5 + o);
-        c50 = _mm256_fmadd_ps(t, b0, c50); c51 = _mm256_fmadd_ps(t, b1, c51);
+        c50 = _mm256_fmadd_ps(t, b0, c50);
+        c51 = _mm256_fmadd_ps(t, b1, c51);
     }
-    _mm256_store_ps(c, c00); _mm256_store_ps(c + 8, c01);
-    _mm256_store_ps(c + ldc, c10); _mm256_store_ps(c + ldc + 8, c11);
-    _mm256_store_ps(c + 2 * ldc, c20); _mm256_store_ps(c + 2 * ldc + 8, c21);
-    _mm256_store_ps(c + 3 * ldc, c30); _mm256_store_ps(c + 3 * ldc + 8, c31);
-    _mm256_store_ps(c + 4 * ldc, c40); _mm256_store_ps(c + 4 * ldc + 8, c41);
-    _mm256_store_ps(c + 5 * ldc, c50); _mm256_store_ps(c + 5 * ldc + 8, c51);
+    _mm256_store_ps(c, c00);
+    _mm256_store_ps(c + 8, c01);
+    _mm256_store_ps(c + ldc, c10);
+    _mm256_store_ps(c + ldc + 8, c11);
+    _mm256_store_ps(c + 2 * ldc, c20);
+    _mm256_store_ps(c + 2 * ldc + 8, c21);
+    _mm256_store_ps(c + 3 * ldc, c30);
+    _mm256_store_ps(c + 3 * ldc + 8, c31);
+    _mm256_store_ps(c + 4 * ldc, c40);
+    _mm256_store_ps(c + 4 * ldc + 8, c41);
+    _mm256_store_ps(c + 5 * ldc, c50);
+    _mm256_store_ps(c + 5 * ldc + 8, c51);
 }
 
 TD_TARGET static inline float hmax_ps(__m256 v) {
@@ -932,10 +985,9 @@ TD_TARGET static inline float hsum_ps(__m256 v) {
 /* Query rows i0..i1-1 of one head. q: first query row of the head (row i at q + i * ldq);
  * kt (hd, tp): keys transposed, tp = t rounded up to 16; vs (t, hdp): values, hdp = hd rounded up
  * to 16, zero beyond hd; s (6, tp) and ob (6, hdp) scratch; out row i at out + i * ldo. */
-TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1,
-                                      const float *kt, const float *vs, int64_t t, int64_t tp,
-                                      int64_t hd, int64_t hdp, float scale, float *s, float *ob,
-                                      float *out, int64_t ldo) {
+TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
+                                             const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp,
+                                             float scale, float *s, float *ob, float *out, int64_t ldo) {
     const __m256 vscale = _mm256_set1_ps(scale);
     for (int64_t ib = i0; ib < i1; ib += ATT_MR) {
         const int nr = (int)(i1 - ib < ATT_MR ? i1 - ib : ATT_MR);
@@ -984,14 +1036,24 @@ TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_
 
 /* ------------------------------------------------------------------------------------------- */
 const td_ops_t td_ops_avx2 = {
-    .isa = TD_ISA_AVX2, .name = "avx2", .parent = TD_ISA_SCALAR, .rank = 10,
+    .isa = TD_ISA_AVX2,
+    .name = "avx2",
+    .parent = TD_ISA_SCALAR,
+    .rank = 10,
     .cpu_flags = TD_CPU_AVX2 | TD_CPU_FMA,
-    .f32_lut_min_m = 2, .i8_lut_min_m = GEMV_MAX_M + 1, .i16_lut_min_m = GEMV_MAX_M + 1,
-    .gemv_f32 = gemv_f32_avx2, .lut_f32 = lut_f32_avx2,
-    .gemv_i8 = td_gemm_i8_avx2_gemv, .lut_i8 = lut_i8_avx2,
-    .gemv_i16 = td_gemm_i16_avx2_gemv, .lut_i16 = lut_i16_avx2,
-    .quantize_row_i8 = td_quantize_row_avx2, .quantize_row_i16 = td_quantize_row16_avx2,
-    .swiglu = td_swiglu_avx2, .attention_rows = td_attention_rows_avx2,
+    .f32_lut_min_m = 2,
+    .i8_lut_min_m = GEMV_MAX_M + 1,
+    .i16_lut_min_m = GEMV_MAX_M + 1,
+    .gemv_f32 = gemv_f32_avx2,
+    .lut_f32 = lut_f32_avx2,
+    .gemv_i8 = td_gemm_i8_avx2_gemv,
+    .lut_i8 = lut_i8_avx2,
+    .gemv_i16 = td_gemm_i16_avx2_gemv,
+    .lut_i16 = lut_i16_avx2,
+    .quantize_row_i8 = td_quantize_row_avx2,
+    .quantize_row_i16 = td_quantize_row16_avx2,
+    .swiglu = td_swiglu_avx2,
+    .attention_rows = td_attention_rows_avx2,
 };
 
 #endif /* TD_X86 */

@@ -32,10 +32,10 @@
 
 #define TD512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 
-#define NR 12          /* weight rows per micro-tile (MK_ALL lists them) */
-#define TOK 32         /* tokens per block: two 16-lane vectors */
-#define ROW_CHUNK 120  /* rows per work item (a multiple of NR) */
-#define GEMV_MAX_M 7   /* up to this many tokens stream the weights */
+#define NR 12 /* weight rows per micro-tile (MK_ALL lists them) */
+#define TOK 32 /* tokens per block: two 16-lane vectors */
+#define ROW_CHUNK 120 /* rows per work item (a multiple of NR) */
+#define GEMV_MAX_M 7 /* up to this many tokens stream the weights */
 #define PARALLEL_MIN (td_force_parallel ? 0 : (1 << 20)) /* as the AVX2 kernels: below, one thread */
 
 /* ------------------------------------------------------------------------------------------- */
@@ -45,10 +45,10 @@
 
 /* Rows r0..r1-1 (rows past n: zero weights). 16 packed bytes at a time: each byte zero-extended to
  * a dword, its 2-bit codes moved to bits 0, 8, 16, 24, and mapped by vpshufb to -1, 0, +1, 0. */
-TD512 static void decode_rows(const uint8_t *packed, int64_t n, int64_t kb, int64_t r0, int64_t r1,
-                              uint32_t *wd, int32_t *corr) {
-    const __m512i m2 = _mm512_set1_epi32(3), map = _mm512_broadcast_i32x4(
-        _mm_setr_epi8(-1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
+TD512 static void decode_rows(const uint8_t *packed, int64_t n, int64_t kb, int64_t r0, int64_t r1, uint32_t *wd,
+                              int32_t *corr) {
+    const __m512i m2 = _mm512_set1_epi32(3),
+                  map = _mm512_broadcast_i32x4(_mm_setr_epi8(-1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
     const __m512i ones = _mm512_set1_epi8(1);
     for (int64_t row = r0; row < r1; row++) {
         uint32_t *o = wd + row * kb;
@@ -62,7 +62,8 @@ TD512 static void decode_rows(const uint8_t *packed, int64_t n, int64_t kb, int6
         for (int64_t p = 0; p < kb; p += 16) { /* kb is a multiple of 32 */
             const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + p)));
             const __m512i c = _mm512_or_si512(
-                _mm512_or_si512(_mm512_and_si512(v, m2), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 2), m2), 8)),
+                _mm512_or_si512(_mm512_and_si512(v, m2),
+                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 2), m2), 8)),
                 _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 4), m2), 16),
                                 _mm512_slli_epi32(_mm512_srli_epi32(v, 6), 24)));
             const __m512i q = _mm512_shuffle_epi8(map, c);
@@ -111,7 +112,8 @@ TD512 static void pack_tokens(const int8_t *xq, int64_t ldq, int64_t m0, int mt,
     for (int h = 0; h < hv; h++) {
         const uint32_t *base = tmp + h * 16 * kb;
         for (int64_t p = 0; p < kb; p++)
-            _mm512_store_si512((void *)(xp + p * TOK + 16 * h), _mm512_i32gather_epi32(idx, (const void *)(base + p), 4));
+            _mm512_store_si512((void *)(xp + p * TOK + 16 * h),
+                               _mm512_i32gather_epi32(idx, (const void *)(base + p), 4));
     }
 }
 
@@ -120,15 +122,15 @@ TD512 static void pack_tokens(const int8_t *xq, int64_t ldq, int64_t m0, int mt,
  * out[(2 r + h) * 16 + lane]. Accumulators are named variables, not an array: GCC keeps an array
  * of vectors in registers but copied every one of them each iteration (measured 2x slower). */
 #define MK_DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = _mm512_setzero_si512();
-#define MK_OUT(r)                                                                                   \
-    _mm512_store_si512((void *)(out + (2 * (r)) * 16), c##r##0);                                   \
+#define MK_OUT(r)                                                                                                      \
+    _mm512_store_si512((void *)(out + (2 * (r)) * 16), c##r##0);                                                       \
     if (HV > 1) _mm512_store_si512((void *)(out + (2 * (r) + 1) * 16), c##r##1);
 #define MK_ALL(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define MK_ROW(r)                                                                                   \
-    {                                                                                               \
-        const __m512i b = _mm512_set1_epi32((int)w[(r) * kb + p]);                                  \
-        c##r##0 = _mm512_dpbusd_epi32(c##r##0, a0, b);                                              \
-        if (HV > 1) c##r##1 = _mm512_dpbusd_epi32(c##r##1, a1, b);                                  \
+#define MK_ROW(r)                                                                                                      \
+    {                                                                                                                  \
+        const __m512i b = _mm512_set1_epi32((int)w[(r)*kb + p]);                                                       \
+        c##r##0 = _mm512_dpbusd_epi32(c##r##0, a0, b);                                                                 \
+        if (HV > 1) c##r##1 = _mm512_dpbusd_epi32(c##r##1, a1, b);                                                     \
     }
 
 TD512 static inline __attribute__((always_inline)) void mk_i8(const uint32_t *xp, const uint32_t *w, int64_t kb,
@@ -142,8 +144,12 @@ TD512 static inline __attribute__((always_inline)) void mk_i8(const uint32_t *xp
     MK_ALL(MK_OUT)
 }
 
-TD512 static void mk_i8_32(const uint32_t *xp, const uint32_t *w, int64_t kb, int32_t *out) { mk_i8(xp, w, kb, out, 2); }
-TD512 static void mk_i8_16(const uint32_t *xp, const uint32_t *w, int64_t kb, int32_t *out) { mk_i8(xp, w, kb, out, 1); }
+TD512 static void mk_i8_32(const uint32_t *xp, const uint32_t *w, int64_t kb, int32_t *out) {
+    mk_i8(xp, w, kb, out, 2);
+}
+TD512 static void mk_i8_16(const uint32_t *xp, const uint32_t *w, int64_t kb, int32_t *out) {
+    mk_i8(xp, w, kb, out, 1);
+}
 
 /* Outputs of one micro-tile: res[(2 r + t / 16) * 16 + t % 16] - corr[r] is the sum of row rp + r
  * and token m0 + t; per token, the nr <= NR rows are gathered into one vector and stored with the
@@ -172,8 +178,8 @@ TD512 static void store_tile(const td_out_t *o, int64_t m0, int mt, int64_t rp, 
 /* ------------------------------------------------------------------------------------------- */
 /* Driver of the int8 VNNI GEMM: decode the weights (all rows) and pack the tokens (all blocks) in
  * parallel, then work items of (row chunk, token block). */
-static int vnni_gemm_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                        int64_t n, const td_out_t *o, int threads) {
+static int vnni_gemm_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                        const td_out_t *o, int threads) {
     const int64_t kb = kp / 4, npad = (n + NR - 1) / NR * NR, ntb = (m + TOK - 1) / TOK;
     const int64_t nchunk = (n + ROW_CHUNK - 1) / ROW_CHUNK, items = nchunk * ntb;
     if (ntb * n * kb < PARALLEL_MIN) threads = 1;
@@ -181,7 +187,9 @@ static int vnni_gemm_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, co
     int32_t *corr = td_alloc((size_t)npad * 4);
     uint32_t *xp = td_alloc((size_t)ntb * (size_t)kb * TOK * 4);
     if (!wd || !xp || !corr) {
-        td_free(wd); td_free(corr); td_free(xp);
+        td_free(wd);
+        td_free(corr);
+        td_free(xp);
         return TD_ENOMEM;
     }
     int err = 0;
@@ -210,7 +218,10 @@ static int vnni_gemm_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, co
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t it = 0; it < items; it++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t ch = it / ntb, tb = it % ntb;
             const int64_t m0 = tb * TOK, r0 = ch * ROW_CHUNK, r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
             const int mt = (int)(m - m0 < TOK ? m - m0 : TOK);
@@ -221,14 +232,17 @@ static int vnni_gemm_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, co
                 store_tile(o, m0, mt, rp, (int)(n - rp < NR ? n - rp : NR), res, corr + rp);
             }
         }
-        td_free(tmp); td_free(res);
+        td_free(tmp);
+        td_free(res);
     }
-    td_free(wd); td_free(corr); td_free(xp);
+    td_free(wd);
+    td_free(corr);
+    td_free(xp);
     return err ? TD_ENOMEM : TD_OK;
 }
 
-static int lut_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                         int64_t n, const td_out_t *o, int threads) {
+static int lut_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                         const td_out_t *o, int threads) {
     return vnni_gemm_i8(xq, m, kp, ldq, packed, n, o, threads);
 }
 
@@ -263,7 +277,8 @@ TD512 static void pair_tokens(const int16_t *x16, int64_t ldq, int64_t m0, int m
         }
         for (int64_t k = 0; k < kp; k += 32) {
             const __m512i a = _mm512_loadu_si512((const void *)(x16 + (m0 + t0) * ldq + k));
-            const __m512i b = t1 < mt ? _mm512_loadu_si512((const void *)(x16 + (m0 + t1) * ldq + k)) : _mm512_setzero_si512();
+            const __m512i b = t1 < mt ? _mm512_loadu_si512((const void *)(x16 + (m0 + t1) * ldq + k))
+                                      : _mm512_setzero_si512();
             /* per 128-bit lane l: lo = columns 8l..8l+3, hi = 8l+4..8l+7 */
             const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
             _mm512_storeu_si512((void *)(o + k), _mm512_permutex2var_epi64(lo, i0, hi));
@@ -275,9 +290,15 @@ TD512 static void pair_tokens(const int16_t *x16, int64_t ldq, int64_t m0, int m
 TD512 static inline void pair_sums16(__m512i x0, __m512i x1, __m512i s[9]) {
     const __m512i zero = _mm512_setzero_si512();
     const __m512i n0 = _mm512_sub_epi16(zero, x0);
-    s[0] = _mm512_sub_epi16(n0, x1); s[1] = _mm512_sub_epi16(zero, x1); s[2] = _mm512_sub_epi16(x0, x1);
-    s[3] = n0;                       s[4] = zero;                       s[5] = x0;
-    s[6] = _mm512_add_epi16(n0, x1); s[7] = x1;                         s[8] = _mm512_add_epi16(x0, x1);
+    s[0] = _mm512_sub_epi16(n0, x1);
+    s[1] = _mm512_sub_epi16(zero, x1);
+    s[2] = _mm512_sub_epi16(x0, x1);
+    s[3] = n0;
+    s[4] = zero;
+    s[5] = x0;
+    s[6] = _mm512_add_epi16(n0, x1);
+    s[7] = x1;
+    s[8] = _mm512_add_epi16(x0, x1);
 }
 
 /* Tables of the TG byte positions from kbase: entry c0 + 3 c1 + 9 c2 + 27 c3 = lo[c0 + 3 c1] + hi[c2 + 3 c3] */
@@ -291,7 +312,8 @@ TD512 static void build_tables16(const uint32_t *P, __m512i gidx, int64_t kbase,
                     _mm512_i32gather_epi32(gidx, (const void *)(pk + 96), 4), hi);
         int16_t *e = T + g * 81 * 32;
         for (int j = 0; j < 9; j++)
-            for (int i = 0; i < 9; i++) _mm512_store_si512((void *)(e + 32 * (9 * j + i)), _mm512_add_epi16(lo[i], hi[j]));
+            for (int i = 0; i < 9; i++)
+                _mm512_store_si512((void *)(e + 32 * (9 * j + i)), _mm512_add_epi16(lo[i], hi[j]));
     }
 }
 
@@ -323,7 +345,8 @@ TD512 static void fill_offsets(const uint8_t *packed, int64_t n, int64_t kb, uin
             const __m512i off = _mm512_slli_epi16(idx, 6);
             uint16_t tmp[32];
             _mm512_storeu_si512((void *)tmp, off);
-            for (int s = 0; s < 32 / TG; s++) memcpy(offs + ((p / TG + s) * n + row) * TG, tmp + s * TG, TG * sizeof(uint16_t));
+            for (int s = 0; s < 32 / TG; s++)
+                memcpy(offs + ((p / TG + s) * n + row) * TG, tmp + s * TG, TG * sizeof(uint16_t));
         }
     }
 }
@@ -371,8 +394,10 @@ TD512 static void lut16_block(const uint32_t *P, int64_t kb, int super, int64_t 
             for (int g = 0; g < TG; g += 2) {
                 const uint64_t w = wv[g >> 2];
                 const int sh = 16 * (g & 3);
-                a = _mm512_add_epi16(a, _mm512_load_si512((const void *)((const char *)T + g * TGROUP_BYTES + ((w >> sh) & 0xffff))));
-                b = _mm512_add_epi16(b, _mm512_load_si512((const void *)((const char *)T + (g + 1) * TGROUP_BYTES + ((w >> (sh + 16)) & 0xffff))));
+                a = _mm512_add_epi16(
+                    a, _mm512_load_si512((const void *)((const char *)T + g * TGROUP_BYTES + ((w >> sh) & 0xffff))));
+                b = _mm512_add_epi16(b, _mm512_load_si512((const void *)((const char *)T + (g + 1) * TGROUP_BYTES +
+                                                                         ((w >> (sh + 16)) & 0xffff))));
             }
             a = _mm512_add_epi16(a, b);
             int16_t *rp = res16 + (row - r0) * 32;
@@ -394,8 +419,8 @@ TD512 static void lut16_block(const uint32_t *P, int64_t kb, int super, int64_t 
     }
 }
 
-static int lut16_driver(const int16_t *x16, int64_t m, int64_t kp, int64_t ldq,
-                        const uint8_t *packed, int64_t n, const td_out_t *o, int threads, int lim) {
+static int lut16_driver(const int16_t *x16, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                        const td_out_t *o, int threads, int lim) {
     const int64_t kb = kp / 4;
     int super = 32767 / (4 * lim * TG);
     if (super < 1) super = 1;
@@ -421,7 +446,10 @@ static int lut16_driver(const int16_t *x16, int64_t m, int64_t kp, int64_t ldq,
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t item = 0; item < ntb * nsplit; item++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 32 < 32 ? m - tb * 32 : 32);
@@ -433,7 +461,10 @@ static int lut16_driver(const int16_t *x16, int64_t m, int64_t kp, int64_t ldq,
             lut16_block(P, kb, super, r0, r1, n, offs, T, res16, res32);
             store_rows32(o, tb * 32, mt, r0, r1, res32);
         }
-        td_free(P); td_free(T); td_free(res16); td_free(res32);
+        td_free(P);
+        td_free(T);
+        td_free(res16);
+        td_free(res32);
     }
     td_free(offs);
     return err ? TD_ENOMEM : TD_OK;
@@ -444,8 +475,8 @@ static int lut16_driver(const int16_t *x16, int64_t m, int64_t kp, int64_t ldq,
  * the switch changes no result. */
 #define LUT16_MIN_M 17
 
-static int lut_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                          int64_t n, const td_out_t *o, int threads, int lim) {
+static int lut_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                          const td_out_t *o, int threads, int lim) {
     if (m < LUT16_MIN_M) return td_ops_for(TD_ISA_AVX2)->lut_i16(xq, m, kp, ldq, packed, n, o, threads, lim);
     return lut16_driver(xq, m, kp, ldq, packed, n, o, threads, lim);
 }
@@ -475,9 +506,15 @@ TD512 static void build_tables_f32x16(const float *x, __m512i gidx, __mmask16 tm
             const __m512 x0 = v[2 * h], x1 = v[2 * h + 1];
             __m512 *sp = h ? hi : lo;
             const __m512 n0 = _mm512_sub_ps(zero, x0);
-            sp[0] = _mm512_sub_ps(n0, x1); sp[1] = _mm512_sub_ps(zero, x1); sp[2] = _mm512_sub_ps(x0, x1);
-            sp[3] = n0;                    sp[4] = zero;                    sp[5] = x0;
-            sp[6] = _mm512_add_ps(n0, x1); sp[7] = x1;                      sp[8] = _mm512_add_ps(x0, x1);
+            sp[0] = _mm512_sub_ps(n0, x1);
+            sp[1] = _mm512_sub_ps(zero, x1);
+            sp[2] = _mm512_sub_ps(x0, x1);
+            sp[3] = n0;
+            sp[4] = zero;
+            sp[5] = x0;
+            sp[6] = _mm512_add_ps(n0, x1);
+            sp[7] = x1;
+            sp[8] = _mm512_add_ps(x0, x1);
         }
         float *e = T + g * 81 * 16;
         for (int j = 0; j < 9; j++)
@@ -486,9 +523,9 @@ TD512 static void build_tables_f32x16(const float *x, __m512i gidx, __mmask16 tm
 }
 
 /* Tokens m0..m0+mt-1 (mt <= 16) x rows r0..r1-1, then their outputs (td_store_f32's roundings). */
-TD512 static void lut_f32x16_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k, int64_t kb,
-                                   int64_t r0, int64_t r1, int64_t n, const uint16_t *offs, float *T, float *res,
-                                   float *xs, const td_out_t *o) {
+TD512 static void lut_f32x16_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k, int64_t kb, int64_t r0,
+                                   int64_t r1, int64_t n, const uint16_t *offs, float *T, float *res, float *xs,
+                                   const td_out_t *o) {
     /* the block's rows copied at a stride of k + 16 floats: gathers from rows a multiple of 4 KB
      * apart (K = 1024, 4096, ...) would all fall in one L1 set */
     const int64_t lds = k + 16;
@@ -500,7 +537,8 @@ TD512 static void lut_f32x16_block(const float *x, int64_t ldx, int64_t m0, int 
     const int64_t ntile = kb / TG;
     if (ntile == 0) memset(res, 0, (size_t)(r1 - r0) * 16 * sizeof(float)); /* K = 0 */
     for (int64_t kt = 0; kt < ntile; kt++) {
-        build_tables_f32x16(xb, gidx, tm, k, (kt / (TD_BLOCK_BYTES / TG)) * TD_BLOCK_K + (kt % (TD_BLOCK_BYTES / TG)) * TG, T);
+        build_tables_f32x16(xb, gidx, tm, k,
+                            (kt / (TD_BLOCK_BYTES / TG)) * TD_BLOCK_K + (kt % (TD_BLOCK_BYTES / TG)) * TG, T);
         const uint16_t *op = offs + kt * n * TG;
         for (int64_t row = r0; row < r1; row++) {
             uint64_t wv[TG / 4];
@@ -510,8 +548,10 @@ TD512 static void lut_f32x16_block(const float *x, int64_t ldx, int64_t m0, int 
             for (int g = 0; g < TG; g += 2) {
                 const uint64_t w = wv[g >> 2];
                 const int sh = 16 * (g & 3);
-                a = _mm512_add_ps(a, _mm512_load_ps((const float *)((const char *)T + g * TGROUP_BYTES + ((w >> sh) & 0xffff))));
-                b = _mm512_add_ps(b, _mm512_load_ps((const float *)((const char *)T + (g + 1) * TGROUP_BYTES + ((w >> (sh + 16)) & 0xffff))));
+                a = _mm512_add_ps(
+                    a, _mm512_load_ps((const float *)((const char *)T + g * TGROUP_BYTES + ((w >> sh) & 0xffff))));
+                b = _mm512_add_ps(b, _mm512_load_ps((const float *)((const char *)T + (g + 1) * TGROUP_BYTES +
+                                                                    ((w >> (sh + 16)) & 0xffff))));
             }
             a = _mm512_add_ps(a, b);
             float *rp = res + (row - r0) * 16;
@@ -539,7 +579,8 @@ static int lut_f32_avx512(const float *x, int64_t m, int64_t k, int64_t ldx, con
                           const td_out_t *o, int threads) {
     /* below 16 tokens (and for row strides a 32-bit gather index cannot hold) the AVX2 tables,
      * which give the same bits */
-    if (m < F32_MIN_M || k + 16 > INT32_MAX / 16) return td_ops_for(TD_ISA_AVX2)->lut_f32(x, m, k, ldx, packed, n, o, threads);
+    if (m < F32_MIN_M || k + 16 > INT32_MAX / 16)
+        return td_ops_for(TD_ISA_AVX2)->lut_f32(x, m, k, ldx, packed, n, o, threads);
     const int64_t kb = td_padded_k(k) / 4;
     int64_t ntb, nsplit, rows_per;
     if (((m + 15) / 16) * n * kb < PARALLEL_MIN) threads = 1;
@@ -561,13 +602,18 @@ static int lut_f32_avx512(const float *x, int64_t m, int64_t k, int64_t ldx, con
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t item = 0; item < ntb * nsplit; item++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * 16 < 16 ? m - tb * 16 : 16);
             if (r0 < r1) lut_f32x16_block(x, ldx, tb * 16, mt, k, kb, r0, r1, n, offs, T, res, xs, o);
         }
-        td_free(T); td_free(res); td_free(xs);
+        td_free(T);
+        td_free(res);
+        td_free(xs);
     }
     td_free(offs);
     return err ? TD_ENOMEM : TD_OK;
@@ -583,8 +629,8 @@ static int lut_f32_avx512(const float *x, int64_t m, int64_t k, int64_t ldx, con
 
 TD512 static inline void decode_codes(const uint8_t *wb, __m512i *c01, __m512i *c23) {
     const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)wb));
-    const __m512i s01 = _mm512_setr_epi64(0, 0, 0, 0, 0x0002000200020002ll, 0x0002000200020002ll,
-                                          0x0002000200020002ll, 0x0002000200020002ll);
+    const __m512i s01 = _mm512_setr_epi64(0, 0, 0, 0, 0x0002000200020002ll, 0x0002000200020002ll, 0x0002000200020002ll,
+                                          0x0002000200020002ll);
     const __m512i s23 = _mm512_add_epi16(s01, _mm512_set1_epi16(4));
     const __m512i three = _mm512_set1_epi8(3);
     const __m512i fix = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0));
@@ -644,35 +690,35 @@ TD512 static inline __attribute__((always_inline)) void gemv16_rows(const int16_
     }
 }
 
-#define GEMV_CASES(F, ...)                                                                          \
-    switch (mt) {                                                                                   \
-    case 1: F(__VA_ARGS__, 1); break;                                                               \
-    case 2: F(__VA_ARGS__, 2); break;                                                               \
-    case 3: F(__VA_ARGS__, 3); break;                                                               \
-    default: F(__VA_ARGS__, 4); break;                                                              \
+#define GEMV_CASES(F, ...)                                                                                             \
+    switch (mt) {                                                                                                      \
+    case 1: F(__VA_ARGS__, 1); break;                                                                                  \
+    case 2: F(__VA_ARGS__, 2); break;                                                                                  \
+    case 3: F(__VA_ARGS__, 3); break;                                                                                  \
+    default: F(__VA_ARGS__, 4); break;                                                                                 \
     }
 
 #define CALL8(r0, r1, m0, mt_) gemv8_rows(xq, ldq, m0, mt_, kb, packed, r0, r1, sx + (m0), o)
 #define CALL16(r0, r1, m0, mt_) gemv16_rows(xq, ldq, m0, mt_, kb, packed, r0, r1, o)
 
-TD512 static void gemv8_part(const int8_t *xq, int64_t ldq, int64_t m, int64_t kb, const uint8_t *packed,
-                             int64_t r0, int64_t r1, const int32_t *sx, const td_out_t *o) {
+TD512 static void gemv8_part(const int8_t *xq, int64_t ldq, int64_t m, int64_t kb, const uint8_t *packed, int64_t r0,
+                             int64_t r1, const int32_t *sx, const td_out_t *o) {
     for (int64_t m0 = 0; m0 < m; m0 += 4) {
         const int mt = (int)(m - m0 < 4 ? m - m0 : 4);
         GEMV_CASES(CALL8, r0, r1, m0)
     }
 }
 
-TD512 static void gemv16_part(const int16_t *xq, int64_t ldq, int64_t m, int64_t kb, const uint8_t *packed,
-                              int64_t r0, int64_t r1, const td_out_t *o) {
+TD512 static void gemv16_part(const int16_t *xq, int64_t ldq, int64_t m, int64_t kb, const uint8_t *packed, int64_t r0,
+                              int64_t r1, const td_out_t *o) {
     for (int64_t m0 = 0; m0 < m; m0 += 4) {
         const int mt = (int)(m - m0 < 4 ? m - m0 : 4);
         GEMV_CASES(CALL16, r0, r1, m0)
     }
 }
 
-static int gemv_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                          int64_t n, const td_out_t *o, int threads) {
+static int gemv_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                          const td_out_t *o, int threads) {
     const int64_t kb = kp / 4, chunk = 32;
     int32_t sx[GEMV_MAX_M + 1];
     if (m > GEMV_MAX_M + 1) return vnni_gemm_i8(xq, m, kp, ldq, packed, n, o, threads);
@@ -690,10 +736,11 @@ static int gemv_i8_avx512(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, 
     return TD_OK;
 }
 
-static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                           int64_t n, const td_out_t *o, int threads, int lim) {
+static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                           const td_out_t *o, int threads, int lim) {
     const int64_t kb = kp / 4, chunk = 32;
-    (void)threads; (void)lim; /* int32 sums */
+    (void)threads;
+    (void)lim; /* int32 sums */
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (2 * n * kb * m >= PARALLEL_MIN)
 #endif
@@ -712,9 +759,8 @@ static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq
 
 #define ATT_MR 6
 
-TD512 static inline __attribute__((always_inline)) void att_tile512(const float *const a[ATT_MR], int64_t L,
-                                                                    const float *b, int64_t ldb, float *c,
-                                                                    int64_t ldc, const int NC) {
+TD512 static inline __attribute__((always_inline)) void
+att_tile512(const float *const a[ATT_MR], int64_t L, const float *b, int64_t ldb, float *c, int64_t ldc, const int NC) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
@@ -722,23 +768,37 @@ TD512 static inline __attribute__((always_inline)) void att_tile512(const float 
         const __m512 b0 = _mm512_load_ps(b + l * ldb);
         const __m512 b1 = NC > 1 ? _mm512_load_ps(b + l * ldb + 16) : b0;
         __m512 t = _mm512_set1_ps(a0[l]);
-        c00 = _mm512_fmadd_ps(t, b0, c00); if (NC > 1) c01 = _mm512_fmadd_ps(t, b1, c01);
+        c00 = _mm512_fmadd_ps(t, b0, c00);
+        if (NC > 1) c01 = _mm512_fmadd_ps(t, b1, c01);
         t = _mm512_set1_ps(a1[l]);
-        c10 = _mm512_fmadd_ps(t, b0, c10); if (NC > 1) c11 = _mm512_fmadd_ps(t, b1, c11);
+        c10 = _mm512_fmadd_ps(t, b0, c10);
+        if (NC > 1) c11 = _mm512_fmadd_ps(t, b1, c11);
         t = _mm512_set1_ps(a2[l]);
-        c20 = _mm512_fmadd_ps(t, b0, c20); if (NC > 1) c21 = _mm512_fmadd_ps(t, b1, c21);
+        c20 = _mm512_fmadd_ps(t, b0, c20);
+        if (NC > 1) c21 = _mm512_fmadd_ps(t, b1, c21);
         t = _mm512_set1_ps(a3[l]);
-        c30 = _mm512_fmadd_ps(t, b0, c30); if (NC > 1) c31 = _mm512_fmadd_ps(t, b1, c31);
+        c30 = _mm512_fmadd_ps(t, b0, c30);
+        if (NC > 1) c31 = _mm512_fmadd_ps(t, b1, c31);
         t = _mm512_set1_ps(a4[l]);
-        c40 = _mm512_fmadd_ps(t, b0, c40); if (NC > 1) c41 = _mm512_fmadd_ps(t, b1, c41);
+        c40 = _mm512_fmadd_ps(t, b0, c40);
+        if (NC > 1) c41 = _mm512_fmadd_ps(t, b1, c41);
         t = _mm512_set1_ps(a5[l]);
-        c50 = _mm512_fmadd_ps(t, b0, c50); if (NC > 1) c51 = _mm512_fmadd_ps(t, b1, c51);
+        c50 = _mm512_fmadd_ps(t, b0, c50);
+        if (NC > 1) c51 = _mm512_fmadd_ps(t, b1, c51);
     }
-    _mm512_store_ps(c, c00); _mm512_store_ps(c + ldc, c10); _mm512_store_ps(c + 2 * ldc, c20);
-    _mm512_store_ps(c + 3 * ldc, c30); _mm512_store_ps(c + 4 * ldc, c40); _mm512_store_ps(c + 5 * ldc, c50);
+    _mm512_store_ps(c, c00);
+    _mm512_store_ps(c + ldc, c10);
+    _mm512_store_ps(c + 2 * ldc, c20);
+    _mm512_store_ps(c + 3 * ldc, c30);
+    _mm512_store_ps(c + 4 * ldc, c40);
+    _mm512_store_ps(c + 5 * ldc, c50);
     if (NC > 1) {
-        _mm512_store_ps(c + 16, c01); _mm512_store_ps(c + ldc + 16, c11); _mm512_store_ps(c + 2 * ldc + 16, c21);
-        _mm512_store_ps(c + 3 * ldc + 16, c31); _mm512_store_ps(c + 4 * ldc + 16, c41); _mm512_store_ps(c + 5 * ldc + 16, c51);
+        _mm512_store_ps(c + 16, c01);
+        _mm512_store_ps(c + ldc + 16, c11);
+        _mm512_store_ps(c + 2 * ldc + 16, c21);
+        _mm512_store_ps(c + 3 * ldc + 16, c31);
+        _mm512_store_ps(c + 4 * ldc + 16, c41);
+        _mm512_store_ps(c + 5 * ldc + 16, c51);
     }
 }
 
@@ -895,13 +955,21 @@ TD512 static void quantize_row16_avx512(const float *x, int64_t k, int16_t *xq, 
 
 /* ------------------------------------------------------------------------------------------- */
 const td_ops_t td_ops_avx512 = {
-    .isa = TD_ISA_AVX512, .name = "avx512", .parent = TD_ISA_AVX2, .rank = 20,
+    .isa = TD_ISA_AVX512,
+    .name = "avx512",
+    .parent = TD_ISA_AVX2,
+    .rank = 20,
     .cpu_flags = TD_CPU_AVX512 | TD_CPU_AVX2 | TD_CPU_FMA,
-    .i8_lut_min_m = GEMV_MAX_M + 1, .i16_lut_min_m = GEMV_MAX_M + 1,
-    .gemv_i8 = gemv_i8_avx512, .lut_i8 = lut_i8_avx512,
-    .gemv_i16 = gemv_i16_avx512, .lut_i16 = lut_i16_avx512,
-    .quantize_row_i8 = quantize_row8_avx512, .quantize_row_i16 = quantize_row16_avx512,
-    .lut_f32 = lut_f32_avx512, .attention_rows = attention_rows_avx512,
+    .i8_lut_min_m = GEMV_MAX_M + 1,
+    .i16_lut_min_m = GEMV_MAX_M + 1,
+    .gemv_i8 = gemv_i8_avx512,
+    .lut_i8 = lut_i8_avx512,
+    .gemv_i16 = gemv_i16_avx512,
+    .lut_i16 = lut_i16_avx512,
+    .quantize_row_i8 = quantize_row8_avx512,
+    .quantize_row_i16 = quantize_row16_avx512,
+    .lut_f32 = lut_f32_avx512,
+    .attention_rows = attention_rows_avx512,
 };
 
 #endif /* TD_X86 */

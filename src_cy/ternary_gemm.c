@@ -72,20 +72,18 @@ int td_cpu_flags(void) {
 static const td_ops_t *const td_tables[TD_ISA_COUNT] = {
     [TD_ISA_SCALAR] = &td_ops_scalar,
 #if TD_X86
-    [TD_ISA_AVX2] = &td_ops_avx2,
-    [TD_ISA_AVX512] = &td_ops_avx512,
+    [TD_ISA_AVX2] = &td_ops_avx2,     [TD_ISA_AVX512] = &td_ops_avx512,
 #endif
 #if TD_ARM64
-    [TD_ISA_NEON] = &td_ops_neon,
-    [TD_ISA_NEON_DOT] = &td_ops_neon_dot,
-    [TD_ISA_NEON_I8MM] = &td_ops_neon_i8mm,
+    [TD_ISA_NEON] = &td_ops_neon,     [TD_ISA_NEON_DOT] = &td_ops_neon_dot, [TD_ISA_NEON_I8MM] = &td_ops_neon_i8mm,
 #endif
 };
 
 static td_ops_t g_filled[TD_ISA_COUNT];
 static int g_filled_ok = 0;
 
-#define TD_FILL(field) if (!t->field) t->field = p->field
+#define TD_FILL(field)                                                                                                 \
+    if (!t->field) t->field = p->field
 static void fill_tables(void) {
     /* parents first: a parent's id is not necessarily smaller, so repeat until nothing changes */
     int done[TD_ISA_COUNT] = {0};
@@ -101,9 +99,16 @@ static void fill_tables(void) {
                 if (!t->f32_lut_min_m) t->f32_lut_min_m = p->f32_lut_min_m;
                 if (!t->i8_lut_min_m) t->i8_lut_min_m = p->i8_lut_min_m;
                 if (!t->i16_lut_min_m) t->i16_lut_min_m = p->i16_lut_min_m;
-                TD_FILL(gemv_f32); TD_FILL(lut_f32); TD_FILL(gemv_i8); TD_FILL(lut_i8);
-                TD_FILL(gemv_i16); TD_FILL(lut_i16); TD_FILL(quantize_row_i8); TD_FILL(quantize_row_i16);
-                TD_FILL(swiglu); TD_FILL(attention_rows);
+                TD_FILL(gemv_f32);
+                TD_FILL(lut_f32);
+                TD_FILL(gemv_i8);
+                TD_FILL(lut_i8);
+                TD_FILL(gemv_i16);
+                TD_FILL(lut_i16);
+                TD_FILL(quantize_row_i8);
+                TD_FILL(quantize_row_i16);
+                TD_FILL(swiglu);
+                TD_FILL(attention_rows);
             }
             done[i] = 1;
         }
@@ -201,8 +206,8 @@ static inline float td_rint_small(float v) {
 }
 
 /* One row to integers of lim levels (127: int8 into xq8; 511: 10 bits into xq16). */
-static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq8, int16_t *xq16, int64_t kq,
-                                float *scale, int lim) {
+static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq8, int16_t *xq16, int64_t kq, float *scale,
+                                int lim) {
     float amax = 0.0f;
     const float flim = (float)lim;
     for (int64_t i = 0; i < k; i++) {
@@ -216,7 +221,7 @@ static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq8, int16_t 
         int v = 0;
         if (ok && i < k) {
             float r = td_rint_small(x[i] * inv);
-            r = r < flim ? r : flim;   /* NaN ends at lim, never at an undefined conversion */
+            r = r < flim ? r : flim; /* NaN ends at lim, never at an undefined conversion */
             r = r > -flim ? r : -flim;
             v = (int)r;
         }
@@ -235,8 +240,8 @@ static void quantize_row16_scalar(const float *x, int64_t k, int16_t *xq, int64_
 }
 
 /* Rows to int8 (xq8, lim 127) or int16 (xq16, lim up to 511), split across threads. */
-static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq8, int16_t *xq16,
-                          int64_t ldq, float *scale, int lim, int threads) {
+static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq8, int16_t *xq16, int64_t ldq,
+                          float *scale, int lim, int threads) {
     const td_ops_t *ops = td_ops();
     (void)threads;
 #if defined(_OPENMP)
@@ -248,13 +253,13 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int
     }
 }
 
-void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq, int64_t ldq,
-                         float *scale, int threads) {
+void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq, int64_t ldq, float *scale,
+                         int threads) {
     quantize_rows(x, m, k, ldx, xq, NULL, ldq, scale, 127, threads);
 }
 
-void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq,
-                          float *scale, int lim, int threads) {
+void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq, float *scale,
+                          int lim, int threads) {
     quantize_rows(x, m, k, ldx, NULL, xq, ldq, scale, lim, threads);
 }
 
@@ -262,8 +267,8 @@ void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int
  * Portable scalar kernels: one row of Q at a time, decoded byte by byte into its four weights;
  * each weight adds, subtracts or skips its activation. */
 
-int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                       int64_t n, const td_out_t *o, int threads) {
+int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                       const td_out_t *o, int threads) {
     const int64_t kb = td_padded_k(k) / 4;
     (void)threads;
 #if defined(_OPENMP)
@@ -280,7 +285,7 @@ int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const 
                 for (int q = 0; q < 4; q++) {
                     const int code = (v >> (2 * q)) & 3;
                     const int64_t kk = k0 + 32 * q;
-                    if (kk >= k) continue;  /* padding (code 1 in a valid matrix): x ends at k */
+                    if (kk >= k) continue; /* padding (code 1 in a valid matrix): x ends at k */
                     if (code == 2) acc += xt[kk];
                     else if (code == 0) acc -= xt[kk];
                 }
@@ -320,21 +325,21 @@ static int gemm_int_scalar(const int8_t *xq8, const int16_t *xq16, int64_t m, in
     return TD_OK;
 }
 
-int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                      int64_t n, const td_out_t *o, int threads) {
+int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                      const td_out_t *o, int threads) {
     return gemm_int_scalar(xq, NULL, m, kp, ldq, packed, n, o, threads);
 }
 
-int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                       int64_t n, const td_out_t *o, int threads) {
+int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                       const td_out_t *o, int threads) {
     return gemm_int_scalar(NULL, xq, m, kp, ldq, packed, n, o, threads);
 }
 
 /* ---------------------------------------------------------------------------------------------
  * Public GEMM entry points */
 
-int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-                float alpha, const float *bias, float *y, int64_t ldy, int threads) {
+int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n, float alpha,
+                const float *bias, float *y, int64_t ldy, int threads) {
     if (m <= 0 || n <= 0) return TD_OK;
     if (threads < 1) threads = 1;
     td_out_t o = {alpha, NULL, bias, y, ldy, NULL};
@@ -342,14 +347,14 @@ int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     return (m >= ops->f32_lut_min_m ? ops->lut_f32 : ops->gemv_f32)(x, m, k, ldx, packed, n, &o, threads);
 }
 
-static int dispatch_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                       int64_t n, const td_out_t *o, int threads) {
+static int dispatch_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                       const td_out_t *o, int threads) {
     const td_ops_t *ops = td_ops();
     return (m >= ops->i8_lut_min_m ? ops->lut_i8 : ops->gemv_i8)(xq, m, kp, ldq, packed, n, o, threads);
 }
 
-int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-               float alpha, const float *bias, float *y, int64_t ldy, int threads) {
+int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n, float alpha,
+               const float *bias, float *y, int64_t ldy, int threads) {
     if (m <= 0 || n <= 0) return TD_OK;
     if (threads < 1) threads = 1;
     const int64_t kp = td_padded_k(k);
@@ -372,8 +377,8 @@ int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t 
  * float kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that
  * is below 2^24, so the result equals the integer sum; past that bound the scalar integer kernel
  * runs. */
-static int gemv_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                           int64_t n, const td_out_t *o, int threads, int lim) {
+static int gemv_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                           const td_out_t *o, int threads, int lim) {
     if ((double)lim * (double)kp >= 16777216.0) return td_gemm_i16_scalar(xq, m, kp, ldq, packed, n, o, threads);
     float *xf = td_alloc((size_t)m * (size_t)ldq * sizeof(float));
     if (!xf) return TD_ENOMEM;
@@ -383,19 +388,19 @@ static int gemv_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq
     return rc;
 }
 
-static int lut_i8_portable(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                           int64_t n, const td_out_t *o, int threads) {
+static int lut_i8_portable(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                           const td_out_t *o, int threads) {
     return td_gemm_int_lut(xq, NULL, m, kp, ldq, packed, n, o, threads, 127);
 }
 
-static int lut_i16_portable(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                            int64_t n, const td_out_t *o, int threads, int lim) {
+static int lut_i16_portable(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                            const td_out_t *o, int threads, int lim) {
     return td_gemm_int_lut(NULL, xq, m, kp, ldq, packed, n, o, threads, lim);
 }
 
 /* 9..10-bit activations: quantized into int16, then the table's int16 GEMV or table kernel. */
-int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-                float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits) {
+int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n, float alpha,
+                const float *bias, float *y, int64_t ldy, int threads, int bits) {
     if (bits < 2 || bits > 10) return TD_EINVAL;
     if (bits == 8) return td_gemm_i8(x, m, k, ldx, packed, n, alpha, bias, y, ldy, threads);
     if (m <= 0 || n <= 0) return TD_OK;
@@ -406,19 +411,22 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     int16_t *xq = td_alloc((size_t)m * (size_t)ldq * sizeof(int16_t));
     float *scale = td_alloc((size_t)m * sizeof(float));
     if (!xq || !scale) {
-        td_free(xq); td_free(scale);
+        td_free(xq);
+        td_free(scale);
         return TD_ENOMEM;
     }
     td_quantize_rows_i16(x, m, k, ldx, xq, ldq, scale, lim, threads);
     td_out_t o = {alpha, scale, bias, y, ldy, NULL};
     const td_ops_t *ops = td_ops();
-    const int rc = (m >= ops->i16_lut_min_m ? ops->lut_i16 : ops->gemv_i16)(xq, m, kp, ldq, packed, n, &o, threads, lim);
-    td_free(xq); td_free(scale);
+    const int rc = (m >= ops->i16_lut_min_m ? ops->lut_i16 : ops->gemv_i16)(xq, m, kp, ldq, packed, n, &o, threads,
+                                                                            lim);
+    td_free(xq);
+    td_free(scale);
     return rc;
 }
 
-int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed,
-                   int64_t n, int32_t *acc, int threads) {
+int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed, int64_t n, int32_t *acc,
+                   int threads) {
     if (m <= 0 || n <= 0) return TD_OK;
     if (threads < 1) threads = 1;
     td_out_t o = {1.0f, NULL, NULL, NULL, n, acc};
@@ -436,7 +444,10 @@ static inline double sum_f64(const float *x, int64_t d) {
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     int64_t i = 0;
     for (; i + 4 <= d; i += 4) {
-        s0 += (double)x[i]; s1 += (double)x[i + 1]; s2 += (double)x[i + 2]; s3 += (double)x[i + 3];
+        s0 += (double)x[i];
+        s1 += (double)x[i + 1];
+        s2 += (double)x[i + 2];
+        s3 += (double)x[i + 3];
     }
     for (; i < d; i++) s0 += (double)x[i];
     return (s0 + s1) + (s2 + s3);
@@ -449,7 +460,10 @@ static inline double sum_sq_f64(const float *x, int64_t d, float c) {
     for (; i + 4 <= d; i += 4) {
         const double a0 = (double)(x[i] - c), a1 = (double)(x[i + 1] - c);
         const double a2 = (double)(x[i + 2] - c), a3 = (double)(x[i + 3] - c);
-        s0 += a0 * a0; s1 += a1 * a1; s2 += a2 * a2; s3 += a3 * a3;
+        s0 += a0 * a0;
+        s1 += a1 * a1;
+        s2 += a2 * a2;
+        s3 += a3 * a3;
     }
     for (; i < d; i++) {
         const double a = (double)(x[i] - c);
@@ -458,9 +472,8 @@ static inline double sum_sq_f64(const float *x, int64_t d, float c) {
     return (s0 + s1) + (s2 + s3);
 }
 
-void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale,
-                         float *out, int64_t rows, int64_t rows_per_group, int64_t d, float eps,
-                         int threads) {
+void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale, float *out,
+                         int64_t rows, int64_t rows_per_group, int64_t d, float eps, int threads) {
     (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads) if (td_force_parallel || rows * d > 32768)
@@ -476,8 +489,8 @@ void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift
     }
 }
 
-void td_layernorm(const float *x, const float *weight, const float *bias, float *out, int64_t rows,
-                  int64_t d, float eps, int threads) {
+void td_layernorm(const float *x, const float *weight, const float *bias, float *out, int64_t rows, int64_t d,
+                  float eps, int threads) {
     (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads) if (td_force_parallel || rows * d > 32768)
@@ -513,8 +526,8 @@ void td_swiglu(const float *a, const float *b, float *out, int64_t count, int th
     }
 }
 
-void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group,
-                  int64_t d, int threads) {
+void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group, int64_t d,
+                  int threads) {
     (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads) if (td_force_parallel || rows * d > 32768)
@@ -527,8 +540,8 @@ void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int
     }
 }
 
-void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h,
-             int64_t hd, int threads) {
+void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h, int64_t hd,
+             int threads) {
     const int64_t half = hd / 2;
     (void)threads;
 #if defined(_OPENMP)
@@ -556,9 +569,9 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
 
 /* Portable path, one query row at a time; the inner loops run over contiguous memory so that
  * the compiler can vectorize them (NEON at -O2/-O3, SSE on x86). */
-static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
-                                  const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp,
-                                  float scale, float *s, float *ob, float *out, int64_t ldo) {
+static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
+                                  int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
+                                  float *out, int64_t ldo) {
     for (int64_t i = i0; i < i1; i++) {
         const float *qi = q + i * ldq;
         for (int64_t j = 0; j < tp; j++) s[j] = 0.0f;
@@ -588,8 +601,8 @@ static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64
 }
 
 
-int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
-                 int64_t h, int64_t hkv, int64_t hd, int threads) {
+int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
+                 int64_t hkv, int64_t hd, int threads) {
     if (b <= 0 || t <= 0 || h <= 0 || hd <= 0) return TD_OK;
     if (hkv <= 0 || h % hkv) return TD_EINVAL;
     if (threads < 1) threads = 1;
@@ -620,7 +633,10 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t it = 0; it < items; it++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t bh = it / nq, qc = it % nq, bb = bh / h, hh = bh % h, kvh = hh / rep;
             if (built != bb * hkv + kvh) {
                 built = bb * hkv + kvh;
@@ -640,7 +656,10 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
             float *oh = out + (bb * t * h + hh) * hd;
             rows_fn(qh, h * hd, i0, i1, kt, vs, t, tp, hd, hdp, scale, s, ob, oh, h * hd);
         }
-        td_free(kt); td_free(vs); td_free(s); td_free(ob);
+        td_free(kt);
+        td_free(vs);
+        td_free(s);
+        td_free(ob);
     }
     return err ? TD_ENOMEM : TD_OK;
 }
@@ -648,11 +667,22 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
 /* ---------------------------------------------------------------------------------------------
  * The root table: every entry portable C. */
 const td_ops_t td_ops_scalar = {
-    .isa = TD_ISA_SCALAR, .name = "scalar", .parent = -1, .rank = 0, .cpu_flags = 0,
-    .f32_lut_min_m = TD_LUT_MIN_M, .i8_lut_min_m = TD_LUT_MIN_M, .i16_lut_min_m = TD_LUT_MIN_M,
-    .gemv_f32 = td_gemm_f32_scalar, .lut_f32 = td_gemm_f32_lut,
-    .gemv_i8 = td_gemm_i8_scalar, .lut_i8 = lut_i8_portable,
-    .gemv_i16 = gemv_i16_scalar, .lut_i16 = lut_i16_portable,
-    .quantize_row_i8 = quantize_row8_scalar, .quantize_row_i16 = quantize_row16_scalar,
-    .swiglu = swiglu_scalar, .attention_rows = attention_rows_scalar,
+    .isa = TD_ISA_SCALAR,
+    .name = "scalar",
+    .parent = -1,
+    .rank = 0,
+    .cpu_flags = 0,
+    .f32_lut_min_m = TD_LUT_MIN_M,
+    .i8_lut_min_m = TD_LUT_MIN_M,
+    .i16_lut_min_m = TD_LUT_MIN_M,
+    .gemv_f32 = td_gemm_f32_scalar,
+    .lut_f32 = td_gemm_f32_lut,
+    .gemv_i8 = td_gemm_i8_scalar,
+    .lut_i8 = lut_i8_portable,
+    .gemv_i16 = gemv_i16_scalar,
+    .lut_i16 = lut_i16_portable,
+    .quantize_row_i8 = quantize_row8_scalar,
+    .quantize_row_i16 = quantize_row16_scalar,
+    .swiglu = swiglu_scalar,
+    .attention_rows = attention_rows_scalar,
 };

@@ -28,12 +28,12 @@ extern "C" {
 
 enum td_isa {
     TD_ISA_SCALAR = 0,
-    TD_ISA_AVX2 = 1,     /* x86-64 AVX2 + FMA */
-    TD_ISA_NEON = 2,     /* aarch64 ARMv8 Advanced SIMD */
+    TD_ISA_AVX2 = 1, /* x86-64 AVX2 + FMA */
+    TD_ISA_NEON = 2, /* aarch64 ARMv8 Advanced SIMD */
     TD_ISA_NEON_DOT = 3, /* aarch64 with the dot-product extension (SDOT) */
-    TD_ISA_AVX512 = 4,   /* x86-64 AVX-512 F/BW/VL/DQ + VNNI (and AVX2 + FMA), OS-enabled ZMM state */
+    TD_ISA_AVX512 = 4, /* x86-64 AVX-512 F/BW/VL/DQ + VNNI (and AVX2 + FMA), OS-enabled ZMM state */
     TD_ISA_NEON_I8MM = 5, /* aarch64 with dot product and the int8 matrix multiply extension (SMMLA) */
-    TD_ISA_COUNT = 6     /* number of ISA ids (not an ISA) */
+    TD_ISA_COUNT = 6 /* number of ISA ids (not an ISA) */
 };
 
 /* Return codes of the entry points. */
@@ -46,17 +46,17 @@ enum td_isa {
 #define TD_CPU_FMA 2
 #define TD_CPU_NEON 4
 #define TD_CPU_DOTPROD 8
-#define TD_CPU_AVX512 16      /* F, BW, VL, DQ and VNNI, with XCR0 enabling opmask/ZMM state */
+#define TD_CPU_AVX512 16 /* F, BW, VL, DQ and VNNI, with XCR0 enabling opmask/ZMM state */
 #define TD_CPU_AVX512_VBMI 32 /* AVX512_VBMI (reported; not required by any table) */
-#define TD_CPU_I8MM 64        /* aarch64 FEAT_I8MM (HWCAP2_I8MM) */
+#define TD_CPU_I8MM 64 /* aarch64 FEAT_I8MM (HWCAP2_I8MM) */
 
 int td_cpu_flags(void);
-int td_best_isa(void);        /* best path this CPU can run */
-int td_get_isa(void);         /* path the kernels use now */
-int td_set_isa(int isa);      /* 0 on success, -1 if this CPU/build cannot run it */
+int td_best_isa(void); /* best path this CPU can run */
+int td_get_isa(void); /* path the kernels use now */
+int td_set_isa(int isa); /* 0 on success, -1 if this CPU/build cannot run it */
 int td_isa_supported(int isa); /* 1 if this CPU and build can run it (any id; unknown ids: 0) */
 const char *td_isa_name(int isa);
-int td_openmp_enabled(void);  /* 1 when built with OpenMP */
+int td_openmp_enabled(void); /* 1 when built with OpenMP */
 int td_max_threads(void);
 /* 1: use every requested thread even on problems too small to gain from it (for tests). */
 void td_set_force_parallel(int on);
@@ -64,51 +64,50 @@ void td_set_force_parallel(int on);
 /* Per-row absmax int8 quantization, bit-exact with quantize_rows_int8 of the NumPy reference.
  * x float32 (m, k) with row stride ldx; xq int8 (m, ldq) with ldq >= k; columns k..ldq-1 are
  * zeroed; scale float32 (m,). */
-void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
-                         int8_t *xq, int64_t ldq, float *scale, int threads);
+void td_quantize_rows_i8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq, int64_t ldq, float *scale,
+                         int threads);
 
 /* The same with lim = 2^(bits-1) - 1 levels into int16 (bit-exact with quantize_rows(x, bits)). */
-void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq,
-                          float *scale, int lim, int threads);
+void td_quantize_rows_i16(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *xq, int64_t ldq, float *scale,
+                          int lim, int threads);
 
 /* y float32 (m, n) row stride ldy; x float32 (m, k) row stride ldx; packed uint8 (n, padded_k(k)/4);
  * bias float32 (n,) or NULL. Returns TD_OK or TD_ENOMEM. */
-int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-                float alpha, const float *bias, float *y, int64_t ldy, int threads);
-int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-               float alpha, const float *bias, float *y, int64_t ldy, int threads);
+int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n, float alpha,
+                const float *bias, float *y, int64_t ldy, int threads);
+int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n, float alpha,
+               const float *bias, float *y, int64_t ldy, int threads);
 /* Returns TD_EINVAL for bits outside 2..10. */
-int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-                float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits);
+int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n, float alpha,
+                const float *bias, float *y, int64_t ldy, int threads, int bits);
 
 /* The int8 core on pre-quantized rows: xq int8 (m, ldq), ldq >= padded_k(k), zero beyond k;
  * acc int32 (m, n) = xq Q^T exactly. Exposed for the C harness. */
-int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed,
-                   int64_t n, int32_t *acc, int threads);
+int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed, int64_t n, int32_t *acc,
+                   int threads);
 
 /* Fused per-token ops; rows are independent and split across threads.
  * out (rows, d) = rmsnorm(x) * weight * (1 + scale[g]) + shift[g] with g = row / rows_per_group. */
-void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale,
-                         float *out, int64_t rows, int64_t rows_per_group, int64_t d, float eps,
-                         int threads);
+void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale, float *out,
+                         int64_t rows, int64_t rows_per_group, int64_t d, float eps, int threads);
 /* out (rows, d) = layernorm(x) [* weight + bias]; weight/bias may be NULL (no affine). */
-void td_layernorm(const float *x, const float *weight, const float *bias, float *out,
-                  int64_t rows, int64_t d, float eps, int threads);
+void td_layernorm(const float *x, const float *weight, const float *bias, float *out, int64_t rows, int64_t d,
+                  float eps, int threads);
 /* out = silu(a) * b over `count` elements. */
 void td_swiglu(const float *a, const float *b, float *out, int64_t count, int threads);
 /* x (rows, d) += gate[g] * y, g = row / rows_per_group. */
-void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group,
-                  int64_t d, int threads);
+void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group, int64_t d,
+                  int threads);
 /* In-place rotary embedding of x (b, t, h, hd) contiguous; cos/sin (t, hd/2). */
-void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h,
-             int64_t hd, int threads);
+void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_t t, int64_t h, int64_t hd,
+             int threads);
 
 /* Softmax attention, not causal: out (b, t, h, hd) = softmax(q k^T / sqrt(hd)) v per (batch, head),
  * query head hh reading key/value head hh / (h / hkv) (grouped-query attention). q, out (b, t, h, hd)
  * and k, v (b, t, hkv, hd) float32, C-contiguous; out must not overlap q, k or v.
  * Returns TD_OK, TD_ENOMEM, or TD_EINVAL when h is not a multiple of hkv. */
-int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
-                 int64_t h, int64_t hkv, int64_t hd, int threads);
+int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
+                 int64_t hkv, int64_t hd, int threads);
 
 #ifdef __cplusplus
 }

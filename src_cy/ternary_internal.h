@@ -31,11 +31,11 @@ static inline int64_t td_padded_k(int64_t k) { return (k + TD_BLOCK_K - 1) / TD_
  * outputs y = float(acc) * (scale[m] * alpha) + bias (acc == NULL). */
 typedef struct {
     float alpha;
-    const float *scale;  /* int8 mode: per-row activation scale; NULL in fp32 mode */
-    const float *bias;   /* (n,) or NULL */
-    float *y;            /* (m, n) with row stride ldy */
+    const float *scale; /* int8 mode: per-row activation scale; NULL in fp32 mode */
+    const float *bias; /* (n,) or NULL */
+    float *y; /* (m, n) with row stride ldy */
     int64_t ldy;
-    int32_t *acc;        /* int8 mode only: raw sums instead of y when not NULL */
+    int32_t *acc; /* int8 mode only: raw sums instead of y when not NULL */
 } td_out_t;
 
 /* Work split of the table GEMMs (AVX2 and portable): token blocks of `tb` first (their tables are
@@ -68,26 +68,26 @@ extern int td_force_parallel;
  * Adding an ISA: an enum id in ternary_gemm.h, its table in its own file, one line in td_tables
  * (ternary_gemm.c), its name in _ternary.pyx; the tests and the C harness loop over every
  * supported id on their own. */
-typedef int (*td_f32_fn)(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                         int64_t n, const td_out_t *o, int threads);
-typedef int (*td_i8_fn)(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                        int64_t n, const td_out_t *o, int threads);
+typedef int (*td_f32_fn)(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                         const td_out_t *o, int threads);
+typedef int (*td_i8_fn)(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                        const td_out_t *o, int threads);
 /* xq holds integers of |x| <= lim (lim <= 511) */
-typedef int (*td_i16_fn)(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                         int64_t n, const td_out_t *o, int threads, int lim);
+typedef int (*td_i16_fn)(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                         const td_out_t *o, int threads, int lim);
 typedef void (*td_quant8_fn)(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
 typedef void (*td_quant16_fn)(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim);
 typedef void (*td_swiglu_fn)(const float *a, const float *b, float *out, int64_t count);
-typedef void (*td_att_rows_fn)(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
-                               const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale,
-                               float *s, float *ob, float *out, int64_t ldo);
+typedef void (*td_att_rows_fn)(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
+                               int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
+                               float *out, int64_t ldo);
 
 typedef struct td_ops {
-    int isa;           /* enum td_isa id */
-    const char *name;  /* as td_isa_name and TERDIT_ISA spell it */
-    int parent;        /* id whose kernels fill this table's NULL entries; -1 for the root (scalar) */
-    int rank;          /* td_best_isa picks the supported table of highest rank */
-    int cpu_flags;     /* TD_CPU_* bits the CPU must report */
+    int isa; /* enum td_isa id */
+    const char *name; /* as td_isa_name and TERDIT_ISA spell it */
+    int parent; /* id whose kernels fill this table's NULL entries; -1 for the root (scalar) */
+    int rank; /* td_best_isa picks the supported table of highest rank */
+    int cpu_flags; /* TD_CPU_* bits the CPU must report */
     int f32_lut_min_m, i8_lut_min_m, i16_lut_min_m;
     td_f32_fn gemv_f32, lut_f32;
     td_i8_fn gemv_i8, lut_i8;
@@ -103,44 +103,44 @@ const td_ops_t *td_ops(void);
 /* The filled table of an ISA the build has (NULL otherwise), supported by the CPU or not. */
 const td_ops_t *td_ops_for(int isa);
 
-extern const td_ops_t td_ops_scalar;  /* ternary_gemm.c */
+extern const td_ops_t td_ops_scalar; /* ternary_gemm.c */
 #if TD_X86
-extern const td_ops_t td_ops_avx2;    /* ternary_avx2.c */
-extern const td_ops_t td_ops_avx512;  /* ternary_avx512.c */
+extern const td_ops_t td_ops_avx2; /* ternary_avx2.c */
+extern const td_ops_t td_ops_avx512; /* ternary_avx512.c */
 #endif
 #if TD_ARM64
-extern const td_ops_t td_ops_neon, td_ops_neon_dot, td_ops_neon_i8mm;  /* ternary_neon.c */
+extern const td_ops_t td_ops_neon, td_ops_neon_dot, td_ops_neon_i8mm; /* ternary_neon.c */
 #endif
 
 /* Portable C kernels (ternary_gemm.c). */
-int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                       int64_t n, const td_out_t *o, int threads);
-int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                      int64_t n, const td_out_t *o, int threads);
+int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                       const td_out_t *o, int threads);
+int td_gemm_i8_scalar(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                      const td_out_t *o, int threads);
 /* Portable table GEMMs (ternary_lut.c), for M >= TD_LUT_MIN_M on NEON and the scalar path. */
 #define TD_LUT_MIN_M 8
 int td_gemm_f32_lut(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                     const td_out_t *o, int threads);
 /* The same with int16 tables for integer activations, int8 (xq8) or int16 (xq16) of |x| <= lim. */
-int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq,
-                    const uint8_t *packed, int64_t n, const td_out_t *o, int threads, int lim);
-int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                       int64_t n, const td_out_t *o, int threads);
+int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                    int64_t n, const td_out_t *o, int threads, int lim);
+int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                       const td_out_t *o, int threads);
 
 #if TD_X86
 /* AVX2 kernels that other x86 tables reuse */
-int td_gemm_i8_avx2_gemv(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                         int64_t n, const td_out_t *o, int threads);
-int td_gemm_i16_avx2_gemv(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                          int64_t n, const td_out_t *o, int threads, int lim);
+int td_gemm_i8_avx2_gemv(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                         const td_out_t *o, int threads);
+int td_gemm_i16_avx2_gemv(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                          const td_out_t *o, int threads, int lim);
 #endif
 #if TD_ARM64
-int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads);
-int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                    int64_t n, const td_out_t *o, int threads, int use_dot);
-int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads);
+int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                     const td_out_t *o, int threads);
+int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                    const td_out_t *o, int threads, int use_dot);
+int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                     const td_out_t *o, int threads);
 #endif
 
 /* Store one output: the int32 sum itself, or its scaled float32 value. */

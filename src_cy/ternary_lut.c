@@ -15,10 +15,10 @@
 
 #include <string.h>
 
-#define LUT_TOK 8      /* tokens per table entry */
-#define LUT_G 8        /* byte positions per table set; divides TD_BLOCK_BYTES */
-#define LUT_ENT 81     /* 3^4 sign patterns of a byte */
-#define LUT_ROWS 2048  /* rows per work item at most (bounds the running sums) */
+#define LUT_TOK 8 /* tokens per table entry */
+#define LUT_G 8 /* byte positions per table set; divides TD_BLOCK_BYTES */
+#define LUT_ENT 81 /* 3^4 sign patterns of a byte */
+#define LUT_ROWS 2048 /* rows per work item at most (bounds the running sums) */
 
 /* One table entry's LUT_TOK floats as a GCC/Clang vector (lowered to two 128-bit NEON or SSE
  * registers): left to itself, GCC 12 keeps the accumulator of the row loop in eight scalar
@@ -54,12 +54,24 @@ static void build_tables(const float *xT, int64_t kbase, float *T) {
         for (int l = 0; l < LUT_TOK; l++) {
             const float a = xk[l], b = xk[32 * LUT_TOK + l];
             const float c = xk[64 * LUT_TOK + l], d = xk[96 * LUT_TOK + l];
-            lo[0][l] = -a - b; lo[1][l] = -b; lo[2][l] = a - b;
-            lo[3][l] = -a;     lo[4][l] = 0;  lo[5][l] = a;
-            lo[6][l] = -a + b; lo[7][l] = b;  lo[8][l] = a + b;
-            hi[0][l] = -c - d; hi[1][l] = -d; hi[2][l] = c - d;
-            hi[3][l] = -c;     hi[4][l] = 0;  hi[5][l] = c;
-            hi[6][l] = -c + d; hi[7][l] = d;  hi[8][l] = c + d;
+            lo[0][l] = -a - b;
+            lo[1][l] = -b;
+            lo[2][l] = a - b;
+            lo[3][l] = -a;
+            lo[4][l] = 0;
+            lo[5][l] = a;
+            lo[6][l] = -a + b;
+            lo[7][l] = b;
+            lo[8][l] = a + b;
+            hi[0][l] = -c - d;
+            hi[1][l] = -d;
+            hi[2][l] = c - d;
+            hi[3][l] = -c;
+            hi[4][l] = 0;
+            hi[5][l] = c;
+            hi[6][l] = -c + d;
+            hi[7][l] = d;
+            hi[8][l] = c + d;
         }
         float *e = T + (int64_t)g * LUT_ENT * LUT_TOK;
         for (int j = 0; j < 9; j++)
@@ -69,9 +81,9 @@ static void build_tables(const float *xT, int64_t kbase, float *T) {
 }
 
 /* Tokens m0 .. m0 + mt - 1 (mt <= LUT_TOK) times rows r0 .. r1 - 1. */
-static void lut_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k, int64_t kb,
-                      const uint8_t *packed, int64_t r0, int64_t r1, const uint8_t idx[256], float *xT,
-                      float *T, float *res, const td_out_t *o) {
+static void lut_block(const float *x, int64_t ldx, int64_t m0, int mt, int64_t k, int64_t kb, const uint8_t *packed,
+                      int64_t r0, int64_t r1, const uint8_t idx[256], float *xT, float *T, float *res,
+                      const td_out_t *o) {
     const int64_t kp = kb * 4;
     memset(xT, 0, (size_t)kp * LUT_TOK * sizeof(float));
     for (int t = 0; t < mt; t++)
@@ -131,13 +143,18 @@ int td_gemm_f32_lut(const float *x, int64_t m, int64_t k, int64_t ldx, const uin
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t item = 0; item < ntb * nsplit; item++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * LUT_TOK < LUT_TOK ? m - tb * LUT_TOK : LUT_TOK);
             if (r0 < r1) lut_block(x, ldx, tb * LUT_TOK, mt, k, kb, packed, r0, r1, idx, xT, T, res, o);
         }
-        td_free(xT); td_free(T); td_free(res);
+        td_free(xT);
+        td_free(T);
+        td_free(res);
     }
     return err ? TD_ENOMEM : TD_OK;
 }
@@ -160,12 +177,24 @@ static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t *T) {
         for (int l = 0; l < LUT_ITOK; l++) {
             const int16_t a = xk[l], b = xk[32 * LUT_ITOK + l];
             const int16_t c = xk[64 * LUT_ITOK + l], d = xk[96 * LUT_ITOK + l];
-            lo[0][l] = (int16_t)(-a - b); lo[1][l] = (int16_t)-b; lo[2][l] = (int16_t)(a - b);
-            lo[3][l] = (int16_t)-a;       lo[4][l] = 0;           lo[5][l] = a;
-            lo[6][l] = (int16_t)(b - a);  lo[7][l] = b;           lo[8][l] = (int16_t)(a + b);
-            hi[0][l] = (int16_t)(-c - d); hi[1][l] = (int16_t)-d; hi[2][l] = (int16_t)(c - d);
-            hi[3][l] = (int16_t)-c;       hi[4][l] = 0;           hi[5][l] = c;
-            hi[6][l] = (int16_t)(d - c);  hi[7][l] = d;           hi[8][l] = (int16_t)(c + d);
+            lo[0][l] = (int16_t)(-a - b);
+            lo[1][l] = (int16_t)-b;
+            lo[2][l] = (int16_t)(a - b);
+            lo[3][l] = (int16_t)-a;
+            lo[4][l] = 0;
+            lo[5][l] = a;
+            lo[6][l] = (int16_t)(b - a);
+            lo[7][l] = b;
+            lo[8][l] = (int16_t)(a + b);
+            hi[0][l] = (int16_t)(-c - d);
+            hi[1][l] = (int16_t)-d;
+            hi[2][l] = (int16_t)(c - d);
+            hi[3][l] = (int16_t)-c;
+            hi[4][l] = 0;
+            hi[5][l] = c;
+            hi[6][l] = (int16_t)(d - c);
+            hi[7][l] = d;
+            hi[8][l] = (int16_t)(c + d);
         }
         int16_t *e = T + (int64_t)g * LUT_ENT * LUT_ITOK;
         for (int j = 0; j < 9; j++)
@@ -175,8 +204,8 @@ static void build_tables_i16(const int16_t *xT, int64_t kbase, int16_t *T) {
 }
 
 static void lut_block_i16(const int8_t *xq8, const int16_t *xq16, int64_t ldq, int64_t m0, int mt, int64_t kb,
-                          int super, const uint8_t *packed, int64_t r0, int64_t r1, const uint8_t idx[256],
-                          int16_t *xT, int16_t *T, int16_t *res16, int32_t *res32, const td_out_t *o) {
+                          int super, const uint8_t *packed, int64_t r0, int64_t r1, const uint8_t idx[256], int16_t *xT,
+                          int16_t *T, int16_t *res16, int32_t *res32, const td_out_t *o) {
     const int64_t kp = kb * 4;
     memset(xT, 0, (size_t)kp * LUT_ITOK * sizeof(int16_t));
     for (int t = 0; t < mt; t++)
@@ -220,8 +249,8 @@ static void lut_block_i16(const int8_t *xq8, const int16_t *xq16, int64_t ldq, i
         for (int64_t row = r0; row < r1; row++) td_store(o, m0 + t, row, res32[(row - r0) * LUT_ITOK + t]);
 }
 
-int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq,
-                    const uint8_t *packed, int64_t n, const td_out_t *o, int threads, int lim) {
+int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                    int64_t n, const td_out_t *o, int threads, int lim) {
     const int64_t kb = kp / 4;
     int super = 32767 / (LUT_G * 4 * lim);
     if (super < 1) return TD_EINVAL;
@@ -244,15 +273,21 @@ int td_gemm_int_lut(const int8_t *xq8, const int16_t *xq16, int64_t m, int64_t k
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t item = 0; item < ntb * nsplit; item++) {
-            if (!ok) { err = 1; continue; }
+            if (!ok) {
+                err = 1;
+                continue;
+            }
             const int64_t tb = item / nsplit, r0 = (item % nsplit) * rows_per;
             const int64_t r1 = r0 + rows_per < n ? r0 + rows_per : n;
             const int mt = (int)(m - tb * LUT_ITOK < LUT_ITOK ? m - tb * LUT_ITOK : LUT_ITOK);
             if (r0 < r1)
-                lut_block_i16(xq8, xq16, ldq, tb * LUT_ITOK, mt, kb, super, packed, r0, r1, idx, xT, T,
-                              res16, res32, o);
+                lut_block_i16(xq8, xq16, ldq, tb * LUT_ITOK, mt, kb, super, packed, r0, r1, idx, xT, T, res16, res32,
+                              o);
         }
-        td_free(xT); td_free(T); td_free(res16); td_free(res32);
+        td_free(xT);
+        td_free(T);
+        td_free(res16);
+        td_free(res32);
     }
     return err ? TD_ENOMEM : TD_OK;
 }

@@ -27,13 +27,16 @@ static inline int8x16_t select_i8(int8x16_t x, uint8x16_t pos, uint8x16_t neg) {
 /* ----------------------------------------------------------------------------------------- */
 /* float32 */
 
-static void f32_rows(const float *x, int64_t ldx, int64_t m0, int mt, int64_t kb,
-                     const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+static void f32_rows(const float *x, int64_t ldx, int64_t m0, int mt, int64_t kb, const uint8_t *packed, int64_t r0,
+                     int64_t r1, const td_out_t *o) {
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t *w = packed + row * kb;
         float32x4_t ap[4], an[4];
-        for (int t = 0; t < 4; t++) { ap[t] = vdupq_n_f32(0.0f); an[t] = vdupq_n_f32(0.0f); }
+        for (int t = 0; t < 4; t++) {
+            ap[t] = vdupq_n_f32(0.0f);
+            an[t] = vdupq_n_f32(0.0f);
+        }
         for (int64_t b = 0; b < nblk; b++) {
             for (int h = 0; h < 2; h++) {
                 const uint8x16_t v = vld1q_u8(w + b * TD_BLOCK_BYTES + 16 * h);
@@ -68,8 +71,8 @@ static void f32_rows(const float *x, int64_t ldx, int64_t m0, int mt, int64_t kb
     }
 }
 
-int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads) {
+int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
+                     const td_out_t *o, int threads) {
     const int64_t kp = td_padded_k(k), kb = kp / 4;
     float *xpad = NULL;
     if (kp != k) {
@@ -97,8 +100,8 @@ int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const ui
 /* int8, plain ARMv8: SADALP adds neighbouring bytes into int16 lanes (|.| <= 254 per step);
  * 16 blocks give 128 steps per lane, below the int16 limit, before widening to int32. */
 
-static void i8_rows_plain(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
-                          const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+static void i8_rows_plain(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb, const uint8_t *packed,
+                          int64_t r0, int64_t r1, const td_out_t *o) {
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t *w = packed + row * kb;
@@ -127,9 +130,9 @@ static void i8_rows_plain(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int
 }
 
 /* int8 with the dot-product extension: SDOT against ones sums four selected bytes per lane. */
-__attribute__((target("arch=armv8.2-a+dotprod")))
-static void i8_rows_dot(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
-                        const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void i8_rows_dot(const int8_t *xq, int64_t ldq, int64_t m0,
+                                                                          int mt, int64_t kb, const uint8_t *packed,
+                                                                          int64_t r0, int64_t r1, const td_out_t *o) {
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     const int8x16_t ones = vdupq_n_s8(1);
     for (int64_t row = r0; row < r1; row++) {
@@ -152,8 +155,8 @@ static void i8_rows_dot(const int8_t *xq, int64_t ldq, int64_t m0, int mt, int64
     }
 }
 
-int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                    int64_t n, const td_out_t *o, int threads, int use_dot) {
+int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                    const td_out_t *o, int threads, int use_dot) {
     const int64_t kb = kp / 4;
     (void)threads;
 #if defined(_OPENMP)
@@ -175,8 +178,8 @@ int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const 
  * selects 8 activations, added or subtracted in int16 lanes. A block adds at most 16 values of
  * |.| <= 511 per lane; 4 blocks (32704) stay inside int16 before SADALP widens to int32. */
 
-static void i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb,
-                     const uint8_t *packed, int64_t r0, int64_t r1, const td_out_t *o) {
+static void i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, int mt, int64_t kb, const uint8_t *packed, int64_t r0,
+                     int64_t r1, const td_out_t *o) {
     const int64_t nblk = kb / TD_BLOCK_BYTES;
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t *w = packed + row * kb;
@@ -214,8 +217,8 @@ static void i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, int mt, int64_t
     }
 }
 
-int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads) {
+int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                     const td_out_t *o, int threads) {
     const int64_t kb = kp / 4;
     (void)threads;
 #if defined(_OPENMP)
@@ -233,18 +236,18 @@ int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
 /* The NEON tables: streaming kernels for few tokens; the portable table GEMMs (M >= 8), the
  * quantizers, swiglu and attention come from the scalar table (the compiler vectorizes them). */
 
-static int gemv_i8_neon_plain(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                              int64_t n, const td_out_t *o, int threads) {
+static int gemv_i8_neon_plain(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                              const td_out_t *o, int threads) {
     return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 0);
 }
 
-static int gemv_i8_neon_dot(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                            int64_t n, const td_out_t *o, int threads) {
+static int gemv_i8_neon_dot(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                            const td_out_t *o, int threads) {
     return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 1);
 }
 
-static int gemv_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                         int64_t n, const td_out_t *o, int threads, int lim) {
+static int gemv_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                         const td_out_t *o, int threads, int lim) {
     (void)lim; /* lim <= 511: 4 blocks stay inside int16 (above) */
     return td_gemm_i16_neon(xq, m, kp, ldq, packed, n, o, threads);
 }
@@ -283,8 +286,8 @@ static void mm_interleave(const uint8_t *a, const uint8_t *b, int64_t kp, uint8_
     }
 }
 
-__attribute__((target("arch=armv8.2-a+i8mm")))
-static void mm_tile(const int8_t *ap, const int8_t *bp, int64_t kc_n, int64_t pair_bytes, int32_t out[MM_TP][MM_RP][4]) {
+__attribute__((target("arch=armv8.2-a+i8mm"))) static void mm_tile(const int8_t *ap, const int8_t *bp, int64_t kc_n,
+                                                                   int64_t pair_bytes, int32_t out[MM_TP][MM_RP][4]) {
     int32x4_t c[MM_TP][MM_RP];
     for (int i = 0; i < MM_TP; i++)
         for (int j = 0; j < MM_RP; j++) c[i][j] = vdupq_n_s32(0);
@@ -307,7 +310,9 @@ static int lut_i8_i8mm(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, con
     uint8_t *bp = malloc((size_t)nrp * (size_t)pair_bytes + 1);
     uint8_t *rows = malloc((size_t)(2 > threads ? 2 : threads) * 2 * (size_t)kp + 1);
     if (!ap || !bp || !rows) {
-        free(ap); free(bp); free(rows);
+        free(ap);
+        free(bp);
+        free(rows);
         return TD_ENOMEM;
     }
     uint32_t q8[256];
@@ -369,24 +374,40 @@ static int lut_i8_i8mm(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, con
             }
         }
     }
-    free(ap); free(bp); free(rows);
+    free(ap);
+    free(bp);
+    free(rows);
     return TD_OK;
 }
 
 const td_ops_t td_ops_neon = {
-    .isa = TD_ISA_NEON, .name = "neon", .parent = TD_ISA_SCALAR, .rank = 10, .cpu_flags = TD_CPU_NEON,
-    .f32_lut_min_m = TD_LUT_MIN_M, .i8_lut_min_m = TD_LUT_MIN_M, .i16_lut_min_m = TD_LUT_MIN_M,
-    .gemv_f32 = td_gemm_f32_neon, .gemv_i8 = gemv_i8_neon_plain, .gemv_i16 = gemv_i16_neon,
+    .isa = TD_ISA_NEON,
+    .name = "neon",
+    .parent = TD_ISA_SCALAR,
+    .rank = 10,
+    .cpu_flags = TD_CPU_NEON,
+    .f32_lut_min_m = TD_LUT_MIN_M,
+    .i8_lut_min_m = TD_LUT_MIN_M,
+    .i16_lut_min_m = TD_LUT_MIN_M,
+    .gemv_f32 = td_gemm_f32_neon,
+    .gemv_i8 = gemv_i8_neon_plain,
+    .gemv_i16 = gemv_i16_neon,
 };
 
 const td_ops_t td_ops_neon_dot = {
-    .isa = TD_ISA_NEON_DOT, .name = "neon-dotprod", .parent = TD_ISA_NEON, .rank = 15,
+    .isa = TD_ISA_NEON_DOT,
+    .name = "neon-dotprod",
+    .parent = TD_ISA_NEON,
+    .rank = 15,
     .cpu_flags = TD_CPU_NEON | TD_CPU_DOTPROD,
     .gemv_i8 = gemv_i8_neon_dot,
 };
 
 const td_ops_t td_ops_neon_i8mm = {
-    .isa = TD_ISA_NEON_I8MM, .name = "neon-i8mm", .parent = TD_ISA_NEON_DOT, .rank = 20,
+    .isa = TD_ISA_NEON_I8MM,
+    .name = "neon-i8mm",
+    .parent = TD_ISA_NEON_DOT,
+    .rank = 20,
     .cpu_flags = TD_CPU_NEON | TD_CPU_DOTPROD | TD_CPU_I8MM,
     .lut_i8 = lut_i8_i8mm,
 };

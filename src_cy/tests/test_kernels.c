@@ -15,7 +15,9 @@
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static uint32_t rnd(void) { /* xorshift64*: reproducible everywhere */
-    rng_state ^= rng_state >> 12; rng_state ^= rng_state << 25; rng_state ^= rng_state >> 27;
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
     return (uint32_t)((rng_state * 0x2545f4914f6cdd1dull) >> 32);
 }
 static float rndf(void) { return (float)(rnd() / 4294967296.0) * 2.0f - 1.0f; }
@@ -76,9 +78,8 @@ static void check_int_outputs(const char *mode, int isa, int64_t m, int64_t k, i
         for (int64_t r = 0; r < n; r++) {
             const float want = (float)acc[t * n + r] * (scale[t] * alpha) + bias[r];
             if (y[t * n + r] != want) {
-                printf("FAIL %s y isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n", mode,
-                       td_isa_name(isa), (long long)m, (long long)k, (long long)n, (long long)t,
-                       (long long)r, y[t * n + r], want);
+                printf("FAIL %s y isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n", mode, td_isa_name(isa),
+                       (long long)m, (long long)k, (long long)n, (long long)t, (long long)r, y[t * n + r], want);
                 failures++;
                 return;
             }
@@ -93,19 +94,23 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
     float *bias = malloc(sizeof(float) * (size_t)n);
     int8_t *xq = malloc((size_t)(m * kp) + 1), *xq2 = malloc((size_t)(m * kp) + 1);
     float *scale = malloc(sizeof(float) * (size_t)(m + 1)), *scale2 = malloc(sizeof(float) * (size_t)(m + 1));
-    int32_t *acc_ref = malloc(sizeof(int32_t) * (size_t)(m * n + 1)), *acc = malloc(sizeof(int32_t) * (size_t)(m * n + 1));
+    int32_t *acc_ref = malloc(sizeof(int32_t) * (size_t)(m * n + 1)),
+            *acc = malloc(sizeof(int32_t) * (size_t)(m * n + 1));
     double *f_ref = malloc(sizeof(double) * (size_t)(m * n + 1)), *f_abs = malloc(sizeof(double) * (size_t)(m + 1));
     float *y = malloc(sizeof(float) * (size_t)(m * n + 1));
     for (int64_t i = 0; i < n * k; i++)
         q[i] = (int8_t)(wkind == 0 ? (int)(rnd() % 3) - 1 : wkind == 1 ? 1 : wkind == 2 ? -1 : 0);
     for (int64_t i = 0; i < m * k; i++) x[i] = rndf() * (i % 7 == 0 ? 100.0f : 1.0f);
-    if (m > 1) for (int64_t i = 0; i < k; i++) x[k + i] = 0.0f; /* a zero row */
+    if (m > 1)
+        for (int64_t i = 0; i < k; i++) x[k + i] = 0.0f; /* a zero row */
     /* all +1 weights on a constant row: every int8 activation is 127, the int16 worst case */
-    if (wkind == 1) for (int64_t i = 0; i < k; i++) x[i] = 0.5f;
+    if (wkind == 1)
+        for (int64_t i = 0; i < k; i++) x[i] = 0.5f;
     for (int64_t i = 0; i < n; i++) bias[i] = rndf();
     pack(q, n, k, w);
     quantize_ref(x, m, k, xq, kp, scale);
-    int32_t *xq10 = malloc(sizeof(int32_t) * (size_t)(m * k + 1)), *acc10 = malloc(sizeof(int32_t) * (size_t)(m * n + 1));
+    int32_t *xq10 = malloc(sizeof(int32_t) * (size_t)(m * k + 1)),
+            *acc10 = malloc(sizeof(int32_t) * (size_t)(m * n + 1));
     float *scale10 = malloc(sizeof(float) * (size_t)(m + 1));
     quantize10_ref(x, m, k, xq10, scale10);
     for (int64_t t = 0; t < m; t++)
@@ -121,8 +126,13 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
             int32_t s = 0;
             double f = 0;
             for (int64_t i = 0; i < k; i++) {
-                if (q[r * k + i] > 0) { s += xq[t * kp + i]; f += x[t * k + i]; }
-                else if (q[r * k + i] < 0) { s -= xq[t * kp + i]; f -= x[t * k + i]; }
+                if (q[r * k + i] > 0) {
+                    s += xq[t * kp + i];
+                    f += x[t * k + i];
+                } else if (q[r * k + i] < 0) {
+                    s -= xq[t * kp + i];
+                    f -= x[t * k + i];
+                }
             }
             acc_ref[t * n + r] = s;
             f_ref[t * n + r] = f;
@@ -141,12 +151,15 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
             }
             /* int8 sums: exact */
             memset(acc, 0x55, sizeof(int32_t) * (size_t)(m * n));
-            if (td_gemm_i8_acc(xq, m, k, kp, w, n, acc, threads) != 0) { printf("FAIL alloc\n"); failures++; }
+            if (td_gemm_i8_acc(xq, m, k, kp, w, n, acc, threads) != 0) {
+                printf("FAIL alloc\n");
+                failures++;
+            }
             for (int64_t i = 0; i < m * n; i++)
                 if (acc[i] != acc_ref[i]) {
                     printf("FAIL int8 isa=%s m=%lld k=%lld n=%lld wkind=%d thr=%d at %lld: %d != %d\n",
-                           td_isa_name(isa), (long long)m, (long long)k, (long long)n, wkind, threads,
-                           (long long)i, acc[i], acc_ref[i]);
+                           td_isa_name(isa), (long long)m, (long long)k, (long long)n, wkind, threads, (long long)i,
+                           acc[i], acc_ref[i]);
                     failures++;
                     break;
                 }
@@ -156,7 +169,10 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
             check_int_outputs("int8", isa, m, k, n, y, acc_ref, scale, alpha, bias);
             /* 10-bit integers: the same two roundings on exact sums */
             memset(y, 0xff, sizeof(float) * (size_t)(m * n));
-            if (td_gemm_int(x, m, k, k, w, n, alpha, bias, y, n, threads, 10) != 0) { printf("FAIL int10 rc\n"); failures++; }
+            if (td_gemm_int(x, m, k, k, w, n, alpha, bias, y, n, threads, 10) != 0) {
+                printf("FAIL int10 rc\n");
+                failures++;
+            }
             check_int_outputs("int10", isa, m, k, n, y, acc10, scale10, alpha, bias);
             /* float32: within float rounding of the sum of |x| */
             memset(y, 0xff, sizeof(float) * (size_t)(m * n));
@@ -166,9 +182,9 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
                     const double want = f_ref[t * n + r] * alpha + bias[r];
                     const double tol = 1e-5 * (f_abs[t] * alpha + fabs(bias[r])) + 1e-30;
                     if (!(fabs(y[t * n + r] - want) <= tol)) {
-                        printf("FAIL f32 isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n",
-                               td_isa_name(isa), (long long)m, (long long)k, (long long)n,
-                               (long long)t, (long long)r, y[t * n + r], want);
+                        printf("FAIL f32 isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n", td_isa_name(isa),
+                               (long long)m, (long long)k, (long long)n, (long long)t, (long long)r, y[t * n + r],
+                               want);
                         failures++;
                         t = m;
                         break;
@@ -176,20 +192,36 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
                 }
         }
     }
-    free(q); free(w); free(x); free(bias); free(xq); free(xq2); free(scale); free(scale2);
-    free(acc_ref); free(acc); free(f_ref); free(f_abs); free(y); free(xq10); free(acc10); free(scale10);
+    free(q);
+    free(w);
+    free(x);
+    free(bias);
+    free(xq);
+    free(xq2);
+    free(scale);
+    free(scale2);
+    free(acc_ref);
+    free(acc);
+    free(f_ref);
+    free(f_abs);
+    free(y);
+    free(xq10);
+    free(acc10);
+    free(scale10);
 }
 
 /* Attention against a naive double-precision reference (scores, max-subtracted softmax, weighted
  * sum of values), on every ISA path and 1 or 2 threads. */
-static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_t hd, const int *isas,
-                            int nisa) {
+static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_t hd, const int *isas, int nisa) {
     const int64_t nq = b * t * h * hd, nk = b * t * hkv * hd;
     float *q = malloc(sizeof(float) * (size_t)nq), *out = malloc(sizeof(float) * (size_t)nq);
     float *k = malloc(sizeof(float) * (size_t)nk), *v = malloc(sizeof(float) * (size_t)nk);
     double *ref = malloc(sizeof(double) * (size_t)nq), *p = malloc(sizeof(double) * (size_t)t);
     for (int64_t i = 0; i < nq; i++) q[i] = 3.0f * rndf();
-    for (int64_t i = 0; i < nk; i++) { k[i] = 3.0f * rndf(); v[i] = rndf(); }
+    for (int64_t i = 0; i < nk; i++) {
+        k[i] = 3.0f * rndf();
+        v[i] = rndf();
+    }
     const double scale = 1.0 / sqrt((double)hd);
     for (int64_t bb = 0; bb < b; bb++)
         for (int64_t hh = 0; hh < h; hh++)
@@ -203,7 +235,10 @@ static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_
                     p[j] = s * scale;
                     mx = p[j] > mx ? p[j] : mx;
                 }
-                for (int64_t j = 0; j < t; j++) { p[j] = exp(p[j] - mx); tot += p[j]; }
+                for (int64_t j = 0; j < t; j++) {
+                    p[j] = exp(p[j] - mx);
+                    tot += p[j];
+                }
                 for (int64_t d = 0; d < hd; d++) {
                     double o = 0;
                     for (int64_t j = 0; j < t; j++) o += p[j] * v[((bb * t + j) * hkv + hh / (h / hkv)) * hd + d];
@@ -214,7 +249,10 @@ static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_
         if (td_set_isa(isas[ii]) != 0) continue;
         for (int threads = 1; threads <= 2; threads++) {
             memset(out, 0xff, sizeof(float) * (size_t)nq); /* NaN: every output must be written */
-            if (td_attention(q, k, v, out, b, t, h, hkv, hd, threads) != 0) { printf("FAIL attention rc\n"); failures++; }
+            if (td_attention(q, k, v, out, b, t, h, hkv, hd, threads) != 0) {
+                printf("FAIL attention rc\n");
+                failures++;
+            }
             for (int64_t i = 0; i < nq; i++)
                 if (!(fabs(out[i] - ref[i]) <= 2e-5)) {
                     printf("FAIL attention isa=%s b=%lld t=%lld h=%lld hkv=%lld hd=%lld thr=%d at %lld: %g != %g\n",
@@ -225,8 +263,16 @@ static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_
                 }
         }
     }
-    if (td_attention(q, k, v, out, b, t, 3, 2, hd, 1) != TD_EINVAL) { printf("FAIL attention hkv check\n"); failures++; }
-    free(q); free(out); free(k); free(v); free(ref); free(p);
+    if (td_attention(q, k, v, out, b, t, 3, 2, hd, 1) != TD_EINVAL) {
+        printf("FAIL attention hkv check\n");
+        failures++;
+    }
+    free(q);
+    free(out);
+    free(k);
+    free(v);
+    free(ref);
+    free(p);
 }
 
 int main(int argc, char **argv) {
@@ -242,14 +288,38 @@ int main(int argc, char **argv) {
     printf("cpu flags 0x%x, best isa %s, testing:", td_cpu_flags(), td_isa_name(best));
     for (int i = 0; i < nisa; i++) printf(" %s", td_isa_name(isas[i]));
     printf("\n");
-    if (td_set_isa(TD_ISA_COUNT) == 0 || td_set_isa(-1) == 0) { printf("FAIL bad isa id accepted\n"); failures++; }
+    if (td_set_isa(TD_ISA_COUNT) == 0 || td_set_isa(-1) == 0) {
+        printf("FAIL bad isa id accepted\n");
+        failures++;
+    }
     static const int64_t shapes[][3] = {
-        {1, 1, 1}, {1, 33, 7}, {2, 127, 31}, {3, 129, 5}, {4, 300, 17}, {7, 256, 9}, {8, 128, 64},
-        {9, 1000, 33}, {16, 260, 70}, {17, 513, 31}, {33, 4100, 3}, {40, 384, 130}, {2, 8200, 4},
+        {1, 1, 1},
+        {1, 33, 7},
+        {2, 127, 31},
+        {3, 129, 5},
+        {4, 300, 17},
+        {7, 256, 9},
+        {8, 128, 64},
+        {9, 1000, 33},
+        {16, 260, 70},
+        {17, 513, 31},
+        {33, 4100, 3},
+        {40, 384, 130},
+        {2, 8200, 4},
         /* every M from 1 to 17 on K and N tails (the AVX-512 GEMV / 16- and 32-token tiles, 8-row
          * panels), and token blocks past 32 */
-        {5, 200, 13}, {6, 129, 9}, {8, 131, 17}, {10, 250, 11}, {11, 383, 8}, {12, 140, 23},
-        {13, 257, 15}, {14, 100, 7}, {15, 385, 25}, {31, 300, 9}, {32, 129, 16}, {47, 520, 19},
+        {5, 200, 13},
+        {6, 129, 9},
+        {8, 131, 17},
+        {10, 250, 11},
+        {11, 383, 8},
+        {12, 140, 23},
+        {13, 257, 15},
+        {14, 100, 7},
+        {15, 385, 25},
+        {31, 300, 9},
+        {32, 129, 16},
+        {47, 520, 19},
         {65, 700, 41},
     };
     const int nshape = (int)(sizeof shapes / sizeof shapes[0]);
@@ -258,12 +328,13 @@ int main(int argc, char **argv) {
             if (wkind && s % 3) continue; /* constant weights on a few shapes */
             check_shape(shapes[s][0], shapes[s][1], shapes[s][2], wkind, isas, nisa);
         }
-    static const int64_t att_shapes[][5] = {  /* b, t, h, hkv, hd */
+    static const int64_t att_shapes[][5] = {
+        /* b, t, h, hkv, hd */
         {1, 1, 1, 1, 16}, {2, 7, 4, 2, 48}, {1, 13, 6, 3, 64}, {2, 40, 3, 1, 5}, {1, 70, 2, 2, 33},
     };
     for (int s = 0; s < (int)(sizeof att_shapes / sizeof att_shapes[0]); s++)
-        check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3],
-                        att_shapes[s][4], isas, nisa);
+        check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3], att_shapes[s][4], isas,
+                        nisa);
     if (failures) {
         printf("%d FAILURES\n", failures);
         return 1;
