@@ -122,7 +122,9 @@ class LocalEngine:
 
     @staticmethod
     def _stop(pool, kill: bool):
-        procs = list(getattr(pool, "_processes", {}).values()) if kill else []
+        if pool is None:
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values()) if kill else []
         pool.shutdown(wait=not kill, cancel_futures=True)
         for p in procs:  # an interrupted job: do not wait for units nobody will collect
             if p.is_alive():
@@ -165,6 +167,7 @@ class LocalEngine:
                     broken += list(inflight.values())  # the whole pool is gone: every unit in flight
                     inflight.clear()
                     self._stop(pool, kill=True)
+                    pool = None
                     for u in broken:
                         attempts[u.uid] += 1
                         if attempts[u.uid] > self.max_retries:
