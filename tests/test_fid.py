@@ -152,9 +152,14 @@ def test_fid_command_with_a_random_network(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def real_digits():
     pytest.importorskip("sklearn", reason="the real digits come from scikit-learn (test extra)")
-    from examples.train_digits_features import real_digits_uint8
+    import importlib.util
+    from pathlib import Path
 
-    return real_digits_uint8()[0]
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_digits_features.py"
+    spec = importlib.util.spec_from_file_location("train_digits_features", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.real_digits_uint8()[0]
 
 
 def test_digits_fid_real_vs_real_and_bundled_model(tmp_path, real_digits, capsys):
