@@ -22,7 +22,6 @@ from terdit_edge.scale import JobError, JobSpec, LocalEngine, merge, run_job, sa
 from terdit_edge.scale.job import shard_name, to_rgb_uint8, write_shard, open_job_dir, record_shard
 from terdit_edge.scale.npzio import NpzArrayReader
 
-REPO = Path(__file__).resolve().parents[1]
 # a few dozen samples, a few steps; shards of 4 with batches of 3 (a unit never spans two shards)
 JOB = dict(n=24, steps=40, sampler="ddim", cfg_scale=4.0, shard_size=4, batch_size=3)
 
@@ -167,8 +166,11 @@ def _cli_args(out):
 
 def test_whole_job_killed_then_resumed_gives_the_same_bytes(tmp_path, reference):
     out = tmp_path / "job"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.cli", *_cli_args(out)], env=env,
+    # the child imports the terdit_edge this test imported (an installed copy in CI, the checkout here)
+    import terdit_edge
+    pkg_parent = str(Path(terdit_edge.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.cli", *_cli_args(out)], env=env, cwd=tmp_path,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120

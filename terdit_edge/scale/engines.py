@@ -86,6 +86,9 @@ _WORKER = None
 
 def _local_init(cfg):
     global _WORKER
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the pool
     _WORKER = SampleWorker(cfg)
 
 
