@@ -290,6 +290,10 @@ def open_job_dir(out_dir: str, spec: JobSpec, extra: dict | None = None) -> dict
     os.makedirs(out_dir, exist_ok=True)
     job = spec.identity()
     with _locked(out_dir):
+        for name in os.listdir(out_dir):  # manifest writes happen under this lock: leftovers are stale
+            if name.startswith(MANIFEST + ".") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out_dir, name))
         m = read_manifest(out_dir)
         if m is None:
             m = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "job": job,
