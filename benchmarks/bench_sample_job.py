@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -73,10 +74,12 @@ def main():
 
     reference = None
     times = {c: [] for c in configs}
+    cpu = {c: [] for c in configs}
     tmp = tempfile.mkdtemp(prefix="bench-sample-job-")
     try:
         for rnd in range(args.repeat):
             for c in configs:
+                ru0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
                 t = time.perf_counter()
                 if c == "plain":
                     pipe = Pipeline.load(threads=ncores)
@@ -102,6 +105,10 @@ def main():
                 elif not np.array_equal(images, reference):
                     raise SystemExit(f"{c}: the images differ from the first row's; determinism is broken")
                 times[c].append(elapsed)
+                ru1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+                # CPU seconds of this process and of its exited children (local pool workers; Ray
+                # workers belong to the raylet and are not counted)
+                cpu[c].append(sum(b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime for a, b in zip(ru0, ru1)))
                 print(f"round {rnd + 1} {c}: {elapsed:.2f} s ({args.n / elapsed:.1f} samples/s)", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,7 +119,8 @@ def main():
         med = statistics.median(times[c])
         rows.append({"config": c, "median_s": med, "min_s": min(times[c]), "max_s": max(times[c]),
                      "samples_per_s": args.n / med,
-                     "overhead_vs_plain": (med / base - 1) if base and c != "plain" else None})
+                     "overhead_vs_plain": (med / base - 1) if base and c != "plain" else None,
+                     "cpu_s_median": statistics.median(cpu[c]) if not c.startswith("ray") else None})
     ray_vs_local = None
     if "ray2" in times and "local2" in times:
         ray_vs_local = statistics.median(times["ray2"]) / statistics.median(times["local2"]) - 1
@@ -125,11 +133,13 @@ def main():
         return
     print(f"{args.n} samples of the bundled digits model, {args.sampler} {steps} steps, batch {args.batch_size}, "
           f"shards of {args.shard_size}; {ncores} cores; median of {args.repeat} (range)")
-    print("| config | seconds | samples/s | overhead vs plain |")
-    print("|---|---|---|---|")
+    print("| config | seconds | samples/s | overhead vs plain (wall) | CPU seconds (driver + local workers) |")
+    print("|---|---|---|---|---|")
     for r in rows:
         ov = "" if r["overhead_vs_plain"] is None else f"{100 * r['overhead_vs_plain']:+.1f}%"
-        print(f"| {r['config']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['samples_per_s']:.1f} | {ov} |")
+        cs = "n/a (Ray workers)" if r["cpu_s_median"] is None else f"{r['cpu_s_median']:.1f}"
+        print(f"| {r['config']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['samples_per_s']:.1f} "
+              f"| {ov} | {cs} |")
     if ray_vs_local is not None:
         print(f"ray (2 actors) vs local (2 workers): {100 * ray_vs_local:+.1f}%")
     if ray_note:

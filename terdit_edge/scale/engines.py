@@ -249,10 +249,13 @@ class RayEngine:
 
         started = False
         if not ray.is_initialized():
-            kw = {"include_dashboard": False, "log_to_driver": False}
-            if self.address is None and self.workers:
-                kw["num_cpus"] = int(self.workers) * self.threads
-            ray.init(address=self.address, **kw)
+            if self.address is None:  # a local instance for this job
+                kw = {"include_dashboard": False, "log_to_driver": False}
+                if self.workers:
+                    kw["num_cpus"] = int(self.workers) * self.threads
+                ray.init(**kw)
+            else:
+                ray.init(address=self.address)
             started = True
         try:
             cpus = ray.cluster_resources().get("CPU", 1)
