@@ -291,3 +291,32 @@ def test_cli_sample_merge_and_png(tmp_path, reference):
     assert im.text["seed"] == str(reference[2][3]) and im.text["class"] == str(reference[1][3])
     np.testing.assert_array_equal(np.asarray(im), reference[0][3][:, :, 0])
     assert main(["merge", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.npz")]) == 1
+
+
+def test_model_bytes_shipped_to_a_node_without_the_file(tmp_path, monkeypatch):
+    """What a Ray actor does on a node where the driver's model path does not exist."""
+    import tempfile
+
+    from terdit_edge.scale.engines import _model_file_for
+    from terdit_edge.scale.job import file_sha256
+    from terdit_edge.pipeline import default_model_path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    data = Path(default_model_path()).read_bytes()
+    cfg = {"model_path": str(tmp_path / "elsewhere" / "digits.tdit"), "model_sha256": hashlib.sha256(data).hexdigest()}
+    path = _model_file_for(cfg, data)
+    assert Path(path).parent == tmp_path / "terdit-edge-models" and file_sha256(path) == cfg["model_sha256"]
+    assert _model_file_for(cfg, None) == cfg["model_path"]  # nothing shipped: the path as given
+    with pytest.raises(JobError, match="do not match the job's model hash"):
+        _model_file_for(cfg, data[:-1])
+
+
+def test_ray_engine_without_ray_says_how_to_install(tmp_path, capsys):
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed here; tests/test_scale_ray.py covers the engine")
+    except ImportError:
+        pass
+    args = _cli_args(tmp_path / "job") + ["--engine", "ray"]
+    assert main(args) == 1
+    assert "pip install 'terdit-edge[ray]'" in capsys.readouterr().err
