@@ -3,6 +3,7 @@
     pip install ".[examples,fid]"
     python examples/train_digits_features.py            # writes terdit_edge/data/digits_features.onnx
                                                         #    and terdit_edge/data/digits_reference_stats.npz
+    python examples/train_digits_features.py --real-npz real_digits.npz   # the real digits, ADM format
 
 Data: scikit-learn's 1,797 UCI digits (8x8, values 0..16), upscaled to 16x16 bilinearly (half-pixel
 centres, as the bundled digits model was trained), stored the way sampling jobs store images
@@ -100,7 +101,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "terdit_edge", "data"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real-npz", default=None, metavar="NPZ",
+                    help="only write the 1,797 real digits as an ADM-format .npz (arr_0 uint8 (N, 16, 16, 3), labels)")
     args = ap.parse_args()
+    if args.real_npz:
+        images, labels = real_digits_uint8()
+        np.savez(args.real_npz, arr_0=images, labels=labels)
+        print(f"wrote {args.real_npz}: arr_0 {images.dtype} {images.shape}")
+        return
 
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
