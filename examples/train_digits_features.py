@@ -145,7 +145,8 @@ def main():
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(len(feats))
     a, b = feats[perm[: len(perm) // 2]], feats[perm[len(perm) // 2:]]
-    print(f"digits FID, real half vs real half ({len(a)} vs {len(b)}): {frechet_distance(*statistics(a), *statistics(b)):.3f}")
+    floor = frechet_distance(*statistics(a), *statistics(b))
+    print(f"digits FID, real half vs real half ({len(a)} vs {len(b)}): {floor:.3f}")
     print(f"wrote {net_path} ({len(onnx_bytes)} bytes, sha256 {net.sha256[:16]}...) and digits_reference_stats.npz")
 
 

@@ -11,8 +11,16 @@ pytest.importorskip("scipy", reason="FID needs scipy (pip install '.[fid]')")
 ort = pytest.importorskip("onnxruntime", reason="FID needs onnxruntime (pip install '.[fid]')")
 
 from terdit_edge.cli import main  # noqa: E402
-from terdit_edge.fid import (FIDError, OnnxFeatures, RunningStats, compute_fid, frechet_distance,  # noqa: E402
-                             precision_recall, save_stats, statistics)
+from terdit_edge.fid import (  # noqa: E402
+    FIDError,
+    OnnxFeatures,
+    RunningStats,
+    compute_fid,
+    frechet_distance,
+    precision_recall,
+    save_stats,
+    statistics,
+)
 from terdit_edge.scale.npzio import NpzWriter  # noqa: E402
 
 
@@ -77,7 +85,7 @@ def test_precision_recall():
 
 def random_onnx(path, hw=8, dim=6, uint8=True, seed=0):
     """images -> Cast -> (Transpose to NHWC) -> Reshape (N, hw*hw*3) -> MatMul W -> features."""
-    onnx = pytest.importorskip("onnx", reason="building test ONNX files needs the onnx package (test extra)")
+    pytest.importorskip("onnx", reason="building test ONNX files needs the onnx package (test extra)")
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(seed).standard_normal((hw * hw * 3, dim)).astype(np.float32)

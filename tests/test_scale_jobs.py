@@ -19,7 +19,7 @@ import pytest
 from terdit_edge import Pipeline
 from terdit_edge.cli import main
 from terdit_edge.scale import JobError, JobSpec, LocalEngine, merge, run_job, sample_labels, sample_seed
-from terdit_edge.scale.job import shard_name, to_rgb_uint8, write_shard, open_job_dir, record_shard
+from terdit_edge.scale.job import open_job_dir, record_shard, shard_name, to_rgb_uint8, write_shard
 from terdit_edge.scale.npzio import NpzArrayReader
 
 # a few dozen samples, a few steps; shards of 4 with batches of 3 (a unit never spans two shards)
@@ -47,8 +47,7 @@ def read_adm_style(path, key="arr_0", batch=7) -> np.ndarray:
             return np.concatenate(parts)
 
 
-@pytest.fixture(scope="module")
-def reference():
+def plain_pipeline_samples():
     """The job's samples made by plain Pipeline calls: (images uint8 (N,H,W,3), labels, seeds)."""
     spec = make_spec()
     idx = range(spec.n)
@@ -57,6 +56,11 @@ def reference():
     images = pipe([int(v) for v in labels], steps=JOB["steps"], sampler=JOB["sampler"], cfg_scale=JOB["cfg_scale"],
                   seeds=[int(s) for s in seeds], output="np", progress=False, batch_size=8)
     return to_rgb_uint8(images), labels, seeds
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return plain_pipeline_samples()
 
 
 def merged(dirs, tmp_path, name="merged.npz") -> tuple[bytes, np.ndarray]:
@@ -297,9 +301,9 @@ def test_model_bytes_shipped_to_a_node_without_the_file(tmp_path, monkeypatch):
     """What a Ray actor does on a node where the driver's model path does not exist."""
     import tempfile
 
+    from terdit_edge.pipeline import default_model_path
     from terdit_edge.scale.engines import _model_file_for
     from terdit_edge.scale.job import file_sha256
-    from terdit_edge.pipeline import default_model_path
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     data = Path(default_model_path()).read_bytes()

@@ -14,9 +14,14 @@ import pytest
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]'); CI runs these")
 
 from terdit_edge.scale import RayEngine, run_job  # noqa: E402
-from tests.test_scale_jobs import make_spec, merged, reference  # noqa: E402,F401  (reference: a fixture)
+from tests.test_scale_jobs import make_spec, merged, plain_pipeline_samples  # noqa: E402
 
 pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return plain_pipeline_samples()
 
 
 @pytest.fixture(scope="module", autouse=True)

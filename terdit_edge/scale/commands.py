@@ -1,12 +1,14 @@
 """The `sample`, `merge` and `fid` subcommands: their arguments and handlers (cli.py only wires them)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def add_parsers(sub, positive_int, non_negative_int, non_negative_float, steps_type, activation_modes):
     """Add the three subparsers to ``sub`` (argparse subparsers of the terdit-edge command)."""
+    from ..diffusion import SAMPLER_REGISTRY
+
+    default_steps = ", ".join(f"{n} {c.default_steps}" for n, c in SAMPLER_REGISTRY.items())
     s = sub.add_parser("sample", help="a resumable N-sample job in shards (local processes, Ray, or --shard K/N)",
                        description="Sample N images into fixed shards in DIR (resumable; the bytes do not depend on "
                                    "the engine or the number of workers). See docs/scale-out.md.")
@@ -17,8 +19,8 @@ def add_parsers(sub, positive_int, non_negative_int, non_negative_float, steps_t
     s.add_argument("--labels", default="uniform", metavar="uniform|balanced|FILE.npy",
                    help="class of sample i: uniform (hashed from the global seed and i), balanced (i mod classes), "
                         "or entry i of a 1-D integer .npy file (default uniform)")
-    s.add_argument("--steps", type=steps_type, default=None, help="sampling steps (default 250; 50 for ddim/dpm++2m)")
-    s.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm")
+    s.add_argument("--steps", type=steps_type, default=None, help=f"sampling steps (default: {default_steps})")
+    s.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
     s.add_argument("--cfg", type=non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
     s.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--activations", choices=activation_modes, default="fp32")
@@ -70,7 +72,9 @@ def cmd_sample(args) -> int:
     from .job import JobSpec, parse_shard_selector, run_job
 
     shard = parse_shard_selector(args.shard)
-    steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
+    from ..diffusion import SAMPLER_REGISTRY
+
+    steps = args.steps if args.steps is not None else SAMPLER_REGISTRY[args.sampler].default_steps
     spec = JobSpec(model_path=args.model, n=args.n, global_seed=args.global_seed, labels=args.labels, steps=steps,
                    sampler=args.sampler, cfg_scale=args.cfg, eta=args.eta, activations=args.activations,
                    shard_size=args.shard_size, batch_size=args.batch_size, backend=args.backend,

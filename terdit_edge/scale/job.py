@@ -157,13 +157,16 @@ class JobSpec:
         if self.model_path is None:
             self.model_path = default_model_path()
         self.model_path = os.path.abspath(os.fspath(self.model_path))
-        if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
+        def is_int(v, minimum):
+            return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= minimum
+
+        if not is_int(self.n, 1):
             raise InputError(f"-n must be a positive number of samples, got {self.n!r}")
-        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, (int, np.integer)) or self.shard_size < 1:
+        if not is_int(self.shard_size, 1):
             raise InputError(f"shard size must be a positive integer, got {self.shard_size!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+        if not is_int(self.batch_size, 1):
             raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
-        if isinstance(self.global_seed, bool) or not isinstance(self.global_seed, (int, np.integer)) or self.global_seed < 0:
+        if not is_int(self.global_seed, 0):
             raise InputError(f"global seed must be a non-negative integer, got {self.global_seed!r}")
         if self.sampler not in SAMPLERS:
             raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
