@@ -324,3 +324,18 @@ def test_ray_engine_without_ray_says_how_to_install(tmp_path, capsys):
     args = _cli_args(tmp_path / "job") + ["--engine", "ray"]
     assert main(args) == 1
     assert "pip install 'terdit-edge[ray]'" in capsys.readouterr().err
+
+
+def test_guidance_interval_is_part_of_the_job(tmp_path):
+    spec = make_spec(n=4, shard_size=4, guidance_interval=(0, 500))
+    assert spec.identity()["guidance_interval"] == [0, 500] and "guidance_interval" not in make_spec().identity()
+    run_job(spec, tmp_path / "job", LocalEngine(workers=1, threads=1), progress=False, quiet=True)
+    idx = range(4)
+    pipe = Pipeline.load(threads=1)
+    want = to_rgb_uint8(pipe([int(v) for v in spec.labels_of(idx)], steps=JOB["steps"], sampler=JOB["sampler"],
+                             seeds=[int(s) for s in spec.seeds_of(idx)], output="np", progress=False,
+                             guidance_interval=(0, 500)))
+    np.testing.assert_array_equal(np.load(tmp_path / "job" / shard_name(0))["arr_0"], want)
+    with pytest.raises(JobError, match="guidance_interval"):
+        run_job(make_spec(n=4, shard_size=4), tmp_path / "job", LocalEngine(workers=1, threads=1), progress=False,
+                quiet=True)

@@ -23,6 +23,9 @@ def add_parsers(sub, positive_int, non_negative_int, non_negative_float, steps_t
     s.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
     s.add_argument("--cfg", type=non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
     s.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default 0)")
+    from ..cli import _guidance_interval
+    s.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
+                   help="guidance only at timesteps in [LO, HI] (as in generate; default: every step)")
     s.add_argument("--activations", choices=activation_modes, default="fp32")
     s.add_argument("--backend", choices=("auto", "cython", "numba", "numpy"), default="auto")
     s.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard file (default 1000)")
@@ -78,7 +81,7 @@ def cmd_sample(args) -> int:
     spec = JobSpec(model_path=args.model, n=args.n, global_seed=args.global_seed, labels=args.labels, steps=steps,
                    sampler=args.sampler, cfg_scale=args.cfg, eta=args.eta, activations=args.activations,
                    shard_size=args.shard_size, batch_size=args.batch_size, backend=args.backend,
-                   verify=not args.no_verify).prepare()
+                   verify=not args.no_verify, guidance_interval=args.guidance_interval).prepare()
     if args.engine == "local":
         if args.address:
             print("terdit-edge sample: --address is ignored by the local engine", file=sys.stderr)

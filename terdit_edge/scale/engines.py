@@ -47,8 +47,13 @@ class SampleWorker:
         c = self.cfg
         images = self.pipe(list(labels), steps=c["steps"], sampler=c["sampler"], cfg_scale=c["cfg_scale"],
                            eta=c["eta"], seeds=list(seeds), output="np", progress=False,
-                           batch_size=c["batch_size"])
+                           batch_size=c["batch_size"], **_interval_kw(c))
         return to_rgb_uint8(images), os.getpid()
+
+
+def _interval_kw(cfg: dict) -> dict:
+    gi = cfg.get("guidance_interval")
+    return {} if gi is None else {"guidance_interval": tuple(gi)}
 
 
 def _model_file_for(cfg: dict, model_bytes) -> str:

@@ -138,6 +138,7 @@ class JobSpec:
     eta: float = 0.0
     activations: str = "fp32"
     shard_size: int = 1000
+    guidance_interval: tuple | None = None   # (lo, hi) timesteps with guidance; None = every step
     # not part of the identity: they do not change a byte
     batch_size: int = 8
     backend: str = "auto"
@@ -195,7 +196,9 @@ class JobSpec:
         return {"model_sha256": self.model_sha256, "n": int(self.n), "global_seed": int(self.global_seed),
                 "labels": labels, "steps": self.steps if isinstance(self.steps, str) else int(self.steps),
                 "sampler": self.sampler, "cfg_scale": float(self.cfg_scale), "eta": float(self.eta),
-                "activations": self.activations, "shard_size": int(self.shard_size), "derivation": DERIVATION}
+                "activations": self.activations, "shard_size": int(self.shard_size), "derivation": DERIVATION,
+                **({} if self.guidance_interval is None
+                   else {"guidance_interval": [int(v) for v in self.guidance_interval]})}
 
     @property
     def n_shards(self) -> int:
@@ -215,7 +218,8 @@ class JobSpec:
         return {"model_path": self.model_path, "model_sha256": self.model_sha256, "backend": self.backend,
                 "activations": self.activations, "threads": threads, "steps": self.steps, "sampler": self.sampler,
                 "cfg_scale": float(self.cfg_scale), "eta": float(self.eta), "batch_size": int(self.batch_size),
-                "verify": bool(self.verify)}
+                "verify": bool(self.verify),
+                "guidance_interval": None if self.guidance_interval is None else tuple(self.guidance_interval)}
 
 
 def shard_name(k: int) -> str:
@@ -567,7 +571,11 @@ def _write_pngs(out_dir: str, spec: JobSpec, k: int, only_missing: bool):
         for key, value in (("model", os.path.basename(spec.model_path)), ("class", int(labels[j])),
                            ("seed", int(seeds[j])), ("index", idx[j]), ("steps", spec.steps),
                            ("sampler", spec.sampler), ("cfg", spec.cfg_scale), ("eta", spec.eta),
-                           ("activations", spec.activations), ("version", f"terdit-edge {__version__}")):
+                           ("activations", spec.activations), ("version", f"terdit-edge {__version__}"),
+                           ("guidance_interval", "" if spec.guidance_interval is None
+                            else "{},{}".format(*spec.guidance_interval))):
+            if value == "":
+                continue
             info.add_text(key, str(value))
         tmp = name + ".tmp"
         im.save(tmp, format="PNG", pnginfo=info)
