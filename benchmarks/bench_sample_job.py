@@ -65,7 +65,7 @@ def main():
         try:
             import ray
             t = time.perf_counter()
-            ray.init(num_cpus=ncores, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=ncores, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
             ray_note = f"ray.init(num_cpus={ncores}) {time.perf_counter() - t:.1f} s (not in the ray rows)"
         except ImportError:
             configs = [c for c in configs if not c.startswith("ray")]

@@ -255,7 +255,8 @@ class RayEngine:
         started = False
         if not ray.is_initialized():
             if self.address is None:  # a local instance for this job
-                kw = {"include_dashboard": False, "log_to_driver": False}
+                # one machine: Ray's own traffic stays on the loopback interface
+                kw = {"include_dashboard": False, "log_to_driver": False, "_node_ip_address": "127.0.0.1"}
                 if self.workers:
                     kw["num_cpus"] = int(self.workers) * self.threads
                 ray.init(**kw)
