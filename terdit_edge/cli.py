@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--json", action="store_true")
+
+    from .scale.commands import add_parsers as _add_scale_parsers  # sample, merge, fid (issue 13)
+    _add_scale_parsers(sub, _positive_int, _non_negative_int, _non_negative_float, _steps, ACTIVATION_MODES)
     return p
 
 
@@ -332,6 +335,12 @@ def _cmd_serve(args) -> int:
     return serve_command(args)
 
 
+def _scale_handlers() -> dict:
+    from .scale.commands import HANDLERS
+
+    return HANDLERS
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -339,7 +348,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
-               "info": _cmd_info, "pull": _cmd_pull, "serve": _cmd_serve}[args.command]
+               "info": _cmd_info, "pull": _cmd_pull, "serve": _cmd_serve, **_scale_handlers()}[args.command]
     try:
         return handler(args)
     except TerditError as e:

@@ -1,0 +1,112 @@
+"""The `sample`, `merge` and `fid` subcommands: their arguments and handlers (cli.py only wires them)."""
+from __future__ import annotations
+
+import sys
+
+
+def add_parsers(sub, positive_int, non_negative_int, non_negative_float, steps_type, activation_modes):
+    """Add the three subparsers to ``sub`` (argparse subparsers of the terdit-edge command)."""
+    from ..diffusion import SAMPLER_REGISTRY
+
+    default_steps = ", ".join(f"{n} {c.default_steps}" for n, c in SAMPLER_REGISTRY.items())
+    s = sub.add_parser("sample", help="a resumable N-sample job in shards (local processes, Ray, or --shard K/N)",
+                       description="Sample N images into fixed shards in DIR (resumable; the bytes do not depend on "
+                                   "the engine or the number of workers). See docs/scale-out.md.")
+    s.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
+    s.add_argument("-n", type=positive_int, required=True, help="number of samples")
+    s.add_argument("--out", required=True, metavar="DIR", help="job directory (shards + manifest.json)")
+    s.add_argument("--global-seed", type=non_negative_int, default=0, help="seed of the job (default 0)")
+    s.add_argument("--labels", default="uniform", metavar="uniform|balanced|FILE.npy",
+                   help="class of sample i: uniform (hashed from the global seed and i), balanced (i mod classes), "
+                        "or entry i of a 1-D integer .npy file (default uniform)")
+    s.add_argument("--steps", type=steps_type, default=None, help=f"sampling steps (default: {default_steps})")
+    s.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
+    s.add_argument("--cfg", type=non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
+    s.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default 0)")
+    from ..cli import _guidance_interval
+    s.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
+                   help="guidance only at timesteps in [LO, HI] (as in generate; default: every step)")
+    s.add_argument("--activations", choices=activation_modes, default="fp32")
+    s.add_argument("--backend", choices=("auto", "cython", "numba", "numpy"), default="auto")
+    s.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard file (default 1000)")
+    s.add_argument("--batch-size", type=positive_int, default=8,
+                   help="images sampled together by a worker (default 8; does not change the images)")
+    s.add_argument("--engine", choices=("local", "ray"), default="local")
+    s.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes (local, default 1) or Ray actors (default: cluster CPUs / threads)")
+    s.add_argument("--threads", type=positive_int, default=None,
+                   help="threads per worker (local default: cores / workers; ray default 1 = num_cpus per actor)")
+    s.add_argument("--address", default=None, help="Ray cluster to join (ray://HOST:PORT, HOST:PORT or auto); "
+                                                   "default: start a local Ray instance")
+    s.add_argument("--shard", default=None, metavar="K/N",
+                   help="do only the shards k with k %% N == K (Slurm arrays, Kubernetes indexed jobs)")
+    s.add_argument("--retries", type=non_negative_int, default=3,
+                   help="re-runs of a unit whose worker died (default 3)")
+    s.add_argument("--png", action="store_true", help="also write DIR/png/INDEX.png with metadata")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--no-verify", action="store_true", help="skip the model file checksums when loading")
+
+    m = sub.add_parser("merge", help="merge a job's shards into one ADM-evaluator .npz (streaming)")
+    m.add_argument("dirs", nargs="+", metavar="DIR", help="job directory (or several with --shard parts of one job)")
+    m.add_argument("-o", "--out", required=True, help="output .npz (arr_0 uint8 N,H,W,3; labels, indices, seeds)")
+    m.add_argument("--no-verify", action="store_true", help="skip the shard SHA-256 checks")
+    m.add_argument("--no-progress", action="store_true")
+
+    f = sub.add_parser("fid", help="FID of samples against a reference (images .npz or mu/sigma stats)",
+                       description="Fréchet distance of feature statistics. Features: --features FILE.onnx (e.g. "
+                                   "the FID Inception network, see docs/scale-out.md), or the bundled digits feature "
+                                   "network for 16x16 digit images (a 'digits FID', not an ImageNet FID).")
+    f.add_argument("samples", help=".npz with arr_0 uint8 (N, H, W, 3), or statistics (mu, sigma)")
+    f.add_argument("reference", help=".npz with arr_0 images or mu/sigma statistics; 'digits' = the bundled "
+                                     "statistics of the real scikit-learn digits")
+    f.add_argument("--features", default=None, metavar="FILE.onnx",
+                   help="feature network (default: the bundled digits network, for 16x16 images only)")
+    f.add_argument("--batch-size", type=positive_int, default=250)
+    f.add_argument("--save-stats", default=None, metavar="NPZ", help="also save the samples' mu/sigma")
+    f.add_argument("--pr", action="store_true", help="also precision/recall (k=3; needs image .npz on both sides)")
+    f.add_argument("--pr-samples", type=positive_int, default=10000, help="images per side used for P/R")
+    f.add_argument("--threads", type=positive_int, default=None)
+    f.add_argument("--json", action="store_true")
+    f.add_argument("--no-progress", action="store_true")
+
+
+def cmd_sample(args) -> int:
+    from .engines import LocalEngine, RayEngine
+    from .job import JobSpec, parse_shard_selector, run_job
+
+    shard = parse_shard_selector(args.shard)
+    from ..diffusion import SAMPLER_REGISTRY
+
+    steps = args.steps if args.steps is not None else SAMPLER_REGISTRY[args.sampler].default_steps
+    spec = JobSpec(model_path=args.model, n=args.n, global_seed=args.global_seed, labels=args.labels, steps=steps,
+                   sampler=args.sampler, cfg_scale=args.cfg, eta=args.eta, activations=args.activations,
+                   shard_size=args.shard_size, batch_size=args.batch_size, backend=args.backend,
+                   verify=not args.no_verify, guidance_interval=args.guidance_interval).prepare()
+    if args.engine == "local":
+        if args.address:
+            print("terdit-edge sample: --address is ignored by the local engine", file=sys.stderr)
+        engine = LocalEngine(workers=args.workers or 1, threads=args.threads, retries=args.retries)
+    else:
+        engine = RayEngine(workers=args.workers, threads=args.threads, address=args.address, retries=args.retries)
+    sel = f"; shards k %% {shard[1]} == {shard[0]}" if shard[1] > 1 else ""
+    print(f"terdit-edge sample: {spec.n} samples of {spec.model_path} ({spec.sampler} {spec.steps} steps, cfg "
+          f"{spec.cfg_scale}, labels {args.labels}, global seed {spec.global_seed}) in {spec.n_shards} shard(s) "
+          f"of {spec.shard_size}{sel}; {engine.describe()}".replace("%%", "%"), file=sys.stderr)
+    run_job(spec, args.out, engine, shard=shard, progress=not args.no_progress, png=args.png)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    merge(args.dirs, args.out, verify=not args.no_verify, progress=not args.no_progress)
+    return 0
+
+
+def cmd_fid(args) -> int:
+    from ..fid import main_fid
+
+    return main_fid(args)
+
+
+HANDLERS = {"sample": cmd_sample, "merge": cmd_merge, "fid": cmd_fid}
