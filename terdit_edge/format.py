@@ -34,12 +34,15 @@ VAE_PREFIX = "vae."
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8}
 # Offsets (in the file) at which a tensor is used in place: float tensors at a multiple of their
-# itemsize, packed ternary bytes at a multiple of 4 (the kernels read them as 32-bit words). Files
-# from write_tdit always meet this (see docs/format.md, "Alignment"); a tensor of another file that
-# does not is copied once into a 64-byte aligned buffer, so the numbers a model computes never
-# depend on where its tensors happen to sit in the file (NumPy and BLAS take other code paths, with
-# another summation order, for misaligned operands).
-_IN_PLACE_ALIGNMENT = {"F32": 4, "F16": 2, "U8": 4}
+# itemsize; packed ternary bytes anywhere (every kernel reads them as bytes or with unaligned loads;
+# the one that wants 32-bit words aligns its own copy, see NumbaBackend). Files from write_tdit always
+# meet this (see docs/format.md, "Alignment"); a float tensor of another file that does not is
+# copied once into a 64-byte aligned buffer, so the numbers a model computes never depend on where
+# its tensors happen to sit in the file (NumPy and BLAS take other code paths, with another
+# summation order, for misaligned float operands). Packed bytes are never copied: in a model file
+# with an fp16 VAE they follow the VAE's fp16 tensors, whose total size (conv_out has 3 biases) leaves
+# them 2 bytes off a multiple of 4, and copying them would double the weights' memory.
+_IN_PLACE_ALIGNMENT = {"F32": 4, "F16": 2, "U8": 1}
 COPY_ALIGNMENT = 64
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 FLOAT_DTYPES = {"fp32": "F32", "fp16": "F16"}

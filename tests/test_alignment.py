@@ -64,6 +64,7 @@ def test_every_tensor_is_aligned_whatever_the_padding(padded_files):
             if not np.shares_memory(arr, mapped):
                 copies += 1
                 assert arr.ctypes.data % 64 == 0 and not arr.flags.writeable, (path.name, name)
+                assert arr.dtype != np.uint8, f"{path.name}: packed weights {name} were copied"
     assert copies > 0  # the odd paddings did move tensors off their alignment
 
 

@@ -503,10 +503,17 @@ def _quantize(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return xq, scale
 
 
-def _as_words(packed: np.ndarray) -> np.ndarray:
-    """The packed matrix (rows of a multiple of 32 bytes) viewed as uint32, copied if unaligned."""
+def _as_words(w: TernaryWeight, packed: np.ndarray) -> np.ndarray:
+    """The packed matrix (rows of a multiple of 32 bytes) viewed as uint32. Packed bytes may sit at
+    any offset of a mapped file; an unaligned matrix is copied once and the copy kept with the
+    weight, so only the layers that take this path (few tokens) ever get a copy."""
     words = packed.view(np.uint32)
-    return words if words.flags.aligned else packed.copy().view(np.uint32)
+    if words.flags.aligned:
+        return words
+    cached = getattr(w, "_aligned_words", None)
+    if cached is None:
+        cached = w._aligned_words = packed.copy().view(np.uint32)
+    return cached
 
 
 def _row_blocks(m: int, n: int, tile: int) -> int:
@@ -558,11 +565,11 @@ class NumbaBackend(NumpyBackend):
             if bits:
                 tab = np.empty(m * kb * _SMALL_STRIDE, np.int16)
                 _token_tables(xq, kb, tab, np.int16(0))
-                _small_int(tab, _as_words(packed), scale, alpha, bias, dst)
+                _small_int(tab, _as_words(w, packed), scale, alpha, bias, dst)
             else:
                 tab = np.empty(m * kb * _SMALL_STRIDE, np.float32)
                 _token_tables(x, kb, tab, np.float32(0))
-                _small_f32(tab, _as_words(packed), m, alpha, bias, dst)
+                _small_f32(tab, _as_words(w, packed), m, alpha, bias, dst)
         else:
             wt = np.empty((kb // _POS, w.n, _POS), np.uint8)
             _base3_by_k_tile(packed, _BASE3, wt)
