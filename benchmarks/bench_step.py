@@ -59,6 +59,13 @@ def _inputs(config):
     return x, 500, np.array([207])
 
 
+def _time_stats(times: list[float]) -> dict:
+    """seconds: the median of the timed repeats (what the ratios use); best and worst beside it."""
+    import statistics
+
+    return {"seconds": statistics.median(times), "best": min(times), "worst": max(times), "times": times}
+
+
 def worker_ours(args) -> dict:
     import numpy as np
 
@@ -75,7 +82,28 @@ def worker_ours(args) -> dict:
         out = guided_model_output(model, x, t, y, 4.0)
         times.append(time.perf_counter() - t0)
     np.save(args.save, out)
-    return {"seconds": min(times), "backend": model.backend.describe()}
+    return {**_time_stats(times), "backend": model.backend.describe()}
+
+
+def dequantize_in_place(torch, ref, model) -> None:
+    """Turn every TernaryLinear into a plain float32 nn.Linear holding alpha * Q, reusing the layer's
+    own weight tensor (scaled in place), so that the model holds one float32 copy of the weights, as
+    a user's PyTorch model would. (Collecting new layers while the old ones stay referenced would
+    hold two copies at the peak.)"""
+    sites = [(parent_name, name) for parent_name, parent in model.named_modules()
+             for name, child in parent.named_children() if isinstance(child, ref.TernaryLinear)]
+    for parent_name, name in sites:
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, name)
+        lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        with torch.no_grad():
+            weight = child.ternary().detach()
+            weight.mul_(child.alphas.detach())
+        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if child.bias is not None:
+            lin.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
+        setattr(parent, name, lin)
+        del child, weight
 
 
 def worker_torch(args) -> dict:
@@ -93,16 +121,7 @@ def worker_torch(args) -> dict:
                          n_heads=cfg["n_heads"], num_classes=cfg["num_classes"], qk_norm=cfg["qk_norm"])
     ref.load_released_state_dict(model, sd)
     del sd
-    # dequantize once: plain float32 nn.Linear layers holding alpha * Q
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, ref.TernaryLinear):
-                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                with torch.no_grad():
-                    lin.weight.copy_(child.alphas * child.ternary())
-                    if child.bias is not None:
-                        lin.bias.copy_(child.bias)
-                setattr(parent, name, lin)
+    dequantize_in_place(torch, ref, model)
     model.eval()
     x, t, y = _inputs(args.config)
     xx = torch.from_numpy(np.concatenate([x, x]))
@@ -116,7 +135,7 @@ def worker_torch(args) -> dict:
             out = model.forward_with_cfg(xx, tt, yy, 4.0)
             times.append(time.perf_counter() - t0)
     np.save(args.save, out[:1].numpy())
-    return {"seconds": min(times), "backend": f"torch {torch.__version__} float32"}
+    return {**_time_stats(times), "backend": f"torch {torch.__version__} float32"}
 
 
 def peak_rss_mb() -> float:
@@ -194,7 +213,10 @@ def main():
                 rows.append(r)
                 base = r.get("seconds")
             except ImportError:
-                print("torch is not installed: skipping the PyTorch baseline", file=sys.stderr)
+                print("SKIPPED baseline: torch is not installed (pip install '.[bench]'); "
+                      "no PyTorch row and no ratios", file=sys.stderr)
+        else:
+            print("SKIPPED baseline: PyTorch (--skip-torch); no ratios", file=sys.stderr)
         for be in args.backends.split(","):
             if status.get(be) != "ok":
                 rows.append({"name": f"{be}", "threads": th, "error": status.get(be, "unknown backend")})
@@ -230,13 +252,13 @@ def main():
         print(json.dumps(rows, indent=2))
         return
     print(f"guided denoising step, {args.config} config, batch 2 (one image + null label), "
-          f"best of {args.repeat}")
+          f"median of {args.repeat} timed runs after one warm-up (range in brackets)")
     print(f"{'implementation':28s} {'thr':>3s} {'seconds':>8s} {'vs torch':>8s} {'vs 1thr':>7s} {'peak RSS':>9s}  notes")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:28s} {r['threads']:3d}  unavailable: {r['error']}")
             continue
-        notes = []
+        notes = [f"[{r['best']:.3f}-{r['worst']:.3f}]"]
         if "rel_l2_vs_fp32" in r:
             notes.append(f"rel L2 vs fp32 {r['rel_l2_vs_fp32']:.2%}")
         if "max_abs_vs_torch_over_std" in r:
