@@ -42,5 +42,6 @@ def test_ci_runs_the_installed_package_not_the_source_tree():
     if os.environ.get("TERDIT_TEST_INSTALLED") != "1":
         pytest.skip("TERDIT_TEST_INSTALLED is not 1 (set by .ci/run, which installs with `pip install .`); "
                     "a development checkout may use an editable install")
-    where = Path(terdit_edge.__file__).resolve()
-    assert REPO not in where.parents, f"the tests imported terdit_edge from the source tree: {where}"
+    where = Path(terdit_edge.__file__).resolve().parent
+    assert where != (REPO / "terdit_edge").resolve(), f"the tests imported terdit_edge from the source tree: {where}"
+    assert "site-packages" in where.parts, where
