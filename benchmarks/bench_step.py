@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py [--json] [--threads 1,2] [--repeat 3] [--config 600m]
                                     [--backends cython,numba] [--modes fp32,int8,int10] [--skip-torch]
+                                    [--clock wall|cpu]
 
 A random checkpoint in the official release layout is written once (cached under
 $TERDIT_BENCH_CACHE, default ~/.cache/terdit-edge-bench) and converted with the real converter.
@@ -12,6 +13,11 @@ nn.Linear) in the independent reference implementation from tests/torch_referenc
 Each measurement runs in its own subprocess so that its peak RSS (VmHWM) is its own. Ratios
 are against PyTorch float32 measured in the same run; the integer rows (int8, int10) also report the
 relative L2 error of the guided model output against the fp32 mode of the same backend.
+
+Times are the median of the timed repeats (the range is printed beside it). `--clock cpu` times
+process CPU time instead of wall time: with `--threads 1` that is the figure a busy shared machine
+cannot inflate by descheduling the process (with more threads it sums the threads' CPU time,
+spin-waiting included, so use it with 1 thread).
 """
 from __future__ import annotations
 
@@ -59,6 +65,10 @@ def _inputs(config):
     return x, 500, np.array([207])
 
 
+def _clock(args):
+    return time.process_time if args.clock == "cpu" else time.perf_counter
+
+
 def _time_stats(times: list[float]) -> dict:
     """seconds: the median of the timed repeats (what the ratios use); best and worst beside it."""
     import statistics
@@ -78,9 +88,9 @@ def worker_ours(args) -> dict:
     out = guided_model_output(model, x, t, y, 4.0)  # warm-up: JIT, buffers, page cache
     times = []
     for _ in range(args.repeat):
-        t0 = time.perf_counter()
+        t0 = _clock(args)()
         out = guided_model_output(model, x, t, y, 4.0)
-        times.append(time.perf_counter() - t0)
+        times.append(_clock(args)() - t0)
     np.save(args.save, out)
     return {**_time_stats(times), "backend": model.backend.describe()}
 
@@ -131,9 +141,9 @@ def worker_torch(args) -> dict:
     with torch.inference_mode():
         out = model.forward_with_cfg(xx, tt, yy, 4.0)
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
+            t0 = _clock(args)()
             out = model.forward_with_cfg(xx, tt, yy, 4.0)
-            times.append(time.perf_counter() - t0)
+            times.append(_clock(args)() - t0)
     np.save(args.save, out[:1].numpy())
     return {**_time_stats(times), "backend": f"torch {torch.__version__} float32"}
 
@@ -168,6 +178,8 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--threads", default=None, help="comma list (default: 1 and all CPUs)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default) or process CPU time (see above)")
     ap.add_argument("--config", default="600m", choices=("600m", "3b", "small"))
     ap.add_argument("--backends", default="cython,numba")
     ap.add_argument("--modes", default="fp32,int8,int10", help="activation modes to run (comma list)")
@@ -208,7 +220,7 @@ def main():
                 import torch  # noqa: F401
                 save = os.path.join(tmp, f"torch-{th}.npy")
                 r = run_worker("torch", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
-                                         "--repeat", str(args.repeat), "--config", args.config, "--save", save])
+                                         "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config, "--save", save])
                 r.update(name="pytorch float32", threads=th)
                 rows.append(r)
                 base = r.get("seconds")
@@ -226,7 +238,7 @@ def main():
             for act in args.modes.split(","):
                 save = os.path.join(tmp, f"{be}-{act}-{th}.npy")
                 r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act, "--threads", str(th),
-                                        "--repeat", str(args.repeat), "--config", args.config, "--save", save])
+                                        "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config, "--save", save])
                 r.update(name=f"terdit-edge {be} {act}", threads=th)
                 if base and "seconds" in r:
                     r["speedup_vs_torch"] = base / r["seconds"]
@@ -252,7 +264,7 @@ def main():
         print(json.dumps(rows, indent=2))
         return
     print(f"guided denoising step, {args.config} config, batch 2 (one image + null label), "
-          f"median of {args.repeat} timed runs after one warm-up (range in brackets)")
+          f"median of {args.repeat} timed runs after one warm-up (range in brackets), {args.clock} clock")
     print(f"{'implementation':28s} {'thr':>3s} {'seconds':>8s} {'vs torch':>8s} {'vs 1thr':>7s} {'peak RSS':>9s}  notes")
     for r in rows:
         if "error" in r:
