@@ -105,7 +105,7 @@ def bench_layers(threads: int, size: int, repeat: int) -> list:
     """One 3x3 convolution at each decoder resolution for a size x size latent."""
     import torch
     from threadpoolctl import threadpool_limits
-    from terdit_edge.vae import _Workers
+    from terdit_edge.kernels.conv import _Workers
     torch.set_num_threads(threads)
     workers = _Workers(threads)
     rng = np.random.default_rng(1)
@@ -147,7 +147,7 @@ RSS_WRITER = r"""
 import sys
 import numpy as np
 sys.path.insert(0, {root!r})
-from terdit_edge.vae import VAEConfig, expected_vae_tensors
+from terdit_edge.vae_config import VAEConfig, expected_vae_tensors
 rng = np.random.default_rng(0)
 for name, shape in expected_vae_tensors(VAEConfig(**{arch!r})).items():
     w = rng.standard_normal(shape, dtype=np.float32) * (0.02 if len(shape) > 1 else 0.1)

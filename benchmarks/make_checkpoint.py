@@ -37,7 +37,8 @@ def make_release_checkpoint(out_dir: str, config: str = "600m", seed: int = 0, n
           "t_embedder.mlp.0.weight": randn(td, 256), "t_embedder.mlp.0.bias": randn(td),
           "t_embedder.mlp.2.weight": randn(td, td), "t_embedder.mlp.2.bias": randn(td),
           "y_embedder.embedding_table.weight": randn(num_classes + 1, td, std=1.0),
-          "final_layer.adaLN_modulation.1.weight": randn(2 * d, td), "final_layer.adaLN_modulation.1.bias": randn(2 * d),
+          "final_layer.adaLN_modulation.1.weight": randn(2 * d, td),
+          "final_layer.adaLN_modulation.1.bias": randn(2 * d),
           "final_layer.linear.weight": randn(p * p * 2 * ch, d), "final_layer.linear.bias": randn(p * p * 2 * ch)}
     shapes = {"attention.wq": (d, d), "attention.wk": (d, d), "attention.wv": (d, d), "attention.wo": (d, d),
               "feed_forward.w1": (ffn, d), "feed_forward.w2": (d, ffn), "feed_forward.w3": (ffn, d),

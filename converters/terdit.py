@@ -12,24 +12,85 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from terdit_edge import __version__
 from terdit_edge.config import ModelConfig
 from terdit_edge.errors import ConvertError, TerditError
-from terdit_edge.format import (DIT_PREFIX, FLOAT_DTYPES, TERNARY_LAYERS, VAE_PREFIX, float_param_shapes,
-                                read_tdit, ternary_layer_shapes, write_tdit)
+from terdit_edge.format import (
+    DIT_PREFIX,
+    FLOAT_DTYPES,
+    float_param_shapes,
+    read_tdit,
+    ternary_layer_shapes,
+    write_tdit,
+)
 from terdit_edge.labels import LABEL_MAPS, make_label_map
 from terdit_edge.packing import PACKING_NAME, pack_ternary_2bit
 
 from .torch_io import _torch, load_torch_file
 
-# Preference order inside a checkpoint directory: EMA before raw, released ternary before float.
-WEIGHT_FILES = ("consolidated_ema_ternary.00-of-01.pth", "consolidated_ema.00-of-01.pth",
-                "consolidated_ternary.00-of-01.pth", "consolidated.00-of-01.pth")
 DEFAULT_N_HEADS = 32
 _IGNORED_BUFFERS = re.compile(r"(^|\.)freqs_cis$")
+# Key renames applied to every layout: wrapper prefixes of training code are dropped, and a bare
+# label-table parameter gets the nn.Embedding's ".weight" name (docs/model.md §2).
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+_RENAMED_KEYS = {"y_embedder.embedding_table": "y_embedder.embedding_table.weight"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One checkpoint layout of the ternary weights (docs/model.md §3): the converter's extension point.
+
+    ``weight_files``: this layout's file names in a checkpoint directory, EMA first.
+    ``detect(wq)``: whether a state dict is in this layout, from its first ``attention.wq.weight``.
+    ``rows_per_stored_row``: rows of Q per stored weight row (packed layouts hold several).
+    ``to_codes(w, n, k)``: the stored weight of an (n, k) layer -> Q as int8 (n, k) in {-1, 0, 1};
+    raises ConvertError (without the layer name, which the caller adds) on a malformed weight.
+    """
+
+    name: str
+    weight_files: tuple[str, ...]
+    detect: Callable
+    rows_per_stored_row: int
+    to_codes: Callable
+
+
+def _released_codes(w, n: int, k: int) -> np.ndarray:
+    if w.dtype != _torch().uint8 or tuple(w.shape) != (n // 4, k):
+        raise ConvertError(f"is {w.dtype}{tuple(w.shape)}, expected packed uint8 ({n // 4}, {k})")
+    return unpack_released_ternary(w.numpy())
+
+
+def _qat_codes(w, n: int, k: int) -> np.ndarray:
+    if not w.is_floating_point() or tuple(w.shape) != (n, k):
+        raise ConvertError(f"is {w.dtype}{tuple(w.shape)}, expected float ({n}, {k})")
+    if not bool(_torch().isfinite(w).all()):
+        raise ConvertError("holds NaN or infinite values")
+    return ternarize_absmean(w)
+
+
+# Detection runs in this order; the first match wins. A new layout is one entry here (plus its tests).
+LAYOUTS = (
+    Layout("released-packed", ("consolidated_ema_ternary.00-of-01.pth", "consolidated_ternary.00-of-01.pth"),
+           detect=lambda wq: wq.dtype == _torch().uint8, rows_per_stored_row=4, to_codes=_released_codes),
+    Layout("qat-float", ("consolidated_ema.00-of-01.pth", "consolidated.00-of-01.pth"),
+           detect=lambda wq: wq.is_floating_point(), rows_per_stored_row=1, to_codes=_qat_codes),
+)
+# Preference order inside a checkpoint directory: EMA before raw, then the layouts in table order.
+WEIGHT_FILES = tuple(f for i in range(2) for lay in LAYOUTS for f in lay.weight_files[i:i + 1])
+
+
+def layout_of(state: dict) -> Layout:
+    """The layout of a state dict, by its first wq weight; ConvertError when no layout matches."""
+    wq = state["layers.0.attention.wq.weight"]
+    for lay in LAYOUTS:
+        if lay.detect(wq):
+            return lay
+    raise ConvertError(f"layers.0.attention.wq.weight is {wq.dtype}: not a known ternary checkpoint layout "
+                       f"({', '.join(lay.name for lay in LAYOUTS)})")
 
 
 @dataclass
@@ -84,12 +145,10 @@ def read_checkpoint(src: str, weights: str | None = None) -> Checkpoint:
     for k, v in obj.items():
         if not isinstance(k, str) or not torch.is_tensor(v):
             raise ConvertError(f"{weights_path}: entry {k!r} is not a tensor; not a TerDiT state dict")
-        for prefix in ("module.", "_orig_mod."):
+        for prefix in _STRIP_PREFIXES:
             if k.startswith(prefix):
                 k = k[len(prefix):]
-        if k == "y_embedder.embedding_table":  # a bare parameter instead of the nn.Embedding's .weight
-            k += ".weight"
-        state[k] = v
+        state[_RENAMED_KEYS.get(k, k)] = v
     return Checkpoint(state, model_args, weights_path, os.path.getsize(weights_path))
 
 
@@ -101,8 +160,8 @@ def _shape(state, name) -> tuple[int, ...]:
 
 def infer_config(ck: Checkpoint, n_heads: int | None = None, image_size: int | None = None,
                  guided_channels: int | None = None) -> tuple[ModelConfig, str]:
-    """Config from tensor shapes and model_args. Returns (config, layout) with layout
-    "released-packed" or "qat-float"."""
+    """Config from tensor shapes and model_args. Returns (config, layout name) with the layout one of
+    :data:`LAYOUTS` ("released-packed" or "qat-float")."""
     s, args = ck.state, ck.model_args
     if "x_embedder.weight" not in s or "layers.0.attention.wq.weight" not in s:
         raise ConvertError("not a TerDiT checkpoint: expected DiT-LLaMA tensors such as 'x_embedder.weight' "
@@ -112,9 +171,8 @@ def infer_config(ck: Checkpoint, n_heads: int | None = None, image_size: int | N
     num_classes = _shape(s, "y_embedder.embedding_table.weight")[0] - 1
     out_feat = _shape(s, "final_layer.linear.weight")[0]
     n_layers = 1 + max(int(m.group(1)) for k in s if (m := re.match(r"layers\.(\d+)\.", k)))
-    wq = s["layers.0.attention.wq.weight"]
-    packed = wq.dtype == _torch().uint8
-    rows = 4 if packed else 1
+    layout = layout_of(s)
+    rows = layout.rows_per_stored_row
     kv_dim = _shape(s, "layers.0.attention.wk.weight")[0] * rows
     ffn_dim = _shape(s, "layers.0.feed_forward.w1.weight")[0] * rows
 
@@ -155,7 +213,7 @@ def infer_config(ck: Checkpoint, n_heads: int | None = None, image_size: int | N
                           guided_channels=guided_channels, latent=latent).validate()
     except TerditError as e:
         raise ConvertError(f"inferred config is invalid: {e}") from None
-    return cfg, ("released-packed" if packed else "qat-float")
+    return cfg, layout.name
 
 
 def unpack_released_ternary(packed: np.ndarray) -> np.ndarray:
@@ -168,7 +226,7 @@ def unpack_released_ternary(packed: np.ndarray) -> np.ndarray:
     fields = [(packed >> shift) & 3 for shift in (6, 4, 2, 0)]
     codes = np.concatenate(fields, axis=0)
     if (codes == 3).any():
-        raise ConvertError("released ternary weights hold the invalid 2-bit code 3")
+        raise ConvertError("holds the invalid 2-bit code 3 (a released packed weight never does)")
     return codes.astype(np.int8) - 1
 
 
@@ -213,23 +271,15 @@ def build_tensors(ck: Checkpoint, cfg: ModelConfig, layout: str, dtype: str, log
         tensors[DIT_PREFIX + name] = arr.astype(np_float)
         n_float += arr.size
     layers = ternary_layer_shapes(cfg)
+    lay = next((entry for entry in LAYOUTS if entry.name == layout), None)
+    if lay is None:
+        raise ConvertError(f"unknown checkpoint layout {layout!r}; known: {[entry.name for entry in LAYOUTS]}")
     t0 = time.time()
     for idx, (name, (n, k)) in enumerate(layers.items()):
-        w = s[name + ".weight"]
-        if layout == "released-packed":
-            if w.dtype != _torch().uint8 or tuple(w.shape) != (n // 4, k):
-                raise ConvertError(f"tensor {name}.weight is {w.dtype}{tuple(w.shape)}, expected packed "
-                                   f"uint8 ({n // 4}, {k})")
-            try:
-                q = unpack_released_ternary(w.numpy())
-            except ConvertError as e:
-                raise ConvertError(f"tensor {name}.weight: {e}") from None
-        else:
-            if not w.is_floating_point() or tuple(w.shape) != (n, k):
-                raise ConvertError(f"tensor {name}.weight is {w.dtype}{tuple(w.shape)}, expected float ({n}, {k})")
-            if not bool(_torch().isfinite(w).all()):
-                raise ConvertError(f"tensor {name}.weight holds NaN or infinite values")
-            q = ternarize_absmean(w)
+        try:
+            q = lay.to_codes(s[name + ".weight"], n, k)
+        except ConvertError as e:
+            raise ConvertError(f"tensor {name}.weight {e}") from None
         alphas = s[name + ".alphas"]
         if alphas.numel() != 1 or not alphas.is_floating_point():
             raise ConvertError(f"tensor {name}.alphas must hold one float, found {alphas.dtype}{tuple(alphas.shape)}")

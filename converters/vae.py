@@ -22,7 +22,7 @@ import re
 import numpy as np
 
 from terdit_edge.errors import ConvertError, FormatError
-from terdit_edge.vae import VAEConfig, expected_vae_tensors
+from terdit_edge.vae_config import VAEConfig, expected_vae_tensors
 
 __all__ = ["load_vae_checkpoint"]
 

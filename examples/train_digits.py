@@ -73,7 +73,7 @@ def to_digit_features(images: torch.Tensor) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: the TerDiT "DiT-LLaMA" layout (docs: terdit-model.md, section 1)
+# Model: the TerDiT "DiT-LLaMA" layout (docs/model.md §2)
 # ----------------------------------------------------------------------------------------------
 
 class TernaryLinear(nn.Linear):
@@ -666,7 +666,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     images, labels = load_digit_images()
     metrics = run_evaluation(load_checkpoint(args.out), images, labels, args)
-    name = f"eval_{metrics['method']}{metrics['steps']}_cfg{metrics['cfg']:g}{'' if metrics['clip_x0'] else '_noclip'}.json"
+    clip = "" if metrics["clip_x0"] else "_noclip"
+    name = f"eval_{metrics['method']}{metrics['steps']}_cfg{metrics['cfg']:g}{clip}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(metrics, f, indent=1)
 

@@ -835,16 +835,24 @@ TD_TARGET static inline __m256 exp_avx2(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+TD_TARGET static inline __m256 swiglu8(__m256 av, __m256 bv) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), av));
+    return _mm256_mul_ps(_mm256_div_ps(av, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), bv);
+}
+
+/* The last count % 8 elements go through the same vector code (copied into a padded vector), so
+ * that an element's result does not depend on its position in the array (batch invariance). */
 TD_TARGET void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count) {
-    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= count; i += 8) {
-        const __m256 av = _mm256_loadu_ps(a + i);
-        const __m256 e = exp_avx2(_mm256_sub_ps(zero, av));
-        const __m256 silu = _mm256_div_ps(av, _mm256_add_ps(one, e));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(b + i)));
+    for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(out + i, swiglu8(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    if (i < count) {
+        float ta[8] = {0}, tb[8] = {0}, to[8];
+        memcpy(ta, a + i, (size_t)(count - i) * sizeof(float));
+        memcpy(tb, b + i, (size_t)(count - i) * sizeof(float));
+        _mm256_storeu_ps(to, swiglu8(_mm256_loadu_ps(ta), _mm256_loadu_ps(tb)));
+        memcpy(out + i, to, (size_t)(count - i) * sizeof(float));
     }
-    for (; i < count; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
 }
 
 /* ------------------------------------------------------------------------------------------- */

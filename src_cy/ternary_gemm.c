@@ -361,7 +361,36 @@ int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const ui
 
 /* ---------------------------------------------------------------------------------------------
  * Fused per-token ops. Sums run in double so that their error stays below float32 rounding of
- * the result, whatever order the reference sums in. */
+ * the result, whatever order the reference sums in. Each row is summed in one fixed order (four
+ * running sums over i % 4, then the tail), which no vectorizer may change and which does not depend
+ * on where the row sits in memory: a token's result is the same in every batch (batch invariance;
+ * a vectorized reduction could peel a different number of elements for another alignment). */
+
+static inline double sum_f64(const float *x, int64_t d) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        s0 += (double)x[i]; s1 += (double)x[i + 1]; s2 += (double)x[i + 2]; s3 += (double)x[i + 3];
+    }
+    for (; i < d; i++) s0 += (double)x[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* sum of (x[i] - c)^2 in double */
+static inline double sum_sq_f64(const float *x, int64_t d, float c) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        const double a0 = (double)(x[i] - c), a1 = (double)(x[i + 1] - c);
+        const double a2 = (double)(x[i + 2] - c), a3 = (double)(x[i + 3] - c);
+        s0 += a0 * a0; s1 += a1 * a1; s2 += a2 * a2; s3 += a3 * a3;
+    }
+    for (; i < d; i++) {
+        const double a = (double)(x[i] - c);
+        s0 += a * a;
+    }
+    return (s0 + s1) + (s2 + s3);
+}
 
 void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale,
                          float *out, int64_t rows, int64_t rows_per_group, int64_t d, float eps,
@@ -374,13 +403,7 @@ void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift
         const float *xr = x + r * d;
         const int64_t g = r / rows_per_group;
         const float *sh = shift + g * d, *sc = scale + g * d;
-        double s = 0;
-        /* simd reduction: lets the compiler reorder the double sum into vector lanes */
-#if defined(_OPENMP)
-#pragma omp simd reduction(+ : s)
-#endif
-        for (int64_t i = 0; i < d; i++) s += (double)xr[i] * xr[i];
-        const float ms = (float)(s / (double)d);
+        const float ms = (float)(sum_sq_f64(xr, d, 0.0f) / (double)d);
         const float inv = 1.0f / sqrtf(ms + eps);
         float *o = out + r * d;
         for (int64_t i = 0; i < d; i++) o[i] = ((xr[i] * inv) * weight[i]) * (1.0f + sc[i]) + sh[i];
@@ -395,21 +418,8 @@ void td_layernorm(const float *x, const float *weight, const float *bias, float 
 #endif
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
-        double s = 0;
-#if defined(_OPENMP)
-#pragma omp simd reduction(+ : s)
-#endif
-        for (int64_t i = 0; i < d; i++) s += xr[i];
-        const float mean = (float)(s / (double)d);
-        double v = 0;
-#if defined(_OPENMP)
-#pragma omp simd reduction(+ : v)
-#endif
-        for (int64_t i = 0; i < d; i++) {
-            const double c = (double)(xr[i] - mean);
-            v += c * c;
-        }
-        const float var = (float)(v / (double)d);
+        const float mean = (float)(sum_f64(xr, d) / (double)d);
+        const float var = (float)(sum_sq_f64(xr, d, mean) / (double)d);
         const float den = sqrtf(var + eps);
         float *o = out + r * d;
         if (weight) {

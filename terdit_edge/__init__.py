@@ -6,11 +6,11 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import ModelConfig
 from .diffusion import sample
-from .errors import (BackendError, ChecksumError, ConvertError, FormatError, InputError, TerditError)
+from .errors import BackendError, ChecksumError, ConvertError, FormatError, InputError, TerditError
 from .pipeline import Pipeline, load_vae
 
 __all__ = ["load_model", "sample", "Pipeline", "load_vae", "ModelConfig", "TerditError", "FormatError", "ChecksumError",

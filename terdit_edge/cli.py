@@ -12,6 +12,7 @@ import sys
 import time
 
 from . import __version__
+from .diffusion import SAMPLER_REGISTRY
 from .errors import TerditError
 from .kernels.base import ACTIVATION_MODES
 
@@ -43,6 +44,24 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def _seed_list(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return [_non_negative_int(p) for p in parts]
+
+
+def _guidance_interval(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two integer timesteps), got {text!r}") from None
+    if not 0 <= lo <= hi <= 999:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 999, got {text!r}")
+    return lo, hi
+
+
 def _steps(text: str):
     if text.startswith("ddim"):
         return text
@@ -59,12 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     g.add_argument("--class", dest="classes", action="append", default=None, metavar="ID_OR_NAME",
                    help="class id or name, repeatable (default: every class of a model with <= 100 classes)")
+    defaults = ", ".join(f"{n} {c.default_steps}" for n, c in SAMPLER_REGISTRY.items())
     g.add_argument("--steps", type=_steps, default=None,
-                   help="sampling steps N, or 'ddimN' for the DDIM integer stride (default 250; 50 for ddim/dpm++2m)")
-    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++2m"), default="ddpm")
+                   help=f"sampling steps N, or 'ddimN' for the DDIM integer stride (default: {defaults})")
+    g.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
+    g.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
+                   help="guide only at steps whose timestep t (0..999) has LO <= t <= HI (default: every step)")
     g.add_argument("--cfg", type=_non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
     g.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (default 0)")
-    g.add_argument("--seed", type=_non_negative_int, default=0)
+    sg = g.add_mutually_exclusive_group()
+    sg.add_argument("--seed", type=_non_negative_int, default=0,
+                    help="seed of the first image; image k gets SEED + k (default 0)")
+    sg.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                    help="one seed per image (as many as classes); an image depends only on its class and seed")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images sampled together (default: what fits in memory); the images do not depend on it")
     g.add_argument("--out", default="out.png", help="output PNG (several classes without --grid: OUT-0.png, ...)")
     g.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
     g.add_argument("--upscale", type=_positive_int, default=None,
@@ -98,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out")
     v.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
 
+    h = sub.add_parser("pull", help="download a released TerDiT model from the Hugging Face Hub and convert it "
+                       "(needs the [hub] extra)")
+    h.add_argument("name", nargs="?", default=None, help="model name (see --list)")
+    h.add_argument("--list", action="store_true", help="list the released models and what is cached")
+    h.add_argument("--force", action="store_true", help="download and convert again")
+    h.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model repository")
+
     i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--json", action="store_true")
@@ -105,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_info(args) -> int:
-    from .kernels import available_backends, get_backend
+    from .kernels import available_backends, batch_invariance, get_backend
 
-    info = {"version": __version__, "backends": available_backends()}
+    info = {"version": __version__, "backends": available_backends(), "batch_invariant": batch_invariance()}
     try:
         from .kernels.cpu import cpu_features
         info["cpu"] = cpu_features()
@@ -137,6 +172,9 @@ def _cmd_info(args) -> int:
     print("cpu: " + ", ".join(f"{k}={v}" for k, v in cpu.items()))
     print("backends: " + ", ".join(f"{k}: {v}" for k, v in info["backends"].items()))
     print(f"auto backend: {info['auto_backend']}")
+    inv = info["batch_invariant"]
+    print("batch-invariant images (same bytes in any batch, any thread count): "
+          + ", ".join(f"{k}: {'yes' if v else 'not promised'}" for k, v in inv.items()))
     print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
     if "model" in info:
         m = info["model"]
@@ -182,17 +220,30 @@ def _save_images(images, args, meta: dict) -> list[str]:
     for k, (im, path) in enumerate(zip(images, paths)):
         info = PngImagePlugin.PngInfo()
         for key, value in meta.items():
-            if key == "class" and len(paths) > 1:
-                value = meta["class"].split(",")[k]
+            if key in ("class", "seed", "index") and len(paths) > 1:  # one file per image: its own values
+                value = value[k]
+            elif key in ("class", "seed", "index"):
+                if len(images_meta := value) == 1:
+                    value = images_meta[0]
+                else:  # a grid: every image's value, in grid order
+                    key = {"class": "class", "seed": "seeds", "index": "indices"}[key]
+                    value = ",".join(str(v) for v in images_meta)
             info.add_text(key, str(value))
         im.save(path, pnginfo=info)
         written.append(path)
     return written
 
 
+def _seed_summary(seeds: list[int]) -> str:
+    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}..{seeds[-1]}"
+    return ",".join(str(s) for s in seeds)
+
+
 def _cmd_generate(args) -> int:
     import numpy as np
 
+    from .diffusion import image_seeds
     from .pipeline import Pipeline
 
     t0 = time.time()
@@ -208,28 +259,48 @@ def _cmd_generate(args) -> int:
             args.grid = True
     else:
         classes = pipe.resolve_classes(args.classes)
-    steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
+    steps = args.steps if args.steps is not None else SAMPLER_REGISTRY[args.sampler].default_steps
     latents_only = cfg.latent and pipe.vae is None
     if latents_only and not args.save_latents:
         raise TerditError("this model samples SD-VAE latents but the file holds no VAE: embed one with "
                           "`terdit-edge convert ... --vae VAE_SRC`, pass --vae FILE, or use --save-latents NPY")
+    seeds = image_seeds(len(classes), args.seed, args.seeds)
     print(f"model: {pipe.path} ({cfg.n_layers} layers, dim {cfg.dim}); backend "
           f"{pipe.model.backend.describe()}; {len(classes)} image(s), {args.sampler} {steps} steps, cfg {args.cfg}, "
-          f"seed {args.seed}", file=sys.stderr)
-    latents = pipe.latents(classes, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,
-                           eta=args.eta, progress=not args.no_progress)
+          f"seeds {_seed_summary(seeds)}", file=sys.stderr)
+    latents = pipe.latents(classes, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seeds=seeds,
+                           eta=args.eta, progress=not args.no_progress, batch_size=args.batch_size,
+                           guidance_interval=args.guidance_interval)
     if args.save_latents:
         np.save(args.save_latents, latents)
         print(f"wrote {args.save_latents}", file=sys.stderr)
     if latents_only:
         return 0
     from .pipeline import to_pil
-    images = [to_pil(im) for im in pipe.decode(latents, vae_tile=args.vae_tile)]
-    meta = {"model": os.path.basename(pipe.path), "class": ",".join(str(c) for c in classes),
-            "seed": args.seed, "steps": steps, "sampler": args.sampler, "cfg": args.cfg, "eta": args.eta,
-            "activations": args.activations, "version": f"terdit-edge {__version__}"}
+    images = [to_pil(pipe.decode(latents[k:k + 1], vae_tile=args.vae_tile)[0]) for k in range(len(classes))]
+    meta = {"model": os.path.basename(pipe.path), "class": classes, "seed": seeds,
+            "index": list(range(len(classes))), "steps": steps, "sampler": args.sampler, "cfg": args.cfg,
+            "eta": args.eta, "activations": args.activations, "version": f"terdit-edge {__version__}"}
+    if args.guidance_interval is not None:
+        meta["guidance_interval"] = "{},{}".format(*args.guidance_interval)
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_pull(args) -> int:
+    from .hub import cache_dir, list_models, pull
+
+    if args.list or args.name is None:
+        print(f"released models (cache: {cache_dir()}):")
+        for r in list_models():
+            state = f"cached, {r['file_mb']} MB" if r["cached"] else f"download about {r['download_mb']} MB"
+            print(f"  {r['name']:18s} {r['description']:34s} {state}")
+        if args.name is None and not args.list:
+            print("pull one with: terdit-edge pull NAME", file=sys.stderr)
+        return 0
+    path = pull(args.name, force=args.force, revision=args.revision, log=lambda m: print(m, file=sys.stderr))
+    print(path)
     return 0
 
 
@@ -253,7 +324,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
-               "info": _cmd_info}[args.command]
+               "info": _cmd_info, "pull": _cmd_pull}[args.command]
     try:
         return handler(args)
     except TerditError as e:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import FormatError
 
-TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (facts page, section 1)
+TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (docs/model.md §2)
 
 # Upper bounds that keep a hostile config from asking for absurd memory (7B: dim 4096, 32 layers).
 _INT_LIMITS = {"dim": 16384, "n_layers": 512, "n_heads": 1024, "n_kv_heads": 1024, "ffn_dim": 65536,
@@ -20,6 +20,38 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     """Hidden width of the SwiGLU feed-forward: multiple_of * ceil(int(2 * 4 * dim / 3) / multiple_of)."""
     hidden = int(2 * (4 * dim) / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def strict_config_from_json(cls, text: str, what: str, require_all: bool = False, convert=None):
+    """A validated frozen-dataclass config from its JSON metadata string, strictly.
+
+    Refuses (FormatError naming ``what``) anything but a JSON object whose keys are fields of cls:
+    unknown keys (a newer writer), missing keys (fields without a default, or every field with
+    ``require_all``), values the constructor or ``validate()`` reject. ``convert(raw)`` may adjust
+    the parsed dict first (e.g. lists to tuples). One helper for every config stored in a file.
+    """
+    try:
+        raw = json.loads(text)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise FormatError(f"{what} metadata is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{what} metadata must be a JSON object, found {type(raw).__name__}")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = set(raw) - names
+    if unknown:
+        raise FormatError(f"{what} has unknown keys {sorted(unknown)}; was the file written by a newer terdit-edge?")
+    required = names if require_all else {f.name for f in fields if f.default is dataclasses.MISSING}
+    missing = required - set(raw)
+    if missing:
+        raise FormatError(f"{what} is missing keys {sorted(missing)}")
+    if convert is not None:
+        convert(raw)
+    try:
+        cfg = cls(**raw)
+    except TypeError as e:
+        raise FormatError(f"{what} cannot be built: {e}") from None
+    return cfg.validate()
 
 
 @dataclass(frozen=True)
@@ -98,22 +130,4 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        try:
-            raw = json.loads(text)
-        except (ValueError, TypeError) as e:
-            raise FormatError(f"config metadata is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise FormatError(f"config metadata must be a JSON object, found {type(raw).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - names
-        if unknown:
-            raise FormatError(f"config has unknown keys {sorted(unknown)}; was the file written by a newer terdit-edge?")
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-        missing = required - set(raw)
-        if missing:
-            raise FormatError(f"config is missing keys {sorted(missing)}")
-        try:
-            cfg = cls(**raw)
-        except TypeError as e:
-            raise FormatError(f"config cannot be built: {e}") from None
-        return cfg.validate()
+        return strict_config_from_json(cls, text, "config")

@@ -5,10 +5,12 @@ plus ``model.config`` (in_channels, input_size, guided_channels), ``model.map_la
 ``model.null_label``. Schedule arithmetic is float64; coefficients are cast to float32 where they
 meet the tensors, as in the authors' code.
 
-Randomness contract (a seed means the same image on every machine and backend):
-``rng = numpy.random.default_rng(seed)`` draws the initial noise
-``rng.standard_normal((B, C, H, W), dtype=float32)``, then exactly one draw of that shape per step,
-every step and every sampler, whether the step uses it or not.
+Randomness contract (an image is a pure function of the model file, its class, its seed and the
+sampler settings, whatever batch, process, thread count or machine made it): every image k has its
+own integer seed ``seeds[k]`` (``seed=s`` means ``seeds[k] = s + k``) and its own generator
+``rng_k = numpy.random.default_rng(seeds[k])``, which draws the image's initial noise
+``rng_k.standard_normal((C, H, W), dtype=float32)`` and then exactly one draw of that shape per
+step, every step and every sampler, whether the step uses it or not. See docs/reproducibility.md.
 """
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ import numpy as np
 from .errors import InputError
 
 NUM_TRAIN_TIMESTEPS = 1000
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-_SAMPLER_ALIASES = {"dpmpp2m": "dpm++2m", "dpm-solver++": "dpm++2m", "dpmsolver++": "dpm++2m"}
 
 
 def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -150,7 +150,78 @@ def ddim_step(s: Schedule, j: int, x: np.ndarray, model_out: np.ndarray, noise: 
     return (mean + sigma * noise).astype(np.float32, copy=False)
 
 
-class DPMSolverPP2M:
+class Sampler:
+    """One sampler: ``step(j, x, model_out, noise) -> x`` for sampler step j (counting down from
+    len(schedule) - 1 to 0), given the guided model output (B, 2C, H, W) at x and that step's noise
+    draw (B, C, H, W). The noise is drawn every step whatever the sampler (the RNG contract);
+    ``uses_noise`` says whether this one reads it. ``default_steps`` is what callers use when they
+    give no step count. A sampler object holds the state of one run (multistep history).
+
+    Add a sampler by subclassing this, setting ``name`` (and ``aliases``) and decorating the class
+    with :func:`register_sampler`; ``sample()``, the CLI and the server take their choices and
+    defaults from :data:`SAMPLER_REGISTRY`.
+    """
+
+    name = ""
+    aliases: tuple[str, ...] = ()
+    default_steps = 50
+    uses_noise = False
+
+    def __init__(self, schedule: Schedule, eta: float = 0.0):
+        self.s = schedule
+        self.eta = eta
+
+    def step(self, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+SAMPLER_REGISTRY: dict[str, type[Sampler]] = {}
+_SAMPLER_ALIASES: dict[str, str] = {}
+
+
+def register_sampler(cls: type[Sampler]) -> type[Sampler]:
+    """Class decorator: make a Sampler subclass selectable by its name and aliases."""
+    if not cls.name or cls.name in SAMPLER_REGISTRY:
+        raise ValueError(f"sampler name {cls.name!r} is empty or taken")
+    SAMPLER_REGISTRY[cls.name] = cls
+    for alias in cls.aliases:
+        _SAMPLER_ALIASES[alias] = cls.name
+    return cls
+
+
+def sampler_class(name) -> type[Sampler]:
+    """The registered sampler for a name or alias (case-insensitive); InputError lists the choices."""
+    key = str(name).lower()
+    key = _SAMPLER_ALIASES.get(key, key)
+    if key not in SAMPLER_REGISTRY:
+        raise InputError(f"unknown sampler {name!r}; choose one of {tuple(SAMPLER_REGISTRY)}")
+    return SAMPLER_REGISTRY[key]
+
+
+@register_sampler
+class DDPM(Sampler):
+    """Ancestral sampling with the learned-range variance (the authors' default, 250 steps)."""
+
+    name = "ddpm"
+    default_steps = 250
+    uses_noise = True
+
+    def step(self, j, x, model_out, noise):
+        return ddpm_step(self.s, j, x, model_out, noise)
+
+
+@register_sampler
+class DDIM(Sampler):
+    """DDIM(eta); eta 0 is deterministic, eta > 0 reads the noise."""
+
+    name = "ddim"
+
+    def step(self, j, x, model_out, noise):
+        return ddim_step(self.s, j, x, model_out, noise, self.eta)
+
+
+@register_sampler
+class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M), multistep, on the eps prediction (the learned variance is ignored).
 
     Works in lambda = log(alpha / sigma) with alpha = sqrt(abar), sigma = sqrt(1 - abar) over the
@@ -158,15 +229,18 @@ class DPMSolverPP2M:
     smallest kept timestep) returns the data prediction.
     """
 
-    def __init__(self, s: Schedule):
-        self.s = s
+    name = "dpm++2m"
+    aliases = ("dpmpp2m", "dpm-solver++", "dpmsolver++")
+
+    def __init__(self, s: Schedule, eta: float = 0.0):
+        super().__init__(s, eta)
         self.alpha = np.sqrt(s.alphas_cumprod)
         self.sigma = np.sqrt(1.0 - s.alphas_cumprod)
         self.lam = np.log(self.alpha) - np.log(self.sigma)
         self.prev_x0 = None
         self.prev_h = None
 
-    def step(self, j: int, x: np.ndarray, model_out: np.ndarray) -> np.ndarray:
+    def step(self, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         c = x.shape[1]
         eps = model_out[:, :c]
         x0 = ((x - _f32(self.sigma[j]) * eps) / _f32(self.alpha[j])).astype(np.float32)
@@ -202,39 +276,90 @@ def guided_model_output(model, x: np.ndarray, t: int, labels: np.ndarray, cfg_sc
     return guided
 
 
-def sample(model, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
-           eta: float = 0.0, callback: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
+MAX_SEED = 2**64 - 1
+
+
+def image_seeds(n: int, seed: int | None = 0, seeds=None) -> list[int]:
+    """The per-image seeds of n images: ``seeds`` as given (one non-negative int per image), or
+    ``seed + k`` for image k. Raises InputError for anything else."""
+    if seeds is not None:
+        if isinstance(seeds, (int, np.integer)) or isinstance(seeds, (str, bytes)):
+            raise InputError(f"seeds must be a list of integers (one per image), got {seeds!r}")
+        seeds = list(seeds)
+        if len(seeds) != n:
+            raise InputError(f"seeds has {len(seeds)} entries but there are {n} images; give one seed per image")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+                raise InputError(f"every seed must be an integer in 0..2**64-1, got {s!r}")
+        return [int(s) for s in seeds]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED - max(n - 1, 0):
+        raise InputError(f"seed must be a non-negative integer (image k gets seed + k, at most 2**64-1), got {seed!r}")
+    return [int(seed) + k for k in range(n)]
+
+
+SAMPLERS = tuple(SAMPLER_REGISTRY)  # the registered names, in registration order
+
+
+def check_guidance_interval(interval) -> tuple[int, int] | None:
+    """None, or (lo, hi) with 0 <= lo <= hi <= 999 (original timesteps, inclusive); InputError else."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = interval
+    except (TypeError, ValueError):
+        raise InputError(f"guidance_interval must be a pair (lo, hi) of timesteps, got {interval!r}") from None
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            raise InputError(f"guidance_interval bounds must be numbers, got {interval!r}")
+    if not 0 <= lo <= hi <= NUM_TRAIN_TIMESTEPS - 1:
+        raise InputError(f"guidance_interval must satisfy 0 <= lo <= hi <= {NUM_TRAIN_TIMESTEPS - 1}, "
+                         f"got {interval!r}")
+    return lo, hi
+
+
+def sample(model, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
+           eta: float = 0.0, callback: Callable[[int, int, np.ndarray], None] | None = None,
+           seeds=None, guidance_interval=None) -> np.ndarray:
     """Sample latents (B, C, H, W) float32 for standard class ids (mapped through the model's label map).
 
-    steps: int N (uniform respacing) or "ddimN" (integer stride). sampler: "ddpm", "ddim" (with eta)
-    or "dpm++2m". callback(step_index, total, latents) runs after each step; raise in it to cancel.
+    steps: int N (uniform respacing), "ddimN" (integer stride), or None for the sampler's default
+    (ddpm 250, ddim and dpm++2m 50). sampler: a name of :data:`SAMPLER_REGISTRY` ("ddpm", "ddim"
+    with eta, "dpm++2m"). Image k uses seed ``seeds[k]`` when seeds are given, else ``seed + k``
+    (see the randomness contract above): its latents do not depend on the other images of the
+    batch. guidance_interval=(lo, hi): classifier-free guidance only at steps whose original
+    timestep t has lo <= t <= hi (Kynkaanniemi et al., 2024); the other steps run the conditional
+    model alone (half the batch). None (default) or (0, 999) is plain guided sampling, bit for bit.
+    callback(step_index, total, latents) runs after each step; raise in it to cancel.
     """
-    sampler = _SAMPLER_ALIASES.get(str(sampler).lower(), str(sampler).lower())
-    if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    cls = sampler_class(sampler)
     for name, value in (("cfg_scale", cfg_scale), ("eta", eta)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value) or value < 0:
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    interval = check_guidance_interval(guidance_interval)
     labels = model.map_labels(class_labels)
-    sched = Schedule.create(steps)
+    seed_list = image_seeds(len(labels), seed, seeds)
+    sched = Schedule.create(cls.default_steps if steps is None else steps)
     cfg = model.config
-    shape = (len(labels), cfg.in_channels, cfg.input_size, cfg.input_size)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32)
-    solver = DPMSolverPP2M(sched) if sampler == "dpm++2m" else None
+    image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = (len(labels), *image_shape)
+    rngs = [np.random.default_rng(s) for s in seed_list]  # one stream per image (the contract)
+
+    def draw() -> np.ndarray:
+        x = np.empty(shape, dtype=np.float32)
+        for k, rng in enumerate(rngs):
+            x[k] = rng.standard_normal(image_shape, dtype=np.float32)
+        return x
+
+    x = draw()
+    solver = cls(sched, eta=float(eta))
     total = len(sched)
     for step_index, j in enumerate(range(total - 1, -1, -1)):
-        out = guided_model_output(model, x, int(sched.timesteps[j]), labels, cfg_scale)
-        noise = rng.standard_normal(shape, dtype=np.float32)  # drawn every step (the contract)
-        if sampler == "ddpm":
-            x = ddpm_step(sched, j, x, out, noise)
-        elif sampler == "ddim":
-            x = ddim_step(sched, j, x, out, noise, eta)
-        else:
-            x = solver.step(j, x, out)
+        t = int(sched.timesteps[j])
+        guided = interval is None or interval[0] <= t <= interval[1]
+        out = guided_model_output(model, x, t, labels, cfg_scale if guided else 1.0)
+        noise = draw()  # drawn every step (the contract)
+        x = solver.step(j, x, out, noise)
         if callback is not None:
             callback(step_index, total, x)
     return x

@@ -66,7 +66,8 @@ def float_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "t_embedder.mlp.2.weight": (td, td), "t_embedder.mlp.2.bias": (td,),
         "y_embedder.embedding_table.weight": (cfg.num_classes + 1, td),
         "final_layer.adaLN_modulation.1.weight": (2 * d, td), "final_layer.adaLN_modulation.1.bias": (2 * d,),
-        "final_layer.linear.weight": (p * p * cfg.out_channels, d), "final_layer.linear.bias": (p * p * cfg.out_channels,),
+        "final_layer.linear.weight": (p * p * cfg.out_channels, d),
+        "final_layer.linear.bias": (p * p * cfg.out_channels,),
     }
     for i in range(cfg.n_layers):
         b = f"layers.{i}."
@@ -310,7 +311,7 @@ def _read_mapped(mm, size: int, path: str, verify: bool) -> TditFile:
         expected.update(expected_model_tensors(cfg, float_dtype))
     vae_json = meta.get("vae_config")
     if vae_json is not None:
-        from .vae import VAEConfig, expected_vae_tensors  # the VAE knows its own tensor list
+        from .vae_config import VAEConfig, expected_vae_tensors  # light: no numba
 
         vcfg = VAEConfig.from_json(vae_json)
         vdt = meta.get("vae_dtype")
@@ -347,7 +348,7 @@ def _read_mapped(mm, size: int, path: str, verify: bool) -> TditFile:
         tensors[name] = arr
 
     if cfg is not None:
-        for name, (n, k) in ternary_layer_shapes(cfg).items():
+        for name, (_, k) in ternary_layer_shapes(cfg).items():
             full = DIT_PREFIX + name
             check_ternary_codes(tensors[full + ".qweight"], k, full)
             alpha = float(tensors[full + ".alpha"][0])

@@ -1,7 +1,7 @@
 """The ternary DiT ("DiT-LLaMA") forward pass on top of a compute backend.
 
 Names follow the paper and the checkpoints (x_embedder, t_embedder, adaLN, modulate, ...); the math
-is in the order of /docs (the facts page, section 1). No SIMD and no I/O here: the ternary linear
+is in the order of docs/model.md §2. No SIMD and no I/O here: the ternary linear
 layers and per-token ops go through ``self.backend`` (see :mod:`terdit_edge.kernels`).
 """
 from __future__ import annotations
@@ -121,23 +121,42 @@ class TernaryDiT:
         bsz = x.shape[0]
         n_tok, d = cfg.n_tokens, cfg.dim
         P = self.params
+        # Batch invariance (docs/reproducibility.md): every image's rows go through calls whose
+        # shapes do not depend on the batch. The conditioning layers see one row per image and run
+        # image by image; token layers run on the whole batch where the backend promises per-row
+        # results for calls of that many rows per image, else image by image too.
 
-        h = be.dense(patchify(x, p).reshape(bsz * n_tok, -1), P["x_embedder.weight"], P["x_embedder.bias"])
-        h = np.ascontiguousarray(h, dtype=np.float32).reshape(bsz, n_tok, d)  # the residual stream
+        h = be.dense(patchify(x, p).reshape(bsz * n_tok, -1), P["x_embedder.weight"], P["x_embedder.bias"],
+                     rows_per_image=n_tok)
+        h = np.ascontiguousarray(h, dtype=np.float32).reshape(bsz, n_tok, d)  # the residual stream (B, T, D)
 
-        t_emb = be.dense(timestep_embedding(t), P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"])
-        t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"])
+        t_emb = be.dense(timestep_embedding(t), P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"],
+                         rows_per_image=1)
+        t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"],
+                         rows_per_image=1)  # (B, cond_dim)
         c = t_emb + P["y_embedder.embedding_table.weight"][y]
-        c_act = np.ascontiguousarray(silu(c), dtype=np.float32)
+        c_act = np.ascontiguousarray(silu(c), dtype=np.float32)  # (B, cond_dim)
 
         for i in range(cfg.n_layers):
             h = self._block(i, h, c_act)
 
         shift, scale = np.split(be.dense(c_act, P["final_layer.adaLN_modulation.1.weight"],
-                                         P["final_layer.adaLN_modulation.1.bias"]), 2, axis=1)
-        hn = be.layernorm(h, None, None, 1e-6) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]
-        out = be.dense(hn.reshape(bsz * n_tok, d), P["final_layer.linear.weight"], P["final_layer.linear.bias"])
+                                         P["final_layer.adaLN_modulation.1.bias"], rows_per_image=1), 2, axis=1)
+        hn = be.layernorm(h, None, None, 1e-6) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]  # (B, T, D)
+        out = be.dense(hn.reshape(bsz * n_tok, d), P["final_layer.linear.weight"], P["final_layer.linear.bias"],
+                       rows_per_image=n_tok)  # (B T, p p 2C)
         return unpatchify(out.reshape(bsz, n_tok, -1), p, cfg.out_channels, cfg.input_size, cfg.input_size)
+
+    def _ternary(self, x: np.ndarray, w, out: np.ndarray, rows_per_image: int, backend=None) -> np.ndarray:
+        """backend.ternary_matmul(x, w, out) with x (B * rows_per_image, K), computed so that each
+        image's rows give the same bits whatever the batch: in one call when the backend promises
+        per-row results for calls of rows_per_image rows or more, else image by image."""
+        be = backend or self.backend
+        if rows_per_image >= be.invariant_min_rows:
+            return be.ternary_matmul(x, w, out=out)
+        for r0 in range(0, x.shape[0], rows_per_image):
+            be.ternary_matmul(x[r0:r0 + rows_per_image], w, out=out[r0:r0 + rows_per_image])
+        return out
 
     def _workspace(self, bsz: int) -> dict[str, np.ndarray]:
         """Activation buffers for a batch size, allocated once and reused by every block and step."""
@@ -163,36 +182,36 @@ class TernaryDiT:
         ws = self._workspace(bsz)
         rows = bsz * n_tok
 
-        mod = be.rmsnorm(self.cond_backend.ternary_matmul(c_act, W[pre + "adaLN_modulation.1"], out=ws["mod"]),
-                         P[pre + "adaLN_modulation.2.weight"], cfg.norm_eps)
+        mod = be.rmsnorm(self._ternary(c_act, W[pre + "adaLN_modulation.1"], ws["mod"], 1, self.cond_backend),
+                         P[pre + "adaLN_modulation.2.weight"], cfg.norm_eps)  # (B, 6 D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             np.ascontiguousarray(m) for m in np.split(mod, 6, axis=1))
 
         # attention
         hn = be.rmsnorm_modulate(h, P[pre + "attention_norm.weight"], shift_msa, scale_msa, cfg.norm_eps,
-                                 out=ws["hn"]).reshape(rows, d)
-        q = be.ternary_matmul(hn, W[pre + "attention.wq"], out=ws["q"])
-        k = be.ternary_matmul(hn, W[pre + "attention.wk"], out=ws["k"])
-        v = be.ternary_matmul(hn, W[pre + "attention.wv"], out=ws["v"])
+                                 out=ws["hn"]).reshape(rows, d)  # (B T, D)
+        q = self._ternary(hn, W[pre + "attention.wq"], ws["q"], n_tok)
+        k = self._ternary(hn, W[pre + "attention.wk"], ws["k"], n_tok)
+        v = self._ternary(hn, W[pre + "attention.wv"], ws["v"], n_tok)  # q (B T, D); k, v (B T, D_kv)
         if cfg.qk_norm:
             q = be.layernorm(q, P[pre + "attention.q_norm.weight"], P[pre + "attention.q_norm.bias"], 1e-5)
             k = be.layernorm(k, P[pre + "attention.k_norm.weight"], P[pre + "attention.k_norm.bias"], 1e-5)
         q = q.reshape(bsz, n_tok, cfg.n_heads, hd)
         k = k.reshape(bsz, n_tok, cfg.n_kv_heads, hd)
-        v = v.reshape(bsz, n_tok, cfg.n_kv_heads, hd)
+        v = v.reshape(bsz, n_tok, cfg.n_kv_heads, hd)  # q (B, T, H, hd); k, v (B, T, H_kv, hd)
         be.rope(q, self.rope_cos, self.rope_sin)
         be.rope(k, self.rope_cos, self.rope_sin)
-        att = be.attention(q, k, v, out=ws["att"].reshape(bsz, n_tok, cfg.n_heads, hd)).reshape(rows, d)
-        o = be.ternary_matmul(att, W[pre + "attention.wo"], out=ws["o"])
-        be.add_gated(h, gate_msa, o.reshape(bsz, n_tok, d))
+        att = be.attention(q, k, v, out=ws["att"].reshape(bsz, n_tok, cfg.n_heads, hd)).reshape(rows, d)  # (B T, D)
+        o = self._ternary(att, W[pre + "attention.wo"], ws["o"], n_tok)
+        be.add_gated(h, gate_msa, o.reshape(bsz, n_tok, d))  # h (B, T, D) += gate (B, 1, D) * o
 
         # feed-forward (SwiGLU)
         hn = be.rmsnorm_modulate(h, P[pre + "ffn_norm.weight"], shift_mlp, scale_mlp, cfg.norm_eps,
                                  out=ws["hn"]).reshape(rows, d)
-        a = be.ternary_matmul(hn, W[pre + "feed_forward.w1"], out=ws["a"])
-        g = be.ternary_matmul(hn, W[pre + "feed_forward.w3"], out=ws["g"])
+        a = self._ternary(hn, W[pre + "feed_forward.w1"], ws["a"], n_tok)
+        g = self._ternary(hn, W[pre + "feed_forward.w3"], ws["g"], n_tok)  # a, g (B T, F)
         be.swiglu(a, g, out=a)
-        o = be.ternary_matmul(a, W[pre + "feed_forward.w2"], out=ws["o"])
+        o = self._ternary(a, W[pre + "feed_forward.w2"], ws["o"], n_tok)  # (B T, D)
         be.add_gated(h, gate_mlp, o.reshape(bsz, n_tok, d))
         return h
 

@@ -3,18 +3,40 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from importlib import resources
 
 import numpy as np
 
 from .classnames import imagenet_class_names, resolve_class
-from .diffusion import sample
+from .diffusion import image_seeds, respaced_timesteps, sample, sampler_class
 from .errors import FormatError, InputError
 from .format import VAE_PREFIX, TditFile, read_tdit
+from .images import to_pil, to_uint8  # noqa: F401 (to_uint8: part of this module's API)
 from .model import model_from_file
 
 DEFAULT_MODEL_NAME = "digits.tdit"
+MAX_DEFAULT_BATCH = 16
+
+
+def _available_memory() -> int | None:
+    """Bytes of physical memory available now (Linux/macOS sysconf), or None when unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_batch_size(config, n_images: int, guided: bool = True) -> int:
+    """Images per batch when the caller does not say: as many as fit in a quarter of the memory
+    available now, by the activation buffers one image needs (its tokens, twice with guidance, times
+    the widest per-token buffers of a block), at most MAX_DEFAULT_BATCH and at most n_images.
+    Any batch size gives the same images (batch invariance); this only trades memory for speed."""
+    rows = config.n_tokens * (2 if guided else 1)
+    per_row = 4 * (6 * config.dim + 2 * config.kv_dim + 2 * config.ffn_dim)  # float32 workspace + temporaries
+    per_image = rows * per_row + 4 * rows * config.n_tokens  # + one score row per token in attention
+    avail = _available_memory()
+    fit = MAX_DEFAULT_BATCH if avail is None else max(1, (avail // 4) // max(per_image, 1))
+    return int(max(1, min(n_images, MAX_DEFAULT_BATCH, fit)))
 
 
 def default_model_path() -> str:
@@ -50,7 +72,8 @@ class Pipeline:
         self.path = path
         cfg = model.config
         if class_names is None:
-            class_names = imagenet_class_names() if cfg.num_classes == 1000 else [str(i) for i in range(cfg.num_classes)]
+            class_names = (imagenet_class_names() if cfg.num_classes == 1000
+                           else [str(i) for i in range(cfg.num_classes)])
         self.class_names = class_names
 
     @classmethod
@@ -83,6 +106,16 @@ class Pipeline:
                 raise FormatError(f"{path}: metadata class_names must list {tf.config.num_classes} strings")
         return cls(model, decoder, names, path)
 
+    @classmethod
+    def from_pretrained(cls, name: str, force: bool = False, revision: str | None = None, log=None,
+                        **load_kwargs) -> "Pipeline":
+        """A released TerDiT model by name ("terdit-600m-256", ...): downloaded from the Hugging Face
+        Hub, converted and cached on first use (:func:`terdit_edge.hub.pull`; needs the [hub] extra),
+        then loaded with ``Pipeline.load(path, **load_kwargs)``."""
+        from .hub import pull
+
+        return cls.load(pull(name, force=force, revision=revision, log=log), **load_kwargs)
+
     @property
     def config(self):
         return self.model.config
@@ -96,28 +129,55 @@ class Pipeline:
             raise InputError("give at least one class")
         return ids
 
-    def latents(self, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
-                eta: float = 0.0, progress: bool = False, callback=None) -> np.ndarray:
-        """Sampled latents (or pixels for pixel-space models), float32 (B, C, H, W)."""
+    def latents(self, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
+                eta: float = 0.0, progress: bool = False, callback=None, seeds=None,
+                batch_size: int | None = None, guidance_interval=None) -> np.ndarray:
+        """Sampled latents (or pixels for pixel-space models), float32 (B, C, H, W).
+
+        Image k has seed ``seeds[k]``, or ``seed + k`` without seeds, and comes out with the same
+        bytes whatever else is in the call (see docs/reproducibility.md). The images are sampled
+        ``batch_size`` at a time (default: :func:`default_batch_size`); every batch size gives the
+        same result. ``callback(step_index, total, latents)`` runs after each step of each batch,
+        counting steps over all batches (``latents`` is the current batch); raise in it to cancel.
+        ``steps`` None: the sampler's default; ``guidance_interval``: see :func:`terdit_edge.sample`.
+        """
         ids = self.resolve_classes(class_labels)
+        seed_list = image_seeds(len(ids), seed, seeds)
+        if batch_size is None:
+            batch_size = default_batch_size(self.config, len(ids), guided=cfg_scale > 1)
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        starts = range(0, len(ids), int(batch_size))
+        if steps is None:
+            steps = sampler_class(sampler).default_steps
+        n_steps = len(respaced_timesteps(steps))
         bar = None
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=None, unit="step", desc="sampling", leave=True, dynamic_ncols=True)
+        done = 0
 
         def on_step(i, total, x):
             if bar is not None:
-                bar.total = total
+                bar.total = total * len(starts)
+                if len(starts) > 1:
+                    bar.set_postfix_str(f"batch {done // total + 1}/{len(starts)}", refresh=False)
                 bar.update(1)
             if callback is not None:
-                callback(i, total, x)
+                callback(done + i, total * len(starts), x)
 
+        parts = []
         try:
-            return sample(self.model, ids, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, eta=eta,
-                          callback=on_step)
+            for b0 in starts:
+                b1 = b0 + int(batch_size)
+                parts.append(sample(self.model, ids[b0:b1], steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                                    eta=eta, seeds=seed_list[b0:b1], callback=on_step,
+                                    guidance_interval=guidance_interval))
+                done += n_steps
         finally:
             if bar is not None:
                 bar.close()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def decode(self, latents: np.ndarray, vae_tile: int | None = None) -> np.ndarray:
         """Latents -> float32 images (B, H, W, C) in [0, 1]."""
@@ -130,32 +190,23 @@ class Pipeline:
             images = latents
         return np.clip((images.transpose(0, 2, 3, 1) + 1) / 2, 0, 1).astype(np.float32)
 
-    def __call__(self, class_labels, steps=250, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
+    def __call__(self, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
                  eta: float = 0.0, progress: bool = True, output: str = "pil", vae_tile: int | None = None,
-                 callback=None):
-        """Generate one image per class label (id or ImageNet/stored class name)."""
+                 callback=None, seeds=None, batch_size: int | None = None, guidance_interval=None):
+        """Generate one image per class label (id or ImageNet/stored class name).
+
+        Image k has seed ``seeds[k]`` (or ``seed + k``): ``pipe([3, 7], seed=5)[1]`` equals
+        ``pipe([7], seed=6)[0]`` byte for byte. Images are sampled and decoded ``batch_size`` at a
+        time (default: what fits the machine's memory); the result does not depend on it.
+        """
         if output not in ("pil", "np"):
             raise InputError(f"output must be 'pil' or 'np', got {output!r}")
         lat = self.latents(class_labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, eta=eta,
-                           progress=progress, callback=callback)
-        images = self.decode(lat, vae_tile=vae_tile)
+                           progress=progress, callback=callback, seeds=seeds, batch_size=batch_size,
+                           guidance_interval=guidance_interval)
+        # one image at a time: the decoder's BLAS calls then have the same shapes for every image
+        # (batch invariance of the pictures), and its activations are one image's
+        images = np.concatenate([self.decode(lat[k:k + 1], vae_tile=vae_tile) for k in range(lat.shape[0])])
         if output == "np":
             return images
         return [to_pil(img) for img in images]
-
-
-def to_uint8(images01: np.ndarray) -> np.ndarray:
-    """float images in [0, 1] -> uint8 with x * 255 + 0.5 truncated (the authors' conversion)."""
-    return (np.clip(images01, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def to_pil(image01: np.ndarray):
-    """(H, W, C) float in [0, 1] -> PIL image (L for one channel, RGB for three)."""
-    from PIL import Image
-
-    arr = to_uint8(image01)
-    if arr.shape[2] == 1:
-        return Image.fromarray(np.ascontiguousarray(arr[:, :, 0]))
-    if arr.shape[2] == 3:
-        return Image.fromarray(arr)
-    raise InputError(f"cannot make a picture of {arr.shape[2]} channels")

@@ -169,7 +169,8 @@ def wide(tmp_path_factory):
 
 def test_heads_default_to_32(wide, tmp_path):
     cfg = convert(wide, str(tmp_path / "m.tdit"), log=QUIET)["config"]
-    assert (cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["ffn_dim"], cfg["cond_dim"]) == (1024, 32, 32, 2816, 1024)
+    got = (cfg["dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["ffn_dim"], cfg["cond_dim"])
+    assert got == (1024, 32, 32, 2816, 1024)
     assert cfg["qk_norm"] is True and cfg["input_size"] == 8
 
 
@@ -371,3 +372,43 @@ def test_authors_label_embedding_key_is_accepted(small, tmp_path):
     model, qat_dir, _ = small
     assert "y_embedder.embedding_table.weight" in model.state_dict()
     convert(qat_dir, str(tmp_path / "m.tdit"), n_heads=4, log=QUIET)
+
+
+def test_a_new_checkpoint_layout_is_one_table_entry(tmp_path, monkeypatch):
+    """A (made-up) layout storing Q directly as int8 (out, in): one Layout entry, nothing else."""
+    from terdit_edge.converters import terdit as conv
+
+    model = ref.random_model(dim=64, n_heads=4, seed=41)
+    ck = tmp_path / "ck"
+    ref.save_checkpoint(model, str(ck), "released")
+    state = torch.load(ck / "consolidated_ema_ternary.00-of-01.pth", weights_only=True)
+    for key, value in list(state.items()):
+        if key.endswith(".weight") and value.dtype == torch.uint8:
+            state[key] = torch.from_numpy(unpack_released_ternary(value.numpy()))
+    int8_file = tmp_path / "codes.pth"
+    torch.save(state, int8_file)
+
+    def int8_codes(w, n, k):
+        if w.dtype != torch.int8 or tuple(w.shape) != (n, k):
+            raise ConvertError(f"is {w.dtype}{tuple(w.shape)}, expected int8 ({n}, {k})")
+        return w.numpy()
+
+    monkeypatch.setattr(conv, "LAYOUTS", conv.LAYOUTS + (conv.Layout(
+        "int8-codes", ("codes.pth",), detect=lambda wq: wq.dtype == torch.int8, rows_per_stored_row=1,
+        to_codes=int8_codes),))
+    summary = convert(str(int8_file), str(tmp_path / "codes.tdit"), n_heads=4, label_map="identity", log=QUIET)
+    assert summary["layout"] == "int8-codes"
+    convert(str(ck), str(tmp_path / "released.tdit"), n_heads=4, label_map="identity", log=QUIET)
+    a, b = read_tdit(tmp_path / "codes.tdit"), read_tdit(tmp_path / "released.tdit")
+    for name, arr in b.tensors.items():
+        assert np.array_equal(a.tensors[name], arr), name
+
+
+def test_unknown_layout_is_refused_with_the_known_ones(tmp_path):
+    model = ref.random_model(dim=64, n_heads=4, seed=42)
+    state = {k: v for k, v in model.state_dict().items()}
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"].to(torch.int32)
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with pytest.raises(ConvertError, match="not a known ternary checkpoint layout.*released-packed.*qat-float"):
+        convert(str(path), str(tmp_path / "o.tdit"), n_heads=4, log=QUIET)

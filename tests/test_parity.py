@@ -43,7 +43,7 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# the reference itself follows the facts page (so that runtime and reference cannot share a misreading)
+# the reference itself follows the specification, docs/model.md (so that runtime and reference cannot share a misreading)
 # --------------------------------------------------------------------------------------------------
 def test_reference_patchify_orders_tokens_row_major_and_features_c_prow_pcol():
     m = ref.DiTLlama(input_size=4, dim=16, n_layers=1, n_heads=2)

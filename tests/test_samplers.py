@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 
 import terdit_edge
-from terdit_edge.diffusion import Schedule, guided_model_output, linear_betas, respaced_timesteps, sample
+from terdit_edge import Pipeline, diffusion
+from terdit_edge.diffusion import (
+    SAMPLER_REGISTRY,
+    SAMPLERS,
+    Schedule,
+    guided_model_output,
+    linear_betas,
+    respaced_timesteps,
+    sample,
+    sampler_class,
+)
 from terdit_edge.errors import InputError, TerditError
 
 # --- respacing ----------------------------------------------------------------------------------
@@ -145,22 +155,50 @@ class RecordingRng:
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 @pytest.mark.parametrize("steps", [1, 5])
-def test_rng_contract_initial_noise_then_one_draw_per_step(monkeypatch, sampler, steps):
+@pytest.mark.parametrize("seeding", ["seed", "seeds"])
+def test_rng_contract_one_stream_per_image_initial_noise_then_one_draw_per_step(monkeypatch, sampler, steps,
+                                                                                seeding):
     rec = RecordingRng(np.random.default_rng)
     monkeypatch.setattr(np.random, "default_rng", rec)
     model = RecordingModel()
-    sample(model, [1, 2], steps=steps, sampler=sampler, cfg_scale=1.0, seed=123)
-    assert len(rec.made) == 1
+    kw = dict(seed=123) if seeding == "seed" else dict(seeds=[77, 5])
+    want_seeds = [123, 124] if seeding == "seed" else [77, 5]
+    sample(model, [1, 2], steps=steps, sampler=sampler, cfg_scale=1.0, **kw)
+    assert len(rec.made) == 2  # one generator per image, made from that image's seed alone
 
-    shape = (2, 4, 8, 8)
-    ref = rec.real(123)
-    first = ref.standard_normal(shape, dtype=np.float32)
+    image = (4, 8, 8)
+    refs = [rec.real(s) for s in want_seeds]
+    first = np.stack([r.standard_normal(image, dtype=np.float32) for r in refs])
     assert np.array_equal(model.calls[0][0], first)
-    for _ in range(steps):
-        ref.standard_normal(shape, dtype=np.float32)
-    # the sampler's generator has made exactly steps + 1 draws: same state, same next draw
-    assert rec.made[0].bit_generator.state == ref.bit_generator.state
-    assert np.array_equal(rec.made[0].standard_normal(3), ref.standard_normal(3))
+    for r in refs:
+        for _ in range(steps):
+            r.standard_normal(image, dtype=np.float32)
+    # each image's generator has made exactly steps + 1 draws: same state, same next draw
+    for made, r in zip(rec.made, refs):
+        assert made.bit_generator.state == r.bit_generator.state
+        assert np.array_equal(made.standard_normal(3), r.standard_normal(3))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_image_seed_k_is_seed_plus_k_and_an_image_does_not_depend_on_its_batch(sampler):
+    model = RecordingModel()
+    batch = sample(model, [3, 7, 1], steps=4, sampler=sampler, cfg_scale=4.0, seed=5)
+    assert np.array_equal(batch[1], sample(model, [7], steps=4, sampler=sampler, cfg_scale=4.0, seed=6)[0])
+    assert np.array_equal(batch[1], sample(model, [7], steps=4, sampler=sampler, cfg_scale=4.0, seeds=[6])[0])
+    mixed = sample(model, [9, 1, 3], steps=4, sampler=sampler, cfg_scale=4.0, seeds=[40, 7, 5])
+    assert np.array_equal(mixed[2], batch[0])
+    assert not np.array_equal(batch[0], batch[2])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(seeds=[1]), "one seed per image"), (dict(seeds=[1, 2, 3]), "one seed per image"),
+    (dict(seeds=[1, -2]), "every seed"), (dict(seeds=[1, True]), "every seed"), (dict(seeds=[1, 2.0]), "every seed"),
+    (dict(seeds=[1, 2**64]), "every seed"), (dict(seeds=7), "list of integers"), (dict(seeds="12"), "list of"),
+    (dict(seed=-1), "seed must be"), (dict(seed=2**64 - 1), "seed must be"), (dict(seed=1.5), "seed must be"),
+])
+def test_bad_seeds_are_refused(kw, match):
+    with pytest.raises(InputError, match=match):
+        sample(RecordingModel(), [1, 2], steps=2, sampler="ddim", cfg_scale=1.0, **kw)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
@@ -309,7 +347,7 @@ def test_bad_class_labels(tiny_model, labels, match):
         sample(tiny_model, labels, steps=2, seed=0)
 
 
-@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", None, [10], "ddim37", True])
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", [10], "ddim37", True])  # None: the default
 def test_bad_steps(tiny_model, steps):
     with pytest.raises(InputError, match="steps|ddim"):
         sample(tiny_model, [1], steps=steps, seed=0)
@@ -345,3 +383,86 @@ def test_sampler_aliases(tiny_model):
     a = sample(tiny_model, [1], steps=3, sampler="dpm++2m", seed=0)
     for alias in ("DPM++2M", "dpmpp2m", "dpm-solver++"):
         assert np.array_equal(sample(tiny_model, [1], steps=3, sampler=alias, seed=0), a)
+
+
+# --- guidance interval ---------------------------------------------------------------------------
+
+
+def _guided_steps(model) -> list[int]:
+    """Timesteps of the calls that ran guidance partners (batch 2B with null labels)."""
+    return [int(t[0]) for _, t, y in model.calls if (y == model.null_label).any()]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_guidance_interval_guides_exactly_the_steps_inside_it(sampler):
+    model = RecordingModel()
+    sample(model, [1, 2], steps=10, sampler=sampler, cfg_scale=4.0, seed=0, guidance_interval=(300, 700))
+    assert _guided_steps(model) == [666, 555, 444, 333]
+    for x, t, _ in model.calls:  # outside the interval: the conditional half alone
+        assert x.shape[0] == (4 if int(t[0]) in (666, 555, 444, 333) else 2)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_full_interval_is_plain_guided_sampling_and_an_empty_one_is_unguided(sampler):
+    kw = dict(steps=6, sampler=sampler, seed=4, eta=1.0)
+    plain = sample(RecordingModel(), [1, 2], cfg_scale=4.0, **kw)
+    assert np.array_equal(sample(RecordingModel(), [1, 2], cfg_scale=4.0, guidance_interval=(0, 999), **kw), plain)
+    model = RecordingModel()
+    none_guided = sample(model, [1, 2], cfg_scale=4.0, guidance_interval=(1, 150), **kw)  # steps: 999..0 by 200
+    assert _guided_steps(model) == []
+    assert np.array_equal(none_guided, sample(RecordingModel(), [1, 2], cfg_scale=1.0, **kw))
+
+
+def test_guidance_interval_on_the_bundled_model_is_bit_exact_at_its_ends():
+    """With a real (batch-invariant) model: the conditional half run alone equals it beside its partner."""
+    model = terdit_edge.load_model(Pipeline.load().path, threads=2)
+    kw = dict(steps=8, sampler="ddim", seed=3)
+    plain = sample(model, [3, 8], cfg_scale=4.0, **kw)
+    assert np.array_equal(sample(model, [3, 8], cfg_scale=4.0, guidance_interval=(0, 999), **kw), plain)
+    assert np.array_equal(sample(model, [3, 8], cfg_scale=4.0, guidance_interval=(500, 501), **kw),
+                          sample(model, [3, 8], cfg_scale=1.0, **kw))
+    part = sample(model, [3, 8], cfg_scale=4.0, guidance_interval=(0, 500), **kw)
+    assert not np.array_equal(part, plain)
+
+
+@pytest.mark.parametrize("interval", [(5, 2), (-1, 10), (0, 1000), (0,), "0,9", (0, float("nan")), (True, 5)])
+def test_bad_guidance_intervals_are_refused(interval):
+    with pytest.raises(InputError, match="guidance_interval"):
+        sample(RecordingModel(), [1], steps=2, cfg_scale=4.0, guidance_interval=interval)
+
+
+# --- the sampler registry --------------------------------------------------------------------------
+
+
+def test_registry_names_defaults_and_aliases():
+    assert tuple(SAMPLER_REGISTRY) == SAMPLERS == ("ddpm", "ddim", "dpm++2m")
+    assert SAMPLER_REGISTRY["ddpm"].default_steps == 250 and SAMPLER_REGISTRY["ddim"].default_steps == 50
+    assert sampler_class("DPM-Solver++") is SAMPLER_REGISTRY["dpm++2m"]
+    with pytest.raises(InputError, match="choose one of"):
+        sampler_class("euler")
+    model = RecordingModel()
+    sample(model, [1], sampler="ddim", cfg_scale=1.0)  # steps=None: the sampler's default
+    assert len(model.calls) == 50
+
+
+def test_a_registered_sampler_is_usable_by_name_everywhere(monkeypatch):
+    """Adding a sampler is one class and one registration: sample() and the CLI pick it up."""
+    monkeypatch.setattr(diffusion, "SAMPLER_REGISTRY", dict(SAMPLER_REGISTRY))
+    monkeypatch.setattr(diffusion, "_SAMPLER_ALIASES", dict(diffusion._SAMPLER_ALIASES))
+
+    @diffusion.register_sampler
+    class X0(diffusion.Sampler):
+        """Jumps to the predicted x0 at once (a test sampler)."""
+        name = "x0-test"
+        default_steps = 3
+
+        def step(self, j, x, model_out, noise):
+            return diffusion.predict_x0(self.s, j, x, model_out[:, :x.shape[1]]).astype(np.float32)
+
+    model = RecordingModel()
+    out = sample(model, [2], sampler="x0-test", cfg_scale=1.0, seed=1)
+    assert len(model.calls) == 3 and out.shape == (1, 4, 8, 8) and np.isfinite(out).all()
+    monkeypatch.setattr("terdit_edge.cli.SAMPLER_REGISTRY", diffusion.SAMPLER_REGISTRY)
+    from terdit_edge.cli import build_parser
+    args = build_parser().parse_args(["generate", "--sampler", "x0-test"])
+    assert args.sampler == "x0-test"

@@ -41,7 +41,7 @@ def tiny_run(td, tmp_path_factory):
 
 
 def expected_shapes(dim, n_layers, patch_size, in_channels=1, num_classes=10):
-    """The TerDiT QAT key layout (docs/terdit-model.md section 1) for the given config."""
+    """The TerDiT QAT key layout (docs/model.md §2-3) for the given config."""
     cond = min(dim, 1024)
     ffn = 256 * math.ceil(int(2 * 4 * dim / 3) / 256)
     ppc = patch_size * patch_size * in_channels
@@ -73,7 +73,8 @@ def test_model_args_load_with_weights_only_and_describe_the_model(tiny_run):
         margs = torch.load(tiny_run / "model_args.pth", weights_only=True)
     assert isinstance(margs, argparse.Namespace)
     assert margs.model == "DiT_Llama_digits"
-    assert (margs.image_size, margs.num_classes, margs.in_channels, margs.vae, margs.qk_norm) == (16, 10, 1, "none", False)
+    got = (margs.image_size, margs.num_classes, margs.in_channels, margs.vae, margs.qk_norm)
+    assert got == (16, 10, 1, "none", False)
     assert (margs.dim, margs.n_layers, margs.n_heads, margs.patch_size) == (
         TINY["dim"], TINY["n_layers"], TINY["n_heads"], TINY["patch_size"])
     assert (margs.seed, margs.steps) == (0, 3)

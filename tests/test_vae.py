@@ -16,8 +16,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from terdit_edge.converters.vae import load_vae_checkpoint  # noqa: E402
 from terdit_edge.errors import ConvertError, FormatError, InputError  # noqa: E402
-from terdit_edge.vae import (CONV_METHODS, VAEConfig, VAEDecoder, conv3x3, expected_vae_tensors,  # noqa: E402
-                             group_norm, to_uint8)
+from terdit_edge.images import to_uint8  # noqa: E402
+from terdit_edge.kernels.conv import CONV_METHODS, conv3x3, group_norm  # noqa: E402
+from terdit_edge.vae import VAEDecoder  # noqa: E402
+from terdit_edge.vae_config import VAEConfig, expected_vae_tensors  # noqa: E402
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 THREE_LEVELS = dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=16)
@@ -423,7 +425,7 @@ def test_config_json_disagreeing_with_tensors_is_a_convert_error(tmp_path, small
 
 def test_to_uint8_clamps_and_rounds_as_specified():
     x = np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32)
-    images = np.broadcast_to(x[None, None, None, :], (1, 3, 1, 6))
-    got = to_uint8(images)
+    images = np.broadcast_to(x[None, None, :, None], (1, 1, 6, 3))  # decoder output, channels last
+    got = to_uint8((images + 1) / 2)
     assert got.shape == (1, 1, 6, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got[0, 0, :, 0], [0, 0, 128, 191, 255, 255])

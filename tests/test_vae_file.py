@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+import torch  # noqa: F401 - the converter tests below need torch; fail early without it
 from PIL import Image
 from safetensors.torch import save_file
 

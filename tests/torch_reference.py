@@ -1,4 +1,4 @@
-"""An independent PyTorch TerDiT, written from docs/terdit-model.md, for parity tests.
+"""An independent PyTorch TerDiT, written from the model's specification (docs/model.md), for parity tests.
 
 This is the yardstick terdit-edge is measured against, so it is written the way the authors' PyTorch
 code is organised (nn.Modules named like the checkpoint keys, a BitLinear-style ternary layer holding
@@ -370,16 +370,21 @@ class SpacedDiffusion:
 
 @torch.no_grad()
 def sample_latents(model: DiTLlama, labels, steps, sampler: str = "ddpm", cfg_scale: float = 4.0,
-                   seed: int = 0, eta: float = 0.0) -> np.ndarray:
+                   seed: int = 0, eta: float = 0.0, seeds=None) -> np.ndarray:
     """The authors' sampling loop (sample.py) for raw model labels; noise from the runtime's contract:
-    numpy default_rng(seed) draws the initial (B, C, H, W) float32 noise, then one such draw per step.
+    image k has its own generator numpy default_rng(seeds[k]) (seeds[k] = seed + k by default),
+    which draws its initial (C, H, W) float32 noise, then one such draw per step.
     Returns the final latents (B, C, H, W) float32 for the requested labels."""
     diffusion = SpacedDiffusion(steps)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     n = len(labels)
-    shape = (n, model.in_channels, model.input_size, model.input_size)
-    rng = np.random.default_rng(seed)
-    z = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+    image_shape = (model.in_channels, model.input_size, model.input_size)
+    rngs = [np.random.default_rng(s) for s in (seeds if seeds is not None else [seed + k for k in range(n)])]
+
+    def draw():
+        return torch.from_numpy(np.stack([r.standard_normal(image_shape, dtype=np.float32) for r in rngs]))
+
+    z = draw()
     guided = cfg_scale > 1.0
     if guided:
         z = torch.cat([z, z], dim=0)
@@ -388,7 +393,7 @@ def sample_latents(model: DiTLlama, labels, steps, sampler: str = "ddpm", cfg_sc
     else:
         model_fn = diffusion.wrap(lambda x, ts: model(x, ts, labels))
     for i in reversed(range(diffusion.num_timesteps)):
-        noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+        noise = draw()
         if guided:  # the second half is discarded by forward_with_cfg and by the caller
             noise = torch.cat([noise, noise], dim=0)
         t = torch.full((z.shape[0],), i, dtype=torch.int64)

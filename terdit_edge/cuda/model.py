@@ -3,7 +3,7 @@
 :class:`CudaDiT` is a :class:`~terdit_edge.model.TernaryDiT` whose ``__call__`` runs every op as a
 kernel of :mod:`terdit_edge.cuda.kernels` on device buffers. Per call only x, t and y go up
 (B * (C*H*W + 2) numbers) and the model output comes back. The math and its order are those of
-TernaryDiT (the facts page, section 1), so the NumPy model is its reference in the tests.
+TernaryDiT (docs/model.md §2), so the NumPy model is its reference in the tests.
 """
 from __future__ import annotations
 

@@ -15,23 +15,29 @@ from typing import Callable
 from ..errors import BackendError, InputError
 from .base import ACTIVATION_MODES, TernaryWeight
 
-# name -> (module path, factory attribute); modules import lazily so that a missing optional
-# dependency only matters when that backend is asked for.
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "numpy": ("terdit_edge.kernels.reference", "NumpyBackend"),
-    "cython": ("terdit_edge.kernels.cython_backend", "CythonBackend"),
-    "numba": ("terdit_edge.kernels.numba_backend", "NumbaBackend"),
-    "cuda": ("terdit_edge.kernels.cuda_backend", "CudaBackend"),
+# name -> (module path, factory attribute, device); modules import lazily so that a missing optional
+# dependency only matters when that backend is asked for. The shared tests loop over this table:
+# a CPU backend registered here is compared with the NumPy reference without editing a test.
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "numpy": ("terdit_edge.kernels.reference", "NumpyBackend", "cpu"),
+    "cython": ("terdit_edge.kernels.cython_backend", "CythonBackend", "cpu"),
+    "numba": ("terdit_edge.kernels.numba_backend", "NumbaBackend", "cpu"),
+    "cuda": ("terdit_edge.kernels.cuda_backend", "CudaBackend", "cuda"),
 }
 AUTO_ORDER = ("cython", "numba", "numpy")
 
-__all__ = ["get_backend", "available_backends", "register_backend", "TernaryWeight",
+__all__ = ["get_backend", "available_backends", "register_backend", "backend_names", "TernaryWeight",
            "ACTIVATION_MODES", "default_threads"]
 
 
-def register_backend(name: str, module: str, factory: str) -> None:
+def register_backend(name: str, module: str, factory: str, device: str = "cpu") -> None:
     """Make a backend selectable by name (its module is imported on first use)."""
-    _REGISTRY[name] = (module, factory)
+    _REGISTRY[name] = (module, factory, device)
+
+
+def backend_names(device: str | None = None) -> tuple[str, ...]:
+    """Registered backend names, in registration order; only those of `device` ("cpu", "cuda") if given."""
+    return tuple(n for n, entry in _REGISTRY.items() if device is None or entry[2] == device)
 
 
 def default_threads() -> int:
@@ -43,7 +49,7 @@ def default_threads() -> int:
 
 
 def _factory(name: str) -> Callable:
-    module, attr = _REGISTRY[name]
+    module, attr, _ = _REGISTRY[name]
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
@@ -62,6 +68,18 @@ def available_backends() -> dict[str, str]:
         except BackendError as e:
             status[name] = str(e)
     return status
+
+
+def batch_invariance() -> dict[str, bool]:
+    """Each registered backend -> whether it promises batch-invariant images (docs/reproducibility.md).
+    Backends whose module cannot be imported here count as not promising it."""
+    out = {}
+    for name in _REGISTRY:
+        try:
+            out[name] = bool(getattr(_factory(name), "batch_invariant", False))
+        except BackendError:
+            out[name] = False
+    return out
 
 
 def get_backend(name: str = "auto", threads: int | None = None, activations: str = "fp32"):

@@ -37,6 +37,8 @@ class CudaBackend(NumpyBackend):
     """Numba CUDA kernels. ``threads`` is accepted for a uniform signature and ignored."""
 
     name = "cuda"
+    # its own forward (build_model) and kernels; not checked for batch invariance (CI has no GPU)
+    batch_invariant = False
 
     def __init__(self, threads: int = 1, activations: str = "fp32"):
         super().__init__(threads=threads, activations=activations)
@@ -191,7 +193,8 @@ class CudaBackend(NumpyBackend):
         x[...] = x2.copy_to_host().reshape(x.shape)
         return x
 
-    def dense(self, x, weight, bias=None):
+    def dense(self, x, weight, bias=None, rows_per_image=None):
+        # one GPU thread per output: each row's sums do not depend on the batch (rows_per_image unused)
         y = self._empty((x.shape[0], weight.shape[0]))
         self._k.dense(self._up(x), self._up(weight), None if bias is None else self._up(bias), y)
         return y.copy_to_host()

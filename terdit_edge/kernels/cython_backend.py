@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..errors import InputError
-from .base import TernaryWeight, activation_bits
+from .base import TernaryWeight, activation_bits, check_matmul_args
 from .reference import NumpyBackend
 
 # OpenMP threads that finish a kernel early, or wait for the next one, spin only briefly (1000
@@ -71,6 +71,9 @@ class CythonBackend(NumpyBackend):
     """C kernels: ternary matmul in fp32 or int8 activation mode, fused per-token ops."""
 
     name = "cython"
+    # the table GEMMs (AVX2 from 2 tokens, NEON and portable from TD_LUT_MIN_M = 8) sum each token in
+    # an order fixed by K; fewer tokens stream the weights (GEMV), summing in another order
+    invariant_min_rows = 8
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -85,13 +88,7 @@ class CythonBackend(NumpyBackend):
     # --- ternary linear -------------------------------------------------------------------
     def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
         """x float32 (M, K) -> float32 (M, N) = alpha * x Q^T + bias; into `out` when given."""
-        x = np.asarray(x)
-        if x.ndim != 2:
-            raise InputError(f"ternary_matmul expects x of shape (M, K), got {x.shape}")
-        if x.shape[1] != w.k:
-            raise InputError(f"ternary layer {w.name or '(unnamed)'} expects K = {w.k} input features, "
-                             f"got x with shape {x.shape}")
-        x = _f32(x, "x")
+        x = check_matmul_args(x, w, out)
         m = x.shape[0]
         if out is None:
             out = np.empty((m, w.n), dtype=np.float32)

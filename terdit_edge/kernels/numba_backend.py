@@ -60,8 +60,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
-from .base import TernaryWeight, activation_bits
+from .base import TernaryWeight, activation_bits, check_matmul_args
 from .reference import NumpyBackend, quantize_rows
 
 try:
@@ -524,6 +523,7 @@ class NumbaBackend(NumpyBackend):
     """Ternary matmul compiled by Numba (fp32, int8 and int10 modes); other ops from the reference."""
 
     name = "numba"
+    invariant_min_rows = _SMALL_M  # the tiled kernels from _SMALL_M tokens; the per-token tables below
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -536,16 +536,10 @@ class NumbaBackend(NumpyBackend):
 
     def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
         """x float32 (M, K) -> float32 (M, N) = alpha * x Q^T + bias; into `out` when given."""
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != w.k:
-            raise InputError(f"ternary layer {w.name or '(unnamed)'} expects x of shape (M, {w.k}), got {x.shape}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = check_matmul_args(x, w, out)
         m = x.shape[0]
         if out is None:
             out = np.empty((m, w.n), dtype=np.float32)
-        elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (m, w.n)
-              or not out.flags.writeable):
-            raise InputError(f"out must be a writable float32 array of shape {(m, w.n)}")
         if m == 0 or w.n == 0:
             return out
         self._set_threads()

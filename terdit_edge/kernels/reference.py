@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..packing import unpack_ternary_2bit
-from .base import TernaryWeight, activation_bits
+from .base import TernaryWeight, activation_bits, check_matmul_args
 
 try:  # threadpoolctl bounds BLAS threads so that `threads=` holds for the dense matmuls too
     from threadpoolctl import ThreadpoolController
@@ -103,6 +103,13 @@ class NumpyBackend:
     """
 
     name = "numpy"
+    # ternary_matmul computes every row by itself (same summation order whatever the row count) in
+    # calls of at least this many rows; below it a backend may switch to a small-batch kernel that
+    # sums in another order. The model runs layers with fewer rows per image image by image.
+    invariant_min_rows = 1
+    # whether an image's numbers are promised (and tested) to be the same in every batch and with
+    # any thread count (docs/reproducibility.md); `terdit-edge info` shows it
+    batch_invariant = True
 
     def __init__(self, threads: int = 1, activations: str = "fp32"):
         self.threads = threads
@@ -125,7 +132,7 @@ class NumpyBackend:
     # --- ternary linear -------------------------------------------------------------------
     def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
         """x float32 (M, K) -> float32 (M, N); written into `out` when given."""
-        y = ternary_matmul_reference(x, w, self.activations)
+        y = ternary_matmul_reference(check_matmul_args(x, w, out), w, self.activations)
         if out is None:
             return y
         out[...] = y
@@ -201,12 +208,26 @@ class NumpyBackend:
         x += gate[:, None, :] * y
         return x
 
-    def dense(self, x, weight, bias=None):
-        """Full-precision linear: x (M, K) @ weight(N, K)^T + bias."""
-        # the conditioning layers are tiny (M = batch): waking BLAS threads costs more than they save
-        small = x.shape[0] * weight.shape[0] * weight.shape[1] < _SMALL_DENSE_FLOPS
-        with self.thread_limit(1 if small else None):
-            y = x @ weight.T
+    def dense(self, x, weight, bias=None, rows_per_image=None):
+        """Full-precision linear: x (M, K) @ weight(N, K)^T + bias.
+
+        With ``rows_per_image`` (batch invariance): the rows of each image are multiplied in a BLAS
+        call of their own, on one thread, so an image's result depends neither on the other images
+        of the batch (BLAS kernels and thread splits change with the row count) nor on ``threads``.
+        The model's dense layers are small (the embedders and the final layer) next to its ternary
+        layers, so this costs little.
+        """
+        if rows_per_image is not None:
+            y = np.empty((x.shape[0], weight.shape[0]), dtype=np.result_type(x, weight))
+            wt = weight.T
+            with self.thread_limit(1):
+                for r0 in range(0, x.shape[0], rows_per_image):
+                    np.matmul(x[r0:r0 + rows_per_image], wt, out=y[r0:r0 + rows_per_image])
+        else:
+            # the conditioning layers are tiny (M = batch): waking BLAS threads costs more than they save
+            small = x.shape[0] * weight.shape[0] * weight.shape[1] < _SMALL_DENSE_FLOPS
+            with self.thread_limit(1 if small else None):
+                y = x @ weight.T
         if bias is not None:
             y += bias
         return y
