@@ -87,7 +87,8 @@ def main():
         print(json.dumps(res, indent=2))
         return
     print(f"terdit-edge generate, 600M + SD-VAE ({res['file_mb']:.0f} MB file), {a.size}px, {a.steps} DDIM steps, "
-          f"activations {a.activations}, vae_tile {a.vae_tile}: {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB "
+          f"activations {a.activations}, vae_tile {a.vae_tile}: {res['seconds']:.1f} s, "
+          f"peak RSS {res['peak_rss_mb']:.0f} MB "
           f"(after import: {res['rss_after_import_mb']:.0f} MB)")
 
 

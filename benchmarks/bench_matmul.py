@@ -130,9 +130,10 @@ def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
 
 
 def blas_reference(x: np.ndarray, q: np.ndarray, alpha: float, mode: str) -> np.ndarray:
-    """The expected output of every row, by float64 BLAS (the gather-based reference is too slow at M = 512): fp32 mode, the
-    float64 sums alpha * x Q^T rounded once; integer modes, the reference's quantized rows, whose
-    integer sums float64 holds exactly, scaled as ternary_matmul_reference does (bit-equal to it)."""
+    """The expected output of every row, by float64 BLAS (the gather-based reference is too slow at
+    M = 512): fp32 mode, the float64 sums alpha * x Q^T rounded once; integer modes, the reference's
+    quantized rows, whose integer sums float64 holds exactly, scaled as ternary_matmul_reference does
+    (bit-equal to it)."""
     q64 = q.astype(np.float64)
     bits = activation_bits(mode)
     if not bits:
@@ -167,7 +168,7 @@ def bench_shape(m, k, n, threads, repeat, backends, rng, modes=("fp32", "int8", 
             b = get_backend(name, threads=threads, activations=mode)
             out = np.empty((m, n), np.float32)
             r = repeat if name != "numba" or m < 64 else max(1, min(repeat, 2))
-            t = timeit(lambda: b.ternary_matmul(x, w, out=out), r)
+            t = timeit(lambda b=b, out=out: b.ternary_matmul(x, w, out=out), r)
             rows.append(dict(method=f"{name}", mode=mode, **t, rel_err=rel_err(out, reference(mode))))
     run = ort_matmulnbits(q, alpha, threads)
     if run is not None:

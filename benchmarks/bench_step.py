@@ -220,7 +220,8 @@ def main():
                 import torch  # noqa: F401
                 save = os.path.join(tmp, f"torch-{th}.npy")
                 r = run_worker("torch", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
-                                         "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config, "--save", save])
+                                         "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                         "--save", save])
                 r.update(name="pytorch float32", threads=th)
                 rows.append(r)
                 base = r.get("seconds")
@@ -238,7 +239,8 @@ def main():
             for act in args.modes.split(","):
                 save = os.path.join(tmp, f"{be}-{act}-{th}.npy")
                 r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act, "--threads", str(th),
-                                        "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config, "--save", save])
+                                        "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                        "--save", save])
                 r.update(name=f"terdit-edge {be} {act}", threads=th)
                 if base and "seconds" in r:
                     r["speedup_vs_torch"] = base / r["seconds"]

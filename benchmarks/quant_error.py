@@ -88,7 +88,10 @@ def per_block(block: int, bits: int = 8):
     return q
 
 
-def clipped_per_token(bits: int = 8, candidates=tuple(np.arange(10, 2, -1) / 10)):
+CLIP_CANDIDATES = tuple(c / 10 for c in range(10, 2, -1))  # 1.0, 0.9, ..., 0.3
+
+
+def clipped_per_token(bits: int = 8, candidates=CLIP_CANDIDATES):
     lim = np.float32((1 << (bits - 1)) - 1)
 
     def q(x):
@@ -203,7 +206,8 @@ def main():
         print("      t   int8 vs fp32   int10 vs fp32")
         for t, v in r["rel_l2_vs_fp32"].items():
             print(f"  {t:5d}   {v['int8']:11.2%}   {v['int10']:12.2%}")
-        print(f"  range   {r['min']['int8']:.2%}-{r['max']['int8']:.2%}   {r['min']['int10']:.2%}-{r['max']['int10']:.2%}")
+        lo, hi = r["min"], r["max"]
+        print(f"  range   {lo['int8']:.2%}-{hi['int8']:.2%}   {lo['int10']:.2%}-{hi['int10']:.2%}")
     if "step" in report:
         r = report["step"]
         print(f"\n{r['config']} config (random weights), one guided step at t = {r['t']}, class {r['class']}, "

@@ -60,7 +60,7 @@ def main(paths) -> int:
                 for name, (value, spec) in figures.items():
                     entry.setdefault(name, ([], spec))[0].append(value)
     print(f"{len(paths)} runs; each figure: median [min-max] over the runs")
-    for (kind, key), figures in table.items():
+    for (_kind, key), figures in table.items():
         cols = "  ".join(f"{name} {fmt(vals, spec)}" for name, (vals, spec) in figures.items()
                          if any(v is not None for v in vals))
         print(f"{' | '.join(map(str, key)):58s} {cols}")

@@ -213,11 +213,13 @@ FORWARD_CONFIG = dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, c
 
 
 def _forward_check(activations, atol, **overrides):
+    # the child runs this file as a script: tests/ is sys.path[0], so conftest imports as a module
+    from conftest import build_model_file
+
     import terdit_edge
     from terdit_edge.cuda.model import CudaDiT
     from terdit_edge.format import read_tdit
     from terdit_edge.model import model_from_file
-    from conftest import build_model_file  # the child runs this file as a script: tests/ is sys.path[0]
 
     with tempfile.TemporaryDirectory() as d:
         path = build_model_file(d, **{**FORWARD_CONFIG, **overrides})

@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from terdit_edge.kernels import available_backends
 from tests.conftest import child_env, skip_unavailable_backend
 
