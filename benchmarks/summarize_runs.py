@@ -55,7 +55,11 @@ def main(paths) -> int:
     table: dict = {}
     for p in paths:
         with open(p) as f:
-            for kind, key, figures in rows_of(json.load(f)):
+            try:
+                doc = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{p}: not a benchmark's --json output ({e})") from None
+            for kind, key, figures in rows_of(doc):
                 entry = table.setdefault((kind, key), {})
                 for name, (value, spec) in figures.items():
                     entry.setdefault(name, ([], spec))[0].append(value)
