@@ -57,7 +57,7 @@ def extensions():
     ext = Extension(
         "terdit_edge._ternary",
         sources=["src_cy/_ternary.pyx", "src_cy/ternary_gemm.c", "src_cy/ternary_avx2.c",
-                 "src_cy/ternary_neon.c", "src_cy/ternary_lut.c"],
+                 "src_cy/ternary_neon.c", "src_cy/ternary_lut.c", "src_cy/ternary_avx512.c"],
         include_dirs=["src_cy"],
     )
     return cythonize([ext], compiler_directives={"language_level": "3", "boundscheck": False,

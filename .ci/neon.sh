@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ARM proof of the C kernels: cross-compile src_cy/*.c and the harness (src_cy/tests/test_kernels.c)
 # for aarch64, run it under qemu-aarch64-static on a CPU without the dot-product extension
-# (cortex-a53: plain NEON path) and on one with it (max: SDOT path), then build and run the same
-# harness natively (x86: scalar vs AVX2). The harness compares every path against its own naive
+# (cortex-a53: plain NEON path), one with it but without i8mm (cortex-a76: SDOT path, i8mm skipped)
+# and one with both (max: SMMLA path), then build and run the same harness natively (x86: scalar,
+# AVX2 and, where the CPU has it, AVX-512). The harness compares every path against its own naive
 # reference and exits non-zero on any mismatch; so does this script.
 #
 # Usage: .ci/neon.sh        (from anywhere in a clone; installs its apt packages when missing)
@@ -22,9 +23,9 @@ fi
 
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-src=(src_cy/ternary_gemm.c src_cy/ternary_avx2.c src_cy/ternary_neon.c src_cy/ternary_lut.c src_cy/tests/test_kernels.c)
+src=(src_cy/ternary_gemm.c src_cy/ternary_avx2.c src_cy/ternary_avx512.c src_cy/ternary_neon.c src_cy/ternary_lut.c src_cy/tests/test_kernels.c)
 
-# -O2 and no -march: the dot-product kernel carries its own target attribute and is chosen at run
+# -O2 and no -march: the dot-product and i8mm kernels carry their own target attributes and are chosen at run
 # time, exactly as in the Python extension. Static, so qemu needs no aarch64 sysroot.
 aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Wextra -Werror -fopenmp -static -Isrc_cy "${src[@]}" -lm \
     -o "$out/test_kernels_arm64" 2> >(grep -v "dlopen\|oacc-profiling" >&2 || true)
@@ -38,7 +39,8 @@ run_arm() {  # cpu expected-isa
     fi
 }
 run_arm cortex-a53 neon           # ARMv8.0: no SDOT, plain NEON + scalar tested
-run_arm max neon-dotprod          # SDOT available: plain NEON, dot-product and scalar tested
+run_arm cortex-a76 neon-dotprod   # SDOT, no i8mm: the i8mm table must be skipped (falls back)
+run_arm max neon-i8mm             # SDOT and i8mm (SMMLA): scalar, NEON, dot-product and i8mm tested
 
 echo "== native $(uname -m)"
 cc -O2 -std=c11 -Wall -Wextra -Werror -fopenmp -Isrc_cy "${src[@]}" -lm -o "$out/test_kernels_native"

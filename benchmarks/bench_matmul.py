@@ -9,9 +9,11 @@ TerDiT-600M projections at batch 2 x 256 tokens (M = 512) and the per-step condi
 (M = 1, 2). The baseline is `x @ W.T` with W = alpha * Q dense float32, timed in the same run
 under the same thread limit; ops are counted as 2 M N K for every method. When onnxruntime and
 onnx are importable, onnxruntime's MatMulNBits (com.microsoft, bits=2, block_size=32,
-accuracy_level=4) runs the same ternary weights as a third reference (`pip install ".[bench]"`
-installs both; a skipped baseline is printed). The fused C attention is timed against the NumPy/BLAS
-reference attention on one shape (B x T x H x Hkv x hd, TerDiT-600M by default).
+accuracy_level=4) runs the same ternary weights as a third reference; when torch is importable,
+PyTorch float32 and, on CPUs with native bf16 (AVX512_BF16, AMX), bfloat16 on the dense weights (the
+bf16 row's rel err is against PyTorch float32). `pip install ".[bench]"` installs every baseline; a
+skipped baseline is printed. The fused C attention is timed against the NumPy/BLAS reference attention
+on one shape (B x T x H x Hkv x hd, TerDiT-600M by default).
 
 Same treatment for every method: NumPy and terdit-edge write into an output buffer allocated once
 (`np.matmul(x, W.T, out=buf)` / `ternary_matmul(x, w, out=buf)`); onnxruntime returns a new array
@@ -143,6 +145,38 @@ def blas_reference(x: np.ndarray, q: np.ndarray, alpha: float, mode: str) -> np.
     return sums.astype(np.float32) * (scale[:, None] * np.float32(alpha))
 
 
+def torch_matmul_rows(q: np.ndarray, alpha: float, x: np.ndarray, threads: int, repeat: int, reference) -> list[dict]:
+    """PyTorch on the same dense weights in float32 and, where the CPU has native bf16 (AVX512_BF16 or
+    AMX-BF16), in bfloat16 (inputs and weights converted beforehand, as a bf16 model holds them), same
+    threads, each writing into a preallocated output (`torch.mm(x, W.t(), out=buf)`, what F.linear
+    computes). The float32 row's rel err is against the reference, the bf16 row's against PyTorch
+    float32's output; both from the timed calls' output. [] without torch."""
+    try:
+        import torch
+    except ImportError:
+        skipped_baseline("PyTorch float32 / bfloat16: torch is not installed (pip install '.[bench]')")
+        return []
+    from terdit_edge.kernels.cpu import _proc_flags
+    torch.set_num_threads(threads)
+    version = torch.__version__.split("+")[0]
+    w32, x32 = torch.from_numpy(q.astype(np.float32) * np.float32(alpha)), torch.from_numpy(x)
+    y32 = torch.empty((x.shape[0], q.shape[0]), dtype=torch.float32)
+    with torch.no_grad():
+        w32t = w32.t()
+        t = timeit(lambda: torch.mm(x32, w32t, out=y32), repeat)
+        rows = [dict(method=f"torch {version} float32", mode="fp32", **t,
+                     rel_err=rel_err(y32.numpy(), reference("fp32")))]
+        if {"avx512_bf16", "amx_bf16"} & _proc_flags():
+            xb, wbt = x32.to(torch.bfloat16), w32.to(torch.bfloat16).t()
+            yb = torch.empty(y32.shape, dtype=torch.bfloat16)
+            t = timeit(lambda: torch.mm(xb, wbt, out=yb), repeat)
+            rows.append(dict(method=f"torch {version} bfloat16", mode="bf16", **t,
+                             rel_err=rel_err(yb.float().numpy(), y32.numpy())))
+        else:
+            skipped_baseline("PyTorch bfloat16: this CPU has no native bf16 (AVX512_BF16 / AMX-BF16)")
+    return rows
+
+
 def bench_shape(m, k, n, threads, repeat, backends, rng, modes=("fp32", "int8", "int10")):
     q = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
     alpha = 0.05
@@ -180,6 +214,7 @@ def bench_shape(m, k, n, threads, repeat, backends, rng, modes=("fp32", "int8", 
         t = timeit(call, repeat)
         rows.append(dict(method="onnxruntime MatMulNBits 2-bit", mode="acc4", **t,
                          rel_err=rel_err(last["y"], reference("fp32"))))
+    rows.extend(torch_matmul_rows(q, alpha, x, threads, repeat, reference))  # PyTorch float32 and native bf16
     base = rows[0]["median_s"]
     for row in rows:
         row.update(M=m, K=k, N=n, gops=ops / row["median_s"] / 1e9, speedup_vs_numpy=base / row["median_s"])

@@ -1,4 +1,5 @@
-"""One guided denoising step of a TerDiT-600M-config model: terdit-edge vs PyTorch float32.
+"""One guided denoising step of a TerDiT-600M-config model: terdit-edge vs PyTorch float32 (and
+bfloat16 where the CPU has native bf16: AVX512_BF16 or AMX).
 
     python benchmarks/bench_step.py [--json] [--threads 1,2] [--repeat 3] [--config 600m]
                                     [--backends cython,numba] [--modes fp32,int8,int10] [--skip-torch]
@@ -9,6 +10,10 @@ $TERDIT_BENCH_CACHE, default ~/.cache/terdit-edge-bench) and converted with the 
 The step is the model forward on batch 2 (one image: the conditional and the null label, 256 tokens
 at 256 px) plus the guidance mix. PyTorch runs the same weights dequantized (alpha * Q as float32
 nn.Linear) in the independent reference implementation from tests/torch_reference.py.
+
+Where the CPU has native bf16, PyTorch bfloat16 (nn.Linear weights in bf16, run under CPU autocast)
+runs beside float32 with the same threads; its row shows its time against float32 ("vs torch") and
+the relative L2 error of its output against PyTorch float32.
 
 Each measurement runs in its own subprocess so that its peak RSS (VmHWM) is its own. Ratios
 are against PyTorch float32 measured in the same run; the integer rows (int8, int10) also report the
@@ -116,7 +121,16 @@ def dequantize_in_place(torch, ref, model) -> None:
         del child, weight
 
 
-def worker_torch(args) -> dict:
+def native_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX512_BF16 or AMX-BF16; on Linux from
+    /proc/cpuinfo): only there is PyTorch bfloat16 a baseline a user would pick (issue 16)."""
+    from terdit_edge.kernels.cpu import _proc_flags
+    return bool({"avx512_bf16", "amx_bf16"} & _proc_flags())
+
+
+def worker_torch(args, bf16: bool = False) -> dict:
+    import contextlib
+
     import numpy as np
     import torch
 
@@ -133,19 +147,41 @@ def worker_torch(args) -> dict:
     del sd
     dequantize_in_place(torch, ref, model)
     model.eval()
+    if bf16:  # linear weights held in bfloat16, run under autocast; norms, embeddings and the rest in fp32
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.to(torch.bfloat16)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     x, t, y = _inputs(args.config)
     xx = torch.from_numpy(np.concatenate([x, x]))
     tt = torch.full((2,), t, dtype=torch.int64)
     yy = torch.tensor([int(y[0]), cfg["num_classes"]])
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), ctx:
         out = model.forward_with_cfg(xx, tt, yy, 4.0)
         for _ in range(args.repeat):
             t0 = _clock(args)()
             out = model.forward_with_cfg(xx, tt, yy, 4.0)
             times.append(_clock(args)() - t0)
-    np.save(args.save, out[:1].numpy())
-    return {**_time_stats(times), "backend": f"torch {torch.__version__} float32"}
+    np.save(args.save, out[:1].float().numpy())
+    return {**_time_stats(times), "backend": f"torch {torch.__version__} {'bfloat16' if bf16 else 'float32'}"}
+
+
+def torch_bf16_row(ck, tdit, cfg_path, th, args, tmp, f32_save, f32_seconds) -> dict:
+    """PyTorch bfloat16 (native bf16 CPUs only): the same step, its time relative to float32 and the
+    relative L2 error of its guided output against PyTorch float32."""
+    import numpy as np
+    save = os.path.join(tmp, f"torch-bf16-{th}.npy")
+    r = run_worker("torch-bf16", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
+                                  "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                  "--save", save])
+    r.update(name="pytorch bfloat16", threads=th)
+    if "seconds" in r and f32_seconds:
+        r["speedup_vs_torch"] = f32_seconds / r["seconds"]
+    if os.path.exists(save) and os.path.exists(f32_save):
+        a, b = np.load(f32_save), np.load(save)
+        r["rel_l2_vs_fp32"] = float(np.linalg.norm(b - a) / np.linalg.norm(a))
+    return r
 
 
 def peak_rss_mb() -> float:
@@ -196,7 +232,7 @@ def main():
 
     if args.worker:
         args.threads = int(args.threads)
-        res = worker_ours(args) if args.worker == "ours" else worker_torch(args)
+        res = worker_ours(args) if args.worker == "ours" else worker_torch(args, bf16=args.worker == "torch-bf16")
         res["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
@@ -214,7 +250,7 @@ def main():
     rows = []
     import numpy as np
     for th in threads:
-        base = None
+        base = base_bf16 = None
         if not args.skip_torch:
             try:
                 import torch  # noqa: F401
@@ -225,6 +261,12 @@ def main():
                 r.update(name="pytorch float32", threads=th)
                 rows.append(r)
                 base = r.get("seconds")
+                if native_bf16():  # beside float32, same threads, with its error vs float32
+                    rows.append(torch_bf16_row(ck, tdit, cfg_path, th, args, tmp, save, base))
+                    base_bf16 = rows[-1].get("seconds")
+                elif th == threads[0]:
+                    print("SKIPPED baseline: PyTorch bfloat16 (this CPU has no native bf16: AVX512_BF16 / AMX-BF16)",
+                          file=sys.stderr)
             except ImportError:
                 print("SKIPPED baseline: torch is not installed (pip install '.[bench]'); "
                       "no PyTorch row and no ratios", file=sys.stderr)
@@ -244,6 +286,8 @@ def main():
                 r.update(name=f"terdit-edge {be} {act}", threads=th)
                 if base and "seconds" in r:
                     r["speedup_vs_torch"] = base / r["seconds"]
+                if base_bf16 and "seconds" in r:
+                    r["speedup_vs_torch_bf16"] = base_bf16 / r["seconds"]
                 if os.path.exists(save):
                     outs[act] = np.load(save)
                 if act != "fp32" and "fp32" in outs and act in outs:
@@ -275,6 +319,8 @@ def main():
         notes = [f"[{r['best']:.3f}-{r['worst']:.3f}]"]
         if "rel_l2_vs_fp32" in r:
             notes.append(f"rel L2 vs fp32 {r['rel_l2_vs_fp32']:.2%}")
+        if "speedup_vs_torch_bf16" in r:
+            notes.append(f"{r['speedup_vs_torch_bf16']:.2f}x vs torch bf16")
         if "max_abs_vs_torch_over_std" in r:
             notes.append(f"max|diff| vs torch / std {r['max_abs_vs_torch_over_std']:.1e}")
         print(f"{r['name']:28s} {r['threads']:3d} {r['seconds']:8.3f} "

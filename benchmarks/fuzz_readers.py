@@ -14,8 +14,8 @@ Readers and what counts as a failure:
   and an allow-list, then config inference and the tensor build). Input: a .pth file's bytes. Must be
   refused with a terdit_edge error or convert.
 * ``vae-checkpoint``: the converter's reader of VAE files (safetensors with diffusers names).
-* ``cli``: the CLI's argument parsing. Input: NUL-separated arguments. Must parse or exit with
-  argparse's usage error (SystemExit 2).
+* ``cli``: the CLI's argument parsing. Input: NUL-separated arguments. Must parse, or exit with
+  argparse's usage error (SystemExit 2) or after --help / --version (SystemExit 0).
 
 Any other exception, a crash of the process, or an input running longer than `--timeout` seconds is a
 finding: libFuzzer stops, prints the input and writes it as crash-*/timeout-* under the run's
@@ -151,7 +151,7 @@ def run_reader(reader: str, inputs: int, timeout: int, workdir: str) -> int:
             try:
                 parser.parse_args(argv)
             except SystemExit as e:
-                if e.code != 2:
+                if e.code not in (0, 2):  # 0: --help / --version; 2: a usage error
                     raise
             return
         with open(path, "wb") as f:

@@ -12,20 +12,28 @@ import numpy as np
 
 from terdit_edge.errors import InputError
 
-_ISA_BY_NAME = {"scalar": TD_ISA_SCALAR, "avx2": TD_ISA_AVX2, "neon": TD_ISA_NEON,
-                "neon-dotprod": TD_ISA_NEON_DOT}
+_ISA_BY_NAME = {td_isa_name(i).decode(): i for i in range(TD_ISA_COUNT)}
 
 
 def cpu_features():
-    """What the extension detected: dict of avx2, fma, neon, dotprod, openmp (bools), threads,
-    best_isa and isa (the path in use)."""
+    """What the extension detected: dict of avx2, fma, avx512 (F/BW/VL/DQ/VNNI with OS-enabled
+    ZMM state), avx512vbmi, neon, dotprod, openmp (bools), threads, best_isa, isa (the path in use)
+    and isas (every path this CPU and build can run)."""
     cdef int f = td_cpu_flags()
     return {
         "avx2": bool(f & TD_CPU_AVX2), "fma": bool(f & TD_CPU_FMA),
-        "neon": bool(f & TD_CPU_NEON), "dotprod": bool(f & TD_CPU_DOTPROD),
+        "avx512": bool(f & TD_CPU_AVX512), "avx512vbmi": bool(f & TD_CPU_AVX512_VBMI),
+        "neon": bool(f & TD_CPU_NEON), "dotprod": bool(f & TD_CPU_DOTPROD), "i8mm": bool(f & TD_CPU_I8MM),
         "openmp": bool(td_openmp_enabled()), "threads": td_max_threads(),
         "best_isa": td_isa_name(td_best_isa()).decode(), "isa": td_isa_name(td_get_isa()).decode(),
+        "isas": supported_isas(),
     }
+
+
+def supported_isas():
+    """Names of every instruction-set path this CPU and build can run, scalar first, in id order
+    (each one a valid argument of set_isa)."""
+    return [td_isa_name(i).decode() for i in range(TD_ISA_COUNT) if td_isa_supported(i)]
 
 
 def get_isa():
@@ -34,15 +42,15 @@ def get_isa():
 
 
 def set_isa(name):
-    """Force a path ("scalar", or the best one the CPU has: "avx2", "neon", "neon-dotprod";
-    "best" restores the default). Process-wide; meant for tests and benchmarks."""
+    """Force a path: any name in supported_isas() ("scalar", "avx2", "avx512", "neon",
+    "neon-dotprod", "neon-i8mm"); "best" restores the default. Process-wide; meant for tests and benchmarks."""
     if name == "best":
         name = td_isa_name(td_best_isa()).decode()
     if name not in _ISA_BY_NAME:
         raise InputError(f"unknown ISA {name!r}; choose one of {sorted(_ISA_BY_NAME)} or 'best'")
     if td_set_isa(_ISA_BY_NAME[name]) != 0:
         raise InputError(f"this CPU or build cannot run the {name!r} kernels "
-                         f"(best available: {td_isa_name(td_best_isa()).decode()!r})")
+                         f"(supported here: {supported_isas()})")
 
 
 def set_force_parallel(bint on):

@@ -288,29 +288,45 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
 }
 
 
-int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads) {
-    const int64_t kb = td_padded_k(k) / 4, kp = kb * 4;
-    if (m == 1) {
-        const int nthr = n * kb >= GEMV_PARALLEL_MIN ? threads : 1;
-        const int64_t rows_per = (n + nthr - 1) / nthr;
-        int err = 0;
-        (void)nthr;
+/* One token: the byte-indexed tables (gemv1_f32_rows). */
+static int gemv_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                         int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = td_padded_k(k) / 4;
+    if (m != 1) { /* the table only serves one token; more go row by row */
+        for (int64_t t = 0; t < m; t++) {
+            td_out_t ot = *o;
+            ot.y = o->y + t * o->ldy;
+            if (ot.scale) ot.scale = o->scale + t;
+            const int rc = gemv_f32_avx2(x + t * ldx, 1, k, ldx, packed, n, &ot, threads);
+            if (rc) return rc;
+        }
+        return TD_OK;
+    }
+    (void)ldx;
+    const int nthr = n * kb >= GEMV_PARALLEL_MIN ? threads : 1;
+    const int64_t rows_per = (n + nthr - 1) / nthr;
+    int err = 0;
+    (void)nthr;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) num_threads(nthr)
 #endif
-        for (int part = 0; part < nthr; part++) {
-            const int64_t r0 = part * rows_per, r1 = r0 + rows_per < n ? r0 + rows_per : n;
-            if (r0 >= r1) continue;
-            float *T = td_alloc((size_t)GV_TILE * 256 * sizeof(float));
-            float *res = td_alloc((size_t)(r1 - r0) * sizeof(float));
-            if (T && res) gemv1_f32_rows(x, k, kb, packed, r0, r1, T, res, o);
-            else err = 1;
-            td_free(T);
-            td_free(res);
-        }
-        return err ? TD_ENOMEM : TD_OK;
+    for (int part = 0; part < nthr; part++) {
+        const int64_t r0 = part * rows_per, r1 = r0 + rows_per < n ? r0 + rows_per : n;
+        if (r0 >= r1) continue;
+        float *T = td_alloc((size_t)GV_TILE * 256 * sizeof(float));
+        float *res = td_alloc((size_t)(r1 - r0) * sizeof(float));
+        if (T && res) gemv1_f32_rows(x, k, kb, packed, r0, r1, T, res, o);
+        else err = 1;
+        td_free(T);
+        td_free(res);
     }
+    return err ? TD_ENOMEM : TD_OK;
+}
+
+/* Two tokens or more: 8-token float32 tables. */
+static int lut_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                        int64_t n, const td_out_t *o, int threads) {
+    const int64_t kb = td_padded_k(k) / 4, kp = kb * 4;
     uint16_t off[256];
     build_offsets(off);
     int64_t ntb, nsplit, rows_per;
@@ -632,22 +648,24 @@ static int lut_i16_driver(const int8_t *xq, const int16_t *xq16, int64_t m, int6
 }
 
 
-int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                    int64_t n, const td_out_t *o, int threads) {
+int td_gemm_i8_avx2_gemv(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                         int64_t n, const td_out_t *o, int threads) {
     const int64_t kb = kp / 4;
+    const int64_t chunk = 32; /* rows per work item */
     (void)threads;
-    if (m <= GEMV_MAX_M) {
-        const int64_t chunk = 32; /* rows per work item */
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n * kb * m >= GEMV_PARALLEL_MIN)
 #endif
-        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-            const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
-            for (int64_t m0 = 0; m0 < m; m0 += 4)
-                gemv_i8_rows(xq, ldq, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
-        }
-        return TD_OK;
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+        const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
+        for (int64_t m0 = 0; m0 < m; m0 += 4)
+            gemv_i8_rows(xq, ldq, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
     }
+    return TD_OK;
+}
+
+static int lut_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                       int64_t n, const td_out_t *o, int threads) {
     return lut_i16_driver(xq, NULL, m, kp, ldq, packed, n, o, threads, I16_SUPER);
 }
 
@@ -700,23 +718,26 @@ TD_TARGET static void gemv_i16_rows(const int16_t *xq, int64_t ldq, int64_t m0, 
     }
 }
 
-int td_gemm_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads, int lim) {
+static int lut_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                        int64_t n, const td_out_t *o, int threads, int lim) {
+    return lut_i16_driver(NULL, xq, m, kp, ldq, packed, n, o, threads, i16_super(lim));
+}
+
+int td_gemm_i16_avx2_gemv(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                          int64_t n, const td_out_t *o, int threads, int lim) {
     const int64_t kb = kp / 4;
     (void)threads;
-    if (m <= GEMV_MAX_M && lim <= 511) {
-        const int64_t chunk = 32;
+    if (lim > 511) return lut_i16_avx2(xq, m, kp, ldq, packed, n, o, threads, lim);
+    const int64_t chunk = 32;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (2 * n * kb * m >= GEMV_PARALLEL_MIN)
 #endif
-        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-            const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
-            for (int64_t m0 = 0; m0 < m; m0 += 2)
-                gemv_i16_rows(xq, ldq, m0, (int)(m - m0 < 2 ? m - m0 : 2), kb, packed, r0, r1, o);
-        }
-        return TD_OK;
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+        const int64_t r1 = r0 + chunk < n ? r0 + chunk : n;
+        for (int64_t m0 = 0; m0 < m; m0 += 2)
+            gemv_i16_rows(xq, ldq, m0, (int)(m - m0 < 2 ? m - m0 : 2), kb, packed, r0, r1, o);
     }
-    return lut_i16_driver(NULL, xq, m, kp, ldq, packed, n, o, threads, i16_super(lim));
+    return TD_OK;
 }
 
 /* ------------------------------------------------------------------------------------------- */
@@ -736,7 +757,7 @@ TD_TARGET static inline float hmax_abs_tail(__m256 mx, const float *x, int64_t i
     return amax;
 }
 
-TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
+TD_TARGET static void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 mx = _mm256_setzero_ps();
     int64_t i = 0;
@@ -774,7 +795,7 @@ TD_TARGET void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64
 }
 
 /* The same for lim = 2^(bits-1) - 1 levels into int16 (9..10-bit activations). */
-TD_TARGET void td_quantize_row16_avx2(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim) {
+TD_TARGET static void td_quantize_row16_avx2(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const float flim = (float)lim;
     __m256 mx = _mm256_setzero_ps();
@@ -842,7 +863,7 @@ TD_TARGET static inline __m256 swiglu8(__m256 av, __m256 bv) {
 
 /* The last count % 8 elements go through the same vector code (copied into a padded vector), so
  * that an element's result does not depend on its position in the array (batch invariance). */
-TD_TARGET void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count) {
+TD_TARGET static void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count) {
     int64_t i = 0;
     for (; i + 8 <= count; i += 8)
         _mm256_storeu_ps(out + i, swiglu8(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
@@ -911,7 +932,7 @@ TD_TARGET static inline float hsum_ps(__m256 v) {
 /* Query rows i0..i1-1 of one head. q: first query row of the head (row i at q + i * ldq);
  * kt (hd, tp): keys transposed, tp = t rounded up to 16; vs (t, hdp): values, hdp = hd rounded up
  * to 16, zero beyond hd; s (6, tp) and ob (6, hdp) scratch; out row i at out + i * ldo. */
-TD_TARGET void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1,
+TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1,
                                       const float *kt, const float *vs, int64_t t, int64_t tp,
                                       int64_t hd, int64_t hdp, float scale, float *s, float *ob,
                                       float *out, int64_t ldo) {
@@ -960,5 +981,17 @@ TD_TARGET void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, i
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------- */
+const td_ops_t td_ops_avx2 = {
+    .isa = TD_ISA_AVX2, .name = "avx2", .parent = TD_ISA_SCALAR, .rank = 10,
+    .cpu_flags = TD_CPU_AVX2 | TD_CPU_FMA,
+    .f32_lut_min_m = 2, .i8_lut_min_m = GEMV_MAX_M + 1, .i16_lut_min_m = GEMV_MAX_M + 1,
+    .gemv_f32 = gemv_f32_avx2, .lut_f32 = lut_f32_avx2,
+    .gemv_i8 = td_gemm_i8_avx2_gemv, .lut_i8 = lut_i8_avx2,
+    .gemv_i16 = td_gemm_i16_avx2_gemv, .lut_i16 = lut_i16_avx2,
+    .quantize_row_i8 = td_quantize_row_avx2, .quantize_row_i16 = td_quantize_row16_avx2,
+    .swiglu = td_swiglu_avx2, .attention_rows = td_attention_rows_avx2,
+};
 
 #endif /* TD_X86 */

@@ -14,10 +14,38 @@
 #ifndef HWCAP_ASIMDDP
 #define HWCAP_ASIMDDP (1 << 20)
 #endif
+#ifndef AT_HWCAP2
+#define AT_HWCAP2 26
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1 << 13)
+#endif
 #endif
 
 /* ---------------------------------------------------------------------------------------------
- * CPU detection and the ISA switch */
+ * CPU detection */
+
+#if TD_X86
+#include <cpuid.h>
+/* AVX-512 needs the CPU features and the OS saving the opmask and ZMM state: CPUID.1:ECX.OSXSAVE,
+ * then XCR0 bits 1, 2 (SSE, AVX) and 5, 6, 7 (opmask, ZMM0-15 upper halves, ZMM16-31). */
+static int x86_avx512_flags(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    if ((lo & 0xe6u) != 0xe6u) return 0;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    const int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+    const int vnni = (c >> 11) & 1, vbmi = (c >> 1) & 1;
+    int r = 0;
+    if (f && dq && bw && vl && vnni) r |= TD_CPU_AVX512;
+    if (f && vbmi) r |= TD_CPU_AVX512_VBMI;
+    return r;
+}
+#endif
 
 int td_cpu_flags(void) {
     int f = 0;
@@ -25,46 +53,118 @@ int td_cpu_flags(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2")) f |= TD_CPU_AVX2;
     if (__builtin_cpu_supports("fma")) f |= TD_CPU_FMA;
+    f |= x86_avx512_flags();
 #endif
 #if TD_ARM64
     f |= TD_CPU_NEON; /* Advanced SIMD is mandatory in ARMv8-A */
 #if defined(__linux__)
     if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) f |= TD_CPU_DOTPROD;
+    if (getauxval(AT_HWCAP2) & HWCAP2_I8MM) f |= TD_CPU_I8MM;
 #endif
 #endif
     return f;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * The ISA tables: the registry, filling of missing entries from the parent, selection */
+
+/* Every table this build has, by id (NULL: not in this build). */
+static const td_ops_t *const td_tables[TD_ISA_COUNT] = {
+    [TD_ISA_SCALAR] = &td_ops_scalar,
+#if TD_X86
+    [TD_ISA_AVX2] = &td_ops_avx2,
+    [TD_ISA_AVX512] = &td_ops_avx512,
+#endif
+#if TD_ARM64
+    [TD_ISA_NEON] = &td_ops_neon,
+    [TD_ISA_NEON_DOT] = &td_ops_neon_dot,
+    [TD_ISA_NEON_I8MM] = &td_ops_neon_i8mm,
+#endif
+};
+
+static td_ops_t g_filled[TD_ISA_COUNT];
+static int g_filled_ok = 0;
+
+#define TD_FILL(field) if (!t->field) t->field = p->field
+static void fill_tables(void) {
+    /* parents first: a parent's id is not necessarily smaller, so repeat until nothing changes */
+    int done[TD_ISA_COUNT] = {0};
+    for (int pass = 0; pass < TD_ISA_COUNT; pass++)
+        for (int i = 0; i < TD_ISA_COUNT; i++) {
+            if (done[i] || !td_tables[i]) continue;
+            const int par = td_tables[i]->parent;
+            if (par >= 0 && (par >= TD_ISA_COUNT || !td_tables[par] || !done[par])) continue;
+            td_ops_t *t = &g_filled[i];
+            *t = *td_tables[i];
+            if (par >= 0) {
+                const td_ops_t *p = &g_filled[par];
+                if (!t->f32_lut_min_m) t->f32_lut_min_m = p->f32_lut_min_m;
+                if (!t->i8_lut_min_m) t->i8_lut_min_m = p->i8_lut_min_m;
+                if (!t->i16_lut_min_m) t->i16_lut_min_m = p->i16_lut_min_m;
+                TD_FILL(gemv_f32); TD_FILL(lut_f32); TD_FILL(gemv_i8); TD_FILL(lut_i8);
+                TD_FILL(gemv_i16); TD_FILL(lut_i16); TD_FILL(quantize_row_i8); TD_FILL(quantize_row_i16);
+                TD_FILL(swiglu); TD_FILL(attention_rows);
+            }
+            done[i] = 1;
+        }
+    g_filled_ok = 1; /* every caller writes the same values: a race here is benign */
+}
+#undef TD_FILL
+
+const td_ops_t *td_ops_for(int isa) {
+    if (isa < 0 || isa >= TD_ISA_COUNT || !td_tables[isa]) return NULL;
+    if (!g_filled_ok) fill_tables();
+    return &g_filled[isa];
+}
+
+int td_isa_supported(int isa) {
+    const td_ops_t *t = td_ops_for(isa);
+    if (!t) return 0;
+    const int f = td_cpu_flags();
+    return (f & t->cpu_flags) == t->cpu_flags;
+}
+
 int td_best_isa(void) {
-    int f = td_cpu_flags();
-    if ((f & TD_CPU_AVX2) && (f & TD_CPU_FMA)) return TD_ISA_AVX2;
-    if (f & TD_CPU_DOTPROD) return TD_ISA_NEON_DOT;
-    if (f & TD_CPU_NEON) return TD_ISA_NEON;
-    return TD_ISA_SCALAR;
+    int best = TD_ISA_SCALAR;
+    for (int i = 0; i < TD_ISA_COUNT; i++)
+        if (td_isa_supported(i) && td_tables[i]->rank > td_tables[best]->rank) best = i;
+    return best;
 }
 
 static int g_isa = -1; /* -1: not chosen yet */
+static const td_ops_t *g_ops = NULL;
 
 int td_get_isa(void) {
-    if (g_isa < 0) g_isa = td_best_isa();
+    if (g_isa < 0) {
+        const int b = td_best_isa();
+        g_ops = td_ops_for(b);
+        g_isa = b;
+    }
     return g_isa;
 }
 
+const td_ops_t *td_ops(void) {
+    if (g_isa < 0) td_get_isa();
+    return g_ops;
+}
+
 int td_set_isa(int isa) {
-    int best = td_best_isa();
-    int ok = isa == TD_ISA_SCALAR || isa == best ||
-             (best == TD_ISA_NEON_DOT && isa == TD_ISA_NEON);
-    if (!ok) return -1;
+    if (!td_isa_supported(isa)) return -1;
+    g_ops = td_ops_for(isa);
     g_isa = isa;
     return 0;
 }
 
 const char *td_isa_name(int isa) {
-    switch (isa) {
+    const td_ops_t *t = isa >= 0 && isa < TD_ISA_COUNT ? td_tables[isa] : NULL;
+    if (t) return t->name;
+    switch (isa) { /* ids of other architectures' builds */
     case TD_ISA_SCALAR: return "scalar";
     case TD_ISA_AVX2: return "avx2";
+    case TD_ISA_AVX512: return "avx512";
     case TD_ISA_NEON: return "neon";
     case TD_ISA_NEON_DOT: return "neon-dotprod";
+    case TD_ISA_NEON_I8MM: return "neon-i8mm";
     default: return "unknown";
     }
 }
@@ -126,24 +226,25 @@ static void quantize_row_scalar(const float *x, int64_t k, int8_t *xq8, int16_t 
     *scale = (amax > 0.0f) ? amax / flim : 0.0f;
 }
 
+static void quantize_row8_scalar(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale) {
+    quantize_row_scalar(x, k, xq, NULL, kq, scale, 127);
+}
+
+static void quantize_row16_scalar(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim) {
+    quantize_row_scalar(x, k, NULL, xq, kq, scale, lim);
+}
+
 /* Rows to int8 (xq8, lim 127) or int16 (xq16, lim up to 511), split across threads. */
 static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *xq8, int16_t *xq16,
                           int64_t ldq, float *scale, int lim, int threads) {
-    int isa = td_get_isa();
-    (void)threads; (void)isa;
+    const td_ops_t *ops = td_ops();
+    (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 8) num_threads(threads) if (td_force_parallel || m * k > 65536)
 #endif
     for (int64_t r = 0; r < m; r++) {
-#if TD_X86
-        if (isa == TD_ISA_AVX2) {
-            if (xq16) td_quantize_row16_avx2(x + r * ldx, k, xq16 + r * ldq, ldq, scale + r, lim);
-            else td_quantize_row_avx2(x + r * ldx, k, xq8 + r * ldq, ldq, scale + r);
-            continue;
-        }
-#endif
-        quantize_row_scalar(x + r * ldx, k, xq8 ? xq8 + r * ldq : NULL, xq16 ? xq16 + r * ldq : NULL, ldq,
-                            scale + r, lim);
+        if (xq16) ops->quantize_row_i16(x + r * ldx, k, xq16 + r * ldq, ldq, scale + r, lim);
+        else ops->quantize_row_i8(x + r * ldx, k, xq8 + r * ldq, ldq, scale + r);
     }
 }
 
@@ -237,38 +338,14 @@ int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     if (m <= 0 || n <= 0) return TD_OK;
     if (threads < 1) threads = 1;
     td_out_t o = {alpha, NULL, bias, y, ldy, NULL};
-    switch (td_get_isa()) {
-#if TD_X86
-    case TD_ISA_AVX2: return td_gemm_f32_avx2(x, m, k, ldx, packed, n, &o, threads);
-#endif
-#if TD_ARM64
-    case TD_ISA_NEON:
-    case TD_ISA_NEON_DOT:
-        if (m >= TD_LUT_MIN_M) return td_gemm_f32_lut(x, m, k, ldx, packed, n, &o, threads);
-        return td_gemm_f32_neon(x, m, k, ldx, packed, n, &o, threads);
-#endif
-    default:
-        if (m >= TD_LUT_MIN_M) return td_gemm_f32_lut(x, m, k, ldx, packed, n, &o, threads);
-        return td_gemm_f32_scalar(x, m, k, ldx, packed, n, &o, threads);
-    }
+    const td_ops_t *ops = td_ops();
+    return (m >= ops->f32_lut_min_m ? ops->lut_f32 : ops->gemv_f32)(x, m, k, ldx, packed, n, &o, threads);
 }
 
 static int dispatch_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
                        int64_t n, const td_out_t *o, int threads) {
-    switch (td_get_isa()) {
-#if TD_X86
-    case TD_ISA_AVX2: return td_gemm_i8_avx2(xq, m, kp, ldq, packed, n, o, threads);
-#endif
-#if TD_ARM64
-    case TD_ISA_NEON:
-    case TD_ISA_NEON_DOT:
-        if (m >= TD_LUT_MIN_M) return td_gemm_int_lut(xq, NULL, m, kp, ldq, packed, n, o, threads, 127);
-        return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, td_get_isa() == TD_ISA_NEON_DOT);
-#endif
-    default:
-        if (m >= TD_LUT_MIN_M) return td_gemm_int_lut(xq, NULL, m, kp, ldq, packed, n, o, threads, 127);
-        return td_gemm_i8_scalar(xq, m, kp, ldq, packed, n, o, threads);
-    }
+    const td_ops_t *ops = td_ops();
+    return (m >= ops->i8_lut_min_m ? ops->lut_i8 : ops->gemv_i8)(xq, m, kp, ldq, packed, n, o, threads);
 }
 
 int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
@@ -291,11 +368,32 @@ int td_gemm_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t 
     return rc;
 }
 
-/* 9..10-bit activations. AVX2: int16 look-up tables for many tokens, an int16 GEMV for a few
- * (ternary_avx2.c). NEON and scalar, M >= 8: the portable int16 tables (ternary_lut.c); fewer
- * tokens: NEON int16 select-and-add (ternary_neon.c), or on the scalar path the integers converted
- * to float32 and run through the float kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that is
- * below 2^24, so the result equals the integer sum; past that bound the scalar integer kernel runs. */
+/* The scalar table's int16 GEMV (few tokens): the integers converted to float32 and run through the
+ * float kernel: every partial sum is an integer of magnitude <= lim * K, exact in float32 while that
+ * is below 2^24, so the result equals the integer sum; past that bound the scalar integer kernel
+ * runs. */
+static int gemv_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                           int64_t n, const td_out_t *o, int threads, int lim) {
+    if ((double)lim * (double)kp >= 16777216.0) return td_gemm_i16_scalar(xq, m, kp, ldq, packed, n, o, threads);
+    float *xf = td_alloc((size_t)m * (size_t)ldq * sizeof(float));
+    if (!xf) return TD_ENOMEM;
+    for (int64_t i = 0; i < m * ldq; i++) xf[i] = (float)xq[i];
+    const int rc = td_gemm_f32_scalar(xf, m, kp, ldq, packed, n, o, threads);
+    td_free(xf);
+    return rc;
+}
+
+static int lut_i8_portable(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                           int64_t n, const td_out_t *o, int threads) {
+    return td_gemm_int_lut(xq, NULL, m, kp, ldq, packed, n, o, threads, 127);
+}
+
+static int lut_i16_portable(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                            int64_t n, const td_out_t *o, int threads, int lim) {
+    return td_gemm_int_lut(NULL, xq, m, kp, ldq, packed, n, o, threads, lim);
+}
+
+/* 9..10-bit activations: quantized into int16, then the table's int16 GEMV or table kernel. */
 int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                 float alpha, const float *bias, float *y, int64_t ldy, int threads, int bits) {
     if (bits < 2 || bits > 10) return TD_EINVAL;
@@ -313,40 +411,8 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     }
     td_quantize_rows_i16(x, m, k, ldx, xq, ldq, scale, lim, threads);
     td_out_t o = {alpha, scale, bias, y, ldy, NULL};
-    int rc = TD_OK;
-    const int isa = td_get_isa();
-    (void)isa;
-#if TD_X86
-    if (isa == TD_ISA_AVX2) {
-        rc = td_gemm_i16_avx2(xq, m, kp, ldq, packed, n, &o, threads, lim);
-        td_free(xq); td_free(scale);
-        return rc;
-    }
-#endif
-    if (m >= TD_LUT_MIN_M) { /* NEON and scalar: the portable int16 tables */
-        rc = td_gemm_int_lut(NULL, xq, m, kp, ldq, packed, n, &o, threads, lim);
-        td_free(xq); td_free(scale);
-        return rc;
-    }
-#if TD_ARM64
-    if (isa == TD_ISA_NEON || isa == TD_ISA_NEON_DOT) {
-        rc = td_gemm_i16_neon(xq, m, kp, ldq, packed, n, &o, threads);
-        td_free(xq); td_free(scale);
-        return rc;
-    }
-#endif
-    if ((double)lim * (double)kp < 16777216.0) {
-        float *xf = td_alloc((size_t)m * (size_t)ldq * sizeof(float));
-        if (!xf) {
-            rc = TD_ENOMEM;
-        } else {
-            for (int64_t i = 0; i < m * ldq; i++) xf[i] = (float)xq[i];
-            rc = td_gemm_f32_scalar(xf, m, k, ldq, packed, n, &o, threads);
-            td_free(xf);
-        }
-    } else {
-        rc = td_gemm_i16_scalar(xq, m, kp, ldq, packed, n, &o, threads);
-    }
+    const td_ops_t *ops = td_ops();
+    const int rc = (m >= ops->i16_lut_min_m ? ops->lut_i16 : ops->gemv_i16)(xq, m, kp, ldq, packed, n, &o, threads, lim);
     td_free(xq); td_free(scale);
     return rc;
 }
@@ -430,22 +496,20 @@ void td_layernorm(const float *x, const float *weight, const float *bias, float 
     }
 }
 
+static void swiglu_scalar(const float *a, const float *b, float *out, int64_t count) {
+    for (int64_t i = 0; i < count; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+}
+
 void td_swiglu(const float *a, const float *b, float *out, int64_t count, int threads) {
     const int64_t chunk = 4096;
-    const int isa = td_get_isa();
-    (void)threads; (void)isa;
+    const td_ops_t *ops = td_ops();
+    (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (td_force_parallel || count > 32768)
 #endif
     for (int64_t c0 = 0; c0 < count; c0 += chunk) {
         const int64_t c1 = c0 + chunk < count ? c0 + chunk : count;
-#if TD_X86
-        if (isa == TD_ISA_AVX2) {
-            td_swiglu_avx2(a + c0, b + c0, out + c0, c1 - c0);
-            continue;
-        }
-#endif
-        for (int64_t i = c0; i < c1; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+        ops->swiglu(a + c0, b + c0, out + c0, c1 - c0);
     }
 }
 
@@ -531,7 +595,7 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
     if (threads < 1) threads = 1;
     const int64_t rep = h / hkv, tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16;
     const float scale = (float)(1.0 / sqrt((double)hd));
-    const int isa = td_get_isa();
+    const td_att_rows_fn rows_fn = td_ops()->attention_rows;
     /* below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md) */
     if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
     /* query chunks: enough items for the threads to balance, chunks a multiple of the 6-row tile */
@@ -542,7 +606,6 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
     nq = (t + chunk - 1) / chunk;
     const int64_t items = b * h * nq;
     int err = 0;
-    (void)isa;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
@@ -575,15 +638,21 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
             const int64_t i0 = qc * chunk, i1 = i0 + chunk < t ? i0 + chunk : t;
             const float *qh = q + (bb * t * h + hh) * hd;
             float *oh = out + (bb * t * h + hh) * hd;
-#if TD_X86
-            if (isa == TD_ISA_AVX2) {
-                td_attention_rows_avx2(qh, h * hd, i0, i1, kt, vs, t, tp, hd, hdp, scale, s, ob, oh, h * hd);
-                continue;
-            }
-#endif
-            attention_rows_scalar(qh, h * hd, i0, i1, kt, vs, t, tp, hd, hdp, scale, s, ob, oh, h * hd);
+            rows_fn(qh, h * hd, i0, i1, kt, vs, t, tp, hd, hdp, scale, s, ob, oh, h * hd);
         }
         td_free(kt); td_free(vs); td_free(s); td_free(ob);
     }
     return err ? TD_ENOMEM : TD_OK;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The root table: every entry portable C. */
+const td_ops_t td_ops_scalar = {
+    .isa = TD_ISA_SCALAR, .name = "scalar", .parent = -1, .rank = 0, .cpu_flags = 0,
+    .f32_lut_min_m = TD_LUT_MIN_M, .i8_lut_min_m = TD_LUT_MIN_M, .i16_lut_min_m = TD_LUT_MIN_M,
+    .gemv_f32 = td_gemm_f32_scalar, .lut_f32 = td_gemm_f32_lut,
+    .gemv_i8 = td_gemm_i8_scalar, .lut_i8 = lut_i8_portable,
+    .gemv_i16 = gemv_i16_scalar, .lut_i16 = lut_i16_portable,
+    .quantize_row_i8 = quantize_row8_scalar, .quantize_row_i16 = quantize_row16_scalar,
+    .swiglu = swiglu_scalar, .attention_rows = attention_rows_scalar,
+};

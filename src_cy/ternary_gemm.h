@@ -12,8 +12,9 @@
  *                bits = 8 is td_gemm_i8.
  * No kernel multiplies by a weight value: weights select, negate or drop activations.
  *
- * The instruction set is chosen once at run time (td_best_isa) and may be forced lower with
- * td_set_isa, which is how the tests compare the scalar, AVX2 and NEON paths.
+ * Each instruction set is one table of kernels (td_ops_t in ternary_internal.h); the best table the
+ * CPU supports is chosen once at run time (td_best_isa), and td_set_isa selects any other one the CPU
+ * supports, which is how the tests run every path (scalar, AVX2, AVX-512, NEON, NEON dot-product, NEON i8mm).
  */
 #ifndef TERDIT_TERNARY_GEMM_H
 #define TERDIT_TERNARY_GEMM_H
@@ -29,7 +30,10 @@ enum td_isa {
     TD_ISA_SCALAR = 0,
     TD_ISA_AVX2 = 1,     /* x86-64 AVX2 + FMA */
     TD_ISA_NEON = 2,     /* aarch64 ARMv8 Advanced SIMD */
-    TD_ISA_NEON_DOT = 3  /* aarch64 with the dot-product extension (SDOT) */
+    TD_ISA_NEON_DOT = 3, /* aarch64 with the dot-product extension (SDOT) */
+    TD_ISA_AVX512 = 4,   /* x86-64 AVX-512 F/BW/VL/DQ + VNNI (and AVX2 + FMA), OS-enabled ZMM state */
+    TD_ISA_NEON_I8MM = 5, /* aarch64 with dot product and the int8 matrix multiply extension (SMMLA) */
+    TD_ISA_COUNT = 6     /* number of ISA ids (not an ISA) */
 };
 
 /* Return codes of the entry points. */
@@ -42,11 +46,15 @@ enum td_isa {
 #define TD_CPU_FMA 2
 #define TD_CPU_NEON 4
 #define TD_CPU_DOTPROD 8
+#define TD_CPU_AVX512 16      /* F, BW, VL, DQ and VNNI, with XCR0 enabling opmask/ZMM state */
+#define TD_CPU_AVX512_VBMI 32 /* AVX512_VBMI (reported; not required by any table) */
+#define TD_CPU_I8MM 64        /* aarch64 FEAT_I8MM (HWCAP2_I8MM) */
 
 int td_cpu_flags(void);
 int td_best_isa(void);        /* best path this CPU can run */
 int td_get_isa(void);         /* path the kernels use now */
 int td_set_isa(int isa);      /* 0 on success, -1 if this CPU/build cannot run it */
+int td_isa_supported(int isa); /* 1 if this CPU and build can run it (any id; unknown ids: 0) */
 const char *td_isa_name(int isa);
 int td_openmp_enabled(void);  /* 1 when built with OpenMP */
 int td_max_threads(void);

@@ -6,6 +6,9 @@ cdef extern from "ternary_gemm.h" nogil:
     int TD_ISA_AVX2
     int TD_ISA_NEON
     int TD_ISA_NEON_DOT
+    int TD_ISA_AVX512
+    int TD_ISA_NEON_I8MM
+    int TD_ISA_COUNT
     int TD_OK
     int TD_ENOMEM
     int TD_EINVAL
@@ -13,11 +16,15 @@ cdef extern from "ternary_gemm.h" nogil:
     int TD_CPU_FMA
     int TD_CPU_NEON
     int TD_CPU_DOTPROD
+    int TD_CPU_AVX512
+    int TD_CPU_AVX512_VBMI
+    int TD_CPU_I8MM
 
     int td_cpu_flags()
     int td_best_isa()
     int td_get_isa()
     int td_set_isa(int isa)
+    int td_isa_supported(int isa)
     const char *td_isa_name(int isa)
     int td_openmp_enabled()
     int td_max_threads()

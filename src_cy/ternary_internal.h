@@ -59,6 +59,59 @@ static inline void td_lut_split(int64_t m, int tb, int64_t n, int threads, int64
 /* Set by td_set_force_parallel: 1 = split even tiny problems across threads (tests). */
 extern int td_force_parallel;
 
+/* ---------------------------------------------------------------------------------------------
+ * One table of kernels per instruction set. A table may leave any entry NULL: it is then filled,
+ * once, from its parent table (AVX-512 -> AVX2 -> scalar, NEON dot-product -> NEON -> scalar), so a
+ * new ISA provides only the kernels it improves. Every GEMM mode has a streaming entry for few
+ * tokens (gemv) and a table entry for many (lut), switched at *_lut_min_m tokens (0: the parent's
+ * switch, which a table should only inherit together with both kernels of that mode).
+ * Adding an ISA: an enum id in ternary_gemm.h, its table in its own file, one line in td_tables
+ * (ternary_gemm.c), its name in _ternary.pyx; the tests and the C harness loop over every
+ * supported id on their own. */
+typedef int (*td_f32_fn)(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
+                         int64_t n, const td_out_t *o, int threads);
+typedef int (*td_i8_fn)(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                        int64_t n, const td_out_t *o, int threads);
+/* xq holds integers of |x| <= lim (lim <= 511) */
+typedef int (*td_i16_fn)(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                         int64_t n, const td_out_t *o, int threads, int lim);
+typedef void (*td_quant8_fn)(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
+typedef void (*td_quant16_fn)(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim);
+typedef void (*td_swiglu_fn)(const float *a, const float *b, float *out, int64_t count);
+typedef void (*td_att_rows_fn)(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
+                               const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale,
+                               float *s, float *ob, float *out, int64_t ldo);
+
+typedef struct td_ops {
+    int isa;           /* enum td_isa id */
+    const char *name;  /* as td_isa_name and TERDIT_ISA spell it */
+    int parent;        /* id whose kernels fill this table's NULL entries; -1 for the root (scalar) */
+    int rank;          /* td_best_isa picks the supported table of highest rank */
+    int cpu_flags;     /* TD_CPU_* bits the CPU must report */
+    int f32_lut_min_m, i8_lut_min_m, i16_lut_min_m;
+    td_f32_fn gemv_f32, lut_f32;
+    td_i8_fn gemv_i8, lut_i8;
+    td_i16_fn gemv_i16, lut_i16;
+    td_quant8_fn quantize_row_i8;
+    td_quant16_fn quantize_row_i16;
+    td_swiglu_fn swiglu;
+    td_att_rows_fn attention_rows;
+} td_ops_t;
+
+/* The table in use (td_set_isa / the best one), every entry filled. */
+const td_ops_t *td_ops(void);
+/* The filled table of an ISA the build has (NULL otherwise), supported by the CPU or not. */
+const td_ops_t *td_ops_for(int isa);
+
+extern const td_ops_t td_ops_scalar;  /* ternary_gemm.c */
+#if TD_X86
+extern const td_ops_t td_ops_avx2;    /* ternary_avx2.c */
+extern const td_ops_t td_ops_avx512;  /* ternary_avx512.c */
+#endif
+#if TD_ARM64
+extern const td_ops_t td_ops_neon, td_ops_neon_dot, td_ops_neon_i8mm;  /* ternary_neon.c */
+#endif
+
 /* Portable C kernels (ternary_gemm.c). */
 int td_gemm_f32_scalar(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
                        int64_t n, const td_out_t *o, int threads);
@@ -75,18 +128,11 @@ int td_gemm_i16_scalar(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, co
                        int64_t n, const td_out_t *o, int threads);
 
 #if TD_X86
-int td_gemm_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads);
-int td_gemm_i8_avx2(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                    int64_t n, const td_out_t *o, int threads);
-int td_gemm_i16_avx2(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
-                     int64_t n, const td_out_t *o, int threads, int lim);
-void td_quantize_row_avx2(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
-void td_quantize_row16_avx2(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim);
-void td_swiglu_avx2(const float *a, const float *b, float *out, int64_t count);
-void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
-                            const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale,
-                            float *s, float *ob, float *out, int64_t ldo);
+/* AVX2 kernels that other x86 tables reuse */
+int td_gemm_i8_avx2_gemv(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                         int64_t n, const td_out_t *o, int threads);
+int td_gemm_i16_avx2_gemv(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                          int64_t n, const td_out_t *o, int threads, int lim);
 #endif
 #if TD_ARM64
 int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed,

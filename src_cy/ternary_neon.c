@@ -229,4 +229,166 @@ int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
     return TD_OK;
 }
 
+/* ----------------------------------------------------------------------------------------- */
+/* The NEON tables: streaming kernels for few tokens; the portable table GEMMs (M >= 8), the
+ * quantizers, swiglu and attention come from the scalar table (the compiler vectorizes them). */
+
+static int gemv_i8_neon_plain(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                              int64_t n, const td_out_t *o, int threads) {
+    return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 0);
+}
+
+static int gemv_i8_neon_dot(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                            int64_t n, const td_out_t *o, int threads) {
+    return td_gemm_i8_neon(xq, m, kp, ldq, packed, n, o, threads, 1);
+}
+
+static int gemv_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed,
+                         int64_t n, const td_out_t *o, int threads, int lim) {
+    (void)lim; /* lim <= 511: 4 blocks stay inside int16 (above) */
+    return td_gemm_i16_neon(xq, m, kp, ldq, packed, n, o, threads);
+}
+
+/* ----------------------------------------------------------------------------------------- */
+/* int8, M >= 8, on CPUs with the int8 matrix multiply extension: SMMLA (vmmlaq_s32) multiplies a
+ * 2 x 8 int8 matrix by the transpose of another 2 x 8 into a 2 x 2 int32 tile, 32 products per
+ * instruction. Here weights are multiplied, by -1, 0 or +1 (as with VNNI on x86): each weight row is
+ * decoded once per call to signed bytes in "quad" order (the four weights of a packed byte, k, k+32,
+ * k+64, k+96, side by side), the activations of every token are permuted the same way (an exact
+ * integer dot product does not depend on the order of k), and both are interleaved in pairs of 8
+ * bytes: a pair of tokens (or rows) for 8 values of k is one 16-byte register. A micro-tile is 4
+ * token pairs x 2 row pairs (8 accumulators, 6 loads per 8 SMMLA). Sums are exact int32 and outputs
+ * go through td_store: the same bits as the scalar path. Checked under qemu (-cpu max); not timed on
+ * hardware. */
+
+#define MM_TP 4 /* token pairs per micro-tile */
+#define MM_RP 2 /* row pairs per micro-tile */
+
+static void mm_quads(uint32_t q8[256]) {
+    for (int v = 0; v < 256; v++) {
+        uint32_t a = 0;
+        for (int q = 0; q < 4; q++) {
+            const int c = (v >> (2 * q)) & 3;
+            a |= (uint32_t)(uint8_t)(int8_t)(c == 3 ? 0 : c - 1) << (8 * q);
+        }
+        q8[v] = a;
+    }
+}
+
+/* Pair buffer of two byte rows a, b (kp bytes each, quad order): out[kc][0..7] = a[8kc..], [8..15] = b[8kc..] */
+static void mm_interleave(const uint8_t *a, const uint8_t *b, int64_t kp, uint8_t *out) {
+    for (int64_t kc = 0; kc < kp / 8; kc++) {
+        memcpy(out + 16 * kc, a + 8 * kc, 8);
+        memcpy(out + 16 * kc + 8, b + 8 * kc, 8);
+    }
+}
+
+__attribute__((target("arch=armv8.2-a+i8mm")))
+static void mm_tile(const int8_t *ap, const int8_t *bp, int64_t kc_n, int64_t pair_bytes, int32_t out[MM_TP][MM_RP][4]) {
+    int32x4_t c[MM_TP][MM_RP];
+    for (int i = 0; i < MM_TP; i++)
+        for (int j = 0; j < MM_RP; j++) c[i][j] = vdupq_n_s32(0);
+    for (int64_t kc = 0; kc < kc_n; kc++) {
+        int8x16_t a[MM_TP], b[MM_RP];
+        for (int i = 0; i < MM_TP; i++) a[i] = vld1q_s8(ap + i * pair_bytes + 16 * kc);
+        for (int j = 0; j < MM_RP; j++) b[j] = vld1q_s8(bp + j * pair_bytes + 16 * kc);
+        for (int i = 0; i < MM_TP; i++)
+            for (int j = 0; j < MM_RP; j++) c[i][j] = vmmlaq_s32(c[i][j], a[i], b[j]);
+    }
+    for (int i = 0; i < MM_TP; i++)
+        for (int j = 0; j < MM_RP; j++) vst1q_s32(out[i][j], c[i][j]);
+}
+
+static int lut_i8_i8mm(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
+                       const td_out_t *o, int threads) {
+    const int64_t kb = kp / 4, pair_bytes = 2 * kp;
+    const int64_t ntp = (m + 2 * MM_TP - 1) / (2 * MM_TP) * MM_TP, nrp = (n + 2 * MM_RP - 1) / (2 * MM_RP) * MM_RP;
+    uint8_t *ap = malloc((size_t)ntp * (size_t)pair_bytes + 1);
+    uint8_t *bp = malloc((size_t)nrp * (size_t)pair_bytes + 1);
+    uint8_t *rows = malloc((size_t)(2 > threads ? 2 : threads) * 2 * (size_t)kp + 1);
+    if (!ap || !bp || !rows) {
+        free(ap); free(bp); free(rows);
+        return TD_ENOMEM;
+    }
+    uint32_t q8[256];
+    mm_quads(q8);
+    (void)threads;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        int tid = 0;
+#if defined(_OPENMP)
+        tid = omp_get_thread_num();
+#endif
+        uint8_t *r0b = rows + (size_t)tid * 2 * (size_t)kp, *r1b = r0b + kp;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 8) nowait
+#endif
+        for (int64_t rp = 0; rp < nrp; rp++) { /* weight row pairs, decoded to quads */
+            for (int h = 0; h < 2; h++) {
+                const int64_t row = 2 * rp + h;
+                uint32_t *d = (uint32_t *)(void *)(h ? r1b : r0b);
+                for (int64_t p = 0; p < kb; p++) {
+                    const uint32_t v = row < n ? q8[packed[row * kb + p]] : 0;
+                    memcpy(d + p, &v, 4);
+                }
+            }
+            mm_interleave(r0b, r1b, kp, bp + rp * pair_bytes);
+        }
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 8)
+#endif
+        for (int64_t tp = 0; tp < ntp; tp++) { /* token pairs, permuted to quad order */
+            for (int h = 0; h < 2; h++) {
+                const int64_t t = 2 * tp + h;
+                uint8_t *d = h ? r1b : r0b;
+                for (int64_t p = 0; p < kb; p++)
+                    for (int q = 0; q < 4; q++) {
+                        const int64_t k = (p / TD_BLOCK_BYTES) * TD_BLOCK_K + p % TD_BLOCK_BYTES + 32 * q;
+                        d[4 * p + q] = t < m ? (uint8_t)xq[t * ldq + k] : 0;
+                    }
+            }
+            mm_interleave(r0b, r1b, kp, ap + tp * pair_bytes);
+        }
+        /* the barrier above: both buffers complete */
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t rb = 0; rb < nrp / MM_RP; rb++) {
+            for (int64_t tb = 0; tb < ntp / MM_TP; tb++) {
+                int32_t c[MM_TP][MM_RP][4];
+                mm_tile((const int8_t *)ap + tb * MM_TP * pair_bytes, (const int8_t *)bp + rb * MM_RP * pair_bytes,
+                        kp / 8, pair_bytes, c);
+                for (int i = 0; i < MM_TP; i++)
+                    for (int j = 0; j < MM_RP; j++)
+                        for (int e = 0; e < 4; e++) { /* tile element (token e / 2, row e % 2) */
+                            const int64_t t = 2 * (tb * MM_TP + i) + e / 2, row = 2 * (rb * MM_RP + j) + e % 2;
+                            if (t < m && row < n) td_store(o, t, row, c[i][j][e]);
+                        }
+            }
+        }
+    }
+    free(ap); free(bp); free(rows);
+    return TD_OK;
+}
+
+const td_ops_t td_ops_neon = {
+    .isa = TD_ISA_NEON, .name = "neon", .parent = TD_ISA_SCALAR, .rank = 10, .cpu_flags = TD_CPU_NEON,
+    .f32_lut_min_m = TD_LUT_MIN_M, .i8_lut_min_m = TD_LUT_MIN_M, .i16_lut_min_m = TD_LUT_MIN_M,
+    .gemv_f32 = td_gemm_f32_neon, .gemv_i8 = gemv_i8_neon_plain, .gemv_i16 = gemv_i16_neon,
+};
+
+const td_ops_t td_ops_neon_dot = {
+    .isa = TD_ISA_NEON_DOT, .name = "neon-dotprod", .parent = TD_ISA_NEON, .rank = 15,
+    .cpu_flags = TD_CPU_NEON | TD_CPU_DOTPROD,
+    .gemv_i8 = gemv_i8_neon_dot,
+};
+
+const td_ops_t td_ops_neon_i8mm = {
+    .isa = TD_ISA_NEON_I8MM, .name = "neon-i8mm", .parent = TD_ISA_NEON_DOT, .rank = 20,
+    .cpu_flags = TD_CPU_NEON | TD_CPU_DOTPROD | TD_CPU_I8MM,
+    .lut_i8 = lut_i8_i8mm,
+};
+
 #endif /* TD_ARM64 */

@@ -132,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--list", action="store_true", help="list the released models and what is cached")
     h.add_argument("--force", action="store_true", help="download and convert again")
     h.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model repository")
+    s = sub.add_parser("serve", help="a resident HTTP server: job API, progress events, web page (needs the "
+                       "[server] extra; docs/server.md)")
+    s.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port (default 8000; 0: a free one)")
+    s.add_argument("--api-key-file", default=None, help="file of bearer keys, one per line (default: no auth)")
+    s.add_argument("--max-queue", type=_positive_int, default=32, help="queued jobs before 429 (default 32)")
+    s.add_argument("--max-batch", type=_positive_int, default=8, help="images sampled together (default 8)")
+    s.add_argument("--batch-wait-ms", type=_non_negative_float, default=20.0,
+                   help="wait up to this long for more jobs to fill a batch (default 20)")
+    s.add_argument("--max-n", type=_positive_int, default=16, help="images per request (default 16)")
+    s.add_argument("--max-steps", type=_positive_int, default=1000, help="sampler steps per job (default 1000)")
+    s.add_argument("--keep-seconds", type=_non_negative_float, default=600.0,
+                   help="finished jobs are kept this long (default 600)")
+    s.add_argument("--keep-jobs", type=_positive_int, default=256, help="at most this many finished jobs kept")
+    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
+    s.add_argument("--backend", choices=("auto", "cython", "numba", "numpy", "cuda"), default="auto")
+    s.add_argument("--activations", choices=ACTIVATION_MODES, default="fp32")
+    s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    s.add_argument("--access-log", action="store_true", help="log every request")
 
     i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
     i.add_argument("model", nargs="?", default=None)
@@ -191,7 +211,7 @@ def _cmd_info(args) -> int:
 
 
 def _save_images(images, args, meta: dict) -> list[str]:
-    from PIL import Image, PngImagePlugin
+    from PIL import Image
 
     h = images[0].height
     factor = args.upscale or max(1, -(-64 // h))
@@ -216,20 +236,11 @@ def _save_images(images, args, meta: dict) -> list[str]:
             paths = [out]
     else:
         paths = [f"{root}-{k}{ext}" for k in range(len(images))]
+    from .pngmeta import png_info
+
     written = []
     for k, (im, path) in enumerate(zip(images, paths)):
-        info = PngImagePlugin.PngInfo()
-        for key, value in meta.items():
-            if key in ("class", "seed", "index") and len(paths) > 1:  # one file per image: its own values
-                value = value[k]
-            elif key in ("class", "seed", "index"):
-                if len(images_meta := value) == 1:
-                    value = images_meta[0]
-                else:  # a grid: every image's value, in grid order
-                    key = {"class": "class", "seed": "seeds", "index": "indices"}[key]
-                    value = ",".join(str(v) for v in images_meta)
-            info.add_text(key, str(value))
-        im.save(path, pnginfo=info)
+        im.save(path, pnginfo=png_info(meta, k if len(paths) > 1 else None))
         written.append(path)
     return written
 
@@ -278,11 +289,9 @@ def _cmd_generate(args) -> int:
         return 0
     from .pipeline import to_pil
     images = [to_pil(pipe.decode(latents[k:k + 1], vae_tile=args.vae_tile)[0]) for k in range(len(classes))]
-    meta = {"model": os.path.basename(pipe.path), "class": classes, "seed": seeds,
-            "index": list(range(len(classes))), "steps": steps, "sampler": args.sampler, "cfg": args.cfg,
-            "eta": args.eta, "activations": args.activations, "version": f"terdit-edge {__version__}"}
-    if args.guidance_interval is not None:
-        meta["guidance_interval"] = "{},{}".format(*args.guidance_interval)
+    from .pngmeta import generation_metadata
+    meta = generation_metadata(os.path.basename(pipe.path), classes, seeds, steps, args.sampler, args.cfg, args.eta,
+                               args.activations, guidance_interval=args.guidance_interval)
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -317,6 +326,12 @@ def _cmd_convert_vae(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .server.main import serve_command
+
+    return serve_command(args)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -324,7 +339,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
-               "info": _cmd_info, "pull": _cmd_pull}[args.command]
+               "info": _cmd_info, "pull": _cmd_pull, "serve": _cmd_serve}[args.command]
     try:
         return handler(args)
     except TerditError as e:

@@ -6,6 +6,8 @@ float32 outputs.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,21 @@ from tests.conftest import skip_unavailable_backend
 
 FAST = ("cython", "numba")
 MODES = ("fp32", "int8", "int10")
+
+
+def _supported_isas() -> list[str]:
+    """Every instruction-set path of the C extension that this CPU and build can run (scalar, avx2,
+    avx512, neon, neon-dotprod): the ISA tests below run each one. Without the extension the list
+    is ["scalar"] and those tests skip in _ext() with the reason."""
+    try:
+        from terdit_edge import _ternary
+    except ImportError:
+        return ["scalar"]
+    return _ternary.supported_isas()
+
+
+ISAS = _supported_isas()
+SIMD_ISAS = [i for i in ISAS if i != "scalar"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,7 +199,7 @@ def test_quantizer_is_bit_exact_with_reference():
     # exact ties: absmax 127 makes 127/absmax = 1, so k + 0.5 must round half to even
     x[2, :255] = np.arange(-127, 128, dtype=np.float32) * 0.5
     x[2, 0] = -127.0
-    for isa in ("best", "scalar"):
+    for isa in ISAS:
         t.set_isa(isa)
         try:
             xq, scale = t.quantize_rows_int8(x)
@@ -202,7 +219,7 @@ def test_int10_quantizer_is_bit_exact_with_reference():
     # exact ties: absmax 511 makes 511/absmax = 1, so k + 0.5 must round half to even
     x[2, :300] = np.arange(-150, 150, dtype=np.float32) + 0.5
     x[2, 300] = -511.0
-    for isa in ("best", "scalar"):
+    for isa in ISAS:
         t.set_isa(isa)
         try:
             xq, scale = t.quantize_rows(x, 10)
@@ -216,7 +233,7 @@ def test_int10_quantizer_is_bit_exact_with_reference():
         t.quantize_rows(x, 11)
 
 
-@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 2, 5, 9])
 def test_int10_past_float_exact_range(m, isa):
     """K * 511 >= 2^24: where int10 borrows the float kernel (no SIMD integer path) it must sum in
@@ -268,20 +285,21 @@ def test_int8_sums_are_exact_integers():
         np.testing.assert_array_equal(got, xq[:, :k].astype(np.int64) @ q.T.astype(np.int64))
 
 
+@pytest.mark.parametrize("isa", SIMD_ISAS or ["(none)"])
 @pytest.mark.parametrize("mode", MODES)
-def test_scalar_path_equals_simd_path(mode):
+def test_scalar_path_equals_simd_path(mode, isa):
     t = _ext()
-    best = t.get_isa()
-    if best == "scalar":
+    if not SIMD_ISAS:
         pytest.skip("this CPU has no SIMD path to compare with")
     b = get_backend("cython", threads=2, activations=mode)
     rng = np.random.default_rng(10)
     for m, k, n in [(1, 129, 7), (3, 300, 31), (33, 1000, 17)]:
         w, _ = make_weight(rng, n, k)
         x = rng.standard_normal((m, k)).astype(np.float32)
-        simd = b.ternary_matmul(x, w)
-        t.set_isa("scalar")
+        t.set_isa(isa)
         try:
+            simd = b.ternary_matmul(x, w)
+            t.set_isa("scalar")
             scalar = b.ternary_matmul(x, w)
         finally:
             t.set_isa("best")
@@ -292,6 +310,88 @@ def test_scalar_path_equals_simd_path(mode):
             assert_matches(simd, x, w, mode)
 
 
+# every M from 1 to 17 (GEMV / table switches at 2 and 8, 16- and 32-token tiles, 12-row panels),
+# K and N tails, and a few sizes past one token block
+AWKWARD = [(m, k, n) for m, (k, n) in zip(range(1, 18), [(1, 1), (33, 7), (127, 31), (129, 5), (300, 17),
+                                                          (200, 13), (256, 9), (131, 25), (1000, 33), (250, 11),
+                                                          (383, 12), (140, 23), (257, 15), (100, 7), (385, 25),
+                                                          (260, 70), (513, 31)])] + [(31, 300, 9), (33, 129, 24),
+                                                                                      (47, 520, 19), (65, 700, 41)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_isa_on_awkward_shapes(isa, mode):
+    """Each ISA path alone against the NumPy reference: integer modes bit for bit, fp32 within the
+    bound; NaN-prefilled outputs (every element written), one and two threads (split forced)."""
+    t = _ext()
+    rng = np.random.default_rng(30)
+    for threads in (1, 2):
+        b = get_backend("cython", threads=threads, activations=mode)
+        for m, k, n in AWKWARD:
+            w, _ = make_weight(rng, n, k)
+            x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1.0, 50.0], size=(m, 1))).astype(np.float32)
+            out = np.full((m, n), np.nan, np.float32)
+            t.set_isa(isa)
+            try:
+                y = b.ternary_matmul(x, w, out=out)
+            finally:
+                t.set_isa("best")
+            assert y is out and not np.isnan(y).any(), (m, k, n)
+            assert_matches(y, x, w, mode)
+            if mode != "fp32":
+                np.testing.assert_array_equal(y, ternary_matmul_reference(x, w, mode))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_isa_is_batch_invariant_from_min_rows(isa, mode):
+    """The cython backend promises per-row results for calls of >= invariant_min_rows tokens: a
+    token's output must not depend on M, its position among the tokens or the thread split, on
+    every ISA path (what the model's image-by-image batching relies on)."""
+    t = _ext()
+    rng = np.random.default_rng(31)
+    w, _ = make_weight(rng, 70, 777)
+    x = rng.standard_normal((45, 777)).astype(np.float32)
+    lo = get_backend("cython", threads=1, activations=mode).invariant_min_rows
+    t.set_isa(isa)
+    try:
+        ref = get_backend("cython", threads=1, activations=mode).ternary_matmul(x[:lo], w)
+        for threads in (1, 2):
+            b = get_backend("cython", threads=threads, activations=mode)
+            for m0, m in [(0, 45), (0, 17), (3, lo), (0, 33), (5, 40)]:
+                xs = np.ascontiguousarray(np.roll(x, -m0, axis=0)[:m])
+                got = b.ternary_matmul(xs, w)
+                for i in range(m):  # token m0 + i of x sits at row i here
+                    j = (m0 + i) % 45
+                    if j < lo:
+                        np.testing.assert_array_equal(got[i], ref[j], err_msg=f"{isa} {mode} M={m} row {i}")
+    finally:
+        t.set_isa("best")
+
+
+@pytest.mark.parametrize("m,k,n", [(2, 300, 17), (15, 129, 33), (16, 1000, 31), (17, 385, 70), (33, 260, 45),
+                                   (65, 131, 20)])
+def test_avx512_fp32_is_avx2_bits(m, k, n):
+    """The AVX-512 fp32 tables keep the AVX2 arithmetic per lane: the same bits, so fp32 results do
+    not change between AVX2 and AVX-512 machines (and stay batch-invariant as the AVX2 tables)."""
+    t = _ext()
+    if not {"avx2", "avx512"} <= set(ISAS):
+        pytest.skip(f"needs both the avx2 and the avx512 paths (this CPU: {ISAS})")
+    rng = np.random.default_rng(32)
+    w, _ = make_weight(rng, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    b = get_backend("cython", threads=2, activations="fp32")
+    ys = {}
+    try:
+        for isa in ("avx2", "avx512"):
+            t.set_isa(isa)
+            ys[isa] = b.ternary_matmul(x, w)
+    finally:
+        t.set_isa("best")
+    np.testing.assert_array_equal(ys["avx512"], ys["avx2"])
+
+
 def test_unknown_isa_is_refused():
     t = _ext()
     with pytest.raises(InputError):
@@ -299,6 +399,27 @@ def test_unknown_isa_is_refused():
     other = "neon" if t.cpu_features()["avx2"] else "avx2"
     with pytest.raises(InputError):
         t.set_isa(other)
+
+
+def test_every_supported_isa_is_selectable_and_best_is_the_default():
+    t = _ext()
+    isas = t.supported_isas()
+    assert isas[0] == "scalar" and t.cpu_features()["best_isa"] in isas
+    if not os.environ.get("TERDIT_ISA"):
+        assert t.get_isa() == t.cpu_features()["best_isa"]  # the tests run with the default path
+    try:
+        for name in isas:
+            t.set_isa(name)
+            assert t.get_isa() == name
+    finally:
+        t.set_isa("best")
+    feats = t.cpu_features()
+    if feats["avx512"]:
+        assert "avx512" in isas and feats["best_isa"] == "avx512"
+    else:
+        assert "avx512" not in isas
+        with pytest.raises(InputError):
+            t.set_isa("avx512")
 
 
 def test_cpu_features_reports_detection():
@@ -382,7 +503,7 @@ def test_fused_ops_reject_bad_shapes(fused):
 
 # --- attention -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("b,t,h,hkv,hd", [(1, 1, 2, 2, 16), (2, 7, 4, 2, 48), (1, 256, 4, 4, 64),
                                           (2, 256, 3, 1, 48), (1, 19, 6, 3, 20)])
@@ -402,6 +523,29 @@ def test_attention_matches_reference(isa, threads, b, t, h, hkv, hd):
         _ternary.set_isa("best")
     assert got is out
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("b,t,h,hkv,hd", [(1, 1, 2, 2, 16), (2, 7, 4, 2, 48), (1, 23, 3, 3, 20), (1, 40, 2, 1, 33),
+                                          (2, 256, 3, 1, 48)])
+def test_avx512_attention_is_avx2_bits(b, t, h, hkv, hd):
+    """The AVX-512 attention rows keep the AVX2 arithmetic per lane (FMA chains, exp polynomial,
+    softmax sum order): the same bits, so images do not change between AVX2 and AVX-512 machines."""
+    from terdit_edge import _ternary
+    be = _backend_or_skip("cython", threads=2)
+    if not {"avx2", "avx512"} <= set(ISAS):
+        pytest.skip(f"needs both the avx2 and the avx512 paths (this CPU: {ISAS})")
+    rng = np.random.default_rng(33 + t)
+    q = (rng.standard_normal((b, t, h, hd)) * 2).astype(np.float32)
+    k = (rng.standard_normal((b, t, hkv, hd)) * 2).astype(np.float32)
+    v = rng.standard_normal((b, t, hkv, hd)).astype(np.float32)
+    outs = {}
+    try:
+        for isa in ("avx2", "avx512"):
+            _ternary.set_isa(isa)
+            outs[isa] = be.attention(q, k, v)
+    finally:
+        _ternary.set_isa("best")
+    np.testing.assert_array_equal(outs["avx512"], outs["avx2"])
 
 
 def test_attention_large_scores_are_stable():

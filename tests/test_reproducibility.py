@@ -205,3 +205,31 @@ def test_600m_config_step_of_one_image_alone_equals_it_inside_a_batch_of_3(activ
     alone = model(np.concatenate([x[1:2], x[1:2]]), t[:2], np.array([360, 1000]))
     assert np.isfinite(batch).all() and batch.std() > 0
     assert np.array_equal(batch[1], alone[0]) and np.array_equal(batch[4], alone[1])
+
+
+@pytest.mark.parametrize("activations", ACTIVATION_MODES)
+def test_the_same_image_on_every_simd_path_of_this_cpu(small_latent_model, activations):
+    """The x86 SIMD tables promise the same bits (integer sums exact; the AVX-512 fp32 tables and
+    attention keep the AVX2 arithmetic per lane), so an image does not change between an AVX2 and
+    an AVX-512 machine: a guided model call on every x86 SIMD path of this CPU, bit for bit. (NEON
+    and the portable path sum fp32 in other orders; docs/reproducibility.md.)"""
+    usable("cython")
+    from terdit_edge.kernels.cython_backend import _ternary
+    paths = [i for i in _ternary.supported_isas() if i in ("avx2", "avx512")]
+    if len(paths) < 2:
+        pytest.skip(f"needs two x86 SIMD paths (avx2 and avx512); this CPU and build have {_ternary.supported_isas()}")
+    model = terdit_edge.load_model(small_latent_model, backend="cython", activations=activations, threads=2)
+    rng = np.random.default_rng(3)
+    c = model.config
+    x = rng.standard_normal((2, c.in_channels, c.input_size, c.input_size), dtype=np.float32)
+    t = np.array([500, 500])
+    y = np.array([3, c.num_classes])
+    outs = {}
+    try:
+        for isa in paths:
+            _ternary.set_isa(isa)
+            outs[isa] = model(x, t, y)
+    finally:
+        _ternary.set_isa("best")
+    assert np.isfinite(outs["avx2"]).all() and outs["avx2"].std() > 0
+    assert np.array_equal(outs["avx512"], outs["avx2"])

@@ -1,5 +1,6 @@
-/* C harness for the ternary kernels: every ISA path this CPU can run (scalar, AVX2, NEON plain,
- * NEON dot-product) against a naive reference written here from the layout's definition.
+/* C harness for the ternary kernels: every ISA path this CPU and build can run (td_isa_supported:
+ * scalar, AVX2, AVX-512, NEON plain, NEON dot-product) against a naive reference written here from
+ * the layout's definition; an ISA the CPU lacks is reported as skipped.
  * int8 and 10-bit sums must match exactly, float32 outputs to float rounding. Exit status 1 on a mismatch.
  *
  *   cc -O2 -std=c11 -Isrc_cy src_cy/ternary_*.c src_cy/tests/test_kernels.c -lm -o test_kernels
@@ -149,19 +150,22 @@ static void check_shape(int64_t m, int64_t k, int64_t n, int wkind, const int *i
                     failures++;
                     break;
                 }
-            /* int8 outputs: the documented two roundings */
+            /* int8 outputs: the documented two roundings; NaN-prefilled, every output must be written */
+            memset(y, 0xff, sizeof(float) * (size_t)(m * n));
             td_gemm_i8(x, m, k, k, w, n, alpha, bias, y, n, threads);
             check_int_outputs("int8", isa, m, k, n, y, acc_ref, scale, alpha, bias);
             /* 10-bit integers: the same two roundings on exact sums */
+            memset(y, 0xff, sizeof(float) * (size_t)(m * n));
             if (td_gemm_int(x, m, k, k, w, n, alpha, bias, y, n, threads, 10) != 0) { printf("FAIL int10 rc\n"); failures++; }
             check_int_outputs("int10", isa, m, k, n, y, acc10, scale10, alpha, bias);
             /* float32: within float rounding of the sum of |x| */
+            memset(y, 0xff, sizeof(float) * (size_t)(m * n));
             td_gemm_f32(x, m, k, k, w, n, alpha, bias, y, n, threads);
             for (int64_t t = 0; t < m; t++)
                 for (int64_t r = 0; r < n; r++) {
                     const double want = f_ref[t * n + r] * alpha + bias[r];
                     const double tol = 1e-5 * (f_abs[t] * alpha + fabs(bias[r])) + 1e-30;
-                    if (fabs(y[t * n + r] - want) > tol) {
+                    if (!(fabs(y[t * n + r] - want) <= tol)) {
                         printf("FAIL f32 isa=%s m=%lld k=%lld n=%lld at (%lld,%lld): %g != %g\n",
                                td_isa_name(isa), (long long)m, (long long)k, (long long)n,
                                (long long)t, (long long)r, y[t * n + r], want);
@@ -226,20 +230,27 @@ static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_
 }
 
 int main(int argc, char **argv) {
-    int isas[4], nisa = 0;
+    int isas[TD_ISA_COUNT], nisa = 0;
     const int best = td_best_isa();
-    isas[nisa++] = TD_ISA_SCALAR;
-    if (!(argc > 1 && strcmp(argv[1], "scalar") == 0)) {
-        if (best == TD_ISA_NEON_DOT) isas[nisa++] = TD_ISA_NEON;
-        if (best != TD_ISA_SCALAR) isas[nisa++] = best;
+    const int only_scalar = argc > 1 && strcmp(argv[1], "scalar") == 0;
+    for (int i = 0; i < TD_ISA_COUNT; i++) {
+        if (i != TD_ISA_SCALAR && only_scalar) continue;
+        if (td_isa_supported(i)) isas[nisa++] = i;
+        else printf("isa %s: skipped (not supported by this CPU or build)\n", td_isa_name(i));
     }
     td_set_force_parallel(1); /* the 2-thread runs below must really split the work */
     printf("cpu flags 0x%x, best isa %s, testing:", td_cpu_flags(), td_isa_name(best));
     for (int i = 0; i < nisa; i++) printf(" %s", td_isa_name(isas[i]));
     printf("\n");
+    if (td_set_isa(TD_ISA_COUNT) == 0 || td_set_isa(-1) == 0) { printf("FAIL bad isa id accepted\n"); failures++; }
     static const int64_t shapes[][3] = {
         {1, 1, 1}, {1, 33, 7}, {2, 127, 31}, {3, 129, 5}, {4, 300, 17}, {7, 256, 9}, {8, 128, 64},
         {9, 1000, 33}, {16, 260, 70}, {17, 513, 31}, {33, 4100, 3}, {40, 384, 130}, {2, 8200, 4},
+        /* every M from 1 to 17 on K and N tails (the AVX-512 GEMV / 16- and 32-token tiles, 8-row
+         * panels), and token blocks past 32 */
+        {5, 200, 13}, {6, 129, 9}, {8, 131, 17}, {10, 250, 11}, {11, 383, 8}, {12, 140, 23},
+        {13, 257, 15}, {14, 100, 7}, {15, 385, 25}, {31, 300, 9}, {32, 129, 16}, {47, 520, 19},
+        {65, 700, 41},
     };
     const int nshape = (int)(sizeof shapes / sizeof shapes[0]);
     for (int s = 0; s < nshape; s++)

@@ -20,9 +20,10 @@ def _proc_flags() -> set[str]:
 
 
 def cpu_features() -> dict:
-    """dict with avx2, fma, neon, dotprod, openmp (bools), threads (int), isa (kernel path in
-    use, or None without the extension), machine, and extension (whether terdit_edge._ternary
-    is built). With the extension the flags are what its run-time detection saw."""
+    """dict with avx2, fma, avx512, neon, dotprod, i8mm, openmp (bools), threads (int), isa (kernel
+    path in use, or None without the extension), isas (every path this CPU can run), machine, and
+    extension (whether terdit_edge._ternary is built). With the extension the flags are what its
+    run-time detection saw."""
     # through the backend module: it loads the extension with the OpenMP wait policy it wants
     from .cython_backend import _ternary
     if _ternary is not None:
@@ -31,8 +32,8 @@ def cpu_features() -> dict:
     else:
         flags = _proc_flags()
         arm = platform.machine().lower() in ("aarch64", "arm64")
-        info = {"avx2": "avx2" in flags, "fma": "fma" in flags, "neon": arm,
-                "dotprod": "asimddp" in flags, "openmp": False, "threads": default_threads(),
+        info = {"avx2": "avx2" in flags, "fma": "fma" in flags, "avx512": False, "isas": [], "neon": arm,
+                "dotprod": "asimddp" in flags, "i8mm": "i8mm" in flags, "openmp": False, "threads": default_threads(),
                 "best_isa": None, "isa": None, "extension": False}
     info["machine"] = platform.machine()
     return info

@@ -1,0 +1,504 @@
+"""Jobs, the queue and the one worker thread that owns the pipeline (no web framework in here).
+
+The worker loads the model, then repeatedly takes the oldest queued job plus every later queued job
+with the same steps/sampler/cfg/eta (up to ``max_batch`` images in all), and samples them in one
+``Pipeline.latents`` call. Per-image seeds and batch invariance make each image byte-identical to
+the same request run alone. Progress, previews and cancellation go through the pipeline's
+per-step callback: a cancelled job is final at the end of the step in progress; when every job of
+a batch is cancelled the callback raises and the batch stops there, freeing the worker for the next.
+
+Everything shared between the worker and the web threads is guarded by one lock; web code waits
+for changes through :meth:`JobManager.wait_for_change` (asyncio events set thread-safely).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import traceback
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import TerditError
+
+log = logging.getLogger("terdit_edge.server")
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINAL = frozenset((SUCCEEDED, FAILED, CANCELLED))
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__("queue full")
+        self.retry_after = retry_after
+
+
+class NotReady(Exception):
+    """The model is still loading or failed to load."""
+
+
+class AlreadyFinished(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """A validated request: standard class ids and seeds, one per image, and the sampler settings."""
+
+    classes: tuple
+    seeds: tuple
+    steps: object  # int or "ddimN"
+    n_steps: int
+    sampler: str
+    cfg_scale: float
+    eta: float
+    guidance_interval: tuple | None = None  # (lo, hi) timesteps where guidance applies; None: every step
+
+    @property
+    def n(self) -> int:
+        return len(self.classes)
+
+    def batch_key(self) -> tuple:
+        return (str(self.steps), self.sampler, float(self.cfg_scale), float(self.eta), self.guidance_interval)
+
+
+@dataclass
+class Limits:
+    max_queue: int = 32
+    max_batch: int = 8
+    max_n: int = 16
+    max_steps: int = 1000
+    max_body_bytes: int = 16 * 1024
+    keep_seconds: float = 600.0
+    keep_jobs: int = 256
+    batch_wait: float = 0.02  # seconds the worker waits for more jobs to fill a batch that is not full
+    step_event_interval: float = 0.1  # a job's plain step events are at least this many seconds apart
+    preview_interval: float = 0.25  # a job's step events carry a preview at least this many seconds apart
+
+
+@dataclass
+class Job:
+    id: str
+    owner: object
+    params: JobParams
+    created: float
+    status: str = QUEUED
+    step: int = 0
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    images: list = field(default_factory=list)  # PNG bytes, one per image, once succeeded
+    events: list = field(default_factory=list)  # (seq, name, data)
+    seq: int = 0
+    cancel_requested: bool = False
+    cancel_requested_at_step: int | None = None  # the step the job had reached when the cancel arrived
+    batch_images: int | None = None  # images sampled together with this job's (its batch), once running
+    total_steps: int = 0  # sampler steps the job's images take: steps x sub-batches for a job over max_batch
+    stopped_at_step: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+def _preview_png(x: np.ndarray, latent: bool) -> str:
+    """A data: URL of a small PNG of one image's current state x (C, H, W): the pixels for pixel
+    models; a min-max normalised view of the first (up to 3) channels for latent models."""
+    from PIL import Image
+
+    if latent:
+        v = x[:3]
+        lo, hi = float(v.min()), float(v.max())
+        v = (v - lo) / (hi - lo + 1e-6)
+    else:
+        v = np.clip((x + 1) / 2, 0, 1)
+    arr = (v.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+    im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr if arr.shape[2] == 3 else arr[:, :, 0])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _BatchCancelled(Exception):
+    pass
+
+
+class JobManager:
+    """Owns the queue, the retained jobs and the worker thread.
+
+    ``loader()`` returns the Pipeline; it runs on the worker thread, so the web server answers
+    (``/health`` says 503 loading) while the model loads.
+    """
+
+    def __init__(self, loader, limits: Limits | None = None, model_name: str = "model", activations: str = "fp32"):
+        self._loader = loader
+        self.limits = limits or Limits()
+        self.model_name = model_name
+        self.activations = activations
+        self.pipe = None
+        self.state = "loading"  # loading | ready | failed
+        self.load_error: str | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._running: list[Job] = []
+        self._waiters: dict[str, set] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        # metrics
+        self.counts = {s: 0 for s in (SUCCEEDED, FAILED, CANCELLED)}
+        self.images_total = 0
+        self.jobs_total = 0
+        self.batches_total = 0
+        self.step_seconds_sum = 0.0
+        self.step_seconds_count = 0
+        self.seconds_per_step: float | None = None  # moving average over recent batch steps
+        self._batch_remaining_steps = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="terdit-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            for job in list(self._queue) + self._running:
+                job.cancel_requested = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def _main(self) -> None:
+        try:
+            pipe = self._loader()
+        except Exception as e:  # noqa: BLE001 - any load failure is reported by /health, not raised
+            log.error("loading the model failed: %s", e)
+            with self._lock:
+                self.state, self.load_error = "failed", f"{type(e).__name__}: {e}"
+            self._ready.set()
+            return
+        with self._lock:
+            self.pipe, self.state = pipe, "ready"
+        self._ready.set()
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    for job in list(self._queue):
+                        self._finish(job, CANCELLED, error="the server is shutting down")
+                    self._queue.clear()
+                    return
+                self._gather()
+                if self._stop or not self._queue:
+                    continue
+                batch = self._take_batch()
+            self._run_batch(batch)
+
+    # -- submitting, looking up, cancelling (web threads) --------------------------------------------
+
+    def submit(self, params: JobParams, owner=None) -> Job:
+        with self._lock:
+            if self.state != "ready":
+                raise NotReady(self.state)
+            self._purge()
+            if len(self._queue) >= self.limits.max_queue:
+                raise QueueFull(self._retry_after())
+            job = Job(id=secrets.token_urlsafe(12), owner=owner, params=params, created=time.time(),
+                      total_steps=params.n_steps * math.ceil(params.n / self.limits.max_batch))
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self.jobs_total += 1
+            self._emit(job, "queued", {"queue_position": len(self._queue) - 1})
+            self._wake.notify_all()
+            return job
+
+    def get(self, job_id: str, owner=None, check_owner: bool = False) -> Job | None:
+        with self._lock:
+            self._purge()
+            job = self._jobs.get(job_id)
+            if job is None or (check_owner and job.owner != owner):
+                return None
+            return job
+
+    def cancel(self, job: Job) -> None:
+        """Ask a job to stop: a queued job is cancelled now, a running one at the end of its step."""
+        with self._lock:
+            if job.final:
+                raise AlreadyFinished(job.status)
+            job.cancel_requested = True
+            job.cancel_requested_at_step = job.step
+            if job.status == QUEUED:
+                self._queue.remove(job)
+                self._finish(job, CANCELLED)
+
+    def snapshot(self, job: Job) -> dict:
+        """The job's public state (GET /v1/jobs/{id})."""
+        with self._lock:
+            p = job.params
+            d = {"id": job.id, "status": job.status, "step": job.step, "steps": job.total_steps,
+                 "queue_position": self._position(job), "eta_seconds": self._eta(job), "error": job.error,
+                 "n": p.n, "classes": list(p.classes), "seeds": list(p.seeds), "sampler": p.sampler,
+                 "steps_spec": p.steps, "cfg_scale": p.cfg_scale, "eta": p.eta,
+                 "guidance_interval": list(p.guidance_interval) if p.guidance_interval else None,
+                 "created": job.created, "started": job.started, "finished": job.finished,
+                 "batch_images": job.batch_images, "cancel_requested": job.cancel_requested}
+            if job.stopped_at_step is not None:
+                d["stopped_at_step"] = job.stopped_at_step
+            if job.cancel_requested_at_step is not None:
+                d["cancel_requested_at_step"] = job.cancel_requested_at_step
+            return d
+
+    def events_after(self, job: Job, seq: int) -> tuple[list, bool]:
+        """Events with a sequence number above ``seq`` and whether the job is final."""
+        with self._lock:
+            return [e for e in job.events if e[0] > seq], job.final
+
+    async def wait_for_change(self, job: Job, seen_seq: int, timeout: float) -> None:
+        """Return when the job has an event after ``seen_seq`` (or is final), or after ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        ev = asyncio.Event()
+        entry = (loop, ev)
+        with self._lock:
+            if job.seq > seen_seq or job.final:
+                return
+            self._waiters.setdefault(job.id, set()).add(entry)
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                ws = self._waiters.get(job.id)
+                if ws is not None:
+                    ws.discard(entry)
+                    if not ws:
+                        del self._waiters[job.id]
+
+    def stats(self) -> dict:
+        with self._lock:
+            by_state = {s: 0 for s in STATES}
+            for job in self._jobs.values():
+                by_state[job.status] += 1
+            return {"queue_depth": len(self._queue), "running_jobs": len(self._running), "jobs_by_state": by_state,
+                    "jobs_total": self.jobs_total, "finished_total": dict(self.counts),
+                    "images_total": self.images_total, "batches_total": self.batches_total,
+                    "step_seconds_sum": self.step_seconds_sum, "step_seconds_count": self.step_seconds_count,
+                    "seconds_per_step": self.seconds_per_step, "retained_jobs": len(self._jobs)}
+
+    # -- internals (called with the lock held unless said otherwise) -----------------------------------
+
+    def _position(self, job: Job) -> int | None:
+        if job.status != QUEUED:
+            return None
+        for i, j in enumerate(self._queue):
+            if j is job:
+                return i
+        return None
+
+    def _eta(self, job: Job) -> float | None:
+        sps = self.seconds_per_step
+        if sps is None or job.final:
+            return 0.0 if job.final else None
+        if job.status == RUNNING:
+            return round(self._batch_remaining_steps * sps, 3)
+        pos = self._position(job) or 0
+        ahead = self._batch_remaining_steps + sum(j.total_steps for j in list(self._queue)[:pos])
+        return round((ahead + job.total_steps) * sps, 3)
+
+    def _retry_after(self) -> int:
+        sps = self.seconds_per_step or 0.05
+        steps = self._batch_remaining_steps + (self._queue[0].total_steps if self._queue else 0)
+        return max(1, math.ceil(steps * sps))
+
+    def _purge(self) -> None:
+        now = time.time()
+        finished = [j for j in self._jobs.values() if j.final]
+        excess = len(finished) - self.limits.keep_jobs
+        for j in finished:
+            if excess > 0 or now - j.finished > self.limits.keep_seconds:
+                del self._jobs[j.id]
+                excess -= 1
+
+    def _emit(self, job: Job, name: str, data: dict) -> None:
+        job.seq += 1
+        if name == "step" and "preview" not in data and job.events and job.events[-1][1] == "step" \
+                and "preview" not in job.events[-1][2]:
+            job.events[-1] = (job.seq, name, data)  # keep one plain step event: memory stays bounded
+        else:
+            job.events.append((job.seq, name, data))
+        for loop, ev in self._waiters.get(job.id, ()):
+            loop.call_soon_threadsafe(ev.set)
+
+    def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        job.status, job.error, job.finished = status, error, time.time()
+        previews = [k for k, e in enumerate(job.events) if "preview" in e[2]]
+        for k in previews[:-1]:  # a retained job keeps its last preview only
+            seq, name, data = job.events[k]
+            job.events[k] = (seq, name, {key: v for key, v in data.items() if key != "preview"})
+        self.counts[status] += 1
+        if status == SUCCEEDED:
+            self.images_total += len(job.images)
+            self._emit(job, "done", {"status": status, "images": len(job.images)})
+        elif status == CANCELLED:
+            job.stopped_at_step = job.step
+            self._emit(job, "cancelled", {"status": status, "step": job.step})
+        else:
+            self._emit(job, "error", {"status": status, "error": error})
+
+    def _compatible_images(self) -> int:
+        key = self._queue[0].params.batch_key()
+        return sum(j.params.n for j in self._queue if j.params.batch_key() == key)
+
+    def _gather(self) -> None:
+        """Wait up to ``batch_wait`` s for more jobs like the oldest one while its batch is not full:
+        clients whose jobs finished together submit their next ones a few ms apart."""
+        deadline = time.monotonic() + self.limits.batch_wait
+        while self._queue and not self._stop and self._compatible_images() < self.limits.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+
+    def _take_batch(self) -> list[Job]:
+        head = self._queue[0]
+        key, total = head.params.batch_key(), 0
+        batch = []
+        for job in list(self._queue):
+            if job.params.batch_key() != key:
+                continue
+            if batch and total + job.params.n > self.limits.max_batch:
+                continue
+            batch.append(job)
+            total += job.params.n
+            if total >= self.limits.max_batch:
+                break
+        for job in batch:
+            self._queue.remove(job)
+            job.status, job.started, job.batch_images = RUNNING, time.time(), total
+            self._emit(job, "started", {"batch_images": total})
+        self._running = batch
+        self.batches_total += 1
+        self._batch_remaining_steps = head.total_steps
+        return batch
+
+    # -- the worker's batch (runs without the lock, takes it for each update) -----------------------------
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        pipe = self.pipe
+        p = batch[0].params
+        classes = [c for job in batch for c in job.params.classes]
+        seeds = [s for job in batch for s in job.params.seeds]
+        offsets, o = [], 0
+        for job in batch:
+            offsets.append(o)
+            o += job.params.n
+        one_batch = len(classes) <= self.limits.max_batch
+        latent = bool(pipe.config.latent)
+        t_last = [time.perf_counter()]
+        t_event = [0.0]
+        t_preview = [time.perf_counter()]
+
+        def on_step(i: int, total: int, x: np.ndarray) -> None:
+            now = time.perf_counter()
+            dt, t_last[0] = now - t_last[0], now
+            with self._lock:
+                self.step_seconds_sum += dt
+                self.step_seconds_count += 1
+                self.seconds_per_step = dt if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * dt
+                self._batch_remaining_steps = max(0, total - (i + 1))
+                live = []
+                for job in batch:
+                    if job.final:
+                        continue
+                    if job.cancel_requested:
+                        job.step = i + 1
+                        self._finish(job, CANCELLED)
+                    else:
+                        live.append(job)
+                if not live:
+                    raise _BatchCancelled()
+                previews = i + 1 == total or now - t_preview[0] >= self.limits.preview_interval
+                if previews:
+                    t_preview[0] = now
+                for job in live:
+                    job.step = i + 1
+                if not previews and now - t_event[0] < self.limits.step_event_interval:
+                    return  # the step is in the job's state; its event is skipped (they are throttled)
+                t_event[0] = now
+            for job, off in zip(batch, offsets):
+                if job not in live:
+                    continue
+                data = {"step": i + 1, "steps": total}
+                if previews:
+                    row = off if one_batch else 0
+                    try:
+                        data["preview"] = _preview_png(x[row], latent)
+                    except Exception:  # noqa: BLE001 - a preview is never worth failing a job
+                        log.exception("preview failed")
+                with self._lock:
+                    data["eta_seconds"] = round(self._batch_remaining_steps * (self.seconds_per_step or 0), 3)
+                    self._emit(job, "step", data)
+
+        try:
+            lat = pipe.latents(classes, steps=p.steps, sampler=p.sampler, cfg_scale=p.cfg_scale, eta=p.eta,
+                               seeds=seeds, batch_size=min(len(classes), self.limits.max_batch), callback=on_step,
+                               guidance_interval=p.guidance_interval)
+            self._deliver(batch, offsets, lat)
+        except _BatchCancelled:
+            pass
+        except TerditError as e:
+            self._fail(batch, str(e))
+        except Exception as e:  # noqa: BLE001 - an internal error fails the batch's jobs, never the server
+            log.error("batch of %d job(s) failed:\n%s", len(batch), traceback.format_exc())
+            self._fail(batch, f"internal error ({type(e).__name__}: {e})")
+        finally:
+            with self._lock:
+                self._running = []
+                self._batch_remaining_steps = 0
+
+    def _deliver(self, batch: list[Job], offsets: list[int], lat: np.ndarray) -> None:
+        from ..images import to_pil
+        from ..pngmeta import generation_metadata, png_bytes
+
+        pipe = self.pipe
+        model_name = os.path.basename(pipe.path) if pipe.path else self.model_name
+        for job, off in zip(batch, offsets):
+            if job.final:
+                continue
+            p = job.params
+            meta = generation_metadata(model_name, p.classes, p.seeds, p.steps, p.sampler, p.cfg_scale, p.eta,
+                                       self.activations, guidance_interval=p.guidance_interval)
+            # one image at a time, as Pipeline.__call__ decodes (same shapes, same bytes)
+            pngs = [png_bytes(to_pil(pipe.decode(lat[off + k:off + k + 1])[0]), meta, k) for k in range(p.n)]
+            with self._lock:
+                if job.final:
+                    continue
+                if job.cancel_requested:
+                    self._finish(job, CANCELLED)
+                    continue
+                job.images = pngs
+                job.step = job.total_steps
+                self._finish(job, SUCCEEDED)
+
+    def _fail(self, batch: list[Job], message: str) -> None:
+        with self._lock:
+            for job in batch:
+                if not job.final:
+                    self._finish(job, FAILED, error=message)
