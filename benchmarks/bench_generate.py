@@ -6,6 +6,9 @@ The pipeline file (random 600M release-layout checkpoint + a random full-size di
 fp16 VAE) is built once with the real converter and cached like bench_step.py's files. The command
 runs in a fresh subprocess; its peak resident set (VmHWM) is read at exit, and compared with the
 same process's resident set right after `import terdit_edge` (the baseline of the same run).
+
+Activations: int8 by default here (the fastest mode); the CLI's own default is fp32, so pass
+`--activations fp32` to time what a plain `terdit-edge generate` does. The mode is printed with the result.
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--vae-tile", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--activations", default="int8")
+    ap.add_argument("--activations", default="int8", choices=("fp32", "int8", "int10"),
+                    help="activation mode passed to generate (default int8; the CLI default is fp32)")
     a = ap.parse_args()
     path = pipeline_file(a.size)
     out = os.path.join(tempfile.mkdtemp(), "bench.png")
@@ -83,7 +87,8 @@ def main():
         print(json.dumps(res, indent=2))
         return
     print(f"terdit-edge generate, 600M + SD-VAE ({res['file_mb']:.0f} MB file), {a.size}px, {a.steps} DDIM steps, "
-          f"{a.activations}, vae_tile {a.vae_tile}: {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB "
+          f"activations {a.activations}, vae_tile {a.vae_tile}: {res['seconds']:.1f} s, "
+          f"peak RSS {res['peak_rss_mb']:.0f} MB "
           f"(after import: {res['rss_after_import_mb']:.0f} MB)")
 
 

@@ -10,14 +10,20 @@ TerDiT-600M projections at batch 2 x 256 tokens (M = 512) and the per-step condi
 under the same thread limit; ops are counted as 2 M N K for every method. When onnxruntime and
 onnx are importable, onnxruntime's MatMulNBits (com.microsoft, bits=2, block_size=32,
 accuracy_level=4) runs the same ternary weights as a third reference; when torch is importable,
-PyTorch float32 and, on CPUs with native bf16 (AVX512_BF16, AMX), bfloat16 `F.linear` on the dense
-weights (the bf16 row's rel err is against PyTorch float32). The fused C attention is timed
-against the NumPy/BLAS reference attention on one shape (B x T x H x Hkv x hd, TerDiT-600M by default).
+PyTorch float32 and, on CPUs with native bf16 (AVX512_BF16, AMX), bfloat16 on the dense weights (the
+bf16 row's rel err is against PyTorch float32). `pip install ".[bench]"` installs every baseline; a
+skipped baseline is printed. The fused C attention is timed against the NumPy/BLAS reference attention
+on one shape (B x T x H x Hkv x hd, TerDiT-600M by default).
 
-Times are the best of R runs (the median is in --json output): the best run is the one least
-disturbed by other processes on a shared machine. `--clock cpu` measures process CPU time instead of
-wall time; with `--threads 1` that is the one figure a busy shared machine cannot inflate by
-descheduling the process (with more threads it is the CPU time summed over threads).
+Same treatment for every method: NumPy and terdit-edge write into an output buffer allocated once
+(`np.matmul(x, W.T, out=buf)` / `ternary_matmul(x, w, out=buf)`); onnxruntime returns a new array
+per call (its session API). The error column compares the output of the last timed call (all M rows)
+with the NumPy reference of the mode (fp32: float64-exact sums; int8/int10: the same integers).
+
+Times and ratios are medians of R runs; the best and worst run are in --json output (best_s,
+worst_s). `--clock cpu` measures process CPU time instead of wall time; with `--threads 1` that is
+the one figure a busy shared machine cannot inflate by descheduling the process (with more threads
+it is the CPU time summed over threads).
 """
 from __future__ import annotations
 
@@ -30,15 +36,12 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from terdit_edge.kernels import available_backends, default_threads, get_backend  # noqa: E402
-from terdit_edge.kernels.base import TernaryWeight  # noqa: E402
-from terdit_edge.kernels.reference import ternary_matmul_reference  # noqa: E402
-from terdit_edge.packing import pack_ternary_2bit  # noqa: E402
+from terdit_edge.kernels import available_backends, default_threads, get_backend
+from terdit_edge.kernels.base import TernaryWeight, activation_bits
+from terdit_edge.kernels.reference import quantize_rows
+from terdit_edge.packing import pack_ternary_2bit
 
 DEFAULT_SHAPES = [(512, 1536, 1536), (512, 1536, 4096), (512, 4096, 1536), (2, 1024, 9216), (1, 1536, 4096)]
 
@@ -63,8 +66,8 @@ CLOCK = time.perf_counter
 IDLE_GAP_S = 0.3
 
 
-def timeit(fn, repeat: int) -> tuple[float, float]:
-    """(best, median) seconds of `repeat` calls after an idle gap and one warm-up call, on CLOCK."""
+def timeit(fn, repeat: int) -> dict:
+    """median_s, best_s, worst_s of `repeat` calls after an idle gap and one warm-up call, on CLOCK."""
     time.sleep(IDLE_GAP_S)
     fn()
     times = []
@@ -72,7 +75,21 @@ def timeit(fn, repeat: int) -> tuple[float, float]:
         t0 = CLOCK()
         fn()
         times.append(CLOCK() - t0)
-    return min(times), statistics.median(times)
+    return dict(median_s=statistics.median(times), best_s=min(times), worst_s=max(times))
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
+
+
+_SKIPPED = set()
+
+
+def skipped_baseline(message: str) -> None:
+    """Say once, on stderr, that a baseline is not measured and why."""
+    if message not in _SKIPPED:
+        _SKIPPED.add(message)
+        print(f"SKIPPED baseline: {message}", file=sys.stderr)
 
 
 def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
@@ -81,11 +98,13 @@ def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
         import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
-    except ImportError:
+    except ImportError as e:
+        skipped_baseline(f"onnxruntime MatMulNBits: {e.name or e} is not installed (pip install '.[bench]')")
         return None
     n, k = q.shape
     block = 32
     if k % block:
+        skipped_baseline(f"onnxruntime MatMulNBits at K = {k}: K is not a multiple of the block ({block})")
         return None
     nblk = k // block
     codes = (q + 2).astype(np.uint8)  # default zero point of 2-bit MatMulNBits is 2
@@ -107,33 +126,54 @@ def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
     try:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - an older onnxruntime without 2-bit support
-        print(f"onnxruntime MatMulNBits unavailable: {e}", file=sys.stderr)
+        skipped_baseline(f"onnxruntime MatMulNBits unavailable: {e}")
         return None
     return lambda x: sess.run(None, {"A": x})[0]
 
 
-def torch_matmul_rows(q: np.ndarray, alpha: float, x: np.ndarray, threads: int, repeat: int) -> list[dict]:
-    """PyTorch `F.linear` on the same dense weights in float32 and, where the CPU has native bf16
-    (AVX512_BF16 or AMX-BF16), in bfloat16 (inputs and weights converted beforehand, as a bf16 model
-    holds them), same threads; the bf16 row's rel err is against PyTorch float32. [] without torch."""
+def blas_reference(x: np.ndarray, q: np.ndarray, alpha: float, mode: str) -> np.ndarray:
+    """The expected output of every row, by float64 BLAS (the gather-based reference is too slow at
+    M = 512): fp32 mode, the float64 sums alpha * x Q^T rounded once; integer modes, the reference's
+    quantized rows, whose integer sums float64 holds exactly, scaled as ternary_matmul_reference does
+    (bit-equal to it)."""
+    q64 = q.astype(np.float64)
+    bits = activation_bits(mode)
+    if not bits:
+        return (x.astype(np.float64) @ q64.T * alpha).astype(np.float32)
+    xq, scale = quantize_rows(x, bits)
+    sums = xq.astype(np.float64) @ q64.T
+    return sums.astype(np.float32) * (scale[:, None] * np.float32(alpha))
+
+
+def torch_matmul_rows(q: np.ndarray, alpha: float, x: np.ndarray, threads: int, repeat: int, reference) -> list[dict]:
+    """PyTorch on the same dense weights in float32 and, where the CPU has native bf16 (AVX512_BF16 or
+    AMX-BF16), in bfloat16 (inputs and weights converted beforehand, as a bf16 model holds them), same
+    threads, each writing into a preallocated output (`torch.mm(x, W.t(), out=buf)`, what F.linear
+    computes). The float32 row's rel err is against the reference, the bf16 row's against PyTorch
+    float32's output; both from the timed calls' output. [] without torch."""
     try:
         import torch
     except ImportError:
+        skipped_baseline("PyTorch float32 / bfloat16: torch is not installed (pip install '.[bench]')")
         return []
     from terdit_edge.kernels.cpu import _proc_flags
     torch.set_num_threads(threads)
+    version = torch.__version__.split("+")[0]
     w32, x32 = torch.from_numpy(q.astype(np.float32) * np.float32(alpha)), torch.from_numpy(x)
-    lin = torch.nn.functional.linear
-    with torch.inference_mode():
-        best, med = timeit(lambda: lin(x32, w32), repeat)
-        rows = [dict(method=f"torch {torch.__version__.split('+')[0]} float32", mode="fp32", best_s=best, median_s=med)]
+    y32 = torch.empty((x.shape[0], q.shape[0]), dtype=torch.float32)
+    with torch.no_grad():
+        w32t = w32.t()
+        t = timeit(lambda: torch.mm(x32, w32t, out=y32), repeat)
+        rows = [dict(method=f"torch {version} float32", mode="fp32", **t,
+                     rel_err=rel_err(y32.numpy(), reference("fp32")))]
         if {"avx512_bf16", "amx_bf16"} & _proc_flags():
-            xb, wb = x32.to(torch.bfloat16), w32.to(torch.bfloat16)
-            y32, yb = lin(x32, w32), lin(xb, wb).float()
-            err = float((yb - y32).abs().max() / (y32.abs().max() + 1e-30))
-            best, med = timeit(lambda: lin(xb, wb), repeat)
-            rows.append(dict(method=f"torch {torch.__version__.split('+')[0]} bfloat16", mode="bf16",
-                             best_s=best, median_s=med, rel_err=err))
+            xb, wbt = x32.to(torch.bfloat16), w32.to(torch.bfloat16).t()
+            yb = torch.empty(y32.shape, dtype=torch.bfloat16)
+            t = timeit(lambda: torch.mm(xb, wbt, out=yb), repeat)
+            rows.append(dict(method=f"torch {version} bfloat16", mode="bf16", **t,
+                             rel_err=rel_err(yb.float().numpy(), y32.numpy())))
+        else:
+            skipped_baseline("PyTorch bfloat16: this CPU has no native bf16 (AVX512_BF16 / AMX-BF16)")
     return rows
 
 
@@ -145,33 +185,39 @@ def bench_shape(m, k, n, threads, repeat, backends, rng, modes=("fp32", "int8", 
     dense = (q.astype(np.float32) * np.float32(alpha))
     ops = 2.0 * m * n * k
     rows = []
+    refs = {}
+
+    def reference(mode):
+        if mode not in refs:
+            refs[mode] = blas_reference(x, q, alpha, mode)
+        return refs[mode]
+
     from threadpoolctl import threadpool_limits
+    buf = np.empty((m, n), np.float32)
     with threadpool_limits(limits=threads):
-        best, med = timeit(lambda: x @ dense.T, repeat)
-    base = best
-    rows.append(dict(method="numpy float32 matmul", mode="fp32", best_s=best, median_s=med))
-    check_x = x[: min(m, 8)]
+        t = timeit(lambda: np.matmul(x, dense.T, out=buf), repeat)
+    rows.append(dict(method="numpy float32 matmul", mode="fp32", **t, rel_err=rel_err(buf, reference("fp32"))))
     for name in backends:
         for mode in modes:
             b = get_backend(name, threads=threads, activations=mode)
             out = np.empty((m, n), np.float32)
-            got = b.ternary_matmul(check_x, w)
-            ref = ternary_matmul_reference(check_x, w, mode)
-            err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
             r = repeat if name != "numba" or m < 64 else max(1, min(repeat, 2))
-            best, med = timeit(lambda: b.ternary_matmul(x, w, out=out), r)
-            rows.append(dict(method=f"{name}", mode=mode, best_s=best, median_s=med, rel_err=err))
+            t = timeit(lambda b=b, out=out: b.ternary_matmul(x, w, out=out), r)
+            rows.append(dict(method=f"{name}", mode=mode, **t, rel_err=rel_err(out, reference(mode))))
     run = ort_matmulnbits(q, alpha, threads)
     if run is not None:
-        got = run(check_x)
-        ref = ternary_matmul_reference(check_x, w, "fp32")
-        err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
-        best, med = timeit(lambda: run(x), repeat)
-        rows.append(dict(method="onnxruntime MatMulNBits 2-bit", mode="acc4", best_s=best, median_s=med,
-                         rel_err=err))
-    rows.extend(torch_matmul_rows(q, alpha, x, threads, repeat))  # PyTorch float32 and native bf16
+        last = {}
+
+        def call():
+            last["y"] = run(x)
+
+        t = timeit(call, repeat)
+        rows.append(dict(method="onnxruntime MatMulNBits 2-bit", mode="acc4", **t,
+                         rel_err=rel_err(last["y"], reference("fp32"))))
+    rows.extend(torch_matmul_rows(q, alpha, x, threads, repeat, reference))  # PyTorch float32 and native bf16
+    base = rows[0]["median_s"]
     for row in rows:
-        row.update(M=m, K=k, N=n, gops=ops / row["best_s"] / 1e9, speedup_vs_numpy=base / row["best_s"])
+        row.update(M=m, K=k, N=n, gops=ops / row["median_s"] / 1e9, speedup_vs_numpy=base / row["median_s"])
     return rows
 
 
@@ -185,18 +231,18 @@ def bench_attention(shape, threads, repeat, rng):
     v = rng.standard_normal((b, t, hkv, hd)).astype(np.float32)
     ref_be = NumpyBackend(threads=threads)
     out = np.empty_like(q)
-    best, med = timeit(lambda: ref_be.attention(q, k, v, out=out), repeat)
-    rows = [dict(method="numpy reference attention", best_s=best, median_s=med)]
-    ref = ref_be.attention(q, k, v)
+    rows = [dict(method="numpy reference attention", **timeit(lambda: ref_be.attention(q, k, v, out=out), repeat))]
+    ref = out.copy()
     if available_backends().get("cython") == "ok":
         be = get_backend("cython", threads=threads)
-        err = float(np.abs(be.attention(q, k, v) - ref).max())
-        best, med = timeit(lambda: be.attention(q, k, v, out=out), repeat)
-        rows.append(dict(method="cython fused attention", best_s=best, median_s=med, abs_err=err))
+        timed = timeit(lambda: be.attention(q, k, v, out=out), repeat)
+        rows.append(dict(method="cython fused attention", **timed, abs_err=float(np.abs(out - ref).max())))
+    else:
+        skipped_baseline(f"cython fused attention: backend unavailable ({available_backends().get('cython')})")
     ops = 4.0 * b * h * t * t * hd
     for row in rows:
-        row.update(shape="x".join(map(str, shape)), gops=ops / row["best_s"] / 1e9,
-                   speedup_vs_numpy=rows[0]["best_s"] / row["best_s"])
+        row.update(shape="x".join(map(str, shape)), gops=ops / row["median_s"] / 1e9,
+                   speedup_vs_numpy=rows[0]["median_s"] / row["median_s"])
     return rows
 
 
@@ -220,6 +266,9 @@ def main(argv=None) -> int:
         backends = args.backends.split(",")
     else:
         backends = [b for b in ("cython", "numba") if status.get(b) == "ok"]
+        for b in ("cython", "numba"):
+            if status.get(b) != "ok":
+                skipped_baseline(f"terdit-edge {b} backend: {status.get(b)}")
     shapes = DEFAULT_SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rng = np.random.default_rng(0)
     info = dict(cpu=cpu_model(), threads=args.threads, repeat=args.repeat, clock=args.clock,
@@ -243,19 +292,21 @@ def main(argv=None) -> int:
         print(json.dumps(dict(info=info, results=results, attention=att), indent=1))
         return 0
     load = info["load_average"]
-    print(f"# {info['cpu']}, {args.threads} threads, best of {args.repeat} ({args.clock} clock); "
+    print(f"# {info['cpu']}, {args.threads} threads, median of {args.repeat} ({args.clock} clock); "
           f"kernel path: {info.get('cpu_features', {}).get('isa')}"
           + (f"; load average at start {load[0]:.1f}" if load else ""))
-    print(f"{'M x K x N':>18} | {'method':<30} | {'mode':<5} | {'time ms':>9} | {'GOP/s':>7} | "
-          f"{'x numpy':>7} | {'rel err':>8}")
+    print(f"{'M x K x N':>18} | {'method':<30} | {'mode':<5} | {'median ms':>9} | {'best-worst ms':>17} | "
+          f"{'GOP/s':>7} | {'x numpy':>7} | {'rel err':>8}")
     for r in results:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        spread = f"{r['best_s'] * 1e3:.3f}-{r['worst_s'] * 1e3:.3f}"
         print(f"{r['M']:>5} x{r['K']:>5} x{r['N']:>5} | {r['method']:<30} | {r['mode']:<5} | "
-              f"{r['best_s'] * 1e3:9.3f} | {r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
+              f"{r['median_s'] * 1e3:9.3f} | {spread:>17} | {r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
     for r in att:
         err = f"{r['abs_err']:.1e}" if "abs_err" in r else ""
-        print(f"attention {r['shape']:>16} | {r['method']:<30} | fp32  | {r['best_s'] * 1e3:9.3f} | "
-              f"{r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
+        spread = f"{r['best_s'] * 1e3:.3f}-{r['worst_s'] * 1e3:.3f}"
+        print(f"attention {r['shape']:>16} | {r['method']:<30} | fp32  | {r['median_s'] * 1e3:9.3f} | "
+              f"{spread:>17} | {r['gops']:7.1f} | {r['speedup_vs_numpy']:7.2f} | {err:>8}")
     return 0
 
 

@@ -3,6 +3,7 @@ bfloat16 where the CPU has native bf16: AVX512_BF16 or AMX).
 
     python benchmarks/bench_step.py [--json] [--threads 1,2] [--repeat 3] [--config 600m]
                                     [--backends cython,numba] [--modes fp32,int8,int10] [--skip-torch]
+                                    [--clock wall|cpu]
 
 A random checkpoint in the official release layout is written once (cached under
 $TERDIT_BENCH_CACHE, default ~/.cache/terdit-edge-bench) and converted with the real converter.
@@ -17,6 +18,11 @@ the relative L2 error of its output against PyTorch float32.
 Each measurement runs in its own subprocess so that its peak RSS (VmHWM) is its own. Ratios
 are against PyTorch float32 measured in the same run; the integer rows (int8, int10) also report the
 relative L2 error of the guided model output against the fp32 mode of the same backend.
+
+Times are the median of the timed repeats (the range is printed beside it). `--clock cpu` times
+process CPU time instead of wall time: with `--threads 1` that is the figure a busy shared machine
+cannot inflate by descheduling the process (with more threads it sums the threads' CPU time,
+spin-waiting included, so use it with 1 thread).
 """
 from __future__ import annotations
 
@@ -64,6 +70,17 @@ def _inputs(config):
     return x, 500, np.array([207])
 
 
+def _clock(args):
+    return time.process_time if args.clock == "cpu" else time.perf_counter
+
+
+def _time_stats(times: list[float]) -> dict:
+    """seconds: the median of the timed repeats (what the ratios use); best and worst beside it."""
+    import statistics
+
+    return {"seconds": statistics.median(times), "best": min(times), "worst": max(times), "times": times}
+
+
 def worker_ours(args) -> dict:
     import numpy as np
 
@@ -76,11 +93,32 @@ def worker_ours(args) -> dict:
     out = guided_model_output(model, x, t, y, 4.0)  # warm-up: JIT, buffers, page cache
     times = []
     for _ in range(args.repeat):
-        t0 = time.perf_counter()
+        t0 = _clock(args)()
         out = guided_model_output(model, x, t, y, 4.0)
-        times.append(time.perf_counter() - t0)
+        times.append(_clock(args)() - t0)
     np.save(args.save, out)
-    return {"seconds": min(times), "backend": model.backend.describe()}
+    return {**_time_stats(times), "backend": model.backend.describe()}
+
+
+def dequantize_in_place(torch, ref, model) -> None:
+    """Turn every TernaryLinear into a plain float32 nn.Linear holding alpha * Q, reusing the layer's
+    own weight tensor (scaled in place), so that the model holds one float32 copy of the weights, as
+    a user's PyTorch model would. (Collecting new layers while the old ones stay referenced would
+    hold two copies at the peak.)"""
+    sites = [(parent_name, name) for parent_name, parent in model.named_modules()
+             for name, child in parent.named_children() if isinstance(child, ref.TernaryLinear)]
+    for parent_name, name in sites:
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, name)
+        lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        with torch.no_grad():
+            weight = child.ternary().detach()
+            weight.mul_(child.alphas.detach())
+        lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if child.bias is not None:
+            lin.bias = torch.nn.Parameter(child.bias.detach(), requires_grad=False)
+        setattr(parent, name, lin)
+        del child, weight
 
 
 def native_bf16() -> bool:
@@ -107,16 +145,7 @@ def worker_torch(args, bf16: bool = False) -> dict:
                          n_heads=cfg["n_heads"], num_classes=cfg["num_classes"], qk_norm=cfg["qk_norm"])
     ref.load_released_state_dict(model, sd)
     del sd
-    # dequantize once: plain float32 nn.Linear layers holding alpha * Q
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, ref.TernaryLinear):
-                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                with torch.no_grad():
-                    lin.weight.copy_(child.alphas * child.ternary())
-                    if child.bias is not None:
-                        lin.bias.copy_(child.bias)
-                setattr(parent, name, lin)
+    dequantize_in_place(torch, ref, model)
     model.eval()
     if bf16:  # linear weights held in bfloat16, run under autocast; norms, embeddings and the rest in fp32
         for mod in model.modules():
@@ -131,11 +160,11 @@ def worker_torch(args, bf16: bool = False) -> dict:
     with torch.inference_mode(), ctx:
         out = model.forward_with_cfg(xx, tt, yy, 4.0)
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
+            t0 = _clock(args)()
             out = model.forward_with_cfg(xx, tt, yy, 4.0)
-            times.append(time.perf_counter() - t0)
+            times.append(_clock(args)() - t0)
     np.save(args.save, out[:1].float().numpy())
-    return {"seconds": min(times), "backend": f"torch {torch.__version__} {'bfloat16' if bf16 else 'float32'}"}
+    return {**_time_stats(times), "backend": f"torch {torch.__version__} {'bfloat16' if bf16 else 'float32'}"}
 
 
 def torch_bf16_row(ck, tdit, cfg_path, th, args, tmp, f32_save, f32_seconds) -> dict:
@@ -144,7 +173,8 @@ def torch_bf16_row(ck, tdit, cfg_path, th, args, tmp, f32_save, f32_seconds) -> 
     import numpy as np
     save = os.path.join(tmp, f"torch-bf16-{th}.npy")
     r = run_worker("torch-bf16", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
-                                  "--repeat", str(args.repeat), "--config", args.config, "--save", save])
+                                  "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                  "--save", save])
     r.update(name="pytorch bfloat16", threads=th)
     if "seconds" in r and f32_seconds:
         r["speedup_vs_torch"] = f32_seconds / r["seconds"]
@@ -184,6 +214,8 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--threads", default=None, help="comma list (default: 1 and all CPUs)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default) or process CPU time (see above)")
     ap.add_argument("--config", default="600m", choices=("600m", "3b", "small"))
     ap.add_argument("--backends", default="cython,numba")
     ap.add_argument("--modes", default="fp32,int8,int10", help="activation modes to run (comma list)")
@@ -224,15 +256,22 @@ def main():
                 import torch  # noqa: F401
                 save = os.path.join(tmp, f"torch-{th}.npy")
                 r = run_worker("torch", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
-                                         "--repeat", str(args.repeat), "--config", args.config, "--save", save])
+                                         "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                         "--save", save])
                 r.update(name="pytorch float32", threads=th)
                 rows.append(r)
                 base = r.get("seconds")
                 if native_bf16():  # beside float32, same threads, with its error vs float32
                     rows.append(torch_bf16_row(ck, tdit, cfg_path, th, args, tmp, save, base))
                     base_bf16 = rows[-1].get("seconds")
+                elif th == threads[0]:
+                    print("SKIPPED baseline: PyTorch bfloat16 (this CPU has no native bf16: AVX512_BF16 / AMX-BF16)",
+                          file=sys.stderr)
             except ImportError:
-                print("torch is not installed: skipping the PyTorch baseline", file=sys.stderr)
+                print("SKIPPED baseline: torch is not installed (pip install '.[bench]'); "
+                      "no PyTorch row and no ratios", file=sys.stderr)
+        else:
+            print("SKIPPED baseline: PyTorch (--skip-torch); no ratios", file=sys.stderr)
         for be in args.backends.split(","):
             if status.get(be) != "ok":
                 rows.append({"name": f"{be}", "threads": th, "error": status.get(be, "unknown backend")})
@@ -242,7 +281,8 @@ def main():
             for act in args.modes.split(","):
                 save = os.path.join(tmp, f"{be}-{act}-{th}.npy")
                 r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act, "--threads", str(th),
-                                        "--repeat", str(args.repeat), "--config", args.config, "--save", save])
+                                        "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                        "--save", save])
                 r.update(name=f"terdit-edge {be} {act}", threads=th)
                 if base and "seconds" in r:
                     r["speedup_vs_torch"] = base / r["seconds"]
@@ -270,13 +310,13 @@ def main():
         print(json.dumps(rows, indent=2))
         return
     print(f"guided denoising step, {args.config} config, batch 2 (one image + null label), "
-          f"best of {args.repeat}")
+          f"median of {args.repeat} timed runs after one warm-up (range in brackets), {args.clock} clock")
     print(f"{'implementation':28s} {'thr':>3s} {'seconds':>8s} {'vs torch':>8s} {'vs 1thr':>7s} {'peak RSS':>9s}  notes")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:28s} {r['threads']:3d}  unavailable: {r['error']}")
             continue
-        notes = []
+        notes = [f"[{r['best']:.3f}-{r['worst']:.3f}]"]
         if "rel_l2_vs_fp32" in r:
             notes.append(f"rel L2 vs fp32 {r['rel_l2_vs_fp32']:.2%}")
         if "speedup_vs_torch_bf16" in r:

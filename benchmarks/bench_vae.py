@@ -1,6 +1,6 @@
 """SD-VAE decode speed and memory: terdit_edge.vae against diffusers' AutoencoderKL (float32).
 
-    python benchmarks/bench_vae.py [--json] [--threads N] [--size 32] [--repeat R]
+    python benchmarks/bench_vae.py [--json] [--threads N] [--size 32] [--repeat R] [--clock wall|cpu]
                                    [--methods winograd4,winograd2,im2col] [--no-rss] [--no-layers]
 
 The model is the full Stable Diffusion VAE decoder shape (block_out_channels 128, 256, 512, 512,
@@ -9,7 +9,8 @@ needed; speed does not depend on the weight values. Three measurements:
 
 1. decode of a size x size latent (default 32 -> a 256 px image): diffusers float32 vs ours with
    float32 and float16-stored weights, for each convolution method, all under the same thread
-   count, interleaved, best of R. Ratio = diffusers time / ours. Max abs error vs diffusers.
+   count, one full-size warm-up decode each (diffusers too), then R interleaved rounds. Ratio =
+   median diffusers time / median ours. Max abs error vs diffusers.
 2. one 3x3 convolution per decoder resolution: torch's conv2d (oneDNN direct convolution) vs
    im2col + BLAS vs Winograd F(2x2,3x3) and F(4x4,3x3).
 3. peak memory of a 512 px decode (64 x 64 latent) with float16 weights memory-mapped from .npy
@@ -17,8 +18,7 @@ needed; speed does not depend on the weight values. Three measurements:
    ru_maxrss after construction and a tiny warm-up decode (so imports, Numba compilation and the
    latents are excluded; touched weight pages count). VmHWM (Linux) is reported alongside.
 
-Times are the best of R runs (the median is in --json output): the best run is the one least
-disturbed by other processes on a shared machine.
+Decode times are the median of R runs with the range (best-worst); per-layer times are the best of R.
 """
 from __future__ import annotations
 
@@ -45,9 +45,6 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def best_and_median(times):
-    return min(times), statistics.median(times)
-
 
 def build_diffusers_model(seed: int = 0):
     import torch
@@ -63,7 +60,7 @@ def decoder_tensors(model) -> dict:
             if k.startswith(("decoder.", "post_quant_conv."))}
 
 
-def bench_decode(model, threads: int, size: int, repeat: int, methods) -> dict:
+def bench_decode(model, threads: int, size: int, repeat: int, methods, clock=time.perf_counter) -> dict:
     import torch
     torch.set_num_threads(threads)
     cfg = VAEConfig(**SD_VAE)
@@ -81,21 +78,26 @@ def bench_decode(model, threads: int, size: int, repeat: int, methods) -> dict:
         with torch.no_grad():
             return model.decode(torch.from_numpy(z) / cfg.scaling_factor).sample.numpy()
 
+    # one full-size warm-up decode for every contender, diffusers included (its first call pays for
+    # oneDNN primitive creation and allocator growth), then the timed rounds
+    torch_decode()
+    for dec in runners.values():
+        dec.decode(z)
     times = {name: [] for name in ["diffusers_fp32", *runners]}
     errors = {}
     reference = None
     for _ in range(repeat):  # interleaved so that machine load hits every contender alike
-        t0 = time.perf_counter()
+        t0 = clock()
         reference = torch_decode()
-        times["diffusers_fp32"].append(time.perf_counter() - t0)
+        times["diffusers_fp32"].append(clock() - t0)
         for name, dec in runners.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             out = dec.decode(z)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
             errors[name] = float(np.abs(out - reference).max())
-    base = min(times["diffusers_fp32"])
-    return {name: {"best_s": best_and_median(t)[0], "median_s": best_and_median(t)[1],
-                   "speedup_vs_diffusers": base / min(t), "max_abs_err": errors.get(name, 0.0)}
+    base = statistics.median(times["diffusers_fp32"])
+    return {name: {"best_s": min(t), "median_s": statistics.median(t), "worst_s": max(t),
+                   "speedup_vs_diffusers": base / statistics.median(t), "max_abs_err": errors.get(name, 0.0)}
             for name, t in times.items()}
 
 
@@ -206,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--size", type=int, default=32, help="latent size of the speed test (32 -> 256 px)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="decode timing: wall time (default) or process CPU time (use with --threads 1 "
+                         "on a busy machine: descheduling does not count)")
     ap.add_argument("--methods", default="winograd4", help=f"comma list of {CONV_METHODS}")
     ap.add_argument("--rss-size", type=int, default=64, help="latent size of the memory test (64 -> 512 px)")
     ap.add_argument("--tile", type=int, default=32)
@@ -220,8 +225,17 @@ def main(argv=None) -> int:
     report = {"threads": args.threads, "size": args.size, "image_px": 8 * args.size, "repeat": args.repeat}
     if not args.no_rss:  # first, while this process is still small (see bench_rss)
         report["rss"] = bench_rss(args.threads, args.rss_size, [args.tile, None])
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        print(f"SKIPPED baseline: diffusers AutoencoderKL ({e.name or e} is not installed; pip install '.[bench]'): "
+              "the decode comparison and the per-layer torch timings need it", file=sys.stderr)
+        return 1
     model = build_diffusers_model()
-    report["decode"] = bench_decode(model, args.threads, args.size, args.repeat, methods)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    report["decode"] = bench_decode(model, args.threads, args.size, args.repeat, methods, clock)
+    report["clock"] = args.clock
     if not args.no_layers:
         report["layers"] = bench_layers(args.threads, args.size, args.repeat)
 
@@ -229,9 +243,9 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"SD-VAE decode, latent {args.size}x{args.size} -> {8 * args.size}px, threads {args.threads}, "
-          f"best of {args.repeat}")
+          f"median of {args.repeat} after one warm-up decode each [best-worst], {args.clock} clock")
     for name, r in report["decode"].items():
-        print(f"  {name:24s} {r['best_s']:8.3f} s  (median {r['median_s']:.3f})  "
+        print(f"  {name:24s} {r['median_s']:8.3f} s  [{r['best_s']:.3f}-{r['worst_s']:.3f}]  "
               f"x{r['speedup_vs_diffusers']:.2f} vs diffusers  max|err| {r['max_abs_err']:.2e}")
     if "layers" in report:
         print("one 3x3 convolution, best seconds (GFLOP counted as direct convolution)")

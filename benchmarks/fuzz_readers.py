@@ -43,8 +43,8 @@ READERS = ("tdit", "vae-tdit", "checkpoint", "vae-checkpoint", "cli")
 # --- seed inputs --------------------------------------------------------------------------------
 
 def _small_model_bytes(tmp: str) -> bytes:
-    sys.path.insert(0, ROOT)
-    from tests.conftest import build_model_file
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # not ROOT: terdit_edge must stay the installed package
+    from conftest import build_model_file
     return build_model_file(tmp, name="seed.tdit", dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64,
                             cond_dim=32, input_size=4).read_bytes()
 

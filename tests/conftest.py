@@ -4,10 +4,20 @@
 returns its path; the ``make_model_file`` fixture exposes it as ``make_model_file(tmp_path, **overrides)``.
 Overrides are ModelConfig fields (``dim=96``, ``qk_norm=True``...) plus three file options:
 ``float_dtype`` ("F32" or "F16"), ``seed`` (the weights' RNG seed) and ``name`` (the file name).
+
+Fast backends that must not be skipped: ``TERDIT_REQUIRE_BACKENDS=cython,numba`` (comma list; .ci/run
+sets it) turns every "backend unavailable" skip of those backends into a failure, through
+``skip_unavailable_backend``, and tests/test_required_backends.py checks each of them is usable.
+
+Child processes run the installed package, like the tests themselves: ``child_env()`` is the
+environment with the source tree taken off PYTHONPATH, and children start in a directory outside the
+repository (``python -c`` puts its working directory first on sys.path), so in a fresh clone, where
+the source tree has no compiled extension, a child cannot silently import that tree instead.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +32,44 @@ from terdit_edge.packing import PACKING_NAME, pack_ternary_2bit
 SMALL_CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=96, cond_dim=64,
                     patch_size=2, in_channels=4, input_size=8, num_classes=10)
 _FILE_OPTIONS = ("float_dtype", "seed", "name")
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRE_BACKENDS_ENV = "TERDIT_REQUIRE_BACKENDS"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child Python process, without the repository on PYTHONPATH, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            if p and Path(p).resolve() not in (REPO, REPO / "terdit_edge")]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    else:
+        env.pop("PYTHONPATH", None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def child_cwd(tmp_path) -> Path:
+    """An empty working directory outside the repository for child processes."""
+    d = tmp_path / "child-cwd"
+    d.mkdir()
+    return d
+
+
+def required_backends() -> list[str]:
+    """Backend names listed in $TERDIT_REQUIRE_BACKENDS (comma or space separated), in order."""
+    raw = os.environ.get(REQUIRE_BACKENDS_ENV, "")
+    return [name for name in raw.replace(",", " ").split() if name]
+
+
+def skip_unavailable_backend(name: str, reason, allow_module_level: bool = False):
+    """Skip because backend ``name`` cannot be used here, or fail if it is a required backend."""
+    if name in required_backends():
+        pytest.fail(f"backend {name!r} is required ({REQUIRE_BACKENDS_ENV}="
+                    f"{os.environ[REQUIRE_BACKENDS_ENV]}) but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"backend {name!r} unavailable: {reason}", allow_module_level=allow_module_level)
 
 
 def small_config(**overrides) -> ModelConfig:

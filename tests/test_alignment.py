@@ -16,7 +16,7 @@ import pytest
 import terdit_edge
 from terdit_edge.format import _IN_PLACE_ALIGNMENT, _DTYPE_NAMES, read_tdit
 from terdit_edge.kernels import ACTIVATION_MODES, available_backends
-from tests.conftest import build_model_file
+from tests.conftest import build_model_file, skip_unavailable_backend
 
 PADDINGS = range(64)
 CPU_BACKENDS = [name for name in available_backends() if name != "cuda"]
@@ -71,7 +71,7 @@ def test_every_tensor_is_aligned_whatever_the_padding(padded_files):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_outputs_identical_for_every_header_padding(padded_files, backend):
     if available_backends()[backend] != "ok":
-        pytest.skip(f"backend {backend!r} is not available: {available_backends()[backend]}")
+        skip_unavailable_backend(backend, available_backends()[backend])
     for mode in ACTIVATION_MODES:
         ref = None
         for path in padded_files:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from terdit_edge.cli import main
-from tests.conftest import build_model_file
+from tests.conftest import build_model_file, child_env
 
 PIXEL = dict(latent=False, in_channels=1, guided_channels=1, input_size=8, num_classes=10)
 
@@ -30,7 +31,9 @@ sys.exit(rc)
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _NO_TORCH_CLI, *map(str, args)], capture_output=True, text=True)
+    """The installed CLI in a child, started outside the repository (paths in args are absolute)."""
+    return subprocess.run([sys.executable, "-c", _NO_TORCH_CLI, *map(str, args)], capture_output=True, text=True,
+                          env=child_env(), cwd=tempfile.gettempdir())
 
 
 def test_generate_writes_a_png_with_reproducible_metadata_without_torch(tmp_path):

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT_S = 900
 
 # --- the checks (run in the child, with the simulator on) ----------------------------------------------
@@ -214,11 +213,13 @@ FORWARD_CONFIG = dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, c
 
 
 def _forward_check(activations, atol, **overrides):
+    # the child runs this file as a script: tests/ is sys.path[0], so conftest imports as a module
+    from conftest import build_model_file
+
     import terdit_edge
     from terdit_edge.cuda.model import CudaDiT
     from terdit_edge.format import read_tdit
     from terdit_edge.model import model_from_file
-    from tests.conftest import build_model_file
 
     with tempfile.TemporaryDirectory() as d:
         path = build_model_file(d, **{**FORWARD_CONFIG, **overrides})
@@ -256,7 +257,6 @@ def _run_checks(out_path: str) -> None:
     # The simulator's threads meet at every syncthreads; a short GIL switch interval lets them
     # get there several times faster than the default 5 ms.
     sys.setswitchinterval(5e-4)
-    sys.path.insert(0, str(REPO))
     results = {}
     try:
         from numba.core import config
@@ -278,11 +278,13 @@ def _run_checks(out_path: str) -> None:
 
 
 def _child_env(simulator: bool) -> dict:
-    env = dict(os.environ)
+    """The installed package (no source tree on PYTHONPATH), with or without the simulator."""
+    from tests.conftest import child_env
+
+    env = child_env()
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     if simulator:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
@@ -309,7 +311,8 @@ def children(tmp_path_factory):
     """Start the simulator child and the PTX child together: each keeps about one core busy."""
     pytest.importorskip("numba")
     out = tmp_path_factory.mktemp("cuda_sim") / "results.json"
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    cwd = tmp_path_factory.mktemp("cuda_sim_cwd")  # outside the repository: the installed package is used
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(cwd))
     sim = subprocess.Popen([sys.executable, __file__, "--run-checks", str(out)], env=_child_env(True), **pipes)
     ptx = subprocess.Popen([sys.executable, "-c", _PTX_CHILD], env=_child_env(False), **pipes)
     yield {"sim": sim, "results": out, "ptx": ptx}
@@ -351,7 +354,7 @@ def test_cuda_kernels_compile_to_ptx_for_sm80(children):
 def _backend_status_in_child(prelude: str) -> str:
     code = prelude + ("\nfrom terdit_edge.kernels.cuda_backend import CudaBackend\n"
                       "print(repr(CudaBackend.unavailable_reason()))\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=_child_env(False), cwd=str(REPO),
+    proc = subprocess.run([sys.executable, "-c", code], env=_child_env(False), cwd=tempfile.gettempdir(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]

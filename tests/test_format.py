@@ -517,7 +517,10 @@ def test_config_whose_activations_cannot_exist_is_rejected_at_load(tmp_path):
             print("wrong error:", type(e).__name__, e); sys.exit(2)
         print("loaded"); sys.exit(3)
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    from tests.conftest import child_env
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=child_env(), cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
 
 

@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+from tests.conftest import child_env
 
 atheris = pytest.importorskip("atheris", reason="atheris is not installed: pip install '.[fuzz]'")
 
@@ -19,7 +22,7 @@ def test_short_fuzzing_run_finds_nothing(reader):
     if reader in ("checkpoint", "vae-checkpoint"):
         pytest.importorskip("torch", reason="the checkpoint readers need torch (test extras)")
     proc = subprocess.run([sys.executable, SCRIPT, "--reader", reader, "--inputs", "1500", "--json"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=child_env(), cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(proc.stdout)
     assert row["findings"] == [] and row["executions"] >= 1500, row

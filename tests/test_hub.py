@@ -21,6 +21,7 @@ from test_vae import SMALL, make_autoencoder  # noqa: E402
 
 from terdit_edge.converters.terdit import convert  # noqa: E402
 from terdit_edge.format import read_tdit  # noqa: E402
+from tests.conftest import child_env  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MODEL_REPO = "lucky-lance/TerDiT"
@@ -64,10 +65,12 @@ def hub(tmp_path_factory):
 
 
 def run(hub, home, *args, code=None):
-    env = dict(os.environ, HF_HUB_CACHE=hub["cache"], HF_HUB_OFFLINE="1", TERDIT_EDGE_HOME=str(home),
-               TERDIT_EDGE_HUB_TABLE=hub["table"], HF_HUB_DISABLE_PROGRESS_BARS="1")
+    """The installed CLI in a child started outside the repository (tests/conftest.py: child_env)."""
+    env = child_env(HF_HUB_CACHE=hub["cache"], HF_HUB_OFFLINE="1", TERDIT_EDGE_HOME=str(home),
+                    TERDIT_EDGE_HUB_TABLE=hub["table"], HF_HUB_DISABLE_PROGRESS_BARS="1")
     return subprocess.run([sys.executable, "-m", "terdit_edge.cli", *args] if code is None
-                          else [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+                          else [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                          cwd=str(hub["base"]))
 
 
 def test_pull_finds_the_folder_converts_with_the_vae_and_caches(hub, tmp_path):

@@ -17,6 +17,7 @@ from terdit_edge.kernels.base import TernaryWeight
 from terdit_edge.kernels.reference import (NumpyBackend, quantize_rows, quantize_rows_int8,
                                            ternary_matmul_reference)
 from terdit_edge.packing import pack_ternary_2bit, padded_k
+from tests.conftest import skip_unavailable_backend
 
 FAST = ("cython", "numba")
 MODES = ("fp32", "int8", "int10")
@@ -55,10 +56,10 @@ def _backend_or_skip(name: str, threads: int = 1, activations: str = "fp32"):
     try:
         cls = _factory(name)
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
-        pytest.skip(f"backend {name!r} unavailable: {e}")
+        skip_unavailable_backend(name, e)
     reason = cls.unavailable_reason()
     if reason:
-        pytest.skip(f"backend {name!r} unavailable: {reason}")
+        skip_unavailable_backend(name, reason)
     return get_backend(name, threads=threads, activations=activations)
 
 

@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-from tests.conftest import build_model_file
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import build_model_file, child_env
 
 # Runs in the child. A meta-path finder placed first refuses torch and every torch submodule and
 # records each attempt, so an import hidden behind ``try: import torch except ImportError`` is seen too.
@@ -50,10 +46,8 @@ CHILD = textwrap.dedent("""
 
 def test_load_and_sample_without_torch(tmp_path):
     path = build_model_file(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=300)
+                         env=child_env(), cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     for sampler, (shape, dtype, finite) in report["results"].items():

@@ -14,10 +14,14 @@ import pytest
 from terdit_edge.kernels.base import TernaryWeight
 from terdit_edge.kernels.reference import ternary_matmul_reference
 from terdit_edge.packing import pack_ternary_2bit
+from tests.conftest import skip_unavailable_backend
 
-numba_backend = pytest.importorskip("terdit_edge.kernels.numba_backend")
+try:
+    from terdit_edge.kernels import numba_backend
+except ImportError as e:  # pragma: no cover
+    skip_unavailable_backend("numba", e, allow_module_level=True)
 if numba_backend.numba is None:  # pragma: no cover
-    pytest.skip("numba is not installed", allow_module_level=True)
+    skip_unavailable_backend("numba", "numba is not installed", allow_module_level=True)
 
 MODES = ("fp32", "int8", "int10")
 

@@ -17,6 +17,7 @@ import terdit_edge
 from terdit_edge.converters.terdit import convert
 from terdit_edge.diffusion import Schedule, respaced_timesteps
 from terdit_edge.kernels import available_backends
+from tests.conftest import skip_unavailable_backend
 
 # pytest runs with --import-mode=importlib, which does not put tests/ on sys.path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -240,7 +241,7 @@ def test_guidance_changes_the_trajectory(models):
 def test_backend_forward_matches_numpy(request, backend):
     status = available_backends().get(backend, "not registered")
     if status != "ok":
-        pytest.skip(f"backend {backend!r} not available: {status}")
+        skip_unavailable_backend(backend, status)
     models = request.getfixturevalue("models")  # only built when a backend is there to test
     for name in ("mha", "qk_norm_mqa"):
         _, path = models[name, "released"]
@@ -260,7 +261,7 @@ def test_integer_modes_forward_match_numpy(request, backend):
     integer reference than the fp32 output is)."""
     status = available_backends().get(backend, "not registered")
     if status != "ok":
-        pytest.skip(f"backend {backend!r} not available: {status}")
+        skip_unavailable_backend(backend, status)
     models = request.getfixturevalue("models")
     _, path = models["mha", "released"]
     x, t, y = forward_inputs(batch=3)

@@ -21,7 +21,7 @@ from terdit_edge.format import float_param_shapes, ternary_layer_shapes
 from terdit_edge.kernels import ACTIVATION_MODES, TernaryWeight, available_backends, get_backend
 from terdit_edge.model import TernaryDiT
 from terdit_edge.packing import padded_k
-from tests.conftest import build_model_file
+from tests.conftest import build_model_file, skip_unavailable_backend
 
 CPU_BACKENDS = [name for name in available_backends() if name != "cuda"]
 LABELS = [3, 7, 1, 0, 9]
@@ -31,7 +31,7 @@ SEEDS = [11, 5, 2**40 + 3, 0, 42]
 def usable(backend):
     status = available_backends()[backend]
     if status != "ok":
-        pytest.skip(f"backend {backend!r} is not available here: {status}")
+        skip_unavailable_backend(backend, status)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from PIL import Image  # noqa: E402
 from terdit_edge.pipeline import Pipeline, to_uint8  # noqa: E402
 from terdit_edge.pngmeta import generation_metadata, png_bytes  # noqa: E402
 from terdit_edge.server.jobs import JobManager, Limits  # noqa: E402
-from tests.conftest import model_metadata, random_model_tensors, small_config  # noqa: E402
+from tests.conftest import child_env, model_metadata, random_model_tensors, small_config  # noqa: E402
 from tests.server_util import LiveServer, bundled_manager  # noqa: E402
 
 LONG = {"steps": 1000, "sampler": "ddpm"}  # seconds of work: long enough to be seen running and cancelled
@@ -458,7 +457,7 @@ def test_unknown_class_names_list_close_names(tmp_path):
 
 def test_serve_command_starts_answers_and_stops_on_sigint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.cli", "serve", "--port", "0", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=child_env())
     try:
         line = proc.stderr.readline()
         assert "listening on http://127.0.0.1:" in line, line
@@ -480,7 +479,7 @@ def test_serve_command_errors_are_clear(tmp_path):
     empty = tmp_path / "keys.txt"
     empty.write_text("# no keys\n")
     run = lambda *a: subprocess.run([sys.executable, "-m", "terdit_edge.cli", "serve", *a], capture_output=True,  # noqa: E731
-                                    text=True, cwd=tmp_path, timeout=120)
+                                    text=True, cwd=tmp_path, timeout=120, env=child_env())
     r = run("--api-key-file", str(empty))
     assert r.returncode == 1 and "holds no key" in r.stderr
     r = run("--api-key-file", str(tmp_path / "missing.txt"))
@@ -513,7 +512,7 @@ def test_non_loopback_host_without_a_key_warns(monkeypatch, capsys):
     assert "WARNING: listening on 0.0.0.0" in capsys.readouterr().err
 
 
-def test_the_server_modules_never_import_torch():
+def test_the_server_modules_never_import_torch(tmp_path):
     code = ("import sys\n"
             "class Block:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
@@ -525,6 +524,7 @@ def test_the_server_modules_never_import_torch():
             "m, app = build()\n"
             "m.start(); assert m.wait_ready(60) and m.state == 'ready', m.load_error; m.stop()\n"
             "assert not [k for k in sys.modules if k == 'torch' or k.startswith('torch.')]\n")
+    # outside the repository, without it on PYTHONPATH: the installed package (tests/conftest.py)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       env=child_env(), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
