@@ -6,10 +6,7 @@ Set TERDIT_NATIVE=1 (opt-in) to add -march=native for a private build (never the
 OpenMP is used when the compiler supports it.
 """
 import os
-import shutil
 import subprocess
-import sys
-import sysconfig
 import tempfile
 
 from setuptools import Extension, find_packages, setup

@@ -81,7 +81,7 @@ def step_rows(config: str, isas: list[str], threads: int, rounds: int, modes: li
             rows.append({"name": f"terdit-edge {mode} [{isa}]", "wall_s": statistics.median(wall[isa]),
                          "wall_range": [min(wall[isa]), max(wall[isa])], "cpu_s": statistics.median(cpu[isa]),
                          "cpu_range": [min(cpu[isa]), max(cpu[isa])]})
-        del model
+        model = None  # free it before the next mode loads
     if with_torch:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:

@@ -95,7 +95,7 @@ def skipped_baseline(message: str) -> None:
 def ort_matmulnbits(q: np.ndarray, alpha: float, threads: int):
     """A callable x -> y running onnxruntime's 2-bit MatMulNBits on Q (N, K), or None."""
     try:
-        import onnx
+        import onnx  # noqa: F401 - MatMulNBits models are built with onnx.helper below
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError as e:

@@ -105,6 +105,7 @@ def bench_layers(threads: int, size: int, repeat: int) -> list:
     """One 3x3 convolution at each decoder resolution for a size x size latent."""
     import torch
     from threadpoolctl import threadpool_limits
+
     from terdit_edge.kernels.conv import _Workers
     torch.set_num_threads(threads)
     workers = _Workers(threads)

@@ -86,7 +86,7 @@ def random_model_tensors(cfg: ModelConfig, float_dtype: str = "F32", seed: int =
     ternary = {DIT_PREFIX + name: (n, k) for name, (n, k) in ternary_layer_shapes(cfg).items()}
     np_float = {"F32": np.float32, "F16": np.float16}[float_dtype]
     out = {}
-    for name, (dtype, shape) in expected_model_tensors(cfg, float_dtype).items():
+    for name, (_, shape) in expected_model_tensors(cfg, float_dtype).items():
         if name.endswith(".qweight"):
             n, k = ternary[name[: -len(".qweight")]]
             out[name] = pack_ternary_2bit(rng.integers(-1, 2, size=(n, k)))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import terdit_edge
-from terdit_edge.format import _IN_PLACE_ALIGNMENT, _DTYPE_NAMES, read_tdit
+from terdit_edge.format import _DTYPE_NAMES, _IN_PLACE_ALIGNMENT, read_tdit
 from terdit_edge.kernels import ACTIVATION_MODES, available_backends
 from tests.conftest import build_model_file, skip_unavailable_backend
 

@@ -1,7 +1,6 @@
 """The terdit-edge command line end to end, on small random models built in code."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import model_metadata, random_model_tensors, small_config
 
 import terdit_edge
 from terdit_edge.errors import ChecksumError, FormatError
 from terdit_edge.format import read_tdit, write_tdit
+from tests.conftest import model_metadata, random_model_tensors, small_config
 
 # --- helpers that take a file apart and put it back together ------------------------------------
 

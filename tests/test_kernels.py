@@ -14,8 +14,7 @@ import pytest
 from terdit_edge.errors import InputError
 from terdit_edge.kernels import get_backend
 from terdit_edge.kernels.base import TernaryWeight
-from terdit_edge.kernels.reference import (NumpyBackend, quantize_rows, quantize_rows_int8,
-                                           ternary_matmul_reference)
+from terdit_edge.kernels.reference import NumpyBackend, quantize_rows, quantize_rows_int8, ternary_matmul_reference
 from terdit_edge.packing import pack_ternary_2bit, padded_k
 from tests.conftest import skip_unavailable_backend
 
