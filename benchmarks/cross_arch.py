@@ -5,8 +5,9 @@
 
 `dump` writes, for fp32 and int10 activations, with the auto backend (cython: AVX2 on x86-64, NEON
 with or without dotprod on aarch64, or the scalar path under TERDIT_ISA=scalar):
-  - the bundled digits model through `terdit-edge generate` (default sampler: DDPM 250, cfg 4, ten
-    classes, seeds 0..9): the PNG and the sampled latents (--save-latents);
+  - the bundled digits model through `terdit-edge generate` (ten classes, seeds 0..9, cfg 4; by
+    default DPM++2M 20 steps, which takes ~20 s under qemu; --full: the CLI's default DDPM 250,
+    ~4 min per run under qemu): the PNG and the sampled latents (--save-latents);
   - a small random TerDiT in the latent layout (tests/data/parity_qk_norm_mqa.tdit: 4 x 8 x 8
     latents, qk_norm + MQA), guided (cfg 4), DDIM 10 steps, labels [1, 7], seed 5: the latents.
 `table` prints, for every run against REF_DIR's: the max relative latent difference
@@ -30,18 +31,20 @@ RANDOM_MODEL = REPO / "tests" / "data" / "parity_qk_norm_mqa.tdit"
 MODES = ("fp32", "int10")
 
 
-def dump(out: Path, tag: str | None) -> None:
+def dump(out: Path, tag: str | None, full: bool = False) -> None:
     import terdit_edge
     from terdit_edge.kernels.cpu import cpu_features
 
     out.mkdir(parents=True, exist_ok=True)
     feats = cpu_features()
     info = {"tag": tag or f"{platform.machine()}-{feats.get('isa', '?')}", "machine": platform.machine(),
+            "generate": "ddpm 250 (CLI default)" if full else "dpm++2m 20 steps",
             "cpu": {k: v for k, v in feats.items()}}
     for mode in MODES:
         png, lat = out / f"digits-{mode}.png", out / f"digits-{mode}.npy"
         subprocess.run([sys.executable, "-m", "terdit_edge.cli", "generate", "--out", str(png),
-                        "--save-latents", str(lat), "--activations", mode, "--no-progress"],
+                        "--save-latents", str(lat), "--activations", mode, "--no-progress",
+                        *([] if full else ["--sampler", "dpm++2m", "--steps", "20"])],
                        check=True, cwd=out)
         model = terdit_edge.load_model(str(RANDOM_MODEL), activations=mode)
         x = terdit_edge.sample(model, [1, 7], steps=10, sampler="ddim", cfg_scale=4.0, seed=5)
@@ -92,12 +95,13 @@ def main() -> int:
     d = sub.add_parser("dump")
     d.add_argument("out")
     d.add_argument("--tag")
+    d.add_argument("--full", action="store_true", help="the CLI's default sampler (DDPM 250 steps)")
     t = sub.add_parser("table")
     t.add_argument("ref")
     t.add_argument("dirs", nargs="+")
     a = p.parse_args()
     if a.cmd == "dump":
-        dump(Path(a.out), a.tag)
+        dump(Path(a.out), a.tag, a.full)
         return 0
     return table(Path(a.ref), [Path(x) for x in a.dirs])
 
