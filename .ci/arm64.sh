@@ -99,7 +99,9 @@ cleanup() {
     exit $rc
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+CHILD=""
+# chroot runs in the background and is waited for, so that a TERM reaches this trap at once
+trap '[ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null; exit 130' INT TERM
 
 bind() {  # bind SRC DST [ro]
     $SUDO mkdir -p "$2"
@@ -204,7 +206,10 @@ run_in() {  # run_in NAME CPU SCRIPT... : a login-like shell in the chroot, QEMU
     local root="$WORK/$1" cpu=$2
     shift 2
     $SUDO chroot "$root" /usr/bin/env -i HOME=/root PATH=/root/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        LANG=C.UTF-8 QEMU_CPU="$cpu" "${PIP_ENV[@]}" ${EXTRA_ENV:-} /bin/bash -euo pipefail -c "$*"
+        LANG=C.UTF-8 QEMU_CPU="$cpu" "${PIP_ENV[@]}" ${EXTRA_ENV:-} /bin/bash -euo pipefail -c "$*" &
+    CHILD=$!
+    wait "$CHILD"
+    CHILD=""
 }
 
 # the arm64 test subset (torch-free): the format, parity against stored torch outputs, every cython
