@@ -229,12 +229,26 @@ check_no_cython_skips() {  # a cython test skipped here would hide a broken exte
 # ------------------------------------------------------------------------------------------------
 step "dev rootfs, -cpu max: venv, pip install . (setup.py build of the extension)"
 setup_root dev "$DEV_TAR"
+# The venv with the dependencies and test tools installed (not terdit-edge) is cached too, keyed by
+# the root file system and the wheelhouse's file list: unpacking numpy, numba, llvmlite ... under
+# qemu takes minutes. The from-nothing path creates it; `pip install .` always builds the package.
+VENV_KEY="$( (echo "$ROOTFS_VERSION $TEST_TOOLS"; ls "$CACHE/wheels-aarch64") | sha256sum | cut -c1-16)"
+VENV_TAR="$CACHE/venv-arm64-$VENV_KEY.tar"
+if [ -s "$VENV_TAR" ] && [ "${TERDIT_CI_PYPI:-0}" != 1 ]; then
+    echo "venv with the dependencies from the cache ($(basename "$VENV_TAR"))"
+    $SUDO tar -C "$WORK/dev/root" -xf "$VENV_TAR"
+fi
 run_in dev max '
     uname -m; python3 --version; gcc --version | head -1
-    python3 -m venv /root/venv
+    [ -x /root/venv/bin/python ] || python3 -m venv /root/venv
     cd /src/terdit-edge
     pip install -q . '"$TEST_TOOLS"'
 '
+if [ ! -s "$VENV_TAR" ] && [ "${TERDIT_CI_PYPI:-0}" != 1 ]; then
+    $SUDO rm -f "$CACHE"/venv-arm64-*.tar
+    $SUDO tar -C "$WORK/dev/root" --exclude='venv/lib/python*/site-packages/terdit_edge*' \
+        --exclude='venv/bin/terdit-edge' -cf "$VENV_TAR.tmp" venv && $SUDO mv "$VENV_TAR.tmp" "$VENV_TAR"
+fi
 step "-cpu max: info, generate, tests"
 run_in dev max '
     cd /tmp
