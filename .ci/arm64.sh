@@ -26,9 +26,9 @@ REPO="$(pwd)"
 CACHE="${TERDIT_CI_CACHE:-/var/cache/terdit-ci}"
 SUITE=bookworm
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-ROOTFS_VERSION=1   # bump when the package lists below change
+ROOTFS_VERSION=2   # bump when the package lists below change
 BASE_PKGS=python3,python3-venv   # no ca-certificates: the host bundle is copied in (faster, and it knows this network's CA)
-DEV_PKGS="gcc libc6-dev python3-dev"
+DEV_PKGS="gcc libc6-dev python3-dev ccache"
 PYVER=3.11         # bookworm's python3
 # what the chroot installs: the package's dependencies and build requirements (pyproject.toml),
 # the test tools, and auditwheel for the repair step
@@ -81,7 +81,7 @@ cat /proc/sys/fs/binfmt_misc/qemu-aarch64 | sed -n '2,3p'
 # ------------------------------------------------------------------------------------------------
 # mounts, with cleanup on any exit
 # ------------------------------------------------------------------------------------------------
-$SUDO mkdir -p "$CACHE/debs" "$CACHE/wheels-aarch64" "$CACHE/pip-x86_64"
+$SUDO mkdir -p "$CACHE/debs" "$CACHE/wheels-aarch64" "$CACHE/pip-x86_64" "$CACHE/ccache-arm64"
 WORK="$(mktemp -d "${TMPDIR:-/var/tmp}/terdit-arm64.XXXXXX")"
 MOUNTS=()
 cleanup() {
@@ -173,6 +173,7 @@ setup_root() {  # setup_root NAME TARBALL -> $WORK/NAME, extracted, with the rep
     $SUDO mkdir -p "$root" && $SUDO tar -C "$root" -xf "$2"
     prepare_root "$root"
     bind "$CACHE/wheels-aarch64" "$root/wheels" ro
+    bind "$CACHE/ccache-arm64" "$root/ccache"
     bind "$OUT" "$root/out"
     # the repository as a user would have it after a clone: tracked and untracked-but-not-ignored files
     $SUDO mkdir -p "$root/src/terdit-edge"
@@ -205,8 +206,10 @@ fi
 run_in() {  # run_in NAME CPU SCRIPT... : a login-like shell in the chroot, QEMU_CPU=CPU
     local root="$WORK/$1" cpu=$2
     shift 2
-    $SUDO chroot "$root" /usr/bin/env -i HOME=/root PATH=/root/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        LANG=C.UTF-8 QEMU_CPU="$cpu" "${PIP_ENV[@]}" ${EXTRA_ENV:-} /bin/bash -euo pipefail -c "$*" &
+    # ccache (dev rootfs) in front of gcc: the build is the real one, but `pip wheel .` after
+    # `pip install .` (which cythonizes and compiles again) and later CI runs reuse the objects
+    $SUDO chroot "$root" /usr/bin/env -i HOME=/root PATH=/root/venv/bin:/usr/lib/ccache:/usr/sbin:/usr/bin:/sbin:/bin \
+        CCACHE_DIR=/ccache CCACHE_MAXSIZE=500M LANG=C.UTF-8 QEMU_CPU="$cpu" "${PIP_ENV[@]}" ${EXTRA_ENV:-} /bin/bash -euo pipefail -c "$*" &
     CHILD=$!
     wait "$CHILD"
     CHILD=""
@@ -272,6 +275,7 @@ run_in dev max '
     pip install -q '"$WHEEL_TOOLS"'
     auditwheel show /tmp/wheel/*.whl
     auditwheel repair -w /out/wheelhouse-aarch64 /tmp/wheel/*.whl
+    ls /usr/lib/ccache | tr "\n" " "; echo; ccache --show-stats 2>/dev/null | grep -iE "hits|misses" || true
 '
 ls "$OUT/wheelhouse-aarch64"
 
