@@ -26,7 +26,8 @@ REPO="$(pwd)"
 CACHE="${TERDIT_CI_CACHE:-/var/cache/terdit-ci}"
 SUITE=bookworm
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-ROOTFS_VERSION=2   # bump when the package lists below change
+BASE_VERSION=1     # bump when BASE_PKGS change
+DEV_VERSION=2      # bump when DEV_PKGS change
 BASE_PKGS=python3,python3-venv   # no ca-certificates: the host bundle is copied in (faster, and it knows this network's CA)
 DEV_PKGS="gcc libc6-dev python3-dev ccache"
 PYVER=3.11         # bookworm's python3
@@ -119,8 +120,8 @@ unmount_all() {
 # ------------------------------------------------------------------------------------------------
 # 2. root file systems (cached tarballs)
 # ------------------------------------------------------------------------------------------------
-BASE_TAR="$CACHE/rootfs-$SUITE-arm64-base-v$ROOTFS_VERSION.tar"
-DEV_TAR="$CACHE/rootfs-$SUITE-arm64-dev-v$ROOTFS_VERSION.tar"
+BASE_TAR="$CACHE/rootfs-$SUITE-arm64-base-v$BASE_VERSION.tar"
+DEV_TAR="$CACHE/rootfs-$SUITE-arm64-dev-v$BASE_VERSION.$DEV_VERSION.tar"
 
 prepare_root() {  # the mounts and files a chroot needs: proc, dev, DNS, the host's CA bundle
     local root=$1
@@ -235,7 +236,7 @@ setup_root dev "$DEV_TAR"
 # The venv with the dependencies and test tools installed (not terdit-edge) is cached too, keyed by
 # the root file system and the wheelhouse's file list: unpacking numpy, numba, llvmlite ... under
 # qemu takes minutes. The from-nothing path creates it; `pip install .` always builds the package.
-VENV_KEY="$( (echo "$ROOTFS_VERSION $TEST_TOOLS"; ls "$CACHE/wheels-aarch64") | sha256sum | cut -c1-16)"
+VENV_KEY="$( (echo "$BASE_VERSION.$DEV_VERSION $TEST_TOOLS"; ls "$CACHE/wheels-aarch64") | sha256sum | cut -c1-16)"
 VENV_TAR="$CACHE/venv-arm64-$VENV_KEY.tar"
 if [ -s "$VENV_TAR" ] && [ "${TERDIT_CI_PYPI:-0}" != 1 ]; then
     echo "venv with the dependencies from the cache ($(basename "$VENV_TAR"))"
