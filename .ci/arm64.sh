@@ -159,6 +159,10 @@ if [ ! -s "$DEV_TAR" ]; then
     $SUDO rm -rf "$root"
 fi
 
+# tarballs of older versions go
+find "$CACHE" -maxdepth 1 -name 'rootfs-*.tar' ! -name "$(basename "$BASE_TAR")" ! -name "$(basename "$DEV_TAR")" \
+    -exec $SUDO rm -f {} +
+
 # ------------------------------------------------------------------------------------------------
 # running things inside
 # ------------------------------------------------------------------------------------------------
