@@ -5,8 +5,8 @@
 #   1. host: qemu-user-static, debootstrap, binfmt-support (apt); binfmt_misc mounted and
 #      qemu-aarch64 registered when it is not, so that every aarch64 program (pip, gcc) runs.
 #   2. two arm64 bookworm root file systems, each cached as a tarball under $CACHE:
-#        base: python3 + venv + CA certificates, no C compiler (a board that installs a wheel);
-#        dev:  base + gcc + python3-dev (a board that builds from source).
+#        base: python3 + venv, no C compiler, no libgomp (a board that installs a wheel);
+#        dev:  base + gcc + python3-dev (+ ccache) (a board that builds from source).
 #   3. dev, QEMU_CPU=max (has dotprod): venv, `pip install .` (the setup.py build of the extension),
 #      `terdit-edge info` (must say isa=neon-dotprod), `terdit-edge generate`, the test subset;
 #      `pip wheel .` + auditwheel repair -> a manylinux aarch64 wheel.
@@ -14,11 +14,16 @@
 #      tests; then TERDIT_ISA=scalar: info (isa=scalar), generate, the kernel tests.
 #   5. base (no compiler), QEMU_CPU=cortex-a53: fresh venv, install the repaired aarch64 wheel,
 #      generate; x86-64: the same with a repaired x86-64 wheel in a fresh venv on the host.
-#   Every digits.png is compared with the first one (same bytes expected; see docs/arm.md).
+#   Every digits.png is compared with the x86-64 wheel's: fails on a pixel off by more than 1
+#   (same bytes are expected on the NEON paths; see docs/arm.md).
 #
 # Caches (kept between CI runs, rebuilt when missing): $CACHE/rootfs-*.tar (root file systems),
-# $CACHE/debs (debootstrap's packages), $CACHE/pip-arm64 and $CACHE/pip-x86_64 (pip's http and
-# wheel caches). Works from nothing on a clean clone; TERDIT_CI_CACHE moves the cache.
+# $CACHE/debs (debootstrap's packages), $CACHE/wheels-aarch64 (the wheelhouse the chroot installs
+# from), $CACHE/venv-arm64-*.tar (the venv with the dependencies), $CACHE/ccache-arm64 (compiled
+# objects), $CACHE/pip-x86_64. Works from nothing on a clean clone.
+# Environment: TERDIT_CI_CACHE (cache directory), TERDIT_CI_PYPI=1 (the chroot's pip uses PyPI
+# itself), TERDIT_CI_CROSS_ARCH=1 (also the cross-architecture table of benchmarks/cross_arch.py),
+# TERDIT_CI_KEEP=DIR (keep images, logs, wheels and dumps there), DEBIAN_MIRROR.
 # Usage: .ci/arm64.sh   (as root, or with sudo available; from anywhere in a clone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
