@@ -245,7 +245,7 @@ setup_root dev "$DEV_TAR"
 # The venv with the dependencies and test tools installed (not terdit-edge) is cached too, keyed by
 # the root file system and the wheelhouse's file list: unpacking numpy, numba, llvmlite ... under
 # qemu takes minutes. The from-nothing path creates it; `pip install .` always builds the package.
-VENV_KEY="$( (echo "$BASE_VERSION.$DEV_VERSION $TEST_TOOLS"; ls "$CACHE/wheels-aarch64") | sha256sum | cut -c1-16)"
+VENV_KEY="$( (echo "$BASE_VERSION.$DEV_VERSION $TEST_TOOLS $WHEEL_TOOLS"; ls "$CACHE/wheels-aarch64") | sha256sum | cut -c1-16)"
 VENV_TAR="$CACHE/venv-arm64-$VENV_KEY.tar"
 if [ -s "$VENV_TAR" ] && [ "${TERDIT_CI_PYPI:-0}" != 1 ]; then
     echo "venv with the dependencies from the cache ($(basename "$VENV_TAR"))"
@@ -255,7 +255,7 @@ run_in dev max '
     uname -m; python3 --version; gcc --version | head -1
     [ -x /root/venv/bin/python ] || python3 -m venv /root/venv
     cd /src/terdit-edge
-    pip install -q . '"$TEST_TOOLS"'
+    pip install -q . '"$TEST_TOOLS $WHEEL_TOOLS"'
 '
 if [ ! -s "$VENV_TAR" ] && [ "${TERDIT_CI_PYPI:-0}" != 1 ]; then
     $SUDO rm -f "$CACHE"/venv-arm64-*.tar
@@ -282,7 +282,6 @@ step "-cpu max: pip wheel . and auditwheel repair"
 run_in dev max '
     cd /src/terdit-edge
     pip wheel -q --no-deps . -w /tmp/wheel
-    pip install -q '"$WHEEL_TOOLS"'
     auditwheel show /tmp/wheel/*.whl
     auditwheel repair -w /out/wheelhouse-aarch64 /tmp/wheel/*.whl
     ls /usr/lib/ccache | tr "\n" " "; echo; ccache --show-stats 2>/dev/null | grep -iE "hits|misses" || true
