@@ -174,7 +174,7 @@ find "$CACHE" -maxdepth 1 -name 'rootfs-*.tar' ! -name "$(basename "$BASE_TAR")"
 OUT="$WORK/out"
 repo_files() {  # a tar stream of the working tree as a clone has it: tracked + untracked-not-ignored
     (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
-        | python3 -c 'import os, sys; sys.stdout.write("".join(p + "\0" for p in sys.stdin.read().split("\0") if p and os.path.lexists(p)))' \
+        | python3 -c 'import os, sys; sys.stdout.write("".join(p + "\0" for p in sys.stdin.read().split("\0") if p and not p.startswith((".venv", "dist/", "build/")) and os.path.lexists(p)))' \
         | tar --null -T - -cf -)
 }
 mkdir -p "$OUT"
