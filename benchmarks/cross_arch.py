@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -71,7 +70,8 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 def table(ref: Path, dirs: list[Path]) -> int:
     rtag = json.loads((ref / "info.json").read_text())["tag"]
     print(f"reference: {rtag}\n")
-    print("| run | mode | digits: max rel. latent diff | digits PNG | random TerDiT (DDIM 10, cfg 4): max rel. latent diff |")
+    print("| run | mode | digits: max rel. latent diff | digits PNG "
+          "| random TerDiT (DDIM 10, cfg 4): max rel. latent diff |")
     print("|---|---|---|---|---|")
     worst = 0.0
     bad = 0
