@@ -40,7 +40,30 @@ class LiveServer:
         self.sock.close()
 
 
-def bundled_manager(**limits) -> JobManager:
+def bundled_manager(step_delay: float = 0.0, **limits) -> JobManager:
+    """The bundled model behind a JobManager. ``step_delay`` seconds are added to every model call, so
+    that a test watching a job from outside (a browser) sees it run for a while on a fast machine too:
+    the images are unchanged, only slower."""
     from terdit_edge.pipeline import Pipeline
 
-    return JobManager(lambda: Pipeline.load(), Limits(**limits), model_name="digits.tdit")
+    def load():
+        pipe = Pipeline.load()
+        if step_delay:
+            pipe.model = _Slowed(pipe.model, step_delay)
+        return pipe
+
+    return JobManager(load, Limits(**limits), model_name="digits.tdit")
+
+
+class _Slowed:
+    """A model that sleeps before each call and otherwise is the wrapped one."""
+
+    def __init__(self, model, delay: float):
+        self._model, self._delay = model, delay
+
+    def __call__(self, x, t, y):
+        time.sleep(self._delay)
+        return self._model(x, t, y)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)

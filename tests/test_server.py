@@ -27,7 +27,7 @@ from terdit_edge.server.jobs import JobManager, Limits  # noqa: E402
 from tests.conftest import child_env, model_metadata, random_model_tensors, small_config  # noqa: E402
 from tests.server_util import LiveServer, bundled_manager  # noqa: E402
 
-LONG = {"steps": 1000, "sampler": "ddpm"}  # seconds of work: long enough to be seen running and cancelled
+LONG = {"steps": 1000, "sampler": "ddpm"}  # >= 2 s of work (2 ms per model call): seen running, then cancelled
 KEY1, KEY2 = "k1-0123456789abcdef", "k2-0123456789abcdef"
 
 
@@ -38,7 +38,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def server():
-    s = LiveServer(bundled_manager(max_queue=8, max_batch=8)).start()
+    s = LiveServer(bundled_manager(step_delay=0.002, max_queue=8, max_batch=8)).start()
     yield s
     s.stop()
 
@@ -367,7 +367,7 @@ def test_openai_request_is_cancelled_when_the_client_disconnects(server):
 
 @pytest.fixture(scope="module")
 def small_server():
-    s = LiveServer(bundled_manager(max_queue=2, keep_jobs=2, max_n=4)).start()
+    s = LiveServer(bundled_manager(step_delay=0.002, max_queue=2, keep_jobs=2, max_n=4)).start()
     yield s
     s.stop()
 
@@ -400,7 +400,7 @@ def test_finished_jobs_are_kept_for_a_bounded_count_then_404(small_server):
 
 
 def test_api_keys_guard_every_endpoint_but_health_and_jobs_belong_to_their_key():
-    s = LiveServer(bundled_manager(), api_keys=[KEY1, KEY2]).start()
+    s = LiveServer(bundled_manager(step_delay=0.002), api_keys=[KEY1, KEY2]).start()
     h1, h2 = {"Authorization": f"Bearer {KEY1}"}, {"Authorization": f"Bearer {KEY2}"}
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:

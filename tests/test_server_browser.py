@@ -52,7 +52,9 @@ def browser():
 
 
 def test_web_page_generates_with_live_progress_and_cancels(browser, tmp_path):
-    server = LiveServer(bundled_manager()).start()
+    # 10 ms per model call: the 120-step job takes over a second, so its progress is seen moving, and the
+    # 1000-step one runs long enough to be cancelled, however fast the machine
+    server = LiveServer(bundled_manager(step_delay=0.01)).start()
     wait = WebDriverWait(browser, WAIT, poll_frequency=0.05)
     try:
         browser.get(server.url + "/")
