@@ -8,7 +8,8 @@
 #        base: python3 + venv, no C compiler, no libgomp (a board that installs a wheel);
 #        dev:  base + gcc + python3-dev (+ ccache) (a board that builds from source).
 #   3. dev, QEMU_CPU=max (has dotprod): venv, `pip install .` (the setup.py build of the extension),
-#      `terdit-edge info` (must say isa=neon-dotprod), `terdit-edge generate`, the test subset;
+#      `terdit-edge info` (must say isa=neon-i8mm, with neon-dotprod supported), `terdit-edge generate`,
+#      the test subset;
 #      `pip wheel .` + auditwheel repair -> a manylinux aarch64 wheel.
 #   4. dev, QEMU_CPU=cortex-a53 (ARMv8.0, no dotprod): the same venv: info (isa=neon), generate,
 #      tests; then TERDIT_ISA=scalar: info (isa=scalar), generate, the kernel tests.
@@ -267,8 +268,10 @@ step "-cpu max: info, generate, tests"
 run_in dev max '
     cd /tmp
     terdit-edge info | tee /out/info-max.txt
-    grep -q "neon=True, dotprod=True" /out/info-max.txt && grep -q "isa=neon-dotprod," /out/info-max.txt \
-        || { echo "expected the NEON dot-product path on -cpu max"; exit 1; }
+    # max has dotprod and i8mm: the best table is neon-i8mm (its parent is neon-dotprod)
+    grep -q "neon=True, dotprod=True, i8mm=True" /out/info-max.txt && grep -q "isa=neon-i8mm," /out/info-max.txt \
+        && grep -q "'neon-dotprod'" /out/info-max.txt \
+        || { echo "expected the NEON i8mm path (and dot-product among the ISAs) on -cpu max"; exit 1; }
     grep -q "cython: ok" /out/info-max.txt || { echo "the cython backend is not available"; exit 1; }
     terdit-edge generate --out /out/digits-max.png '"$GEN_ARGS"'
 '
