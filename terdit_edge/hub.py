@@ -117,12 +117,13 @@ def _read_args(path: str) -> dict:
     return dict(ns) if isinstance(ns, dict) else dict(vars(ns))
 
 
-def _find_folder(hf, entry: dict, table: dict, revision, force, log) -> tuple[str, str]:
-    """(subfolder, local path of model_args.pth) of the entry's model in its repository."""
+def _find_folder(hf, entry: dict, table: dict, revision, force, log) -> tuple[str, str, dict]:
+    """(subfolder, local path of model_args.pth, its contents) of the entry's model in its repository."""
     repo, args_file, weights = entry["repo_id"], table["args_file"], table["weights_file"]
     if entry.get("subfolder") is not None:
         sub = entry["subfolder"].strip("/")
-        return sub, _download(hf, repo, f"{sub}/{args_file}" if sub else args_file, revision, force)
+        path = _download(hf, repo, f"{sub}/{args_file}" if sub else args_file, revision, force)
+        return sub, path, _read_args(path)
     files = set(_repo_files(hf, repo, revision))
     folders = sorted({f.rsplit("/", 1)[0] if "/" in f else "" for f in files if f.rsplit("/", 1)[-1] == args_file})
     folders = [d for d in folders if (f"{d}/{weights}" if d else weights) in files]
@@ -140,7 +141,7 @@ def _find_folder(hf, entry: dict, table: dict, revision, force, log) -> tuple[st
         seen.append(f"{d or '.'}: {args.get('model')} {args.get('image_size')}")
         if args.get("model") == entry["model"] and int(args.get("image_size", -1)) == int(entry["image_size"]):
             log(f"found {entry['model']} at {entry['image_size']} px in {repo}/{d}")
-            return d, path
+            return d, path, args
     raise HubError(f"no folder of {repo} holds {entry['model']} at {entry['image_size']} px (found {seen}); "
                    "correct the hub model table")
 
@@ -164,8 +165,7 @@ def pull(name: str, force: bool = False, revision: str | None = None, log=print)
         except FormatError as e:
             log(f"{name}: the cached file is damaged ({e}); converting again")
     hf = _hf()
-    sub, args_path = _find_folder(hf, entry, table, revision, force, log)
-    args = _read_args(args_path)
+    sub, args_path, args = _find_folder(hf, entry, table, revision, force, log)
     weights_name = f"{sub}/{table['weights_file']}" if sub else table["weights_file"]
     log(f"downloading {entry['repo_id']}/{weights_name} (about {entry.get('download_mb', '?')} MB)")
     weights_path = _download(hf, entry["repo_id"], weights_name, revision, force)
