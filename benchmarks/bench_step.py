@@ -1,15 +1,20 @@
 """One guided denoising step of a TerDiT-600M-config model: terdit-edge vs PyTorch float32 (and
 bfloat16 where the CPU has native bf16: AVX512_BF16 or AMX).
 
-    python benchmarks/bench_step.py [--json] [--threads 1,2] [--repeat 3] [--config 600m]
+    python benchmarks/bench_step.py [--json] [--threads 1,2] [--repeat 3] [--config 600m|4.2B|small]
+                                    [--image-size 256|512] [--blocks N]
                                     [--backends cython,numba] [--modes fp32,int8,int10] [--skip-torch]
                                     [--clock wall|cpu]
 
 A random checkpoint in the official release layout is written once (cached under
 $TERDIT_BENCH_CACHE, default ~/.cache/terdit-edge-bench) and converted with the real converter.
 The step is the model forward on batch 2 (one image: the conditional and the null label, 256 tokens
-at 256 px) plus the guidance mix. PyTorch runs the same weights dequantized (alpha * Q as float32
-nn.Linear) in the independent reference implementation from tests/torch_reference.py.
+at 256 px, 1024 at 512 px) plus the guidance mix. `--config 4.2B` is the paper's 4.2B model (D 3072,
+32 blocks; "3b" in the authors' code). `--blocks N` keeps only the first N transformer blocks of the
+config (same block shapes, a smaller file): use it where PyTorch float32 of the whole model does not
+fit in memory (4.2B dequantized is ~17 GB) and compare per block; the title says so. PyTorch runs
+the same weights dequantized (alpha * Q as float32 nn.Linear) in the independent reference
+implementation from tests/torch_reference.py.
 
 Where the CPU has native bf16, PyTorch bfloat16 (nn.Linear weights in bf16, run under CPU autocast)
 runs beside float32 with the same threads; its row shows its time against float32 ("vs torch") and
@@ -44,16 +49,23 @@ def _cache_dir() -> str:
     return d
 
 
-def prepare(config: str) -> tuple[str, str]:
-    """(checkpoint dir, .tdit path), created on first use."""
+def prepare(config: str, image_size: int | None = None, blocks: int | None = None) -> tuple[str, str]:
+    """(checkpoint dir, .tdit path), created on first use. The default names (ck-600m, 600m.tdit) are
+    those of earlier versions; another image size or a block count adds a suffix."""
     sys.path.insert(0, HERE)
-    from make_checkpoint import make_release_checkpoint
+    from make_checkpoint import CONFIGS, make_release_checkpoint
 
-    ck = os.path.join(_cache_dir(), f"ck-{config}")
-    tdit = os.path.join(_cache_dir(), f"{config}.tdit")
+    config = "3b" if config == "4.2B" else config
+    name = config
+    if image_size and image_size != CONFIGS[config]["image_size"]:
+        name += f"-{image_size}px"
+    if blocks:
+        name += f"-{blocks}blk"
+    ck = os.path.join(_cache_dir(), f"ck-{name}")
+    tdit = os.path.join(_cache_dir(), f"{name}.tdit")
     if not os.path.exists(os.path.join(ck, "consolidated_ema_ternary.00-of-01.pth")):
-        print(f"writing a random {config} release-layout checkpoint to {ck} ...", file=sys.stderr)
-        make_release_checkpoint(ck, config)
+        print(f"writing a random {name} release-layout checkpoint to {ck} ...", file=sys.stderr)
+        make_release_checkpoint(ck, config, image_size=image_size, n_layers=blocks)
     if not os.path.exists(tdit):
         print(f"converting to {tdit} ...", file=sys.stderr)
         from terdit_edge.converters.terdit import convert
@@ -61,13 +73,19 @@ def prepare(config: str) -> tuple[str, str]:
     return ck, tdit
 
 
-def _inputs(config):
+def _inputs(config, image_size=None):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    size = {"600m": 32, "3b": 32, "small": 8}[config]
+    size = image_size // 8 if image_size else {"600m": 32, "3b": 32, "4.2B": 32, "small": 8}[config]
     x = rng.standard_normal((1, 4, size, size), dtype=np.float32)
     return x, 500, np.array([207])
+
+
+def _common_args(args) -> list[str]:
+    """The worker arguments every measurement shares."""
+    size = ["--image-size", str(args.image_size)] if args.image_size else []
+    return ["--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config, *size]
 
 
 def _clock(args):
@@ -89,7 +107,7 @@ def worker_ours(args) -> dict:
 
     model = terdit_edge.load_model(args.tdit, backend=args.backend, activations=args.activations,
                                    threads=args.threads)
-    x, t, y = _inputs(args.config)
+    x, t, y = _inputs(args.config, args.image_size)
     out = guided_model_output(model, x, t, y, 4.0)  # warm-up: JIT, buffers, page cache
     times = []
     for _ in range(args.repeat):
@@ -152,7 +170,7 @@ def worker_torch(args, bf16: bool = False) -> dict:
             if isinstance(mod, torch.nn.Linear):
                 mod.to(torch.bfloat16)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    x, t, y = _inputs(args.config)
+    x, t, y = _inputs(args.config, args.image_size)
     xx = torch.from_numpy(np.concatenate([x, x]))
     tt = torch.full((2,), t, dtype=torch.int64)
     yy = torch.tensor([int(y[0]), cfg["num_classes"]])
@@ -173,7 +191,7 @@ def torch_bf16_row(ck, tdit, cfg_path, th, args, tmp, f32_save, f32_seconds) -> 
     import numpy as np
     save = os.path.join(tmp, f"torch-bf16-{th}.npy")
     r = run_worker("torch-bf16", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
-                                  "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                  *_common_args(args),
                                   "--save", save])
     r.update(name="pytorch bfloat16", threads=th)
     if "seconds" in r and f32_seconds:
@@ -216,7 +234,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time (see above)")
-    ap.add_argument("--config", default="600m", choices=("600m", "3b", "small"))
+    ap.add_argument("--config", default="600m", choices=("600m", "4.2B", "3b", "small"),
+                    help="model config (3b is the authors' name of 4.2B)")
+    ap.add_argument("--image-size", type=int, default=None, help="256 or 512 (default: the config's, 256)")
+    ap.add_argument("--blocks", type=int, default=None, help="keep only the first N transformer blocks")
     ap.add_argument("--backends", default="cython,numba")
     ap.add_argument("--modes", default="fp32,int8,int10", help="activation modes to run (comma list)")
     ap.add_argument("--skip-torch", action="store_true")
@@ -240,7 +261,11 @@ def main():
     from terdit_edge.format import read_tdit
     from terdit_edge.kernels import available_backends, default_threads
 
-    ck, tdit = prepare(args.config)
+    if args.image_size is not None and (args.image_size <= 0 or args.image_size % 16):
+        ap.error("--image-size must be a positive multiple of 16")
+    if args.blocks is not None and args.blocks < 1:
+        ap.error("--blocks must be >= 1")
+    ck, tdit = prepare(args.config, args.image_size, args.blocks)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, default_threads()})
     tmp = tempfile.mkdtemp(prefix="bench-step-")
     cfg_path = os.path.join(tmp, "config.json")
@@ -256,7 +281,7 @@ def main():
                 import torch  # noqa: F401
                 save = os.path.join(tmp, f"torch-{th}.npy")
                 r = run_worker("torch", ["--ck", ck, "--tdit", tdit, "--tdit-config", cfg_path, "--threads", str(th),
-                                         "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                         *_common_args(args),
                                          "--save", save])
                 r.update(name="pytorch float32", threads=th)
                 rows.append(r)
@@ -281,7 +306,7 @@ def main():
             for act in args.modes.split(","):
                 save = os.path.join(tmp, f"{be}-{act}-{th}.npy")
                 r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act, "--threads", str(th),
-                                        "--repeat", str(args.repeat), "--clock", args.clock, "--config", args.config,
+                                        *_common_args(args),
                                         "--save", save])
                 r.update(name=f"terdit-edge {be} {act}", threads=th)
                 if base and "seconds" in r:
@@ -309,7 +334,9 @@ def main():
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"guided denoising step, {args.config} config, batch 2 (one image + null label), "
+    what = args.config + (f" at {args.image_size} px" if args.image_size else "")
+    what += f", first {args.blocks} blocks only" if args.blocks else ""
+    print(f"guided denoising step, {what} config, batch 2 (one image + null label), "
           f"median of {args.repeat} timed runs after one warm-up (range in brackets), {args.clock} clock")
     print(f"{'implementation':28s} {'thr':>3s} {'seconds':>8s} {'vs torch':>8s} {'vs 1thr':>7s} {'peak RSS':>9s}  notes")
     for r in rows:
