@@ -983,8 +983,9 @@ TD_TARGET static inline float hsum_ps(__m256 v) {
 }
 
 /* Query rows i0..i1-1 of one head. q: first query row of the head (row i at q + i * ldq);
- * kt (hd, tp): keys transposed, tp = t rounded up to 16; vs (t, hdp): values, hdp = hd rounded up
- * to 16, zero beyond hd; s (6, tp) and ob (6, hdp) scratch; out row i at out + i * ldo. */
+ * kt: the keys in tp / 16 panels of (hd, 16), tp = t rounded up to 16; vs: the values in hdp / 16
+ * panels of (t, 16), hdp = hd rounded up to 16, zero beyond hd (see td_attention); s (6, tp) and
+ * ob (6, hdp) scratch; out row i at out + i * ldo. */
 TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt,
                                              const float *vs, int64_t t, int64_t tp, int64_t hd, int64_t hdp,
                                              float scale, float *s, float *ob, float *out, int64_t ldo) {
@@ -994,7 +995,7 @@ TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_
         const float *qa[ATT_MR];
         for (int r = 0; r < ATT_MR; r++) qa[r] = q + (ib + (r < nr ? r : nr - 1)) * ldq;
         /* scores s[r][j] = q_r . k_j over all keys, 16 at a time */
-        for (int64_t j0 = 0; j0 < tp; j0 += 16) att_tile(qa, 1, hd, kt + j0, tp, s + j0, tp);
+        for (int64_t j0 = 0; j0 < tp; j0 += 16) att_tile(qa, 1, hd, kt + j0 * hd, 16, s + j0, tp);
         /* softmax numerators exp(scale s - max) in place; the 1 / sum is applied to the output */
         float inv[ATT_MR];
         for (int r = 0; r < nr; r++) {
@@ -1022,7 +1023,7 @@ TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_
         /* rows past the real ones: keep them finite (they read row nr - 1's numerators) */
         const float *pa[ATT_MR];
         for (int r = 0; r < ATT_MR; r++) pa[r] = s + (r < nr ? r : nr - 1) * tp;
-        for (int64_t c0 = 0; c0 < hdp; c0 += 16) att_tile(pa, 1, t, vs + c0, hdp, ob + c0, hdp);
+        for (int64_t c0 = 0; c0 < hdp; c0 += 16) att_tile(pa, 1, t, vs + c0 * t, 16, ob + c0, hdp);
         for (int r = 0; r < nr; r++) {
             float *o = out + (ib + r) * ldo;
             const float *src = ob + r * hdp;

@@ -752,7 +752,7 @@ static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq
 /* ------------------------------------------------------------------------------------------- */
 /* Attention rows (see td_attention in ternary_gemm.c and td_attention_rows_avx2): the same
  * algorithm with 512-bit FMA tiles, C (6 x 32) = A (6 x L) B (L x 32) in 12 accumulators (a 6 x 16
- * tile for the last 16 columns: tp and hdp are multiples of 16), and a 16-lane exp. Every lane does
+ * tile for the last 16 columns: tp and hdp are multiples of 16), B read from two 16-wide panels, and a 16-lane exp. Every lane does
  * the AVX2 kernel's arithmetic (the same FMA chains over l, the same exp polynomial, the softmax sum
  * in its order), so the outputs are the AVX2 kernel's bits (tested), and every query row is computed
  * alone, in an order fixed by t and hd: batch-invariant. */
@@ -760,13 +760,13 @@ static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq
 #define ATT_MR 6
 
 TD512 static inline __attribute__((always_inline)) void
-att_tile512(const float *const a[ATT_MR], int64_t L, const float *b, int64_t ldb, float *c, int64_t ldc, const int NC) {
+att_tile512(const float *const a[ATT_MR], int64_t L, const float *b, const float *bn, float *c, int64_t ldc, const int NC) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t l = 0; l < L; l++) {
-        const __m512 b0 = _mm512_load_ps(b + l * ldb);
-        const __m512 b1 = NC > 1 ? _mm512_load_ps(b + l * ldb + 16) : b0;
+        const __m512 b0 = _mm512_load_ps(b + l * 16);
+        const __m512 b1 = NC > 1 ? _mm512_load_ps(bn + l * 16) : b0;
         __m512 t = _mm512_set1_ps(a0[l]);
         c00 = _mm512_fmadd_ps(t, b0, c00);
         if (NC > 1) c01 = _mm512_fmadd_ps(t, b1, c01);
@@ -802,12 +802,12 @@ att_tile512(const float *const a[ATT_MR], int64_t L, const float *b, int64_t ldb
     }
 }
 
-/* c (6, n16) = a b over L for n16 (a multiple of 16) columns */
-TD512 static void att_gemm512(const float *const a[ATT_MR], int64_t L, const float *b, int64_t ldb, int64_t n16,
-                              float *c, int64_t ldc) {
+/* c (6, n16) = a b over L for n16 (a multiple of 16) columns; b in n16 / 16 panels of (L, 16) */
+TD512 static void att_gemm512(const float *const a[ATT_MR], int64_t L, const float *b, int64_t n16, float *c,
+                              int64_t ldc) {
     int64_t j0 = 0;
-    for (; j0 + 32 <= n16; j0 += 32) att_tile512(a, L, b + j0, ldb, c + j0, ldc, 2);
-    if (j0 < n16) att_tile512(a, L, b + j0, ldb, c + j0, ldc, 1);
+    for (; j0 + 32 <= n16; j0 += 32) att_tile512(a, L, b + j0 * L, b + (j0 + 16) * L, c + j0, ldc, 2);
+    if (j0 < n16) att_tile512(a, L, b + j0 * L, NULL, c + j0, ldc, 1);
 }
 
 /* e^x, the AVX2 kernel's Cody-Waite reduction and polynomial in 16 lanes */
@@ -836,7 +836,7 @@ TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0,
         const int nr = (int)(i1 - ib < ATT_MR ? i1 - ib : ATT_MR);
         const float *qa[ATT_MR];
         for (int r = 0; r < ATT_MR; r++) qa[r] = q + (ib + (r < nr ? r : nr - 1)) * ldq;
-        att_gemm512(qa, hd, kt, tp, tp, s, tp); /* scores over all keys */
+        att_gemm512(qa, hd, kt, tp, s, tp); /* scores over all keys */
         float inv[ATT_MR];
         for (int r = 0; r < nr; r++) {
             float *sr = s + r * tp;
@@ -874,7 +874,7 @@ TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0,
         }
         const float *pa[ATT_MR];
         for (int r = 0; r < ATT_MR; r++) pa[r] = s + (r < nr ? r : nr - 1) * tp;
-        att_gemm512(pa, t, vs, hdp, hdp, ob, hdp);
+        att_gemm512(pa, t, vs, hdp, ob, hdp);
         for (int r = 0; r < nr; r++) {
             float *o = out + (ib + r) * ldo;
             const float *src = ob + r * hdp;

@@ -564,21 +564,38 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
 /* ---------------------------------------------------------------------------------------------
  * Softmax attention (not causal), fused: scores, softmax and the weighted sum of values for a
  * block of query rows at a time, so no (T, T) matrix is ever stored; scratch is O(T * hd) per
- * thread. Work items are (batch, head, query chunk); a thread rebuilds its transposed keys and
- * padded values only when the (batch, kv head) changes. */
+ * thread. Work items are (batch, head, query chunk); a thread rebuilds its key and value panels
+ * only when the (batch, kv head) changes.
+ *
+ * Panels: the keys are stored as tp / 16 panels of (hd, 16) floats (panel p holds keys 16p..16p+15,
+ * row d their d-th components; keys t..tp-1 are zero), the values as hdp / 16 panels of (t, 16)
+ * floats (panel p holds components 16p..16p+15 of every value; components hd..hdp-1 are zero). A
+ * register tile then reads one contiguous stream per panel instead of one cache line per row of a
+ * (hd, tp) matrix 4 tp bytes apart (at T = 1024 every load touched a new page and the same L1 set).
+ * The layout changes no arithmetic: every score and output sums in the same order as before. */
 
-/* Portable path, one query row at a time; the inner loops run over contiguous memory so that
- * the compiler can vectorize them (NEON at -O2/-O3, SSE on x86). */
+/* Portable path, one query row at a time; the inner loops run over the 16 contiguous floats of a
+ * panel (see td_attention) so that the compiler makes them SIMD (NEON at -O2/-O3, SSE on x86).
+ * Every score sums over d in order and every output over keys in order, as the SIMD paths do. */
+/* GCC's loop vectorizer would vectorize the d (and key) loops below across iterations with
+ * shuffles, 5x slower than letting the 16-wide accumulator loops become plain SIMD adds. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-vectorize")))
+#endif
 static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
                                   int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
                                   float *out, int64_t ldo) {
     for (int64_t i = i0; i < i1; i++) {
         const float *qi = q + i * ldq;
-        for (int64_t j = 0; j < tp; j++) s[j] = 0.0f;
-        for (int64_t d = 0; d < hd; d++) {
-            const float qd = qi[d];
-            const float *kd = kt + d * tp;
-            for (int64_t j = 0; j < tp; j++) s[j] += qd * kd[j];
+        for (int64_t j0 = 0; j0 < tp; j0 += 16) {
+            float acc[16];
+            for (int jj = 0; jj < 16; jj++) acc[jj] = 0.0f;
+            const float *kp = kt + j0 * hd;
+            for (int64_t d = 0; d < hd; d++) {
+                const float qd = qi[d], *kr = kp + d * 16;
+                for (int jj = 0; jj < 16; jj++) acc[jj] += qd * kr[jj];
+            }
+            for (int jj = 0; jj < 16; jj++) s[j0 + jj] = acc[jj];
         }
         float m = s[0];
         for (int64_t j = 1; j < t; j++) m = s[j] > m ? s[j] : m;
@@ -588,11 +605,15 @@ static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64
             s[j] = expf(s[j] * scale - ms);
             tot += s[j];
         }
-        for (int64_t c = 0; c < hdp; c++) ob[c] = 0.0f;
-        for (int64_t j = 0; j < t; j++) {
-            const float p = s[j];
-            const float *vj = vs + j * hdp;
-            for (int64_t c = 0; c < hdp; c++) ob[c] += p * vj[c];
+        for (int64_t c0 = 0; c0 < hdp; c0 += 16) {
+            float acc[16];
+            for (int cc = 0; cc < 16; cc++) acc[cc] = 0.0f;
+            const float *vp = vs + c0 * t;
+            for (int64_t j = 0; j < t; j++) {
+                const float p = s[j], *vr = vp + j * 16;
+                for (int cc = 0; cc < 16; cc++) acc[cc] += p * vr[cc];
+            }
+            for (int cc = 0; cc < 16; cc++) ob[c0 + cc] = acc[cc];
         }
         const float inv = 1.0f / tot;
         float *o = out + i * ldo;
@@ -641,15 +662,14 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
             if (built != bb * hkv + kvh) {
                 built = bb * hkv + kvh;
                 const float *kb = k + (bb * t * hkv + kvh) * hd, *vb = v + (bb * t * hkv + kvh) * hd;
-                for (int64_t j = 0; j < t; j++) {
+                for (int64_t j = 0; j < tp; j++) {
                     const float *kj = kb + j * hkv * hd, *vj = vb + j * hkv * hd;
-                    for (int64_t d = 0; d < hd; d++) kt[d * tp + j] = kj[d];
-                    float *vr = vs + j * hdp;
-                    for (int64_t c = 0; c < hd; c++) vr[c] = vj[c];
-                    for (int64_t c = hd; c < hdp; c++) vr[c] = 0.0f;
+                    float *kp = kt + (j / 16) * 16 * hd + j % 16;
+                    for (int64_t d = 0; d < hd; d++) kp[d * 16] = j < t ? kj[d] : 0.0f;
+                    if (j >= t) continue;
+                    float *vp = vs + j * 16;
+                    for (int64_t c = 0; c < hdp; c++) vp[(c / 16) * 16 * t + c % 16] = c < hd ? vj[c] : 0.0f;
                 }
-                for (int64_t d = 0; d < hd; d++)
-                    for (int64_t j = t; j < tp; j++) kt[d * tp + j] = 0.0f;
             }
             const int64_t i0 = qc * chunk, i1 = i0 + chunk < t ? i0 + chunk : t;
             const float *qh = q + (bb * t * h + hh) * hd;
