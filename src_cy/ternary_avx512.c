@@ -759,8 +759,9 @@ static int gemv_i16_avx512(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq
 
 #define ATT_MR 6
 
-TD512 static inline __attribute__((always_inline)) void
-att_tile512(const float *const a[ATT_MR], int64_t L, const float *b, const float *bn, float *c, int64_t ldc, const int NC) {
+TD512 static inline __attribute__((always_inline)) void att_tile512(const float *const a[ATT_MR], int64_t L,
+                                                                    const float *b, const float *bn, float *c,
+                                                                    int64_t ldc, const int NC) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];

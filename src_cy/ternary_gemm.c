@@ -582,9 +582,9 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("no-tree-loop-vectorize")))
 #endif
-static void attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
-                                  int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
-                                  float *out, int64_t ldo) {
+static void
+attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs, int64_t t,
+                      int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob, float *out, int64_t ldo) {
     for (int64_t i = i0; i < i1; i++) {
         const float *qi = q + i * ldq;
         for (int64_t j0 = 0; j0 < tp; j0 += 16) {
