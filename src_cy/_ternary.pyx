@@ -249,3 +249,14 @@ def attention(const float[:, :, :, ::1] q, const float[:, :, :, ::1] k, const fl
     if rc != TD_OK:
         raise InputError("attention: bad head counts")
     return out
+
+
+def fma_peak(int64_t iters, int threads=1):
+    """Run `iters` rounds of the current ISA's FMA loop on `threads` threads at once and return the
+    floating-point operations done (time the call for the machine's FMA peak; bench_attention.py)."""
+    if iters < 0 or threads < 1:
+        raise InputError(f"fma_peak: iters must be >= 0 and threads >= 1, got {iters}, {threads}")
+    cdef double flops
+    with nogil:
+        flops = td_fma_peak(iters, threads)
+    return abs(flops)

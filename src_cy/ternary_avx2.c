@@ -1035,6 +1035,18 @@ TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_
     }
 }
 
+/* FMA peak: 12 chains of 8-lane FMAs (latency 4-5 cycles x 2 pipes needs at least 10) */
+TD_TARGET static double fma_peak_avx2(int64_t iters, float *sink) {
+    __m256 a[12];
+    const __m256 x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(0.001f);
+    for (int i = 0; i < 12; i++) a[i] = _mm256_set1_ps((float)i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(a[i], x, y);
+    for (int i = 1; i < 12; i++) a[0] = _mm256_add_ps(a[0], a[i]);
+    *sink = hsum_ps(a[0]);
+    return 12.0 * 16.0 * (double)iters;
+}
+
 /* ------------------------------------------------------------------------------------------- */
 const td_ops_t td_ops_avx2 = {
     .isa = TD_ISA_AVX2,
@@ -1055,6 +1067,7 @@ const td_ops_t td_ops_avx2 = {
     .quantize_row_i16 = td_quantize_row16_avx2,
     .swiglu = td_swiglu_avx2,
     .attention_rows = td_attention_rows_avx2,
+    .fma_peak = fma_peak_avx2,
 };
 
 #endif /* TD_X86 */

@@ -954,6 +954,18 @@ TD512 static void quantize_row16_avx512(const float *x, int64_t k, int16_t *xq, 
     *scale = amax / flim;
 }
 
+/* FMA peak: 12 chains of 16-lane FMAs */
+TD512 static double fma_peak_avx512(int64_t iters, float *sink) {
+    __m512 a[12];
+    const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(0.001f);
+    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps((float)i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 12; i++) a[i] = _mm512_fmadd_ps(a[i], x, y);
+    for (int i = 1; i < 12; i++) a[0] = _mm512_add_ps(a[0], a[i]);
+    *sink = _mm512_reduce_add_ps(a[0]);
+    return 12.0 * 32.0 * (double)iters;
+}
+
 /* ------------------------------------------------------------------------------------------- */
 const td_ops_t td_ops_avx512 = {
     .isa = TD_ISA_AVX512,
@@ -971,6 +983,7 @@ const td_ops_t td_ops_avx512 = {
     .quantize_row_i16 = quantize_row16_avx512,
     .lut_f32 = lut_f32_avx512,
     .attention_rows = attention_rows_avx512,
+    .fma_peak = fma_peak_avx512,
 };
 
 #endif /* TD_X86 */

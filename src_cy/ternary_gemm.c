@@ -109,6 +109,7 @@ static void fill_tables(void) {
                 TD_FILL(quantize_row_i16);
                 TD_FILL(swiglu);
                 TD_FILL(attention_rows);
+                TD_FILL(fma_peak);
             }
             done[i] = 1;
         }
@@ -685,6 +686,37 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * FMA peak: 32 independent multiply-add chains the compiler turns into SIMD (without FMA
+ * instructions on a plain x86-64 build: a multiply and an add, still 2 operations per lane). */
+static double fma_peak_scalar(int64_t iters, float *sink) {
+    float a[32];
+    for (int i = 0; i < 32; i++) a[i] = (float)i;
+    const float x = 0.999f, y = 0.001f;
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 32; i++) a[i] = a[i] * x + y;
+    float tot = 0.0f;
+    for (int i = 0; i < 32; i++) tot += a[i];
+    *sink = tot;
+    return 64.0 * (double)iters;
+}
+
+double td_fma_peak(int64_t iters, int threads) {
+    if (threads < 1) threads = 1;
+    const td_fma_fn fn = td_ops()->fma_peak;
+    double flops = 0.0;
+    float sink = 0.0f;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) reduction(+ : flops, sink)
+#endif
+    {
+        float s = 0.0f;
+        flops += fn(iters, &s);
+        sink += s;
+    }
+    return sink == sink ? flops : -flops; /* the sink is read: the loops cannot be dropped */
+}
+
+/* ---------------------------------------------------------------------------------------------
  * The root table: every entry portable C. */
 const td_ops_t td_ops_scalar = {
     .isa = TD_ISA_SCALAR,
@@ -705,4 +737,5 @@ const td_ops_t td_ops_scalar = {
     .quantize_row_i16 = quantize_row16_scalar,
     .swiglu = swiglu_scalar,
     .attention_rows = attention_rows_scalar,
+    .fma_peak = fma_peak_scalar,
 };

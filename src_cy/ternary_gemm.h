@@ -109,6 +109,10 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
 int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
                  int64_t hkv, int64_t hd, int threads);
 
+/* Floating-point operations of `iters` rounds of the current ISA's FMA loop on each of `threads`
+ * threads (at once): time the call to measure the machine's FMA peak. */
+double td_fma_peak(int64_t iters, int threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,6 +8,8 @@
 
 #if TD_ARM64
 #include <arm_neon.h>
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -233,8 +235,8 @@ int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, cons
 }
 
 /* ----------------------------------------------------------------------------------------- */
-/* The NEON tables: streaming kernels for few tokens; the portable table GEMMs (M >= 8), the
- * quantizers, swiglu and attention come from the scalar table (the compiler vectorizes them). */
+/* The NEON tables: streaming kernels for few tokens and attention (below); the portable table GEMMs
+ * (M >= 8), the quantizers and swiglu come from the scalar table (the compiler vectorizes them). */
 
 static int gemv_i8_neon_plain(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
                               const td_out_t *o, int threads) {
@@ -380,6 +382,105 @@ static int lut_i8_i8mm(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, con
     return TD_OK;
 }
 
+/* ----------------------------------------------------------------------------------------- */
+/* Softmax attention rows (see td_attention in ternary_gemm.c for the driver and the panel layout):
+ * as on AVX2, both products are one register tile C (6 x 16) = A (6 x L, one element broadcast at a
+ * time) B (L x 16, a 16-wide panel): 24 accumulators of 4 lanes, 4 loads and 6 broadcasts per 24
+ * FMAs. Every score sums over d in order and every output over keys in order; the exponentials
+ * use the AVX2 kernels' polynomial in 4 lanes. */
+
+#define ATT_MR 6
+
+static inline void att_tile_neon(const float *const a[ATT_MR], int64_t L, const float *b, float *c, int64_t ldc) {
+    float32x4_t acc[ATT_MR][4];
+    for (int r = 0; r < ATT_MR; r++)
+        for (int x = 0; x < 4; x++) acc[r][x] = vdupq_n_f32(0.0f);
+    for (int64_t l = 0; l < L; l++) {
+        const float32x4_t b0 = vld1q_f32(b + l * 16), b1 = vld1q_f32(b + l * 16 + 4);
+        const float32x4_t b2 = vld1q_f32(b + l * 16 + 8), b3 = vld1q_f32(b + l * 16 + 12);
+        for (int r = 0; r < ATT_MR; r++) {
+            const float ar = a[r][l];
+            acc[r][0] = vfmaq_n_f32(acc[r][0], b0, ar);
+            acc[r][1] = vfmaq_n_f32(acc[r][1], b1, ar);
+            acc[r][2] = vfmaq_n_f32(acc[r][2], b2, ar);
+            acc[r][3] = vfmaq_n_f32(acc[r][3], b3, ar);
+        }
+    }
+    for (int r = 0; r < ATT_MR; r++)
+        for (int x = 0; x < 4; x++) vst1q_f32(c + r * ldc + 4 * x, acc[r][x]);
+}
+
+/* e^x: Cody-Waite reduction and the degree-5 polynomial of the x86 kernels, 4 lanes */
+static inline float32x4_t exp_neon(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    float32x4_t r = vfmsq_n_f32(x, n, 0.693359375f);
+    r = vfmsq_n_f32(r, n, -2.12194440e-4f);
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    const float32x4_t y = vaddq_f32(vfmaq_f32(r, vmulq_f32(p, r), r), vdupq_n_f32(1.0f));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
+static void attention_rows_neon(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
+                                int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
+                                float *out, int64_t ldo) {
+    for (int64_t ib = i0; ib < i1; ib += ATT_MR) {
+        const int nr = (int)(i1 - ib < ATT_MR ? i1 - ib : ATT_MR);
+        const float *qa[ATT_MR];
+        for (int r = 0; r < ATT_MR; r++) qa[r] = q + (ib + (r < nr ? r : nr - 1)) * ldq;
+        for (int64_t j0 = 0; j0 < tp; j0 += 16) att_tile_neon(qa, hd, kt + j0 * hd, s + j0, tp);
+        float inv[ATT_MR];
+        for (int r = 0; r < nr; r++) {
+            float *sr = s + r * tp;
+            int64_t j = 0;
+            float32x4_t mx = vdupq_n_f32(-FLT_MAX);
+            for (; j + 4 <= t; j += 4) mx = vmaxq_f32(mx, vld1q_f32(sr + j));
+            float m = vmaxvq_f32(mx);
+            for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
+            const float ms = m * scale; /* scale > 0: max(scale s) = scale max(s) */
+            float32x4_t sum = vdupq_n_f32(0.0f);
+            for (j = 0; j + 4 <= t; j += 4) {
+                const float32x4_t e = exp_neon(vsubq_f32(vmulq_n_f32(vld1q_f32(sr + j), scale), vdupq_n_f32(ms)));
+                vst1q_f32(sr + j, e);
+                sum = vaddq_f32(sum, e);
+            }
+            float tot = vaddvq_f32(sum);
+            for (; j < t; j++) {
+                sr[j] = expf(sr[j] * scale - ms);
+                tot += sr[j];
+            }
+            inv[r] = 1.0f / tot;
+        }
+        /* rows past the real ones: keep them finite (they read row nr - 1's numerators) */
+        const float *pa[ATT_MR];
+        for (int r = 0; r < ATT_MR; r++) pa[r] = s + (r < nr ? r : nr - 1) * tp;
+        for (int64_t c0 = 0; c0 < hdp; c0 += 16) att_tile_neon(pa, t, vs + c0 * t, ob + c0, hdp);
+        for (int r = 0; r < nr; r++) {
+            float *o = out + (ib + r) * ldo;
+            const float *src = ob + r * hdp;
+            for (int64_t c = 0; c < hd; c++) o[c] = src[c] * inv[r];
+        }
+    }
+}
+
+/* FMA peak: 16 chains of 4-lane FMAs */
+static double fma_peak_neon(int64_t iters, float *sink) {
+    float32x4_t a[16];
+    const float32x4_t x = vdupq_n_f32(0.999f), y = vdupq_n_f32(0.001f);
+    for (int i = 0; i < 16; i++) a[i] = vdupq_n_f32((float)i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 16; i++) a[i] = vfmaq_f32(y, a[i], x);
+    for (int i = 1; i < 16; i++) a[0] = vaddq_f32(a[0], a[i]);
+    *sink = vaddvq_f32(a[0]);
+    return 16.0 * 8.0 * (double)iters;
+}
+
 const td_ops_t td_ops_neon = {
     .isa = TD_ISA_NEON,
     .name = "neon",
@@ -392,6 +493,8 @@ const td_ops_t td_ops_neon = {
     .gemv_f32 = td_gemm_f32_neon,
     .gemv_i8 = gemv_i8_neon_plain,
     .gemv_i16 = gemv_i16_neon,
+    .attention_rows = attention_rows_neon,
+    .fma_peak = fma_peak_neon,
 };
 
 const td_ops_t td_ops_neon_dot = {
