@@ -109,6 +109,7 @@ static void fill_tables(void) {
                 TD_FILL(quantize_row_i16);
                 TD_FILL(swiglu);
                 TD_FILL(attention_rows);
+                TD_FILL(attention_pack);
                 TD_FILL(fma_peak);
             }
             done[i] = 1;
@@ -575,6 +576,30 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
  * (hd, tp) matrix 4 tp bytes apart (at T = 1024 every load touched a new page and the same L1 set).
  * The layout changes no arithmetic: every score and output sums in the same order as before. */
 
+/* Key and value panels of one (batch, kv head): key j, component d at k[j * ld + d] (same for v). */
+void td_attention_pack_scalar(const float *k, const float *v, int64_t ld, int64_t t, int64_t hd, float *kt, float *vs) {
+    const int64_t tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16;
+    for (int64_t j0 = 0; j0 < tp; j0 += 16) { /* keys: blocks of 16 keys x hd, transposed */
+        float *kp = kt + j0 * hd;
+        const int64_t nj = t - j0 < 16 ? t - j0 : 16;
+        if (nj < 16) memset(kp, 0, sizeof(float) * (size_t)(16 * hd));
+        for (int64_t jj = 0; jj < nj; jj++) {
+            const float *kj = k + (j0 + jj) * ld;
+            for (int64_t d = 0; d < hd; d++) kp[d * 16 + jj] = kj[d];
+        }
+    }
+    for (int64_t c0 = 0; c0 < hdp; c0 += 16) { /* values: 16-wide column panels, zero beyond hd */
+        float *vp = vs + c0 * t;
+        if (c0 + 16 <= hd) {
+            for (int64_t j = 0; j < t; j++)
+                for (int cc = 0; cc < 16; cc++) vp[j * 16 + cc] = v[j * ld + c0 + cc];
+        } else {
+            for (int64_t j = 0; j < t; j++)
+                for (int cc = 0; cc < 16; cc++) vp[j * 16 + cc] = c0 + cc < hd ? v[j * ld + c0 + cc] : 0.0f;
+        }
+    }
+}
+
 /* Portable path, one query row at a time; the inner loops run over the 16 contiguous floats of a
  * panel (see td_attention) so that the compiler makes them SIMD (NEON at -O2/-O3, SSE on x86).
  * Every score sums over d in order and every output over keys in order, as the SIMD paths do. */
@@ -630,7 +655,8 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
     if (threads < 1) threads = 1;
     const int64_t rep = h / hkv, tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16;
     const float scale = (float)(1.0 / sqrt((double)hd));
-    const td_att_rows_fn rows_fn = td_ops()->attention_rows;
+    const td_ops_t *ops = td_ops();
+    const td_att_rows_fn rows_fn = ops->attention_rows;
     /* below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md) */
     if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
     /* query chunks: enough items for the threads to balance, chunks a multiple of the 6-row tile */
@@ -662,15 +688,8 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
             const int64_t bh = it / nq, qc = it % nq, bb = bh / h, hh = bh % h, kvh = hh / rep;
             if (built != bb * hkv + kvh) {
                 built = bb * hkv + kvh;
-                const float *kb = k + (bb * t * hkv + kvh) * hd, *vb = v + (bb * t * hkv + kvh) * hd;
-                for (int64_t j = 0; j < tp; j++) {
-                    const float *kj = kb + j * hkv * hd, *vj = vb + j * hkv * hd;
-                    float *kp = kt + (j / 16) * 16 * hd + j % 16;
-                    for (int64_t d = 0; d < hd; d++) kp[d * 16] = j < t ? kj[d] : 0.0f;
-                    if (j >= t) continue;
-                    float *vp = vs + j * 16;
-                    for (int64_t c = 0; c < hdp; c++) vp[(c / 16) * 16 * t + c % 16] = c < hd ? vj[c] : 0.0f;
-                }
+                ops->attention_pack(k + (bb * t * hkv + kvh) * hd, v + (bb * t * hkv + kvh) * hd, hkv * hd, t, hd, kt,
+                                    vs);
             }
             const int64_t i0 = qc * chunk, i1 = i0 + chunk < t ? i0 + chunk : t;
             const float *qh = q + (bb * t * h + hh) * hd;
@@ -737,5 +756,6 @@ const td_ops_t td_ops_scalar = {
     .quantize_row_i16 = quantize_row16_scalar,
     .swiglu = swiglu_scalar,
     .attention_rows = attention_rows_scalar,
+    .attention_pack = td_attention_pack_scalar,
     .fma_peak = fma_peak_scalar,
 };

@@ -81,6 +81,10 @@ typedef void (*td_swiglu_fn)(const float *a, const float *b, float *out, int64_t
 typedef void (*td_att_rows_fn)(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
                                int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
                                float *out, int64_t ldo);
+/* The key and value panels of td_attention (ternary_gemm.c) from keys and values of one (batch, kv
+ * head): key j's component d at k[j * ld + d], the same for v; kt (tp / 16 panels of (hd, 16)), vs
+ * (hdp / 16 panels of (t, 16)), zero-padded. */
+typedef void (*td_att_pack_fn)(const float *k, const float *v, int64_t ld, int64_t t, int64_t hd, float *kt, float *vs);
 /* `iters` rounds of independent vector FMA chains (the ISA's widest float FMA, enough chains to hide
  * its latency); returns the floating-point operations done (2 per lane per FMA). Stores a result in
  * *sink so that the loop is not optimized away. For measuring a core's FMA peak (bench_attention). */
@@ -100,6 +104,7 @@ typedef struct td_ops {
     td_quant16_fn quantize_row_i16;
     td_swiglu_fn swiglu;
     td_att_rows_fn attention_rows;
+    td_att_pack_fn attention_pack;
     td_fma_fn fma_peak;
 } td_ops_t;
 

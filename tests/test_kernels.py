@@ -505,7 +505,8 @@ def test_fused_ops_reject_bad_shapes(fused):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("b,t,h,hkv,hd", [(1, 1, 2, 2, 16), (2, 7, 4, 2, 48), (1, 256, 4, 4, 64),
-                                          (2, 256, 3, 1, 48), (1, 19, 6, 3, 20)])
+                                          (2, 256, 3, 1, 48), (1, 19, 6, 3, 20), (1, 24, 2, 1, 37),
+                                          (2, 40, 2, 2, 96), (1, 33, 4, 2, 128)])
 def test_attention_matches_reference(isa, threads, b, t, h, hkv, hd):
     from terdit_edge import _ternary
     be = _backend_or_skip("cython", threads=threads)

@@ -330,7 +330,8 @@ int main(int argc, char **argv) {
         }
     static const int64_t att_shapes[][5] = {
         /* b, t, h, hkv, hd */
-        {1, 1, 1, 1, 16}, {2, 7, 4, 2, 48}, {1, 13, 6, 3, 64}, {2, 40, 3, 1, 5}, {1, 70, 2, 2, 33},
+        {1, 1, 1, 1, 16},  {2, 7, 4, 2, 48},  {1, 13, 6, 3, 64}, {2, 40, 3, 1, 5},
+        {1, 70, 2, 2, 33}, {1, 24, 2, 1, 37}, {2, 48, 2, 2, 96},
     };
     for (int s = 0; s < (int)(sizeof att_shapes / sizeof att_shapes[0]); s++)
         check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3], att_shapes[s][4], isas,
