@@ -522,7 +522,8 @@ def test_attention_matches_reference(isa, threads, b, t, h, hkv, hd):
     finally:
         _ternary.set_isa("best")
     assert got is out
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6)
+    # within 1e-5 of the largest output (both sides are float32 sums over t keys and hd components)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("b,t,h,hkv,hd", [(1, 1, 2, 2, 16), (2, 7, 4, 2, 48), (1, 23, 3, 3, 20), (1, 40, 2, 1, 33),
