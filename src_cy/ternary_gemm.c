@@ -659,11 +659,11 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
     const td_att_rows_fn rows_fn = ops->attention_rows;
     /* below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md) */
     if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
-    /* query chunks: enough items for the threads to balance, chunks a multiple of the 6-row tile */
+    /* query chunks: enough items for the threads to balance, chunks a multiple of the row tiles */
     int64_t nq = (4 * (int64_t)threads + b * h - 1) / (b * h);
     if (threads == 1) nq = 1;
     int64_t chunk = (t + nq - 1) / nq;
-    chunk = (chunk + 5) / 6 * 6;
+    chunk = (chunk + TD_ATT_MAX_ROWS - 1) / TD_ATT_MAX_ROWS * TD_ATT_MAX_ROWS;
     nq = (t + chunk - 1) / chunk;
     const int64_t items = b * h * nq;
     int err = 0;
@@ -673,8 +673,8 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
     {
         float *kt = td_alloc(sizeof(float) * (size_t)(hd * tp));
         float *vs = td_alloc(sizeof(float) * (size_t)(t * hdp));
-        float *s = td_alloc(sizeof(float) * (size_t)(6 * tp));
-        float *ob = td_alloc(sizeof(float) * (size_t)(6 * hdp));
+        float *s = td_alloc(sizeof(float) * (size_t)(TD_ATT_MAX_ROWS * tp));
+        float *ob = td_alloc(sizeof(float) * (size_t)(TD_ATT_MAX_ROWS * hdp));
         const int ok = kt && vs && s && ob;
         int64_t built = -1; /* batch * hkv + kv head whose keys/values are in kt/vs */
 #if defined(_OPENMP)

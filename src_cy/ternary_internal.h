@@ -78,6 +78,9 @@ typedef int (*td_i16_fn)(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, 
 typedef void (*td_quant8_fn)(const float *x, int64_t k, int8_t *xq, int64_t kq, float *scale);
 typedef void (*td_quant16_fn)(const float *x, int64_t k, int16_t *xq, int64_t kq, float *scale, int lim);
 typedef void (*td_swiglu_fn)(const float *a, const float *b, float *out, int64_t count);
+/* Attention rows: query rows i0..i1-1 of one head, at most TD_ATT_MAX_ROWS at a time (the rows of
+ * scratch s (rows, tp) and ob (rows, hdp)); see td_attention. */
+#define TD_ATT_MAX_ROWS 6
 typedef void (*td_att_rows_fn)(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
                                int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
                                float *out, int64_t ldo);
