@@ -4,7 +4,8 @@
 # (cortex-a53: plain NEON path), one with it but without i8mm (cortex-a76: SDOT path, i8mm skipped)
 # and one with both (max: SMMLA path), then build and run the same harness natively (x86: scalar,
 # AVX2 and, where the CPU has it, AVX-512). The harness compares every path against its own naive
-# reference and exits non-zero on any mismatch; so does this script.
+# reference and exits non-zero on any mismatch; so does this script. The attention of every SIMD path
+# (AVX2, AVX-512, NEON) must also hash to the same output bits on both architectures.
 #
 # Usage: .ci/neon.sh        (from anywhere in a clone; installs its apt packages when missing)
 set -euo pipefail
@@ -33,6 +34,7 @@ aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Wextra -Werror -fopenmp -static -Isrc_
 run_arm() {  # cpu expected-isa
     echo "== qemu-aarch64-static -cpu $1"
     qemu-aarch64-static -cpu "$1" "$out/test_kernels_arm64" | tee "$out/log"
+    cat "$out/log" >> "$out/all.log"
     if ! grep -q "best isa $2," "$out/log"; then
         echo "expected the $2 path on -cpu $1" >&2
         exit 1
@@ -44,5 +46,13 @@ run_arm max neon-i8mm             # SDOT and i8mm (SMMLA): scalar, NEON, dot-pro
 
 echo "== native $(uname -m)"
 cc -O2 -std=c11 -Wall -Wextra -Werror -fopenmp -Isrc_cy "${src[@]}" -lm -o "$out/test_kernels_native"
-"$out/test_kernels_native"
-echo "neon.sh: all paths agree with the reference"
+"$out/test_kernels_native" | tee "$out/log"
+cat "$out/log" >> "$out/all.log"
+
+# the SIMD attention paths promise the same bits on every ISA and architecture (one hash for all)
+grep "^attention fingerprint" "$out/all.log" | sort -u
+if [ "$(grep "^attention fingerprint" "$out/all.log" | awk '{print $4}' | sort -u | wc -l)" -ne 1 ]; then
+    echo "the attention outputs of the SIMD paths differ between ISAs or architectures (above)" >&2
+    exit 1
+fi
+echo "neon.sh: all paths agree with the reference; attention has the same bits on every SIMD path"

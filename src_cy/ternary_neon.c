@@ -386,8 +386,10 @@ static int lut_i8_i8mm(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, con
 /* Softmax attention rows (see td_attention in ternary_gemm.c for the driver and the panel layout):
  * as on AVX2, both products are one register tile C (6 x 16) = A (6 x L, one element broadcast at a
  * time) B (L x 16, a 16-wide panel): 24 accumulators of 4 lanes, 4 loads and 6 broadcasts per 24
- * FMAs. Every score sums over d in order and every output over keys in order; the exponentials
- * use the AVX2 kernels' polynomial in 4 lanes. */
+ * FMAs. Every score sums over d in order and every output over keys in order with fused
+ * multiply-adds, and the softmax does the AVX2 kernel's operations in its order (exp polynomial,
+ * 8-lane sum, libm expf for the tail): the outputs are the AVX2 (and AVX-512) attention's bits,
+ * which the C harness checks across architectures (.ci/neon.sh). */
 
 #define ATT_MR 6
 
@@ -410,7 +412,8 @@ static inline void att_tile_neon(const float *const a[ATT_MR], int64_t L, const 
         for (int x = 0; x < 4; x++) vst1q_f32(c + r * ldc + 4 * x, acc[r][x]);
 }
 
-/* e^x: Cody-Waite reduction and the degree-5 polynomial of the x86 kernels, 4 lanes */
+/* e^x: the x86 kernels' Cody-Waite reduction and degree-5 polynomial, operation for operation
+ * (the same fused steps), 4 lanes */
 static inline float32x4_t exp_neon(float32x4_t x) {
     x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
     const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
@@ -443,16 +446,24 @@ static void attention_rows_neon(const float *q, int64_t ldq, int64_t i0, int64_t
             for (; j + 4 <= t; j += 4) mx = vmaxq_f32(mx, vld1q_f32(sr + j));
             float m = vmaxvq_f32(mx);
             for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
-            const float ms = m * scale; /* scale > 0: max(scale s) = scale max(s) */
-            float32x4_t sum = vdupq_n_f32(0.0f);
-            for (j = 0; j + 4 <= t; j += 4) {
-                const float32x4_t e = exp_neon(vsubq_f32(vmulq_n_f32(vld1q_f32(sr + j), scale), vdupq_n_f32(ms)));
-                vst1q_f32(sr + j, e);
-                sum = vaddq_f32(sum, e);
+            /* the AVX2 kernel's arithmetic: scale s - scale m in one rounding (fused, scale > 0 so
+             * max(scale s) = scale max(s)), exp of 8 scores per step summed in 8 lanes (two q
+             * registers), its horizontal sum order, then libm expf for the last t % 8 */
+            const float32x4_t vnm = vdupq_n_f32(-(m * scale)), vscale = vdupq_n_f32(scale);
+            float32x4_t sum_lo = vdupq_n_f32(0.0f), sum_hi = sum_lo;
+            for (j = 0; j + 8 <= t; j += 8) {
+                const float32x4_t e0 = exp_neon(vfmaq_f32(vnm, vld1q_f32(sr + j), vscale));
+                const float32x4_t e1 = exp_neon(vfmaq_f32(vnm, vld1q_f32(sr + j + 4), vscale));
+                vst1q_f32(sr + j, e0);
+                vst1q_f32(sr + j + 4, e1);
+                sum_lo = vaddq_f32(sum_lo, e0);
+                sum_hi = vaddq_f32(sum_hi, e1);
             }
-            float tot = vaddvq_f32(sum);
+            const float32x4_t h4 = vaddq_f32(sum_lo, sum_hi);
+            float tot = (vgetq_lane_f32(h4, 0) + vgetq_lane_f32(h4, 2)) +
+                        (vgetq_lane_f32(h4, 1) + vgetq_lane_f32(h4, 3));
             for (; j < t; j++) {
-                sr[j] = expf(sr[j] * scale - ms);
+                sr[j] = expf(sr[j] * scale - m * scale);
                 tot += sr[j];
             }
             inv[r] = 1.0f / tot;

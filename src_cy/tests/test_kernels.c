@@ -275,6 +275,44 @@ static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_
     free(p);
 }
 
+/* The attention of the SIMD paths (AVX2, AVX-512, NEON) does the same float operations in the same
+ * order, so its output bits must not depend on the ISA or the architecture: print a hash of the
+ * output of a fixed input (T a multiple of 8: no libm tail) per SIMD path; .ci/neon.sh compares the
+ * hashes of the x86-64 and the aarch64 runs. 1 and 2 threads must give the same bits. */
+static void attention_fingerprint(const int *isas, int nisa) {
+    const int64_t b = 2, t = 40, h = 4, hkv = 2, hd = 24, nq = b * t * h * hd, nk = b * t * hkv * hd;
+    float *q = malloc(sizeof(float) * (size_t)nq), *out = malloc(sizeof(float) * (size_t)nq);
+    float *k = malloc(sizeof(float) * (size_t)nk), *v = malloc(sizeof(float) * (size_t)nk);
+    uint32_t x = 12345;
+    float *arrays[3] = {q, k, v};
+    const int64_t sizes[3] = {nq, nk, nk};
+    for (int a = 0; a < 3; a++)
+        for (int64_t i = 0; i < sizes[a]; i++) {
+            x = x * 1664525u + 1013904223u;
+            arrays[a][i] = ((float)(x >> 8) / 16777216.0f - 0.5f) * 6.0f;
+        }
+    for (int ii = 0; ii < nisa; ii++) {
+        if (isas[ii] == TD_ISA_SCALAR || td_set_isa(isas[ii]) != 0) continue;
+        uint64_t hash[2];
+        for (int threads = 1; threads <= 2; threads++) {
+            td_attention(q, k, v, out, b, t, h, hkv, hd, threads);
+            uint64_t f = 1469598103934665603ull; /* FNV-1a over the output bytes */
+            const unsigned char *bytes = (const unsigned char *)out;
+            for (size_t i = 0; i < sizeof(float) * (size_t)nq; i++) f = (f ^ bytes[i]) * 1099511628211ull;
+            hash[threads - 1] = f;
+        }
+        if (hash[0] != hash[1]) {
+            printf("FAIL attention isa=%s: 1 and 2 threads give different bits\n", td_isa_name(isas[ii]));
+            failures++;
+        }
+        printf("attention fingerprint %s %016llx\n", td_isa_name(isas[ii]), (unsigned long long)hash[0]);
+    }
+    free(q);
+    free(k);
+    free(v);
+    free(out);
+}
+
 int main(int argc, char **argv) {
     int isas[TD_ISA_COUNT], nisa = 0;
     const int best = td_best_isa();
@@ -336,6 +374,7 @@ int main(int argc, char **argv) {
     for (int s = 0; s < (int)(sizeof att_shapes / sizeof att_shapes[0]); s++)
         check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3], att_shapes[s][4], isas,
                         nisa);
+    attention_fingerprint(isas, nisa);
     if (failures) {
         printf("%d FAILURES\n", failures);
         return 1;
