@@ -1,14 +1,21 @@
 """Peak memory and time of `terdit-edge generate` on a TerDiT-600M-config pipeline file with a full-size SD-VAE.
 
-    python benchmarks/bench_generate.py [--json] [--steps 2] [--size 256] [--vae-tile N] [--threads N]
+    python benchmarks/bench_generate.py [--json] [--config 600m|4.2B] [--steps 2] [--size 256] [--vae-tile N]
+                                        [--threads N] [--activations int8|int10|fp32]
+    python benchmarks/bench_generate.py --vae-ratio 16,18 [--size 256] [--threads 1] [--repeat 3]
 
-The pipeline file (random 600M release-layout checkpoint + a random full-size diffusers AutoencoderKL,
-fp16 VAE) is built once with the real converter and cached like bench_step.py's files. The command
-runs in a fresh subprocess; its peak resident set (VmHWM) is read at exit, and compared with the
-same process's resident set right after `import terdit_edge` (the baseline of the same run).
+The pipeline file (random 600M release-layout checkpoint, or 4.2B with --config 4.2B --size 512, + a
+random full-size diffusers AutoencoderKL, fp16 VAE) is built once with the real converter and cached
+like bench_step.py's files. The command runs in a fresh subprocess; its peak resident set (VmHWM)
+is read at exit, and compared with the same process's resident set right after `import terdit_edge`
+(the baseline of the same run).
 
 Activations: int8 by default here (the fastest mode); the CLI's own default is fp32, so pass
 `--activations fp32` to time what a plain `terdit-edge generate` does. The mode is printed with the result.
+
+--vae-ratio TILES times, in this process with process CPU time, an untiled decode of one size/8 latent
+against tiled decodes (overlap tile // 4) and against decoding each tile's crop alone (the cost of the
+tiled decode when every weight was prepared again per tile).
 """
 from __future__ import annotations
 
@@ -64,8 +71,8 @@ def pipeline_file(size: int, config: str = "600m") -> str:
 def vae_tiling_ratio(path: str, latent: int, tiles, threads: int, repeat: int) -> dict:
     """CPU seconds of untiled and tiled decodes of one latent (the file's fp16 VAE, mapped), measured
     in this process, interleaved over ``repeat`` rounds; medians. "per_tile" decodes each tile's
-    crop alone through the whole decoder (every weight prepared again per tile, as tiled decoding
-    did before 0.3): same tiles, no blending."""
+    crop alone through the whole decoder (every weight prepared again per tile, as the tiled decode
+    did before issue 14): same tiles, no blending."""
     import statistics
     import time
 

@@ -6,8 +6,11 @@ is the decoder graph (docs/model.md §6); the configuration and tensor list are 
 pool) in :mod:`terdit_edge.kernels.conv`.
 
 Weights stay as the caller gave them (float16 or float32, possibly memory-mapped); each layer's
-weights are converted to float32 / Winograd form just before the layer runs and dropped after,
-which keeps the resident memory at one layer's transformed weights plus the activations.
+weights are converted to float32 / Winograd form just before the layer runs and dropped after, and
+the pages of memory-mapped weights are given back once their layer has run, which keeps the
+resident memory at one layer's weights plus the activations. A tiled decode prepares each weight
+of the trunk (the layers up to twice the latent's resolution, where the 512-channel weights are)
+once for all tiles.
 """
 from __future__ import annotations
 
@@ -229,8 +232,10 @@ class VAEDecoder:
         f = cfg.upsample_factor (8). The latents are divided by ``scaling_factor`` (and shifted by
         ``shift_factor``) here. Output is not clamped (as diffusers). ``tile`` (latent pixels)
         decodes overlapping tiles of that size independently and blends them with linear ramps
-        over ``overlap`` latent pixels (default tile // 4, i.e. 8 for tile 32): memory then depends
-        on the tile, not the image.
+        over ``overlap`` latent pixels (default tile // 4, i.e. 8 for tile 32). The trunk (layers
+        up to twice the latent's resolution, small activations) runs on all tiles together, so its
+        weights are prepared once per decode; the larger activations of the later layers are one
+        tile's at a time. Each tile gets the same bits as when decoded alone.
         """
         cfg = self.cfg
         z = np.asarray(latents)
