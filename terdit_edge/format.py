@@ -155,12 +155,73 @@ class TditFile:
         """Tensors of one section with the prefix removed."""
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
+    def release_pages(self, prefix: str = "") -> int:
+        """Drop this process's resident pages of the tensors whose name starts with ``prefix`` (all
+        by default); see :func:`release_pages`. Returns the bytes advised."""
+        return release_pages(arr for name, arr in self.tensors.items() if name.startswith(prefix))
+
     @property
     def source(self) -> dict:
         try:
             return json.loads(self.metadata.get("source", "{}"))
         except ValueError:
             return {}
+
+
+def _mapping_of(arr: np.ndarray):
+    """The mmap an array views (through any chain of NumPy views), or None."""
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) and not base.closed else None
+
+
+def release_pages(arrays) -> int:
+    """Drop this process's resident pages of memory-mapped arrays (others are skipped); returns
+    the bytes advised.
+
+    The arrays stay valid: a .tdit mapping is a read-only view of the file, so a page read again
+    is mapped again from the page cache (or the disk), with the same bytes. Used between phases
+    that read different weights (checksums, sampling, each VAE layer) so that the resident set
+    holds what the running phase reads, not every page read since loading. Pages shared with a
+    neighbouring tensor go too and come back when read. A no-op where the platform has no
+    MADV_DONTNEED.
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:  # pragma: no cover - not Linux/macOS
+        return 0
+    spans: dict[int, tuple] = {}
+    for arr in arrays:
+        mm = _mapping_of(arr) if arr.nbytes else None
+        if mm is None:
+            continue
+        if id(mm) not in spans:
+            spans[id(mm)] = (mm, np.frombuffer(mm, np.uint8, count=1).ctypes.data, [])
+        entry = spans[id(mm)]
+        start = arr.ctypes.data - entry[1]
+        entry[2].append((start - start % mmap.PAGESIZE, start + arr.nbytes))
+    done = 0
+    for mm, _, ranges in spans.values():
+        for lo, hi in _merged(ranges):
+            try:
+                mm.madvise(advice, lo, hi - lo)
+            except (OSError, ValueError):  # pragma: no cover - refused: the pages simply stay
+                continue
+            done += hi - lo
+    return done
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted [lo, hi) byte ranges with overlapping or touching ones joined."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
 
 
 def _parse_header(mm, size: int, path: str) -> tuple[dict, int]:
@@ -361,6 +422,9 @@ def _read_mapped(mm, size: int, path: str, verify: bool) -> TditFile:
         if arr.dtype != np.uint8:
             _check_finite(arr, name, path)
 
-    return TditFile(path=path, metadata=dict(meta), tensors=tensors, config=cfg, float_dtype=float_dtype,
-                    label_map=label_map, label_map_name=label_name, vae_config_json=vae_json,
-                    file_size=size, _mmap=mm)
+    tf = TditFile(path=path, metadata=dict(meta), tensors=tensors, config=cfg, float_dtype=float_dtype,
+                  label_map=label_map, label_map_name=label_name, vae_config_json=vae_json,
+                  file_size=size, _mmap=mm)
+    # the checks above read every page of the file; the model and the VAE map back in what they use
+    tf.release_pages()
+    return tf

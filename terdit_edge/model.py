@@ -96,6 +96,11 @@ class TernaryDiT:
                              f"0..{self.num_classes - 1}")
         return np.asarray(self.label_map, dtype=np.int64)[ids]
 
+    def release_buffers(self) -> None:
+        """Free the activation buffers kept for the last batch size (they are made again on the next
+        call): the pipeline calls it before decoding, whose peak memory is the VAE's."""
+        self._workspaces = {}
+
     # --- forward ------------------------------------------------------------------------------
     def _check_inputs(self, x, t, y):
         cfg = self.config

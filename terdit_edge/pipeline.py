@@ -10,7 +10,7 @@ import numpy as np
 from .classnames import imagenet_class_names, resolve_class
 from .diffusion import image_seeds, respaced_timesteps, sample, sampler_class
 from .errors import FormatError, InputError
-from .format import VAE_PREFIX, TditFile, read_tdit
+from .format import DIT_PREFIX, VAE_PREFIX, TditFile, read_tdit
 from .images import to_pil, to_uint8  # noqa: F401 (to_uint8: part of this module's API)
 from .model import model_from_file
 
@@ -47,7 +47,9 @@ def default_model_path() -> str:
 def _vae_from_file(tf: TditFile, threads: int | None):
     from .vae import VAEConfig, VAEDecoder
 
-    return VAEDecoder(VAEConfig.from_json(tf.vae_config_json), tf.section(VAE_PREFIX), threads=threads)
+    decoder = VAEDecoder(VAEConfig.from_json(tf.vae_config_json), tf.section(VAE_PREFIX), threads=threads)
+    decoder.source = tf  # the file whose pages the pipeline releases between phases
+    return decoder
 
 
 def load_vae(path, threads: int | None = None, verify: bool = True):
@@ -106,6 +108,14 @@ class Pipeline:
                 raise FormatError(f"{path}: metadata class_names must list {tf.config.num_classes} strings")
         return cls(model, decoder, names, path)
 
+    @staticmethod
+    def _release(prefix: str, tf) -> None:
+        """Give back the resident pages of one section of a mapped file before a phase that does
+        not read it (sampling does not read the VAE, decoding not the DiT): the peak memory is then
+        the larger phase's, not their sum. Pages read again are mapped again from the page cache."""
+        if isinstance(tf, TditFile):
+            tf.release_pages(prefix)
+
     @classmethod
     def from_pretrained(cls, name: str, force: bool = False, revision: str | None = None, log=None,
                         **load_kwargs) -> "Pipeline":
@@ -143,6 +153,7 @@ class Pipeline:
         """
         ids = self.resolve_classes(class_labels)
         seed_list = image_seeds(len(ids), seed, seeds)
+        self._release(VAE_PREFIX, getattr(self.vae, "source", None))
         if batch_size is None:
             batch_size = default_batch_size(self.config, len(ids), guided=cfg_scale > 1)
         elif isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -185,6 +196,10 @@ class Pipeline:
             if self.vae is None:
                 raise InputError("this model samples SD-VAE latents but the file holds no VAE: convert with "
                                  "`--vae VAE_SRC` or pass vae=PATH (CLI: --vae FILE)")
+            release = getattr(self.model, "release_buffers", None)
+            if release is not None:
+                release()
+            self._release(DIT_PREFIX, getattr(self.model, "file", None))
             images = self.vae.decode(latents, tile=vae_tile)
         else:
             images = latents

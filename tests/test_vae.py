@@ -338,6 +338,66 @@ def test_tiled_decode_error_is_no_worse_than_diffusers_tiling(small_model):
     assert np.abs(np.diff(tiled, axis=3)).max() <= 1.25 * np.abs(np.diff(full, axis=3)).max()
 
 
+def _blend_of_tiles_decoded_alone(dec, z, tile, overlap):
+    """The tiled decode as it was first written: each tile's latent crop through the whole decoder
+    on its own (untiled), blended with the same ramps in the same order."""
+    from terdit_edge.vae import _ramp
+
+    f, (_, _, h, w) = dec.cfg.upsample_factor, z.shape
+    stride = tile - overlap
+
+    def starts(n):
+        count = 1 + -(-(n - tile) // stride)
+        return [round(i * (n - tile) / (count - 1)) for i in range(count)] if n > tile else [0]
+
+    acc = np.zeros((h * f, w * f, dec.cfg.out_channels), np.float32)
+    wsum = np.zeros((h * f, w * f, 1), np.float32)
+    for y0 in starts(h):
+        for x0 in starts(w):
+            th, tw = min(tile, h - y0), min(tile, w - x0)
+            img = dec.decode(z[:, :, y0:y0 + th, x0:x0 + tw])[0].transpose(1, 2, 0)
+            wgt = (_ramp(th * f, overlap * f, y0 > 0, y0 + th < h)[:, None]
+                   * _ramp(tw * f, overlap * f, x0 > 0, x0 + tw < w)[None, :])[:, :, None]
+            acc[y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += img * wgt
+            wsum[y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += wgt
+    return (acc / wsum).transpose(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("conv", ["auto", "im2col"])
+def test_tiled_decode_equals_each_tile_decoded_alone_and_blended(conv):
+    """Preparing the trunk's weights once for all tiles changes no bit of any tile."""
+    model = make_autoencoder(**THREE_LEVELS, seed=3)
+    dec = VAEDecoder(VAEConfig(**THREE_LEVELS), decoder_state(model), threads=2, conv=conv)
+    z = latents((1, 4, 20, 14), seed=5)
+    np.testing.assert_array_equal(dec.decode(z, tile=8, overlap=2), _blend_of_tiles_decoded_alone(dec, z, 8, 2))
+
+
+def test_tiled_decode_prepares_each_trunk_weight_once(monkeypatch):
+    """The trunk (the layers at the latent's resolution: wide, costly weights) is prepared once per
+    decode whatever the tile count; the later layers once per tile."""
+    import terdit_edge.vae as vae_module
+
+    model = make_autoencoder(**THREE_LEVELS, seed=3)
+    state = decoder_state(model)
+    dec = VAEDecoder(VAEConfig(**THREE_LEVELS), state)
+    names = {id(v): k for k, v in dec.tensors.items()}
+    counts: dict[str, int] = {}
+    real = vae_module.prepare_conv3x3
+
+    def counting(weight, method, workers=None):
+        counts[names[id(weight)]] = counts.get(names[id(weight)], 0) + 1
+        return real(weight, method, workers)
+
+    monkeypatch.setattr(vae_module, "prepare_conv3x3", counting)
+    dec.decode(latents((1, 4, 16, 16)), tile=8, overlap=2)  # 3 x 3 tiles
+    trunk = [k for k in counts if k.startswith(("decoder.conv_in.", "decoder.mid_block.",
+                                                "decoder.up_blocks.0.resnets."))]
+    head = [k for k in counts if k not in trunk]
+    assert trunk and head
+    assert {counts[k] for k in trunk} == {1}, counts
+    assert {counts[k] for k in head} == {9}, counts
+
+
 @pytest.mark.parametrize("tile,overlap", [(1, 0), (8, 8), (8, -1), (8.0, 2), (8, 2.0)])
 def test_bad_tiling_arguments_are_rejected(small_model, tile, overlap):
     dec = VAEDecoder(VAEConfig(**SMALL), decoder_state(small_model))

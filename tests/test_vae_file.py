@@ -88,3 +88,30 @@ def test_separate_vae_file_can_be_passed(tmp_path, legacy_vae_folder):
     assert main(["generate", str(dit), "--vae", str(vae), "--class", "1", "--steps", "2", "--out", str(out),
                  "--no-progress"]) == 0
     assert Image.open(out).mode == "RGB"
+
+
+def test_memory_saving_between_phases_changes_no_output_byte(tmp_path, legacy_vae_folder, monkeypatch):
+    """The pipeline gives back mapped pages between sampling and decoding and after each VAE layer,
+    and frees the DiT's buffers before decoding; the pictures are the same bytes as without."""
+    import terdit_edge.format as fmt
+    import terdit_edge.vae as vae_module
+
+    _, folder = legacy_vae_folder
+    pipe = Pipeline.load(_dit_file(tmp_path, vae=folder))
+    kwargs = dict(steps=3, sampler="ddim", seeds=[4, 9], progress=False, output="np")
+    released = []
+    real = fmt.release_pages
+
+    def recording(arrays):
+        released.append(real(arrays))
+        return released[-1]
+
+    monkeypatch.setattr(fmt, "release_pages", recording)
+    monkeypatch.setattr(vae_module, "release_pages", recording)
+    with_release = pipe([3, 5], **kwargs)
+    assert sum(released) > 0  # the mapped weights were given back at least once
+    monkeypatch.setattr(fmt, "release_pages", lambda arrays: 0)
+    monkeypatch.setattr(vae_module, "release_pages", lambda arrays: 0)
+    pipe.model.release_buffers = lambda: None
+    without = pipe([3, 5], **kwargs)
+    assert with_release.tobytes() == without.tobytes()

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-__all__ = ["CONV_METHODS", "choose_conv_method", "conv3x3", "conv1x1", "group_norm", "linear"]
+__all__ = ["CONV_METHODS", "choose_conv_method", "prepare_conv3x3", "conv3x3", "conv1x1", "group_norm",
+           "linear"]
 
 CONV_METHODS = ("auto", "winograd2", "winograd4", "im2col")
 
@@ -362,21 +363,40 @@ _BAND_BYTES = 8 << 20
 _WINOGRAD = {m: tuple(mat.astype(np.float32) for mat in _winograd_matrices(m)) for m in (2, 4)}
 
 
+def prepare_conv3x3(weight: np.ndarray, method: str, workers: _Workers = _SERIAL) -> np.ndarray:
+    """The float32 form of a 3x3 weight (K, C, 3, 3) that :func:`conv3x3` multiplies with for
+    ``method`` ("winograd2", "winograd4" or "im2col", not "auto"): (a*a, C, K) Winograd planes
+    (a view of a (a*a, K, C) array) or the (9*C, K) im2col matrix. Preparing once and passing it
+    to every call with the same weight (the tiles of a tiled decode) gives the same bits as
+    preparing per call."""
+    if method == "im2col":
+        k_n, c_n = weight.shape[:2]
+        return np.ascontiguousarray(weight.transpose(2, 3, 1, 0), dtype=np.float32).reshape(9 * c_n, k_n)
+    if method not in ("winograd2", "winograd4"):
+        raise ValueError(f"method must be winograd2, winograd4 or im2col, found {method!r}")
+    return _winograd_weights(weight, _WINOGRAD[2 if method == "winograd2" else 4][1], workers).transpose(0, 2, 1)
+
+
 def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
             residual: np.ndarray | None = None, method: str = "winograd2",
-            workers: _Workers = _SERIAL) -> np.ndarray:
+            workers: _Workers = _SERIAL, prepared: np.ndarray | None = None) -> np.ndarray:
     """3x3 convolution, stride 1, zero padding 1, of channels-last ``x`` optionally upsampled first.
 
     x: float32 (h, w, C) contiguous; weight: (K, C, 3, 3) float16/float32; bias: (K,); up: nearest
     upsampling factor applied to x before the convolution (1 or 2); residual: float32
-    (h*up, w*up, K) added to the result. Returns float32 (h*up, w*up, K).
+    (h*up, w*up, K) added to the result; prepared: ``prepare_conv3x3(weight, method)`` made
+    earlier (method must then not be "auto"), else prepared here. Returns float32 (h*up, w*up, K).
     """
     h, w, c_n = x.shape
     k_n = weight.shape[0]
     hh, ww = h * up, w * up
     bias32 = _f32(bias)
     if method == "auto":
+        if prepared is not None:
+            raise ValueError("prepared weights need a concrete method, not 'auto'")
         method = choose_conv_method(hh * ww)
+    if prepared is None:
+        prepared = prepare_conv3x3(weight, method, workers)
     if method == "im2col":
         xu = x if up == 1 else np.repeat(np.repeat(x, up, axis=0), up, axis=1)
         pad = np.zeros((hh + 2, ww + 2, c_n), np.float32)
@@ -385,7 +405,7 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
         for r in range(3):
             for s in range(3):
                 cols[:, :, r, s] = pad[r:r + hh, s:s + ww]
-        wmat = np.ascontiguousarray(weight.transpose(2, 3, 1, 0), dtype=np.float32).reshape(9 * c_n, k_n)
+        wmat = prepared
         out = np.empty((hh * ww, k_n), np.float32)
         cols2 = cols.reshape(hh * ww, 9 * c_n)
 
@@ -399,9 +419,9 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, *, up: int = 1,
             out += residual
         return out
     m = 2 if method == "winograd2" else 4
-    bt, g, at = _WINOGRAD[m]
+    bt, _, at = _WINOGRAD[m]
     a = m + 2
-    u_t = _winograd_weights(weight, g, workers).transpose(0, 2, 1)  # (a*a, C, K) view
+    u_t = prepared  # (a*a, C, K) view
     tiles_h = -(-hh // m)
     tiles_w = -(-ww // m)
     out = np.empty((hh, ww, k_n), np.float32)
