@@ -587,3 +587,27 @@ def test_attention_rejects_bad_shapes():
                      out=np.zeros((1, 4, 6, 4), np.float32))
     with pytest.raises(InputError):
         be.attention(q[0], q[0], q[0])
+
+
+# --- FMA peak loop (benchmarks/bench_attention.py) --------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fma_peak_counts_its_operations(isa):
+    """fma_peak returns the operations it did: proportional to iters and threads, the ISA's chains
+    x lanes x 2 per round (scalar 32 x 2, avx2 12 x 8 x 2, avx512 12 x 16 x 2, neon 16 x 4 x 2)."""
+    _backend_or_skip("cython")
+    from terdit_edge import _ternary
+    per_round = {"scalar": 64, "avx2": 192, "avx512": 384, "neon": 128, "neon-dotprod": 128, "neon-i8mm": 128}
+    _ternary.set_isa(isa)
+    try:
+        assert _ternary.fma_peak(1000, 1) == 1000 * per_round[isa]
+        # two threads run the loop twice where the build has OpenMP (else one thread runs it once)
+        ran = 2 if _ternary.cpu_features()["openmp"] else 1
+        assert _ternary.fma_peak(1000, 2) == ran * 1000 * per_round[isa]
+        assert _ternary.fma_peak(0, 1) == 0
+        with pytest.raises(InputError):
+            _ternary.fma_peak(-1, 1)
+        with pytest.raises(InputError):
+            _ternary.fma_peak(10, 0)
+    finally:
+        _ternary.set_isa("best")
