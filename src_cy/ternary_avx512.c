@@ -2,7 +2,7 @@
  * every function here carries a target attribute and is reached only through the AVX-512 table,
  * which td_set_isa / td_best_isa accept only when the CPU reports the features and the OS enables
  * the opmask and ZMM state (XCR0, see x86_avx512_flags in ternary_gemm.c). Entries not set here
- * (the one-token fp32 GEMV, swiglu) come from the AVX2 table.
+ * (the one-token fp32 GEMV) come from the AVX2 table.
  *
  * int8 GEMM, many tokens (M >= 8): a dense integer GEMM on VNNI dot products instead of the AVX2
  * tables of partial sums. The four weights of one packed byte (k, k+32, k+64, k+96) form one 32-bit
@@ -933,6 +933,25 @@ TD512 static void quantize_row16_avx512(const float *x, int64_t k, int16_t *xq, 
     *scale = amax / flim;
 }
 
+/* SwiGLU in 16 lanes: silu(a) * b = a / (1 + e^-a) * b with the AVX2 kernel's operations per element
+ * (its exp polynomial, a division, a product), so every element gets the AVX2 bits, whatever its
+ * position; the tail goes through the same code under a mask (batch invariance). */
+TD512 static inline __m512 swiglu16(__m512 av, __m512 bv) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), av));
+    return _mm512_mul_ps(_mm512_div_ps(av, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), bv);
+}
+
+TD512 static void swiglu_avx512(const float *a, const float *b, float *out, int64_t count) {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16)
+        _mm512_storeu_ps(out + i, swiglu16(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+    if (i < count) {
+        const __mmask16 mk = (__mmask16)((1u << (count - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, mk,
+                              swiglu16(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i)));
+    }
+}
+
 /* FMA peak: 12 chains of 16-lane FMAs */
 TD512 static double fma_peak_avx512(int64_t iters, float *sink) {
     __m512 a[12];
@@ -962,6 +981,7 @@ const td_ops_t td_ops_avx512 = {
     .quantize_row_i16 = quantize_row16_avx512,
     .lut_f32 = lut_f32_avx512,
     .attention_rows = attention_rows_avx512,
+    .swiglu = swiglu_avx512,
     .fma_peak = fma_peak_avx512,
 };
 

@@ -611,3 +611,29 @@ def test_fma_peak_counts_its_operations(isa):
             _ternary.fma_peak(10, 0)
     finally:
         _ternary.set_isa("best")
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 15, 16, 17, 33, 1000])
+def test_swiglu_same_bits_on_every_simd_path(count):
+    """AVX-512 SwiGLU (16 lanes, masked tail) does the AVX2 kernel's operations per element: the same
+    bits on both paths, for every element whatever its position (batch invariance)."""
+    be = _backend_or_skip("cython")
+    from terdit_edge import _ternary
+    simd = [isa for isa in ISAS if isa in ("avx2", "avx512")]
+    if len(simd) < 2:
+        pytest.skip(f"needs the avx2 and avx512 paths; this CPU/build supports {', '.join(ISAS)}")
+    rng = np.random.default_rng(count)
+    a = (rng.standard_normal(count) * 6).astype(np.float32)
+    b = rng.standard_normal(count).astype(np.float32)
+    outs = {}
+    try:
+        for isa in simd:
+            _ternary.set_isa(isa)
+            outs[isa] = be.swiglu(a, b)
+            # an element's value does not depend on where it sits
+            shifted = be.swiglu(np.concatenate([a[1:], a[:1]]), np.concatenate([b[1:], b[:1]]))
+            np.testing.assert_array_equal(shifted, np.concatenate([outs[isa][1:], outs[isa][:1]]))
+    finally:
+        _ternary.set_isa("best")
+    np.testing.assert_array_equal(outs["avx2"], outs["avx512"])
+    np.testing.assert_allclose(outs["avx512"], NumpyBackend().swiglu(a, b), rtol=1e-6, atol=1e-6)
