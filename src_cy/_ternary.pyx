@@ -259,4 +259,4 @@ def fma_peak(int64_t iters, int threads=1):
     cdef double flops
     with nogil:
         flops = td_fma_peak(iters, threads)
-    return abs(flops)
+    return flops

@@ -1036,8 +1036,8 @@ TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_
 }
 
 /* Key and value panels (td_att_pack_fn): keys in 8 x 8 blocks through registers (an 8 x 8
- * transpose of 24 shuffles instead of 64 scalar stores 64 bytes apart), the rest as in
- * td_attention_pack_scalar; values copied 8 floats at a time. */
+ * transpose of 24 shuffles instead of 64 scalar stores 64 bytes apart); the tails and the values
+ * as on the portable path. */
 TD_TARGET static inline void transpose8(__m256 r[8]) {
     const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
     const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
@@ -1059,46 +1059,24 @@ TD_TARGET static inline void transpose8(__m256 r[8]) {
 
 TD_TARGET static void attention_pack_avx2(const float *k, const float *v, int64_t ld, int64_t t, int64_t hd, float *kt,
                                           float *vs) {
-    const int64_t tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16, hd8 = hd / 8 * 8;
-    for (int64_t j0 = 0; j0 < tp; j0 += 16) {
+    const int64_t hd8 = hd / 8 * 8;
+    for (int64_t j0 = 0; j0 < t; j0 += 16) {
+        const float *kb = k + j0 * ld;
         float *kp = kt + j0 * hd;
         const int64_t nj = t - j0 < 16 ? t - j0 : 16;
         if (nj < 16) memset(kp, 0, sizeof(float) * (size_t)(16 * hd));
         for (int64_t jh = 0; jh + 8 <= nj; jh += 8) { /* 8 keys x 8 components at a time */
-            const float *kj = k + (j0 + jh) * ld;
-            if (j0 + jh + 16 <= t) /* rows are ld floats apart (another page at every row): prefetch */
-                for (int i = 0; i < 8; i++)
-                    for (int64_t d = 0; d < hd; d += 16)
-                        _mm_prefetch((const char *)(kj + (8 + i) * ld + d), _MM_HINT_T0);
             for (int64_t d0 = 0; d0 < hd8; d0 += 8) {
                 __m256 r[8];
-                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kj + i * ld + d0);
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kb + (jh + i) * ld + d0);
                 transpose8(r);
                 for (int i = 0; i < 8; i++) _mm256_storeu_ps(kp + (d0 + i) * 16 + jh, r[i]);
             }
-            for (int64_t jj = jh; jj < jh + 8; jj++)
-                for (int64_t d = hd8; d < hd; d++) kp[d * 16 + jj] = k[(j0 + jj) * ld + d];
+            td_att_key_rows(kb, ld, hd, kp, jh, jh + 8, hd8);
         }
-        for (int64_t jj = nj / 8 * 8; jj < nj; jj++) {
-            const float *kj = k + (j0 + jj) * ld;
-            for (int64_t d = 0; d < hd; d++) kp[d * 16 + jj] = kj[d];
-        }
+        td_att_key_rows(kb, ld, hd, kp, nj / 8 * 8, nj, 0);
     }
-    for (int64_t c0 = 0; c0 < hdp; c0 += 16) {
-        float *vp = vs + c0 * t;
-        if (c0 + 16 <= hd) {
-            for (int64_t j = 0; j < t; j++) {
-                if (c0 == 0 && j + 8 < t)
-                    for (int64_t d = 0; d < hd; d += 16)
-                        _mm_prefetch((const char *)(v + (j + 8) * ld + d), _MM_HINT_T0);
-                _mm256_store_ps(vp + j * 16, _mm256_loadu_ps(v + j * ld + c0));
-                _mm256_store_ps(vp + j * 16 + 8, _mm256_loadu_ps(v + j * ld + c0 + 8));
-            }
-        } else {
-            for (int64_t j = 0; j < t; j++)
-                for (int cc = 0; cc < 16; cc++) vp[j * 16 + cc] = c0 + cc < hd ? v[j * ld + c0 + cc] : 0.0f;
-        }
-    }
+    td_att_pack_values(v, ld, t, hd, vs);
 }
 
 /* FMA peak: 12 chains of 8-lane FMAs (latency 4-5 cycles x 2 pipes needs at least 10) */

@@ -576,19 +576,18 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
  * (hd, tp) matrix 4 tp bytes apart (at T = 1024 every load touched a new page and the same L1 set).
  * The layout changes no arithmetic: every score and output sums in the same order as before. */
 
-/* Key and value panels of one (batch, kv head): key j, component d at k[j * ld + d] (same for v). */
-void td_attention_pack_scalar(const float *k, const float *v, int64_t ld, int64_t t, int64_t hd, float *kt, float *vs) {
-    const int64_t tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16;
-    for (int64_t j0 = 0; j0 < tp; j0 += 16) { /* keys: blocks of 16 keys x hd, transposed */
-        float *kp = kt + j0 * hd;
-        const int64_t nj = t - j0 < 16 ? t - j0 : 16;
-        if (nj < 16) memset(kp, 0, sizeof(float) * (size_t)(16 * hd));
-        for (int64_t jj = 0; jj < nj; jj++) {
-            const float *kj = k + (j0 + jj) * ld;
-            for (int64_t d = 0; d < hd; d++) kp[d * 16 + jj] = kj[d];
-        }
+/* Keys jj0..jj1-1 of a 16-key panel kp (hd, 16), components d0..hd-1; key jj at k[jj * ld]. */
+void td_att_key_rows(const float *k, int64_t ld, int64_t hd, float *kp, int64_t jj0, int64_t jj1, int64_t d0) {
+    for (int64_t jj = jj0; jj < jj1; jj++) {
+        const float *kj = k + jj * ld;
+        for (int64_t d = d0; d < hd; d++) kp[d * 16 + jj] = kj[d];
     }
-    for (int64_t c0 = 0; c0 < hdp; c0 += 16) { /* values: 16-wide column panels, zero beyond hd */
+}
+
+/* Value panels: hd rounded up to 16 / 16 panels of (t, 16), zero beyond hd. */
+void td_att_pack_values(const float *v, int64_t ld, int64_t t, int64_t hd, float *vs) {
+    const int64_t hdp = (hd + 15) / 16 * 16;
+    for (int64_t c0 = 0; c0 < hdp; c0 += 16) {
         float *vp = vs + c0 * t;
         if (c0 + 16 <= hd) {
             for (int64_t j = 0; j < t; j++)
@@ -598,6 +597,18 @@ void td_attention_pack_scalar(const float *k, const float *v, int64_t ld, int64_
                 for (int cc = 0; cc < 16; cc++) vp[j * 16 + cc] = c0 + cc < hd ? v[j * ld + c0 + cc] : 0.0f;
         }
     }
+}
+
+/* Key and value panels of one (batch, kv head): key j, component d at k[j * ld + d] (same for v). */
+static void attention_pack_scalar(const float *k, const float *v, int64_t ld, int64_t t, int64_t hd, float *kt,
+                                  float *vs) {
+    for (int64_t j0 = 0; j0 < t; j0 += 16) { /* keys: blocks of 16 keys x hd, transposed */
+        float *kp = kt + j0 * hd;
+        const int64_t nj = t - j0 < 16 ? t - j0 : 16;
+        if (nj < 16) memset(kp, 0, sizeof(float) * (size_t)(16 * hd));
+        td_att_key_rows(k + j0 * ld, ld, hd, kp, 0, nj, 0);
+    }
+    td_att_pack_values(v, ld, t, hd, vs);
 }
 
 /* Portable path, one query row at a time; the inner loops run over the 16 contiguous floats of a
@@ -721,18 +732,16 @@ static double fma_peak_scalar(int64_t iters, float *sink) {
 
 double td_fma_peak(int64_t iters, int threads) {
     if (threads < 1) threads = 1;
-    const td_fma_fn fn = td_ops()->fma_peak;
+    const td_fma_fn fn = td_ops()->fma_peak; /* called through a pointer: its loop cannot be dropped */
     double flops = 0.0;
-    float sink = 0.0f;
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(threads) reduction(+ : flops, sink)
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
 #endif
     {
-        float s = 0.0f;
-        flops += fn(iters, &s);
-        sink += s;
+        float sink;
+        flops += fn(iters, &sink);
     }
-    return sink == sink ? flops : -flops; /* the sink is read: the loops cannot be dropped */
+    return flops;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -756,6 +765,6 @@ const td_ops_t td_ops_scalar = {
     .quantize_row_i16 = quantize_row16_scalar,
     .swiglu = swiglu_scalar,
     .attention_rows = attention_rows_scalar,
-    .attention_pack = td_attention_pack_scalar,
+    .attention_pack = attention_pack_scalar,
     .fma_peak = fma_peak_scalar,
 };

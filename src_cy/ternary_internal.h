@@ -88,9 +88,13 @@ typedef void (*td_att_rows_fn)(const float *q, int64_t ldq, int64_t i0, int64_t 
  * head): key j's component d at k[j * ld + d], the same for v; kt (tp / 16 panels of (hd, 16)), vs
  * (hdp / 16 panels of (t, 16)), zero-padded. */
 typedef void (*td_att_pack_fn)(const float *k, const float *v, int64_t ld, int64_t t, int64_t hd, float *kt, float *vs);
+/* Portable parts of the packing (ternary_gemm.c), for the ISA packers: keys jj0..jj1-1 of one key
+ * panel kp, components d0..hd-1 (key jj at k[jj * ld]); all the value panels. */
+void td_att_key_rows(const float *k, int64_t ld, int64_t hd, float *kp, int64_t jj0, int64_t jj1, int64_t d0);
+void td_att_pack_values(const float *v, int64_t ld, int64_t t, int64_t hd, float *vs);
 /* `iters` rounds of independent vector FMA chains (the ISA's widest float FMA, enough chains to hide
  * its latency); returns the floating-point operations done (2 per lane per FMA). Stores a result in
- * *sink so that the loop is not optimized away. For measuring a core's FMA peak (bench_attention). */
+ * *sink so that the loop has an effect. For measuring a core's FMA peak (bench_attention). */
 typedef double (*td_fma_fn)(int64_t iters, float *sink);
 
 typedef struct td_ops {
