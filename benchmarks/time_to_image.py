@@ -47,13 +47,12 @@ def _median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, size: int, mode: str, threads: int, repeat: int, vae_path: str) -> dict:
+def measure(name: str, size: int, mode: str, threads: int, repeat: int, vae) -> dict:
     import numpy as np
     from bench_step import prepare
 
     import terdit_edge
     from terdit_edge.diffusion import guided_model_output
-    from terdit_edge.pipeline import load_vae
 
     default_size = 64 if name == "small" else 256
     _, tdit = prepare(name, None if size == default_size else size)
@@ -65,7 +64,6 @@ def measure(name: str, size: int, mode: str, threads: int, repeat: int, vae_path
     guided_model_output(model, x, 500, y, 4.0)  # warm-up
     guided = _median_time(lambda: guided_model_output(model, x, 500, y, 4.0), repeat)
     cond = _median_time(lambda: guided_model_output(model, x, 500, y, 1.0), repeat)
-    vae = load_vae(vae_path, threads=threads)
     latent = rng.standard_normal((1, 4, lat, lat), dtype=np.float32)
     vae.decode(latent)  # warm-up (JIT, buffers)
     decode = _median_time(lambda: vae.decode(latent), max(1, min(repeat, 2)))
@@ -111,13 +109,14 @@ def main():
     from bench_generate import pipeline_file
 
     from terdit_edge.kernels import default_threads
+    from terdit_edge.pipeline import load_vae
 
     threads = args.threads or default_threads()
-    vae_path = pipeline_file(256)  # the random SD-VAE; a VAE decodes latents of any size
+    vae = load_vae(pipeline_file(256), threads=threads)  # the random SD-VAE; it decodes latents of any size
     rows = []
     for name, size in configs:
         for mode in args.modes.split(","):
-            r = measure(name, size, mode, threads, args.repeat, vae_path)
+            r = measure(name, size, mode, threads, args.repeat, vae)
             r["samplers"] = extrapolate(r, (lo, hi))
             rows.append(r)
             if not args.json:
