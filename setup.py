@@ -40,7 +40,10 @@ class BuildExt(build_ext):
             if is_msvc:
                 ext.extra_compile_args = ["/O2", "/openmp"]
                 continue
-            ext.extra_compile_args = ["-O3", "-std=c11", "-fno-strict-aliasing", *omp]
+            # no contraction of a * b + c into an FMA: the kernels fuse exactly where they say so (fmaf,
+            # SIMD fma intrinsics), so every compiler and target rounds the same operations (the same bits
+            # on every CPU, docs/reproducibility.md)
+            ext.extra_compile_args = ["-O3", "-std=c11", "-fno-strict-aliasing", "-ffp-contract=off", *omp]
             ext.extra_link_args = [*omp]
             if os.environ.get("TERDIT_NATIVE") == "1":  # opt-in only; shipped builds dispatch at run time
                 ext.extra_compile_args.append("-march=native")  # opt-in (TERDIT_NATIVE=1) only

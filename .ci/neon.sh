@@ -28,7 +28,7 @@ src=(src_cy/ternary_gemm.c src_cy/ternary_avx2.c src_cy/ternary_avx512.c src_cy/
 
 # -O2 and no -march: the dot-product and i8mm kernels carry their own target attributes and are chosen at run
 # time, exactly as in the Python extension. Static, so qemu needs no aarch64 sysroot.
-aarch64-linux-gnu-gcc -O2 -std=c11 -Wall -Wextra -Werror -fopenmp -static -Isrc_cy "${src[@]}" -lm \
+aarch64-linux-gnu-gcc -O2 -std=c11 -ffp-contract=off -Wall -Wextra -Werror -fopenmp -static -Isrc_cy "${src[@]}" -lm \
     -o "$out/test_kernels_arm64" 2> >(grep -v "dlopen\|oacc-profiling" >&2 || true)
 
 run_arm() {  # cpu expected-isa
@@ -45,7 +45,7 @@ run_arm cortex-a76 neon-dotprod   # SDOT, no i8mm: the i8mm table must be skippe
 run_arm max neon-i8mm             # SDOT and i8mm (SMMLA): scalar, NEON, dot-product and i8mm tested
 
 echo "== native $(uname -m)"
-cc -O2 -std=c11 -Wall -Wextra -Werror -fopenmp -Isrc_cy "${src[@]}" -lm -o "$out/test_kernels_native"
+cc -O2 -std=c11 -ffp-contract=off -Wall -Wextra -Werror -fopenmp -Isrc_cy "${src[@]}" -lm -o "$out/test_kernels_native"
 "$out/test_kernels_native" | tee "$out/log"
 cat "$out/log" >> "$out/all.log"
 

@@ -186,6 +186,30 @@ def layernorm(const float[:, ::1] x, const float[::1] weight, const float[::1] b
     return out
 
 
+def dense(const float[:, ::1] x, const float[:, ::1] w, const float[::1] bias, float[:, ::1] out, int threads=1):
+    """out (M, N) = x (M, K) @ w (N, K)^T [+ bias (N,)] in float32, in one summation order on every CPU."""
+    cdef int64_t m = x.shape[0], k = x.shape[1], n = w.shape[0]
+    if w.shape[1] != k:
+        raise InputError(f"dense: x has {k} features, the weight expects {w.shape[1]}")
+    if bias is not None and bias.shape[0] != n:
+        raise InputError(f"dense: bias has {bias.shape[0]} entries, expected {n}")
+    if out.shape[0] != m or out.shape[1] != n:
+        raise InputError(f"dense: out has shape ({out.shape[0]}, {out.shape[1]}), expected ({m}, {n})")
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = 0.0 if bias is None else bias[j]
+        return out
+    cdef const float *bp = NULL
+    if bias is not None:
+        bp = &bias[0]
+    with nogil:
+        td_dense_f32(&x[0, 0], m, k, &w[0, 0], n, bp, &out[0, 0], threads)
+    return out
+
+
 def swiglu(const float[::1] a, const float[::1] b, float[::1] out, int threads=1):
     """out = silu(a) * b over flat float32 arrays of one length."""
     cdef int64_t c = a.shape[0]

@@ -1015,7 +1015,7 @@ TD_TARGET static void td_attention_rows_avx2(const float *q, int64_t ldq, int64_
             }
             float tot = hsum_ps(sum);
             for (; j < t; j++) {
-                sr[j] = expf(sr[j] * scale - m * scale);
+                sr[j] = td_expf_poly(fmaf(sr[j], scale, -(m * scale)));
                 tot += sr[j];
             }
             inv[r] = 1.0f / tot;
@@ -1098,7 +1098,7 @@ const td_ops_t td_ops_avx2 = {
     .parent = TD_ISA_SCALAR,
     .rank = 10,
     .cpu_flags = TD_CPU_AVX2 | TD_CPU_FMA,
-    .f32_lut_min_m = 2,
+    .f32_lut_min_m = 1,
     .i8_lut_min_m = GEMV_MAX_M + 1,
     .i16_lut_min_m = GEMV_MAX_M + 1,
     .gemv_f32 = gemv_f32_avx2,

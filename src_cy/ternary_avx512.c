@@ -827,7 +827,7 @@ TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0,
             for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
             const __m512 vm = _mm512_set1_ps(m * scale);
             /* the AVX2 kernel's arithmetic: vector exp for the first t - t % 8 scores, their sum in
-             * 8 lanes added block by block, the same horizontal sum, then expf for the rest */
+             * 8 lanes added block by block, the same horizontal sum, then td_expf_poly for the rest */
             const int64_t t8 = t / 8 * 8;
             __m256 sum8 = _mm256_setzero_ps();
             for (j = 0; j + 16 <= t8; j += 16) {
@@ -847,7 +847,7 @@ TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0,
             h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
             float tot = _mm_cvtss_f32(h);
             for (; j < t; j++) {
-                sr[j] = expf(sr[j] * scale - m * scale);
+                sr[j] = td_expf_poly(fmaf(sr[j], scale, -(m * scale)));
                 tot += sr[j];
             }
             inv[r] = 1.0f / tot;

@@ -86,6 +86,11 @@ int td_gemm_int(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
 int td_gemm_i8_acc(const int8_t *xq, int64_t m, int64_t k, int64_t ldq, const uint8_t *packed, int64_t n, int32_t *acc,
                    int threads);
 
+/* Full-precision linear layer y (m, n) = x (m, k) w (n, k)^T [+ bias (n)], float32, C-contiguous, in a
+ * summation order fixed by k alone (the same bits on every CPU, any m, any thread count). */
+void td_dense_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias, float *y,
+                  int threads);
+
 /* Fused per-token ops; rows are independent and split across threads.
  * out (rows, d) = rmsnorm(x) * weight * (1 + scale[g]) + shift[g] with g = row / rows_per_group. */
 void td_rmsnorm_modulate(const float *x, const float *weight, const float *shift, const float *scale, float *out,

@@ -48,6 +48,8 @@ cdef extern from "ternary_gemm.h" nogil:
                              int threads)
     void td_layernorm(const float *x, const float *weight, const float *bias, float *out,
                       int64_t rows, int64_t d, float eps, int threads)
+    void td_dense_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias,
+                      float *y, int threads)
     void td_swiglu(const float *a, const float *b, float *out, int64_t count, int threads)
     void td_add_gated(float *x, const float *gate, const float *y, int64_t rows, int64_t rows_per_group,
                       int64_t d, int threads)

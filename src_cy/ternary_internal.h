@@ -4,6 +4,8 @@
 
 #include "ternary_gemm.h"
 
+#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #if defined(_WIN32)
 #include <malloc.h>
@@ -21,6 +23,33 @@
 #else
 #define TD_ARM64 0
 #endif
+
+/* e^x, the one exp of every kernel: Cody-Waite reduction (x = n ln2 + r, |r| <= ln2 / 2) and a
+ * degree-5 polynomial for e^r, clamped to [-87, 88]. The SIMD kernels (exp_avx2, exp512, exp_neon)
+ * are this function lane by lane, with the same fused steps; fmaf is a single rounding on every
+ * machine (an instruction where the target has FMA, libm's correctly rounded fmaf elsewhere), so the
+ * scalar tails of those kernels and the portable kernels give the SIMD lanes' bits on every CPU
+ * (docs/reproducibility.md). NaN maps to e^-87, as in the vector code (max(NaN, -87) = -87). */
+static inline float td_expf_poly(float x) {
+    x = x > -87.0f ? x : -87.0f; /* written as the SIMD max/min: NaN fails the test and becomes -87 */
+    x = x < 88.0f ? x : 88.0f;
+    const float n = nearbyintf(x * 1.44269504088896341f);
+    float r = fmaf(-n, 0.693359375f, x);
+    r = fmaf(-n, -2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    const float y = fmaf(p * r, r, r) + 1.0f;
+    union {
+        int32_t i;
+        float f;
+    } e;
+    e.i = ((int32_t)n + 127) * (1 << 23);
+    return y * e.f;
+}
 
 #define TD_BLOCK_K 128
 #define TD_BLOCK_BYTES 32

@@ -388,7 +388,7 @@ static int lut_i8_i8mm(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, con
  * time) B (L x 16, a 16-wide panel): 24 accumulators of 4 lanes, 4 loads and 6 broadcasts per 24
  * FMAs. Every score sums over d in order and every output over keys in order with fused
  * multiply-adds, and the softmax does the AVX2 kernel's operations in its order (exp polynomial,
- * 8-lane sum, libm expf for the tail): the outputs are the AVX2 (and AVX-512) attention's bits,
+ * 8-lane sum, td_expf_poly for the tail): the outputs are the AVX2 (and AVX-512) attention's bits,
  * which the C harness checks across architectures (.ci/neon.sh). */
 
 #define ATT_MR 6
@@ -448,7 +448,7 @@ static void attention_rows_neon(const float *q, int64_t ldq, int64_t i0, int64_t
             for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
             /* the AVX2 kernel's arithmetic: scale s - scale m in one rounding (fused, scale > 0 so
              * max(scale s) = scale max(s)), exp of 8 scores per step summed in 8 lanes (two q
-             * registers), its horizontal sum order, then libm expf for the last t % 8 */
+             * registers), its horizontal sum order, then td_expf_poly for the last t % 8 */
             const float32x4_t vnm = vdupq_n_f32(-(m * scale)), vscale = vdupq_n_f32(scale);
             float32x4_t sum_lo = vdupq_n_f32(0.0f), sum_hi = sum_lo;
             for (j = 0; j + 8 <= t; j += 8) {
@@ -463,7 +463,7 @@ static void attention_rows_neon(const float *q, int64_t ldq, int64_t i0, int64_t
             float tot = (vgetq_lane_f32(h4, 0) + vgetq_lane_f32(h4, 2)) +
                         (vgetq_lane_f32(h4, 1) + vgetq_lane_f32(h4, 3));
             for (; j < t; j++) {
-                sr[j] = expf(sr[j] * scale - m * scale);
+                sr[j] = td_expf_poly(fmaf(sr[j], scale, -(m * scale)));
                 tot += sr[j];
             }
             inv[r] = 1.0f / tot;
@@ -498,7 +498,7 @@ const td_ops_t td_ops_neon = {
     .parent = TD_ISA_SCALAR,
     .rank = 10,
     .cpu_flags = TD_CPU_NEON,
-    .f32_lut_min_m = TD_LUT_MIN_M,
+    .f32_lut_min_m = 1,
     .i8_lut_min_m = TD_LUT_MIN_M,
     .i16_lut_min_m = TD_LUT_MIN_M,
     .gemv_f32 = td_gemm_f32_neon,

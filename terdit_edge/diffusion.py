@@ -3,7 +3,9 @@
 The sampler sees only ``model(x, t, y) -> (B, 2C, H, W)`` (eps then the learned variance value v),
 plus ``model.config`` (in_channels, input_size, guided_channels), ``model.map_labels`` and
 ``model.null_label``. Schedule arithmetic is float64; coefficients are cast to float32 where they
-meet the tensors, as in the authors' code.
+meet the tensors, as in the authors' code. Logarithms and exponentials are :mod:`terdit_edge.detmath`'s
+(IEEE basic operations only), not NumPy's CPU-dispatched loops: a sampler step has the same bits on
+every CPU.
 
 Randomness contract (an image is a pure function of the model file, its class, its seed and the
 sampler settings, whatever batch, process, thread count or machine made it): every image k has its
@@ -19,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import detmath
 from .errors import InputError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -96,16 +99,16 @@ class Schedule:
         abar_prev = np.append(1.0, abar[:-1])
         post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
         if len(betas) > 1:
-            clipped = np.log(np.append(post_var[1], post_var[1:]))
+            clipped = detmath.log64(np.append(post_var[1], post_var[1:]))
         else:  # one step: the posterior variance is 0; use beta so that the (masked) term stays finite
-            clipped = np.log(betas)
+            clipped = detmath.log64(betas)
         return cls(
             timesteps=np.array(kept, dtype=np.int64), betas=betas, alphas_cumprod=abar,
             alphas_cumprod_prev=abar_prev,
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar), sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1),
             posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
-            posterior_log_variance_clipped=clipped, log_betas=np.log(betas),
+            posterior_log_variance_clipped=clipped, log_betas=detmath.log64(betas),
         )
 
     def __len__(self) -> int:
@@ -130,7 +133,7 @@ def ddpm_step(s: Schedule, j: int, x: np.ndarray, model_out: np.ndarray, noise: 
     log_var = frac * _f32(s.log_betas[j]) + (np.float32(1) - frac) * _f32(s.posterior_log_variance_clipped[j])
     if s.timesteps[j] == 0 or j == 0:
         return mean.astype(np.float32, copy=False)
-    return (mean + np.exp(np.float32(0.5) * log_var) * noise).astype(np.float32, copy=False)
+    return (mean + detmath.exp32(np.float32(0.5) * log_var) * noise).astype(np.float32, copy=False)
 
 
 def ddim_step(s: Schedule, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray,
@@ -236,7 +239,7 @@ class DPMSolverPP2M(Sampler):
         super().__init__(s, eta)
         self.alpha = np.sqrt(s.alphas_cumprod)
         self.sigma = np.sqrt(1.0 - s.alphas_cumprod)
-        self.lam = np.log(self.alpha) - np.log(self.sigma)
+        self.lam = detmath.log64(self.alpha) - detmath.log64(self.sigma)
         self.prev_x0 = None
         self.prev_h = None
 
@@ -248,7 +251,7 @@ class DPMSolverPP2M(Sampler):
             return x0
         h = self.lam[j - 1] - self.lam[j]
         ratio = _f32(self.sigma[j - 1] / self.sigma[j])
-        coef = _f32(self.alpha[j - 1] * -np.expm1(-h))
+        coef = _f32(self.alpha[j - 1] * -detmath.expm1_64(-h))
         if self.prev_x0 is None:
             d = x0
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import detmath
 from .config import TIMESTEP_FREQ_DIM, ModelConfig
 from .errors import InputError
 from .format import DIT_PREFIX, TditFile, float_param_shapes, ternary_layer_shapes
@@ -15,23 +16,32 @@ from .kernels import TernaryWeight, get_backend
 
 
 def timestep_embedding(t: np.ndarray, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> np.ndarray:
-    """Sinusoidal features of timesteps t (B,) -> float32 (B, dim), [cos, sin] as in DiT."""
+    """Sinusoidal features of timesteps t (B,) -> float32 (B, dim), [cos, sin] as in DiT.
+
+    The frequencies exp(-ln(max_period) i / half) and the float32 arguments t * freq are those of the
+    authors' float32 code; exp, cos and sin are :mod:`terdit_edge.detmath`'s, so that the features have
+    the same bits on every CPU (NumPy's own loops differ between CPUs in the last bit)."""
     half = dim // 2
-    freqs = np.exp(np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half))
-    args = t.astype(np.float32)[:, None] * freqs[None].astype(np.float32)
-    return np.concatenate([np.cos(args), np.sin(args)], axis=-1).astype(np.float32)
+    log_period = np.float32(detmath.log64(max_period))
+    freqs = detmath.exp32(-log_period * np.arange(half, dtype=np.float32) / np.float32(half))
+    args = t.astype(np.float32)[:, None] * freqs[None]
+    return np.concatenate([detmath.cos64(args), detmath.sin64(args)], axis=-1).astype(np.float32)
 
 
 def rope_tables(n_tokens: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (T, head_dim / 2) float32 of the 1-D rotary embedding (angle pos * theta^(-2i/hd))."""
+    """cos, sin (T, head_dim / 2) float32 of the 1-D rotary embedding (angle pos * theta^(-2i/hd)).
+
+    theta^(-e) is exp(-e ln theta) and the angles are float32 products, as in the authors' float32
+    code; exp, cos and sin are :mod:`terdit_edge.detmath`'s (the same bits on every CPU)."""
     exponents = np.arange(0, head_dim, 2, dtype=np.float32)[: head_dim // 2] / np.float32(head_dim)
-    freqs = (np.float32(1) / (np.float32(theta) ** exponents)).astype(np.float32)
+    freqs = (np.float32(1) / detmath.exp32(exponents * np.float32(detmath.log64(theta)))).astype(np.float32)
     angles = np.outer(np.arange(n_tokens, dtype=np.float32), freqs).astype(np.float32)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return detmath.cos64(angles).astype(np.float32), detmath.sin64(angles).astype(np.float32)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1) + np.exp(-x))
+    """x / (1 + e^-x) in float32 (detmath's exp: the same bits on every CPU)."""
+    return detmath.silu32(x)
 
 
 def patchify(x: np.ndarray, p: int) -> np.ndarray:

@@ -71,9 +71,10 @@ class CythonBackend(NumpyBackend):
     """C kernels: ternary matmul in fp32 or int8 activation mode, fused per-token ops."""
 
     name = "cython"
-    # the table GEMMs (AVX2 from 2 tokens, NEON and portable from TD_LUT_MIN_M = 8) sum each token in
-    # an order fixed by K; fewer tokens stream the weights (GEMV), summing in another order
-    invariant_min_rows = 8
+    # Every row is computed alone at any row count: fp32 always runs the table GEMMs, whose summation
+    # order is fixed by K on every ISA (scalar, AVX2, AVX-512, NEON), and the integer modes sum exactly
+    # whatever the kernel. So the model may run any layer on the whole batch at once.
+    invariant_min_rows = 1
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -97,6 +98,21 @@ class CythonBackend(NumpyBackend):
         packed = w.packed if w.packed.flags.c_contiguous else np.ascontiguousarray(w.packed)
         bias = None if w.bias is None else np.ascontiguousarray(w.bias, dtype=np.float32)
         _ternary.gemm(x, packed, w.k, w.alpha, bias, out, self.threads, activation_bits(self.activations))
+        return out
+
+    def dense(self, x, weight, bias=None, rows_per_image=None):
+        """Full-precision linear x (M, K) @ weight (N, K)^T + bias in C, float32 (M, N).
+
+        Not BLAS: each output sums in an order fixed by K alone (eight partial sums over k mod 8, no
+        FMA), so the embedders and the final layer give the same bits on every CPU, with any batch
+        and thread count (``rows_per_image`` needs no special handling; docs/reproducibility.md).
+        """
+        x = _f32(x, "x")
+        weight = _f32(weight, "weight")
+        if x.ndim != 2 or weight.ndim != 2:
+            raise InputError(f"dense expects x (M, K) and weight (N, K), got {x.shape} and {weight.shape}")
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        _ternary.dense(x, weight, None if bias is None else _f32(bias, "bias"), out, self.threads)
         return out
 
     # --- fused per-token ops ----------------------------------------------------------------
