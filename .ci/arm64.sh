@@ -274,6 +274,8 @@ run_in dev max '
         || { echo "expected the NEON i8mm path (and dot-product among the ISAs) on -cpu max"; exit 1; }
     grep -q "cython: ok" /out/info-max.txt || { echo "the cython backend is not available"; exit 1; }
     terdit-edge generate --out /out/digits-max.png '"$GEN_ARGS"'
+    # the golden latents and PNGs made on x86-64 (tests/data/golden.json): the same bytes here
+    python /src/terdit-edge/tests/golden.py --expect-isa neon-i8mm | grep -E "^(golden|MISMATCH)"
 '
 run_in dev max "cd /src/terdit-edge && $PYTEST $TESTS_ALL -k '$TESTS_SELECT' 2>&1 | tee /out/pytest-max.txt"
 check_no_cython_skips "$OUT/pytest-max.txt"
@@ -302,6 +304,7 @@ run_in dev cortex-a53 '
     grep -q "neon=True, dotprod=False" /out/info-a53.txt && grep -q "isa=neon," /out/info-a53.txt \
         || { echo "expected the plain NEON path on -cpu cortex-a53"; exit 1; }
     terdit-edge generate --out /out/digits-a53.png '"$GEN_ARGS"'
+    python /src/terdit-edge/tests/golden.py --expect-isa neon | grep -E "^(golden|MISMATCH)"
 '
 run_in dev cortex-a53 "cd /src/terdit-edge && $PYTEST $TESTS_ALL -k '$TESTS_SELECT' 2>&1 | tee /out/pytest-a53.txt"
 check_no_cython_skips "$OUT/pytest-a53.txt"
@@ -354,7 +357,7 @@ ls "$OUT/wheelhouse-x86_64"
 # ------------------------------------------------------------------------------------------------
 # every image against the first one
 # ------------------------------------------------------------------------------------------------
-step "digits.png from every run against x86-64 (AVX2): same bytes is the goal, no pixel off by more than 1 the bound"
+step "digits.png from every run against x86-64: the same bytes on every SIMD path; the scalar path within 1 level"
 sha256sum "$OUT"/digits-*.png
 "$X86/run-venv/bin/python" - "$OUT" <<'PY' || die "an image is off by more than 1 (above)"
 import sys
@@ -370,7 +373,9 @@ for f in sorted(out.glob("digits-*.png")):
         print(f"{f.name}: same bytes as {ref.name}")
         continue
     d = np.abs(np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) - a)
-    worst = max(worst, int(d.max()))
+    # every SIMD path promises the same bytes (docs/reproducibility.md); the portable scalar path
+    # (attention in another order) only the bound
+    worst = max(worst, int(d.max()) if "scalar" in f.name else 2 * int(d.max() > 0))
     print(f"{f.name}: {(d.max(axis=-1) > 0).sum()} pixels differ from {ref.name}, largest difference {d.max()}")
 sys.exit(worst > 1)
 PY

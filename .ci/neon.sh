@@ -55,4 +55,10 @@ if [ "$(grep "^attention fingerprint" "$out/all.log" | awk '{print $4}' | sort -
     echo "the attention outputs of the SIMD paths differ between ISAs or architectures (above)" >&2
     exit 1
 fi
-echo "neon.sh: all paths agree with the reference; attention has the same bits on every SIMD path"
+# the fp32 GEMM (every M), SwiGLU and the dense layer promise the same bits on every path, scalar included
+grep "^float fingerprint" "$out/all.log" | sort -u
+if [ "$(grep "^float fingerprint" "$out/all.log" | awk '{print $4}' | sort -u | wc -l)" -ne 1 ]; then
+    echo "the fp32 GEMM, SwiGLU or dense outputs differ between paths or architectures (above)" >&2
+    exit 1
+fi
+echo "neon.sh: all paths agree with the reference; attention, the fp32 GEMM, SwiGLU and dense have the same bits on every SIMD path"

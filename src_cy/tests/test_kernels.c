@@ -275,12 +275,19 @@ static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_
     free(p);
 }
 
+static uint64_t fnv1a(uint64_t f, const void *data, size_t bytes) {
+    const unsigned char *p = (const unsigned char *)data;
+    for (size_t i = 0; i < bytes; i++) f = (f ^ p[i]) * 1099511628211ull;
+    return f;
+}
+
 /* The attention of the SIMD paths (AVX2, AVX-512, NEON) does the same float operations in the same
  * order, so its output bits must not depend on the ISA or the architecture: print a hash of the
- * output of a fixed input (T a multiple of 8: no libm tail) per SIMD path; .ci/neon.sh compares the
- * hashes of the x86-64 and the aarch64 runs. 1 and 2 threads must give the same bits. */
+ * output of a fixed input per SIMD path (T = 43: the last 43 % 8 scores go through td_expf_poly, the
+ * vector exp's scalar twin); .ci/neon.sh compares the hashes of the x86-64 and the aarch64 runs. 1 and
+ * 2 threads must give the same bits. */
 static void attention_fingerprint(const int *isas, int nisa) {
-    const int64_t b = 2, t = 40, h = 4, hkv = 2, hd = 24, nq = b * t * h * hd, nk = b * t * hkv * hd;
+    const int64_t b = 2, t = 43, h = 4, hkv = 2, hd = 24, nq = b * t * h * hd, nk = b * t * hkv * hd;
     float *q = malloc(sizeof(float) * (size_t)nq), *out = malloc(sizeof(float) * (size_t)nq);
     float *k = malloc(sizeof(float) * (size_t)nk), *v = malloc(sizeof(float) * (size_t)nk);
     uint32_t x = 12345;
@@ -296,10 +303,7 @@ static void attention_fingerprint(const int *isas, int nisa) {
         uint64_t hash[2];
         for (int threads = 1; threads <= 2; threads++) {
             td_attention(q, k, v, out, b, t, h, hkv, hd, threads);
-            uint64_t f = 1469598103934665603ull; /* FNV-1a over the output bytes */
-            const unsigned char *bytes = (const unsigned char *)out;
-            for (size_t i = 0; i < sizeof(float) * (size_t)nq; i++) f = (f ^ bytes[i]) * 1099511628211ull;
-            hash[threads - 1] = f;
+            hash[threads - 1] = fnv1a(1469598103934665603ull, out, sizeof(float) * (size_t)nq);
         }
         if (hash[0] != hash[1]) {
             printf("FAIL attention isa=%s: 1 and 2 threads give different bits\n", td_isa_name(isas[ii]));
@@ -311,6 +315,62 @@ static void attention_fingerprint(const int *isas, int nisa) {
     free(k);
     free(v);
     free(out);
+}
+
+/* The other float kernels of the sampling path promise one result on every path, the portable scalar
+ * one included (docs/reproducibility.md): the fp32 ternary GEMM at every M (always the table order),
+ * SwiGLU (td_expf_poly lane by lane, tails included) and the dense layer. One hash per path, with 1
+ * and 2 threads; .ci/neon.sh requires a single value over every path of both architectures. */
+static void float_fingerprint(const int *isas, int nisa) {
+    const int64_t k = 300, n = 37, kb = (k + 127) / 128 * 32, cnt = 1003, dk = 37, dn = 21;
+    static const int64_t ms[] = {1, 3, 8, 21};
+    float *x = malloc(sizeof(float) * 21 * (size_t)k), *bias = malloc(sizeof(float) * (size_t)n);
+    float *y = malloc(sizeof(float) * 21 * (size_t)n), *w = malloc(sizeof(float) * (size_t)(dn * dk));
+    float *a = malloc(sizeof(float) * (size_t)cnt), *bb = malloc(sizeof(float) * (size_t)cnt);
+    float *o = malloc(sizeof(float) * (size_t)cnt);
+    uint8_t *packed = malloc((size_t)(n * kb));
+    uint32_t s = 777;
+#define NEXT() (s = s * 1664525u + 1013904223u, ((float)(s >> 8) / 16777216.0f - 0.5f))
+    for (int64_t i = 0; i < 21 * k; i++) x[i] = NEXT() * 4.0f;
+    for (int64_t i = 0; i < n; i++) bias[i] = NEXT();
+    for (int64_t i = 0; i < dn * dk; i++) w[i] = NEXT();
+    for (int64_t i = 0; i < cnt; i++) {
+        a[i] = NEXT() * 60.0f; /* past the clamps at -87 / 88 of exp(-a) too */
+        bb[i] = NEXT();
+    }
+    int8_t *q = malloc((size_t)(n * k));
+    for (int64_t i = 0; i < n * k; i++) q[i] = (int8_t)((s = s * 1664525u + 1013904223u, s >> 24) % 3) - 1;
+    pack(q, n, k, packed);
+    free(q);
+#undef NEXT
+    for (int ii = 0; ii < nisa; ii++) {
+        if (td_set_isa(isas[ii]) != 0) continue;
+        uint64_t hash[2];
+        for (int threads = 1; threads <= 2; threads++) {
+            uint64_t f = 1469598103934665603ull;
+            for (int mi = 0; mi < 4; mi++) {
+                td_gemm_f32(x, ms[mi], k, k, packed, n, 0.37f, bias, y, n, threads);
+                f = fnv1a(f, y, sizeof(float) * (size_t)(ms[mi] * n));
+            }
+            td_swiglu(a, bb, o, cnt, threads);
+            f = fnv1a(f, o, sizeof(float) * (size_t)cnt);
+            td_dense_f32(x, 3, dk, w, dn, bias, y, threads);
+            hash[threads - 1] = fnv1a(f, y, sizeof(float) * 3 * (size_t)dn);
+        }
+        if (hash[0] != hash[1]) {
+            printf("FAIL float kernels isa=%s: 1 and 2 threads give different bits\n", td_isa_name(isas[ii]));
+            failures++;
+        }
+        printf("float fingerprint %s %016llx\n", td_isa_name(isas[ii]), (unsigned long long)hash[0]);
+    }
+    free(x);
+    free(bias);
+    free(y);
+    free(w);
+    free(a);
+    free(bb);
+    free(o);
+    free(packed);
 }
 
 int main(int argc, char **argv) {
@@ -375,6 +435,7 @@ int main(int argc, char **argv) {
         check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3], att_shapes[s][4], isas,
                         nisa);
     attention_fingerprint(isas, nisa);
+    float_fingerprint(isas, nisa);
     if (failures) {
         printf("%d FAILURES\n", failures);
         return 1;
