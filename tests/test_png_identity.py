@@ -22,7 +22,7 @@ BACKENDS = ("numpy", "numba", "cython")
 def cli_command() -> list[str]:
     """The installed console script next to this interpreter, else the module."""
     script = os.path.join(os.path.dirname(sys.executable), "terdit-edge")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "terdit_edge.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "terdit_edge.frontends.cli"]
 
 
 def start(backend: str, out, cwd) -> subprocess.Popen:
