@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 
-from . import __version__
+from ._version import __version__
 
 PER_IMAGE_KEYS = ("class", "seed", "index")
 _GRID_KEYS = {"class": "class", "seed": "seeds", "index": "indices"}

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from .. import __version__
+from .._version import __version__
 from ..argtypes import add_backend_arguments, non_negative_float, non_negative_int, positive_int
 from ..errors import TerditError
 from ..kernels.base import ACTIVATION_MODES

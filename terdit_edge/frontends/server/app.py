@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ... import __version__
+from ..._version import __version__
 from ...diffusion import SAMPLER_REGISTRY
 from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull
 from .validate import ApiError, bad, job_params, openai_params
