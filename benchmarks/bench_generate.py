@@ -36,7 +36,7 @@ def status(key):
             if line.startswith(key):
                 return int(line.split()[1]) / 1024
 import time
-import terdit_edge.cli as cli
+import terdit_edge.frontends.cli as cli
 base = status('VmRSS:')
 t0, c0 = time.perf_counter(), time.process_time()
 rc = cli.main(sys.argv[1:])

@@ -51,7 +51,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(max_batch: int, max_queue: int, threads: int | None):
-    cmd = [sys.executable, "-m", "terdit_edge.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
+    cmd = [sys.executable, "-m", "terdit_edge.frontends.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
            "--max-queue", str(max_queue), "--log-level", "warning", "--keep-jobs", "100000", "--keep-seconds", "3600"]
     if threads:
         cmd += ["--threads", str(threads)]

@@ -41,7 +41,7 @@ def dump(out: Path, tag: str | None, full: bool = False) -> None:
             "cpu": {k: v for k, v in feats.items()}}
     for mode in MODES:
         png, lat = out / f"digits-{mode}.png", out / f"digits-{mode}.npy"
-        subprocess.run([sys.executable, "-m", "terdit_edge.cli", "generate", "--out", str(png),
+        subprocess.run([sys.executable, "-m", "terdit_edge.frontends.cli", "generate", "--out", str(png),
                         "--save-latents", str(lat), "--activations", mode, "--no-progress",
                         *([] if full else ["--sampler", "dpm++2m", "--steps", "20"])],
                        check=True, cwd=out)

@@ -93,8 +93,8 @@ def run_reader(reader: str, inputs: int, timeout: int, workdir: str) -> int:
         import numpy as np
 
         import terdit_edge
-        from terdit_edge.cli import build_parser
         from terdit_edge.errors import TerditError
+        from terdit_edge.frontends.cli import build_parser
         from terdit_edge.pipeline import load_vae
         if reader in ("checkpoint", "vae-checkpoint"):
             from terdit_edge.converters.terdit import build_tensors, infer_config, read_checkpoint

@@ -27,7 +27,7 @@ def cli() -> list[str]:
     if os.path.exists(script):
         return [script]
     found = shutil.which("terdit-edge")
-    return [found] if found else [sys.executable, "-m", "terdit_edge.cli"]
+    return [found] if found else [sys.executable, "-m", "terdit_edge.frontends.cli"]
 
 
 def main() -> int:

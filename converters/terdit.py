@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from terdit_edge import __version__
+from terdit_edge._version import __version__
 from terdit_edge.config import ModelConfig
 from terdit_edge.errors import ConvertError, TerditError
 from terdit_edge.format import (

@@ -309,7 +309,7 @@ def vae_tensors_for_file(src, dtype: str = "fp16", log=print, norm_num_groups: i
 
 def convert_vae_file(src, out: str, dtype: str = "fp16", log=print) -> dict:
     """Convert a VAE alone into a VAE-only .tdit file (verified by reloading)."""
-    from terdit_edge import __version__
+    from terdit_edge._version import __version__
     from terdit_edge.format import read_tdit, write_tdit
 
     meta, tensors = vae_tensors_for_file(src, dtype, log=log)

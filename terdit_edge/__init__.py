@@ -6,8 +6,7 @@
 """
 from __future__ import annotations
 
-__version__ = "0.2.0"
-
+from ._version import __version__
 from .config import ModelConfig
 from .diffusion import sample
 from .errors import BackendError, ChecksumError, ConvertError, FormatError, InputError, TerditError

@@ -1,8 +1,11 @@
-"""The ternary DiT ("DiT-LLaMA") forward pass on top of a compute backend.
+"""The ternary DiT ("DiT-LLaMA") forward pass on top of a compute backend: the one forward of every backend.
 
 Names follow the paper and the checkpoints (x_embedder, t_embedder, adaLN, modulate, ...); the math
 is in the order of docs/model.md §2. No SIMD and no I/O here: the ternary linear
-layers and per-token ops go through ``self.backend`` (see :mod:`terdit_edge.kernels`).
+layers and per-token ops go through ``self.backend`` (see :mod:`terdit_edge.kernels`), on the
+backend's own arrays (NumPy arrays on the CPU, device arrays for CUDA): parameters are given to
+the backend once (``backend.asarray``), workspaces come from it (``backend.empty``), and only the
+input and the output cross to and from the host.
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ class TernaryDiT:
                  backend, label_map: list[int] | None = None, label_map_name: str = "identity",
                  source: TditFile | None = None):
         self.config = config
-        self.params = params
+        self.params = {name: backend.asarray(arr) for name, arr in params.items()}  # CPU: the arrays as given
         self.backend = backend
         self.ternary = {k: backend.prepare(w) for k, w in ternary.items()}
         # The adaLN layers see one conditioning row per image (M = batch), so quantizing their input
@@ -81,7 +84,8 @@ class TernaryDiT:
         self.label_map = list(label_map) if label_map is not None else list(range(config.num_classes))
         self.label_map_name = label_map_name
         self.file = source  # keeps the memory map alive
-        self.rope_cos, self.rope_sin = rope_tables(config.n_tokens, config.head_dim, config.rope_theta)
+        self.rope_cos, self.rope_sin = (backend.asarray(a) for a in
+                                        rope_tables(config.n_tokens, config.head_dim, config.rope_theta))
         self._workspaces: dict[int, dict[str, np.ndarray]] = {}
 
     # --- conveniences for samplers and pipelines ----------------------------------------------
@@ -141,31 +145,31 @@ class TernaryDiT:
         # image by image; token layers run on the whole batch where the backend promises per-row
         # results for calls of that many rows per image, else image by image too.
 
-        h = be.dense(patchify(x, p).reshape(bsz * n_tok, -1), P["x_embedder.weight"], P["x_embedder.bias"],
-                     rows_per_image=n_tok)
-        h = np.ascontiguousarray(h, dtype=np.float32).reshape(bsz, n_tok, d)  # the residual stream (B, T, D)
+        h = be.dense(be.asarray(patchify(x, p).reshape(bsz * n_tok, -1)), P["x_embedder.weight"],
+                     P["x_embedder.bias"], rows_per_image=n_tok)
+        h = be.asarray(h).reshape(bsz, n_tok, d)  # the residual stream (B, T, D)
 
-        t_emb = be.dense(timestep_embedding(t), P["t_embedder.mlp.0.weight"], P["t_embedder.mlp.0.bias"],
-                         rows_per_image=1)
-        t_emb = be.dense(silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"],
+        t_emb = be.dense(be.asarray(timestep_embedding(t)), P["t_embedder.mlp.0.weight"],
+                         P["t_embedder.mlp.0.bias"], rows_per_image=1)
+        t_emb = be.dense(be.silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"],
                          rows_per_image=1)  # (B, cond_dim)
-        c = t_emb + P["y_embedder.embedding_table.weight"][y]
-        c_act = np.ascontiguousarray(silu(c), dtype=np.float32)  # (B, cond_dim)
+        c_act = be.condition(t_emb, P["y_embedder.embedding_table.weight"], y)  # silu(t_emb + table[y]) (B, cond_dim)
 
         for i in range(cfg.n_layers):
             h = self._block(i, h, c_act)
 
-        shift, scale = np.split(be.dense(c_act, P["final_layer.adaLN_modulation.1.weight"],
-                                         P["final_layer.adaLN_modulation.1.bias"], rows_per_image=1), 2, axis=1)
-        hn = be.layernorm(h, None, None, 1e-6) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]  # (B, T, D)
+        shift, scale = be.modulation(be.dense(c_act, P["final_layer.adaLN_modulation.1.weight"],
+                                              P["final_layer.adaLN_modulation.1.bias"], rows_per_image=1), 2)
+        hn = be.layernorm_modulate(h, shift, scale, 1e-6)  # LayerNorm(h) * (1 + scale) + shift (B, T, D)
         out = be.dense(hn.reshape(bsz * n_tok, d), P["final_layer.linear.weight"], P["final_layer.linear.bias"],
                        rows_per_image=n_tok)  # (B T, p p 2C)
+        out = be.to_host(out)
         return unpatchify(out.reshape(bsz, n_tok, -1), p, cfg.out_channels, cfg.input_size, cfg.input_size)
 
-    def _ternary(self, x: np.ndarray, w, out: np.ndarray, rows_per_image: int, backend=None) -> np.ndarray:
-        """backend.ternary_matmul(x, w, out) with x (B * rows_per_image, K), computed so that each
-        image's rows give the same bits whatever the batch: in one call when the backend promises
-        per-row results for calls of rows_per_image rows or more, else image by image."""
+    def _ternary(self, x, w, out, rows_per_image: int, backend=None):
+        """backend.ternary_matmul(x, w, out) with x (B * rows_per_image, K) (or ``backend.quantize(x)``),
+        computed so that each image's rows give the same bits whatever the batch: in one call when
+        the backend promises per-row results for calls of rows_per_image rows or more, else image by image."""
         be = backend or self.backend
         if rows_per_image >= be.invariant_min_rows:
             return be.ternary_matmul(x, w, out=out)
@@ -179,16 +183,14 @@ class TernaryDiT:
         if ws is None:
             cfg = self.config
             rows = bsz * cfg.n_tokens
-            e = np.empty
-            ws = {"hn": e((bsz, cfg.n_tokens, cfg.dim), np.float32),
-                  "q": e((rows, cfg.dim), np.float32), "k": e((rows, cfg.kv_dim), np.float32),
-                  "v": e((rows, cfg.kv_dim), np.float32), "att": e((rows, cfg.dim), np.float32),
-                  "o": e((rows, cfg.dim), np.float32), "a": e((rows, cfg.ffn_dim), np.float32),
-                  "g": e((rows, cfg.ffn_dim), np.float32), "mod": e((bsz, 6 * cfg.dim), np.float32)}
+            e = self.backend.empty  # float32 buffers where the backend computes (host or device memory)
+            ws = {"hn": e((bsz, cfg.n_tokens, cfg.dim)), "q": e((rows, cfg.dim)), "k": e((rows, cfg.kv_dim)),
+                  "v": e((rows, cfg.kv_dim)), "att": e((rows, cfg.dim)), "o": e((rows, cfg.dim)),
+                  "a": e((rows, cfg.ffn_dim)), "g": e((rows, cfg.ffn_dim)), "mod": e((bsz, 6 * cfg.dim))}
             self._workspaces = {bsz: ws}  # keep only the latest batch size: bounded memory
         return ws
 
-    def _block(self, i: int, h: np.ndarray, c_act: np.ndarray) -> np.ndarray:
+    def _block(self, i: int, h, c_act):
         """One DiT-LLaMA block, updating the residual stream h (B, T, D) in place."""
         cfg, be, P, W = self.config, self.backend, self.params, self.ternary
         pre = f"layers.{i}."
@@ -199,15 +201,15 @@ class TernaryDiT:
 
         mod = be.rmsnorm(self._ternary(c_act, W[pre + "adaLN_modulation.1"], ws["mod"], 1, self.cond_backend),
                          P[pre + "adaLN_modulation.2.weight"], cfg.norm_eps)  # (B, 6 D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            np.ascontiguousarray(m) for m in np.split(mod, 6, axis=1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = be.modulation(mod, 6)  # (B, D) each
 
         # attention
         hn = be.rmsnorm_modulate(h, P[pre + "attention_norm.weight"], shift_msa, scale_msa, cfg.norm_eps,
                                  out=ws["hn"]).reshape(rows, d)  # (B T, D)
-        q = self._ternary(hn, W[pre + "attention.wq"], ws["q"], n_tok)
-        k = self._ternary(hn, W[pre + "attention.wk"], ws["k"], n_tok)
-        v = self._ternary(hn, W[pre + "attention.wv"], ws["v"], n_tok)  # q (B T, D); k, v (B T, D_kv)
+        xq = be.quantize(hn)  # in integer modes: quantized once for the three layers that read hn
+        q = self._ternary(xq, W[pre + "attention.wq"], ws["q"], n_tok)
+        k = self._ternary(xq, W[pre + "attention.wk"], ws["k"], n_tok)
+        v = self._ternary(xq, W[pre + "attention.wv"], ws["v"], n_tok)  # q (B T, D); k, v (B T, D_kv)
         if cfg.qk_norm:
             q = be.layernorm(q, P[pre + "attention.q_norm.weight"], P[pre + "attention.q_norm.bias"], 1e-5)
             k = be.layernorm(k, P[pre + "attention.k_norm.weight"], P[pre + "attention.k_norm.bias"], 1e-5)
@@ -223,8 +225,9 @@ class TernaryDiT:
         # feed-forward (SwiGLU)
         hn = be.rmsnorm_modulate(h, P[pre + "ffn_norm.weight"], shift_mlp, scale_mlp, cfg.norm_eps,
                                  out=ws["hn"]).reshape(rows, d)
-        a = self._ternary(hn, W[pre + "feed_forward.w1"], ws["a"], n_tok)
-        g = self._ternary(hn, W[pre + "feed_forward.w3"], ws["g"], n_tok)  # a, g (B T, F)
+        xq = be.quantize(hn)
+        a = self._ternary(xq, W[pre + "feed_forward.w1"], ws["a"], n_tok)
+        g = self._ternary(xq, W[pre + "feed_forward.w3"], ws["g"], n_tok)  # a, g (B T, F)
         be.swiglu(a, g, out=a)
         o = self._ternary(a, W[pre + "feed_forward.w2"], ws["o"], n_tok)  # (B T, D)
         be.add_gated(h, gate_mlp, o.reshape(bsz, n_tok, d))
@@ -247,7 +250,5 @@ def model_from_file(tf: TditFile, backend: str = "auto", activations: str = "fp3
         ternary[name] = TernaryWeight(packed=tf.tensors[DIT_PREFIX + name + ".qweight"], n=n, k=k,
                                       alpha=float(tf.tensors[DIT_PREFIX + name + ".alpha"][0]),
                                       bias=bias, name=name)
-    if hasattr(be, "build_model"):  # a backend with its own forward (cuda: the step stays on the GPU)
-        return be.build_model(cfg, params, ternary, tf.label_map, tf.label_map_name, tf)
     return TernaryDiT(cfg, params, ternary, be, label_map=tf.label_map, label_map_name=tf.label_map_name,
                       source=tf)

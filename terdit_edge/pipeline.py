@@ -8,11 +8,12 @@ from importlib import resources
 import numpy as np
 
 from .classnames import imagenet_class_names, resolve_class
-from .diffusion import image_seeds, respaced_timesteps, sample, sampler_class
+from .diffusion import sample
 from .errors import FormatError, InputError
 from .format import DIT_PREFIX, VAE_PREFIX, TditFile, read_tdit
 from .images import to_pil, to_uint8  # noqa: F401 (to_uint8: part of this module's API)
 from .model import model_from_file
+from .settings import GenerationSettings
 
 DEFAULT_MODEL_NAME = "digits.tdit"
 MAX_DEFAULT_BATCH = 16
@@ -79,9 +80,14 @@ class Pipeline:
         self.class_names = class_names
 
     @classmethod
-    def load(cls, path=None, backend: str = "auto", activations: str = "fp32", threads: int | None = None,
-             vae=None, verify: bool = True) -> "Pipeline":
-        """Load a model file (and its embedded VAE). ``vae``: a separate VAE .tdit path, optional."""
+    def load(cls, path=None, backend: str = "auto", activations: str | None = None, threads: int | None = None,
+             vae=None, verify: bool = True, settings: GenerationSettings | None = None) -> "Pipeline":
+        """Load a model file (and its embedded VAE). ``vae``: a separate VAE .tdit path, optional.
+        ``settings``: its model settings (activations) are the ones loaded; ``activations``, when
+        given, wins (default fp32)."""
+        model_kw = (settings or GenerationSettings()).model_kwargs()
+        if activations is not None:
+            model_kw["activations"] = activations
         path = os.fspath(path) if path is not None else default_model_path()
         if not os.path.exists(path):
             if path == default_model_path():
@@ -91,7 +97,7 @@ class Pipeline:
         tf = read_tdit(path, verify=verify)
         if tf.config is None:
             raise FormatError(f"{path}: holds only a VAE; pass a model file (or use it as --vae)")
-        model = model_from_file(tf, backend=backend, activations=activations, threads=threads)
+        model = model_from_file(tf, backend=backend, threads=threads, **model_kw)
         decoder = None
         if vae is not None:
             decoder = load_vae(vae, threads=threads, verify=verify)
@@ -139,29 +145,41 @@ class Pipeline:
             raise InputError("give at least one class")
         return ids
 
-    def latents(self, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
-                eta: float = 0.0, progress: bool = False, callback=None, seeds=None,
-                batch_size: int | None = None, guidance_interval=None) -> np.ndarray:
+    @property
+    def activations(self) -> str:
+        """The activation mode the model was loaded with."""
+        return getattr(getattr(self.model, "backend", None), "activations", "fp32")
+
+    def settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
+        """``settings`` (default: the defaults, with this pipeline's model settings) with ``overrides``
+        (setting names as keywords) applied; InputError when its model settings are not this pipeline's."""
+        s = settings if settings is not None else GenerationSettings(activations=self.activations)
+        s = s.replace(**overrides) if overrides else s
+        s.check_model(self.activations)
+        return s
+
+    def latents(self, class_labels, settings: GenerationSettings | None = None, *, progress: bool = False,
+                callback=None, batch_size: int | None = None, **overrides) -> np.ndarray:
         """Sampled latents (or pixels for pixel-space models), float32 (B, C, H, W).
 
-        Image k has seed ``seeds[k]``, or ``seed + k`` without seeds, and comes out with the same
-        bytes whatever else is in the call (see docs/reproducibility.md). The images are sampled
-        ``batch_size`` at a time (default: :func:`default_batch_size`); every batch size gives the
-        same result. ``callback(step_index, total, latents)`` runs after each step of each batch,
-        counting steps over all batches (``latents`` is the current batch); raise in it to cancel.
-        ``steps`` None: the sampler's default; ``guidance_interval``: see :func:`terdit_edge.sample`.
+        ``settings``: a :class:`~terdit_edge.settings.GenerationSettings`; any of its names given
+        as keywords (``steps=``, ``sampler=``, ``cfg_scale=``, ``seed=``, ``seeds=``, ...) override it.
+        Image k has seed ``seeds[k]``, or ``seed + k`` without seeds (seed 0 by default), and comes
+        out with the same bytes whatever else is in the call (see docs/reproducibility.md). The images
+        are sampled ``batch_size`` at a time (default: :func:`default_batch_size`); every batch size
+        gives the same result. ``callback(step_index, total, latents)`` runs after each step of each
+        batch, counting steps over all batches (``latents`` is the current batch); raise in it to cancel.
         """
+        s = self.settings(settings, **overrides)
         ids = self.resolve_classes(class_labels)
-        seed_list = image_seeds(len(ids), seed, seeds)
+        seed_list = s.image_seeds(len(ids))
         self._release(VAE_PREFIX, getattr(self.vae, "source", None))
         if batch_size is None:
-            batch_size = default_batch_size(self.config, len(ids), guided=cfg_scale > 1)
+            batch_size = default_batch_size(self.config, len(ids), guided=s.cfg_scale > 1)
         elif isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         starts = range(0, len(ids), int(batch_size))
-        if steps is None:
-            steps = sampler_class(sampler).default_steps
-        n_steps = len(respaced_timesteps(steps))
+        n_steps = s.n_steps
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -181,9 +199,8 @@ class Pipeline:
         try:
             for b0 in starts:
                 b1 = b0 + int(batch_size)
-                parts.append(sample(self.model, ids[b0:b1], steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                    eta=eta, seeds=seed_list[b0:b1], callback=on_step,
-                                    guidance_interval=guidance_interval))
+                parts.append(sample(self.model, ids[b0:b1], seeds=seed_list[b0:b1], callback=on_step,
+                                    **s.sample_kwargs()))
                 done += n_steps
         finally:
             if bar is not None:
@@ -205,10 +222,11 @@ class Pipeline:
             images = latents
         return np.clip((images.transpose(0, 2, 3, 1) + 1) / 2, 0, 1).astype(np.float32)
 
-    def __call__(self, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
-                 eta: float = 0.0, progress: bool = True, output: str = "pil", vae_tile: int | None = None,
-                 callback=None, seeds=None, batch_size: int | None = None, guidance_interval=None):
-        """Generate one image per class label (id or ImageNet/stored class name).
+    def __call__(self, class_labels, settings: GenerationSettings | None = None, *, progress: bool = True,
+                 output: str = "pil", vae_tile: int | None = None, callback=None, batch_size: int | None = None,
+                 **overrides):
+        """Generate one image per class label (id or ImageNet/stored class name); ``settings`` and
+        keyword overrides as in :meth:`latents`.
 
         Image k has seed ``seeds[k]`` (or ``seed + k``): ``pipe([3, 7], seed=5)[1]`` equals
         ``pipe([7], seed=6)[0]`` byte for byte. Images are sampled and decoded ``batch_size`` at a
@@ -216,9 +234,8 @@ class Pipeline:
         """
         if output not in ("pil", "np"):
             raise InputError(f"output must be 'pil' or 'np', got {output!r}")
-        lat = self.latents(class_labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, eta=eta,
-                           progress=progress, callback=callback, seeds=seeds, batch_size=batch_size,
-                           guidance_interval=guidance_interval)
+        lat = self.latents(class_labels, settings, progress=progress, callback=callback, batch_size=batch_size,
+                           **overrides)
         # one image at a time: the decoder's BLAS calls then have the same shapes for every image
         # (batch invariance of the pictures), and its activations are one image's
         images = np.concatenate([self.decode(lat[k:k + 1], vae_tile=vae_tile) for k in range(lat.shape[0])])

@@ -1,33 +1,30 @@
-"""The text metadata a generated PNG carries, shared by the CLI and the server.
+"""The text metadata a generated PNG carries: the one writer the CLI, the server and sampling jobs use.
 
-Keys, in this order: model, class, seed, index, steps, sampler, cfg, eta, activations, version (and
-guidance_interval when guidance was limited to an interval of timesteps). An
-image file holds its own class, seed and index; a grid of several images holds every image's value
-in grid order under the plural keys ``class``, ``seeds`` and ``indices``. With the model file,
-these values reproduce the image.
+Keys, in this order: model, class, seed, index, then the settings' keys
+(:meth:`~terdit_edge.settings.GenerationSettings.png_items`: steps, sampler, cfg, eta,
+activations), version, then the optional settings that are set (guidance_interval "LO,HI" when
+guidance was limited to an interval of timesteps). An image file holds its own class, seed and
+index; a grid of several images holds every image's value in grid order under the plural keys
+``class``, ``seeds`` and ``indices``. With the model file, these values reproduce the image.
 """
 from __future__ import annotations
 
 import io
 
-from . import __version__
+from ._version import __version__
 
 PER_IMAGE_KEYS = ("class", "seed", "index")
 _GRID_KEYS = {"class": "class", "seed": "seeds", "index": "indices"}
 
 
-def generation_metadata(model: str, classes, seeds, steps, sampler: str, cfg, eta, activations: str,
-                        indices=None, guidance_interval=None) -> dict:
-    """The metadata of a generation: per-image lists for class/seed/index, one value for the rest;
-    ``guidance_interval`` (LO, HI) adds the key ``guidance_interval`` = "LO,HI" when guidance was limited."""
+def generation_metadata(model: str, classes, seeds, settings, indices=None) -> dict:
+    """The metadata of a generation: per-image lists for class/seed/index, one value for the rest.
+    settings: the :class:`~terdit_edge.settings.GenerationSettings` the images were made with."""
     classes, seeds = list(classes), list(seeds)
-    meta = {"model": model, "class": classes, "seed": seeds,
+    head, tail = settings.png_items()
+    return {"model": model, "class": classes, "seed": seeds,
             "index": list(range(len(classes))) if indices is None else list(indices),
-            "steps": steps, "sampler": sampler, "cfg": cfg, "eta": eta, "activations": activations,
-            "version": f"terdit-edge {__version__}"}
-    if guidance_interval is not None:
-        meta["guidance_interval"] = "{},{}".format(*guidance_interval)
-    return meta
+            **dict(head), "version": f"terdit-edge {__version__}", **dict(tail)}
 
 
 def png_text(meta: dict, k: int | None = None) -> dict[str, str]:

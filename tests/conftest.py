@@ -34,6 +34,10 @@ SMALL_CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=96, con
 _FILE_OPTIONS = ("float_dtype", "seed", "name")
 
 REPO = Path(__file__).resolve().parents[1]
+# How close every fast backend's forward must be to the NumPy reference's (tests/test_parity.py, and
+# tests/test_cuda_sim.py for CUDA): fp32, max |got - want| / std(want); integer modes, relative L2.
+FORWARD_TOL = 1e-4
+INTEGER_FORWARD_L2_TOL = 2e-3
 REQUIRE_BACKENDS_ENV = "TERDIT_REQUIRE_BACKENDS"
 
 

@@ -6,9 +6,9 @@ import time
 
 import uvicorn
 
-from terdit_edge.server.app import create_app
-from terdit_edge.server.jobs import JobManager, Limits
-from terdit_edge.server.main import bind_socket
+from terdit_edge.frontends.server.app import create_app
+from terdit_edge.frontends.server.jobs import JobManager, Limits
+from terdit_edge.frontends.server.main import bind_socket
 
 
 class LiveServer:

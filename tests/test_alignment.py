@@ -15,11 +15,11 @@ import pytest
 
 import terdit_edge
 from terdit_edge.format import _DTYPE_NAMES, _IN_PLACE_ALIGNMENT, read_tdit
-from terdit_edge.kernels import ACTIVATION_MODES, available_backends
+from terdit_edge.kernels import ACTIVATION_MODES, available_backends, backend_names
 from tests.conftest import build_model_file, skip_unavailable_backend
 
 PADDINGS = range(64)
-CPU_BACKENDS = [name for name in available_backends() if name != "cuda"]
+CPU_BACKENDS = list(backend_names("cpu"))
 X = np.random.default_rng(7).standard_normal((3, 4, 8, 8), dtype=np.float32)
 T = np.array([999, 500, 3])
 Y = np.array([3, 10, 0])  # class labels and the null label

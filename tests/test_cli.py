@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from terdit_edge.cli import main
+from terdit_edge.frontends.cli import main
 from tests.conftest import build_model_file, child_env
 
 PIXEL = dict(latent=False, in_channels=1, guided_channels=1, input_size=8, num_classes=10)
@@ -22,7 +22,7 @@ class _BlockTorch:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, _BlockTorch())
-from terdit_edge.cli import main
+from terdit_edge.frontends.cli import main
 rc = main(sys.argv[1:])
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
 sys.exit(rc)

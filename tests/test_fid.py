@@ -10,7 +10,6 @@ import pytest
 pytest.importorskip("scipy", reason="FID needs scipy (pip install '.[fid]')")
 ort = pytest.importorskip("onnxruntime", reason="FID needs onnxruntime (pip install '.[fid]')")
 
-from terdit_edge.cli import main  # noqa: E402
 from terdit_edge.fid import (  # noqa: E402
     FIDError,
     OnnxFeatures,
@@ -21,6 +20,7 @@ from terdit_edge.fid import (  # noqa: E402
     save_stats,
     statistics,
 )
+from terdit_edge.frontends.cli import main  # noqa: E402
 from terdit_edge.scale.npzio import NpzWriter  # noqa: E402
 
 

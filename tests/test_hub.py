@@ -68,7 +68,7 @@ def run(hub, home, *args, code=None):
     """The installed CLI in a child started outside the repository (tests/conftest.py: child_env)."""
     env = child_env(HF_HUB_CACHE=hub["cache"], HF_HUB_OFFLINE="1", TERDIT_EDGE_HOME=str(home),
                     TERDIT_EDGE_HUB_TABLE=hub["table"], HF_HUB_DISABLE_PROGRESS_BARS="1")
-    return subprocess.run([sys.executable, "-m", "terdit_edge.cli", *args] if code is None
+    return subprocess.run([sys.executable, "-m", "terdit_edge.frontends.cli", *args] if code is None
                           else [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
                           cwd=str(hub["base"]))
 

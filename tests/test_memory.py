@@ -67,7 +67,7 @@ NO_NUMBA = textwrap.dedent("""
     if CythonBackend.unavailable_reason():
         print(json.dumps({"skip": CythonBackend.unavailable_reason()}))
         raise SystemExit(0)
-    from terdit_edge.cli import main
+    from terdit_edge.frontends.cli import main
     rc = main(["generate", "--backend", "cython", "--steps", "3", "--sampler", "ddim", "--no-progress",
                "--out", sys.argv[1]])
     print(json.dumps({"rc": rc, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("numba", "llvmlite"))}))

@@ -16,14 +16,14 @@ import torch
 import terdit_edge
 from terdit_edge.converters.terdit import convert
 from terdit_edge.diffusion import Schedule, respaced_timesteps
-from terdit_edge.kernels import available_backends
-from tests.conftest import skip_unavailable_backend
+from terdit_edge.errors import BackendError
+from terdit_edge.kernels import available_backends, backend_names
+from tests.conftest import FORWARD_TOL, INTEGER_FORWARD_L2_TOL, skip_unavailable_backend
 
 # pytest runs with --import-mode=importlib, which does not put tests/ on sys.path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference as ref  # noqa: E402
 
-FORWARD_TOL = 1e-4   # x std of the reference output
 SAMPLE_TOL = 1e-3    # x std of the reference latents
 
 # name -> random_model arguments: plain MHA with K = 96 (not a multiple of the 128 packing block),
@@ -237,7 +237,7 @@ def test_guidance_changes_the_trajectory(models):
 # --------------------------------------------------------------------------------------------------
 # fast backends against the NumPy reference
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["cython", "numba", "cuda"])
+@pytest.mark.parametrize("backend", [n for n in backend_names() if n != "numpy"])
 def test_backend_forward_matches_numpy(request, backend):
     status = available_backends().get(backend, "not registered")
     if status != "ok":
@@ -251,7 +251,7 @@ def test_backend_forward_matches_numpy(request, backend):
         assert rel_err(got, want) <= FORWARD_TOL, (backend, name)
 
 
-@pytest.mark.parametrize("backend", ["cython", "numba"])
+@pytest.mark.parametrize("backend", [n for n in backend_names() if n != "numpy"])
 def test_integer_modes_forward_match_numpy(request, backend):
     """int8 and int10 through a fast backend agree with the reference's integer mode, and int10 is
     closer to fp32 than int8. Not bit for bit: where a float sum before a quantizer differs in the
@@ -269,9 +269,13 @@ def test_integer_modes_forward_match_numpy(request, backend):
     err = {}
     for mode in ("int8", "int10"):
         want = terdit_edge.load_model(path, backend="numpy", threads=1, activations=mode)(x, t, y)
-        got = terdit_edge.load_model(path, backend=backend, threads=2, activations=mode)(x, t, y)
+        err[mode] = float(np.linalg.norm(want - fp32) / np.linalg.norm(fp32))
+        try:
+            model = terdit_edge.load_model(path, backend=backend, threads=2, activations=mode)
+        except BackendError:  # a mode this backend does not run (cuda: no int10), said at load time
+            continue
+        got = model(x, t, y)
         l2 = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         l2_fp32 = float(np.linalg.norm(fp32 - want) / np.linalg.norm(want))
-        assert l2 <= 2e-3 and l2 < 0.25 * l2_fp32, (backend, mode, l2, l2_fp32)
-        err[mode] = float(np.linalg.norm(want - fp32) / np.linalg.norm(fp32))
+        assert l2 <= INTEGER_FORWARD_L2_TOL and l2 < 0.25 * l2_fp32, (backend, mode, l2, l2_fp32)
     assert 0 < err["int10"] < err["int8"], err

@@ -29,7 +29,7 @@ REL_BOUND = 1e-4  # of max |latents|
 def cli_command() -> list[str]:
     """The installed console script next to this interpreter, else the module."""
     script = os.path.join(os.path.dirname(sys.executable), "terdit-edge")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "terdit_edge.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "terdit_edge.frontends.cli"]
 
 
 def start(backend: str, seed: int, out, lat, cwd) -> subprocess.Popen:

@@ -15,15 +15,15 @@ from PIL import Image
 
 import terdit_edge
 from terdit_edge import Pipeline
-from terdit_edge.cli import main
 from terdit_edge.config import ModelConfig, ffn_hidden_dim
 from terdit_edge.format import float_param_shapes, ternary_layer_shapes
-from terdit_edge.kernels import ACTIVATION_MODES, TernaryWeight, available_backends, get_backend
+from terdit_edge.frontends.cli import main
+from terdit_edge.kernels import ACTIVATION_MODES, TernaryWeight, available_backends, backend_names, get_backend
 from terdit_edge.model import TernaryDiT
 from terdit_edge.packing import padded_k
 from tests.conftest import build_model_file, skip_unavailable_backend
 
-CPU_BACKENDS = [name for name in available_backends() if name != "cuda"]
+CPU_BACKENDS = list(backend_names("cpu"))
 LABELS = [3, 7, 1, 0, 9]
 SEEDS = [11, 5, 2**40 + 3, 0, 42]
 

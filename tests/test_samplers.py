@@ -462,7 +462,6 @@ def test_a_registered_sampler_is_usable_by_name_everywhere(monkeypatch):
     model = RecordingModel()
     out = sample(model, [2], sampler="x0-test", cfg_scale=1.0, seed=1)
     assert len(model.calls) == 3 and out.shape == (1, 4, 8, 8) and np.isfinite(out).all()
-    monkeypatch.setattr("terdit_edge.cli.SAMPLER_REGISTRY", diffusion.SAMPLER_REGISTRY)
-    from terdit_edge.cli import build_parser
+    from terdit_edge.frontends.cli import build_parser
     args = build_parser().parse_args(["generate", "--sampler", "x0-test"])
     assert args.sampler == "x0-test"

@@ -17,17 +17,21 @@ import numpy as np
 import pytest
 
 from terdit_edge import Pipeline
-from terdit_edge.cli import main
+from terdit_edge.frontends.cli import main
 from terdit_edge.scale import JobError, JobSpec, LocalEngine, merge, run_job, sample_labels, sample_seed
 from terdit_edge.scale.job import open_job_dir, record_shard, shard_name, to_rgb_uint8, write_shard
 from terdit_edge.scale.npzio import NpzArrayReader
+from terdit_edge.settings import SCOPES, GenerationSettings
 
 # a few dozen samples, a few steps; shards of 4 with batches of 3 (a unit never spans two shards)
 JOB = dict(n=24, steps=40, sampler="ddim", cfg_scale=4.0, shard_size=4, batch_size=3)
 
 
 def make_spec(**overrides) -> JobSpec:
-    return JobSpec(model_path=None, **{**JOB, **overrides}).prepare()
+    """A prepared JobSpec of JOB with overrides; setting names go into its GenerationSettings."""
+    kw = {**JOB, **overrides}
+    settings = GenerationSettings(**{k: kw.pop(k) for k in list(kw) if k in GenerationSettings.json_fields(SCOPES)})
+    return JobSpec(model_path=None, settings=settings, **kw).prepare()
 
 
 def read_adm_style(path, key="arr_0", batch=7) -> np.ndarray:
@@ -174,7 +178,7 @@ def test_whole_job_killed_then_resumed_gives_the_same_bytes(tmp_path, reference)
     import terdit_edge
     pkg_parent = str(Path(terdit_edge.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.cli", *_cli_args(out)], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.frontends.cli", *_cli_args(out)], env=env, cwd=tmp_path,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120

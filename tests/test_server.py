@@ -21,9 +21,10 @@ httpx = pytest.importorskip("httpx", reason=REASON)
 
 from PIL import Image  # noqa: E402
 
+from terdit_edge.frontends.server.jobs import JobManager, Limits  # noqa: E402
 from terdit_edge.pipeline import Pipeline, to_uint8  # noqa: E402
 from terdit_edge.pngmeta import generation_metadata, png_bytes  # noqa: E402
-from terdit_edge.server.jobs import JobManager, Limits  # noqa: E402
+from terdit_edge.settings import GenerationSettings  # noqa: E402
 from tests.conftest import child_env, model_metadata, random_model_tensors, small_config  # noqa: E402
 from tests.server_util import LiveServer, bundled_manager  # noqa: E402
 
@@ -53,8 +54,9 @@ def expected_pngs(pipe, cls, seeds, steps, sampler="ddpm", cfg=4.0, eta=0.0, int
     """The PNGs the Python API gives for these parameters, with the CLI's metadata."""
     images = pipe([cls] * len(seeds), steps=steps, sampler=sampler, cfg_scale=cfg, eta=eta, seeds=seeds,
                   progress=False, guidance_interval=interval)
-    meta = generation_metadata("digits.tdit", [cls] * len(seeds), seeds, steps, sampler, cfg, eta, "fp32",
-                               guidance_interval=interval)
+    meta = generation_metadata("digits.tdit", [cls] * len(seeds), seeds,
+                               GenerationSettings(steps=steps, sampler=sampler, cfg_scale=cfg, eta=eta,
+                                                  guidance_interval=interval))
     return [png_bytes(im, meta, k) for k, im in enumerate(images)]
 
 
@@ -130,8 +132,10 @@ def test_openapi_file_ships_and_lists_every_route(client, server):
     assert set(schemas["JobCreated"]["required"]) <= set(created)
     job = wait_final(client, created["id"])
     assert set(schemas["Job"]["required"]) <= set(job) and set(job) <= set(schemas["Job"]["properties"])
-    assert set(schemas["JobRequest"]["properties"]) == {"class", "n", "seed", "seeds", "steps", "sampler",
-                                                        "cfg_scale", "eta", "guidance_interval"}
+    # the request settings come from settings.py: a new one needs only its entry in openapi.json
+    request_settings = set(GenerationSettings.json_fields(("sampling", "seed")))
+    assert set(schemas["JobRequest"]["properties"]) == {"class", "n"} | request_settings
+    assert request_settings <= set(schemas["ImagesRequest"]["properties"])
     err = client.get("/v1/jobs/none").json()
     assert set(schemas["Error"]["properties"]["error"]["required"]) <= set(err["error"])
 
@@ -459,7 +463,8 @@ def test_unknown_class_names_list_close_names(tmp_path):
 
 
 def test_serve_command_starts_answers_and_stops_on_sigint(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.cli", "serve", "--port", "0", "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.frontends.cli", "serve", "--port", "0", "--log-level",
+                             "warning"],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=child_env())
     try:
         line = proc.stderr.readline()
@@ -477,11 +482,11 @@ def test_serve_command_starts_answers_and_stops_on_sigint(tmp_path):
 
 
 def test_serve_command_errors_are_clear(tmp_path):
-    from terdit_edge.cli import main
+    from terdit_edge.frontends.cli import main
 
     empty = tmp_path / "keys.txt"
     empty.write_text("# no keys\n")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "terdit_edge.cli", "serve", *a], capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "terdit_edge.frontends.cli", "serve", *a], capture_output=True,  # noqa: E731
                                     text=True, cwd=tmp_path, timeout=120, env=child_env())
     r = run("--api-key-file", str(empty))
     assert r.returncode == 1 and "holds no key" in r.stderr
@@ -499,7 +504,7 @@ def test_non_loopback_host_without_a_key_warns(monkeypatch, capsys):
 
     import uvicorn
 
-    from terdit_edge.server import main as server_main
+    from terdit_edge.frontends.server import main as server_main
 
     assert server_main._is_loopback("127.0.0.1") and server_main._is_loopback("::1")
     assert server_main._is_loopback("localhost") and not server_main._is_loopback("0.0.0.0")
@@ -522,8 +527,8 @@ def test_the_server_modules_never_import_torch(tmp_path):
             "        if name == 'torch' or name.startswith('torch.'):\n"
             "            raise ImportError('torch is blocked')\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import terdit_edge.server.app, terdit_edge.server.main, terdit_edge.server.jobs\n"
-            "from terdit_edge.server.main import build\n"
+            "import terdit_edge.frontends.server.app, terdit_edge.frontends.server.main, terdit_edge.frontends.server.jobs\n"
+            "from terdit_edge.frontends.server.main import build\n"
             "m, app = build()\n"
             "m.start(); assert m.wait_ready(60) and m.state == 'ready', m.load_error; m.stop()\n"
             "assert not [k for k in sys.modules if k == 'torch' or k.startswith('torch.')]\n")

@@ -5,13 +5,14 @@ import time
 
 import pytest
 
+from terdit_edge.frontends.server.jobs import CANCELLED, SUCCEEDED, JobManager, JobParams, Limits, QueueFull
 from terdit_edge.pipeline import Pipeline
-from terdit_edge.server.jobs import CANCELLED, SUCCEEDED, JobManager, JobParams, Limits, QueueFull
+from terdit_edge.settings import GenerationSettings
 
 
 def params(cls=0, n=1, seed=0, steps=10, sampler="ddim", cfg=4.0):
-    return JobParams(classes=(cls,) * n, seeds=tuple(seed + k for k in range(n)), steps=steps, n_steps=steps,
-                     sampler=sampler, cfg_scale=cfg, eta=0.0)
+    return JobParams(classes=(cls,) * n, seeds=tuple(seed + k for k in range(n)),
+                     settings=GenerationSettings(steps=steps, sampler=sampler, cfg_scale=cfg))
 
 
 def idle_manager(**limits) -> JobManager:

@@ -15,9 +15,9 @@ import torch_reference as ref  # noqa: E402
 from test_vae import SMALL, latents, make_autoencoder, reference_decode, to_legacy_names  # noqa: E402
 
 from terdit_edge import load_model  # noqa: E402
-from terdit_edge.cli import main  # noqa: E402
 from terdit_edge.errors import FormatError  # noqa: E402
 from terdit_edge.format import read_tdit  # noqa: E402
+from terdit_edge.frontends.cli import main  # noqa: E402
 from terdit_edge.pipeline import Pipeline, load_vae  # noqa: E402
 
 

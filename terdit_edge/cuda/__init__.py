@@ -1,4 +1,5 @@
-"""The CUDA path: Numba CUDA kernels (:mod:`.kernels`) and a forward that stays on the GPU (:mod:`.model`).
+"""The CUDA path: Numba CUDA kernels (:mod:`.kernels`), run by the ``cuda`` backend
+(:mod:`terdit_edge.kernels.cuda_backend`) under the model's one forward, on device arrays.
 
 Nothing here is imported unless the ``cuda`` backend is asked for, because importing
 :mod:`numba.cuda` needs the ``numba-cuda`` package (``pip install "terdit-edge[cuda]"``).

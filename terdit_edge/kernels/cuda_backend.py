@@ -1,13 +1,11 @@
 """The CUDA backend: Numba CUDA kernels (terdit_edge.cuda), optional (``pip install "terdit-edge[cuda]"``).
 
-Two ways in:
-
-* ``backend.build_model(...)`` returns a :class:`~terdit_edge.cuda.model.CudaDiT`, whose whole
-  forward stays on the GPU (weights uploaded once, 2 bits per ternary weight). ``model_from_file``
-  uses it when the backend has it.
-* The ops of the NumPy backend's contract (``ternary_matmul``, ``rmsnorm_modulate``, ...) on host
-  arrays, each a copy up, a kernel and a copy down. They exist so that every kernel is tested against
-  the reference with the reference's own calls; they are slow and not how a model should run.
+The model's one forward (:class:`~terdit_edge.model.TernaryDiT`) runs on it as on any backend: its
+ops take and return device arrays, its parameters are uploaded once (``asarray``; ternary weights by
+``prepare``, 2 bits per weight), its workspaces are device buffers (``empty``), and per call only
+the patchified input, the timestep features and the labels go up and the model output comes back.
+Every op also accepts host arrays and then returns host arrays (one copy each way), so that the
+shared tests compare each kernel with the reference through the reference's own calls.
 
 This module imports no CUDA code until the backend is instantiated, so that asking which backends
 are available never fails for want of numba-cuda. With NUMBA_ENABLE_CUDASIM=1 set before Numba is
@@ -18,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendError, InputError
-from .base import TernaryWeight
+from ..packing import padded_k
 from .reference import NumpyBackend
 
 INSTALL_HINT = 'pip install "terdit-edge[cuda]"'
@@ -33,11 +31,59 @@ def _simulator_enabled() -> bool:
     return bool(config.ENABLE_CUDASIM)
 
 
+def _is_device(a) -> bool:
+    return hasattr(a, "copy_to_host")  # a Numba device array (also the simulator's)
+
+
+class DeviceTernaryWeight:
+    """One ternary linear layer on the device: y = alpha * x Q^T + bias.
+
+    words: device uint32 (N, K_pad / 16), the tdit2-k128 codes (2 bits per weight, not widened);
+    bias: device float32 (N,) or None; alpha: float32 value.
+    """
+
+    __slots__ = ("words", "n", "k", "alpha", "bias", "name")
+
+    def __init__(self, words, n: int, k: int, alpha: float, bias, name: str = ""):
+        self.words, self.n, self.k, self.alpha, self.bias, self.name = words, n, k, alpha, bias, name
+
+    @property
+    def nbytes(self) -> int:
+        return self.words.size * 4 + (self.bias.size * 4 if self.bias is not None else 0)
+
+
+class QuantizedRows:
+    """int8 activations of ``rows`` rows of width k on the device (``CudaBackend.quantize``): packed
+    words (rows, K_pad / 4) uint32, per-row sums int32 and scales float32. Row slices share the buffers."""
+
+    __slots__ = ("words", "row_sums", "scales", "k")
+
+    def __init__(self, words, row_sums, scales, k: int):
+        self.words, self.row_sums, self.scales, self.k = words, row_sums, scales, k
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.words.shape[0], self.k)
+
+    def __getitem__(self, rows: slice) -> "QuantizedRows":
+        return QuantizedRows(self.words[rows], self.row_sums[rows], self.scales[rows], self.k)
+
+
+class ModulationBlock:
+    """Columns [offset, offset + width) of a device adaLN output mod (B, n D): what ``modulation``
+    gives the per-token ops as shift, scale or gate, read by the kernels in place (no copy)."""
+
+    __slots__ = ("mod", "offset", "width")
+
+    def __init__(self, mod, offset: int, width: int):
+        self.mod, self.offset, self.width = mod, offset, width
+
+
 class CudaBackend(NumpyBackend):
     """Numba CUDA kernels. ``threads`` is accepted for a uniform signature and ignored."""
 
     name = "cuda"
-    # its own forward (build_model) and kernels; not checked for batch invariance (CI has no GPU)
+    # not checked for batch invariance (CI has no GPU): its attention and GEMM sum in another order than the CPU's
     batch_invariant = False
 
     def __init__(self, threads: int = 1, activations: str = "fp32"):
@@ -50,11 +96,10 @@ class CudaBackend(NumpyBackend):
         from numba import cuda
 
         from ..cuda import kernels
-        from ..cuda import model as device_model
 
         self._cuda = cuda
         self._k = kernels
-        self._dm = device_model
+        self._quant_buffers: dict[tuple[int, int], QuantizedRows] = {}
         self.simulator = kernels.SIMULATOR
 
     @classmethod
@@ -94,107 +139,174 @@ class CudaBackend(NumpyBackend):
             where = where.decode() if isinstance(where, bytes) else str(where)
         return f"{self.name} ({self.activations}, {where})"
 
-    # --- the model --------------------------------------------------------------------------------
-    def build_model(self, config, params, ternary, label_map, label_map_name, source):
-        """A CudaDiT: the hook ``model_from_file`` calls instead of constructing a TernaryDiT."""
-        return self._dm.CudaDiT(config, params, ternary, self, label_map=label_map,
-                                label_map_name=label_map_name, source=source)
+    # --- arrays and weights ----------------------------------------------------------------------
+    def asarray(self, a):
+        """A host array uploaded as a float32 device array; device arrays pass through."""
+        if _is_device(a):
+            return a
+        return self._cuda.to_device(np.ascontiguousarray(a, dtype=np.float32))
 
-    def from_host_model(self, host):
-        """A CudaDiT from a host TernaryDiT's pieces (config, params, ternary weights, label map).
+    def to_host(self, a) -> np.ndarray:
+        return a.copy_to_host() if _is_device(a) else np.asarray(a)
 
-        For callers that built a model with another backend, and for ``load_model`` until
-        ``model_from_file`` calls :meth:`build_model` itself.
-        """
-        return self.build_model(host.config, host.params, host.ternary, host.label_map, host.label_map_name,
-                                host.file)
+    def empty(self, shape):
+        return self._cuda.device_array(shape, dtype=np.float32)
 
     def prepare(self, w):
         """Upload a TernaryWeight (packed bytes as they are); device weights pass through."""
-        if isinstance(w, self._dm.DeviceTernaryWeight):
+        if isinstance(w, DeviceTernaryWeight):
             return w
-        return self._dm.DeviceTernaryWeight.upload(w)
+        bias = None if w.bias is None else self.asarray(w.bias)
+        return DeviceTernaryWeight(self._cuda.to_device(self._k.words_view(w.packed)), w.n, w.k,
+                                   np.float32(w.alpha), bias, w.name)
 
-    # --- host-array ops (the reference's contract) ---------------------------------------------------
-    def _up(self, a):
-        return self._cuda.to_device(np.ascontiguousarray(a, dtype=np.float32))
+    def quantize(self, x):
+        """In int8 mode: x (M, K) quantized once per row (absmax / 127, as the reference) into a device
+        buffer kept for that shape, valid until the next quantize of the same shape; fp32: x."""
+        if self.activations != "int8" or isinstance(x, QuantizedRows):
+            return x
+        x = self.asarray(x)
+        rows, k = tuple(x.shape)
+        buf = self._quant_buffers.get((rows, k))
+        if buf is None:
+            e = self._cuda.device_array
+            buf = QuantizedRows(e((rows, padded_k(k) // 4), np.uint32), e(rows, np.int32), e(rows, np.float32), k)
+            self._quant_buffers[(rows, k)] = buf
+        self._k.quantize_rows(x, buf.words, buf.row_sums, buf.scales)
+        return buf
 
-    def _empty(self, shape):
-        return self._cuda.device_array(shape, dtype=np.float32)
+    # --- helpers: device in, device out; host in, host out -------------------------------------------
+    def _result(self, y, like, out=None):
+        """Deliver the device result y: into ``out`` when given, else as device array when ``like`` is
+        one, else copied to the host."""
+        if out is not None:
+            if _is_device(out):
+                return out  # the kernel wrote into it (every op with out= writes through _target)
+            out[...] = y.copy_to_host().reshape(out.shape)
+            return out
+        return y if _is_device(like) else y.copy_to_host()
 
-    @staticmethod
-    def _deliver(result: np.ndarray, out):
-        if out is None:
-            return result
-        out[...] = result.reshape(out.shape)
-        return out
+    def _target(self, shape2d, out):
+        """Where a kernel writes: the device ``out`` itself (2-D view) when it is one, else a new buffer."""
+        if out is not None and _is_device(out):
+            return out.reshape(shape2d)
+        return self.empty(shape2d)
 
-    def ternary_matmul(self, x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
-        """x float32 (M, K) -> float32 (M, N); w a TernaryWeight or a prepared device weight."""
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != w.k:
-            raise InputError(f"ternary_matmul: x must be (M, {w.k}) for layer {w.name!r}, got {x.shape}")
-        dw = self.prepare(w) if isinstance(w, TernaryWeight) else w
-        y = self._empty((x.shape[0], dw.n))
-        if x.shape[0]:
-            self._dm.ternary_linear(self._up(x), dw, y, self.activations)
-        return self._deliver(y.copy_to_host(), out)
+    def _mod(self, *blocks):
+        """(mod, offsets) for the kernels from ModulationBlocks of one mod, or from (B, D) arrays."""
+        if all(isinstance(b, ModulationBlock) for b in blocks) and len({id(b.mod) for b in blocks}) == 1:
+            return blocks[0].mod, [b.offset for b in blocks]
+        host = [self.to_host(b.mod[:, b.offset:b.offset + b.width]) if isinstance(b, ModulationBlock)
+                else self.to_host(b) for b in blocks]
+        d = host[0].shape[1]
+        return self.asarray(np.concatenate(host, axis=1)), [i * d for i in range(len(blocks))]
 
+    # --- ternary linear -------------------------------------------------------------------------------
+    def ternary_matmul(self, x, w, out=None):
+        """x float32 (M, K) (or ``quantize(x)``) -> float32 (M, N); w a TernaryWeight or a prepared one."""
+        dw = self.prepare(w)
+        xs = tuple(x.shape)
+        if len(xs) != 2 or xs[1] != dw.k:
+            raise InputError(f"ternary_matmul: x must be (M, {dw.k}) for layer {dw.name!r}, got {xs}")
+        m = xs[0]
+        y = self._target((m, dw.n), out)
+        if m:
+            if self.activations == "int8":
+                q = self.quantize(x)
+                self._k.ternary_gemm_i8(q.words, q.row_sums, q.scales, dw.words, dw.k, dw.alpha, dw.bias, y)
+            else:
+                self._k.ternary_gemm_f32(self.asarray(x), dw.words, dw.alpha, dw.bias, y)
+        like = x.words if isinstance(x, QuantizedRows) else x
+        return self._result(y, like, out)
+
+    # --- conditioning ----------------------------------------------------------------------------------
+    def silu(self, x):
+        xd = self.asarray(x)
+        y = self.empty(xd.shape)
+        self._k.silu(xd, y)
+        return self._result(y, x)
+
+    def condition(self, t_emb, table, y):
+        td = self.asarray(t_emb)
+        c = self.empty(td.shape)
+        self._k.condition(td, self.asarray(table), self._cuda.to_device(np.ascontiguousarray(y, dtype=np.int64)), c)
+        return self._result(c, t_emb)
+
+    def modulation(self, mod, n: int) -> list:
+        if not _is_device(mod):
+            return super().modulation(mod, n)
+        d = tuple(mod.shape)[1] // n
+        return [ModulationBlock(mod, i * d, d) for i in range(n)]
+
+    # --- per-token ops -----------------------------------------------------------------------------------
     def rmsnorm(self, x, weight, eps):
-        shape = x.shape
-        x2 = self._up(x.reshape(-1, shape[-1]))
-        y = self._empty(x2.shape)
-        self._k.rmsnorm(x2, self._up(weight), eps, y)
-        return y.copy_to_host().reshape(shape)
+        shape = tuple(x.shape)
+        x2 = self.asarray(x).reshape(int(np.prod(shape[:-1])), shape[-1])
+        y = self.empty(x2.shape)
+        self._k.rmsnorm(x2, self.asarray(weight), eps, y)
+        return self._result(y.reshape(shape), x)
 
     def rmsnorm_modulate(self, x, weight, shift, scale, eps, out=None):
-        b, t, d = x.shape
-        mod = self._up(np.concatenate([shift, scale], axis=1))
-        x2 = self._up(x.reshape(b * t, d))
-        y = self._empty((b * t, d))
-        self._k.rmsnorm(x2, self._up(weight), eps, y, mod=mod, shift_off=0, scale_off=d, rows_per_batch=t)
-        return self._deliver(y.copy_to_host().reshape(b, t, d), out)
+        b, t, d = tuple(x.shape)
+        mod, (shift_off, scale_off) = self._mod(shift, scale)
+        y = self._target((b * t, d), out)
+        self._k.rmsnorm(self.asarray(x).reshape(b * t, d), self.asarray(weight), eps, y, mod=mod,
+                        shift_off=shift_off, scale_off=scale_off, rows_per_batch=t)
+        return self._result(y.reshape(b, t, d), x, out)
 
     def layernorm(self, x, weight, bias, eps):
-        shape = x.shape
-        x2 = self._up(x.reshape(-1, shape[-1]))
-        y = self._empty(x2.shape)
-        w = None if weight is None else self._up(weight)
-        bb = None if bias is None else self._up(bias)
+        shape = tuple(x.shape)
+        x2 = self.asarray(x).reshape(int(np.prod(shape[:-1])), shape[-1])
+        y = self.empty(x2.shape)
+        w = None if weight is None else self.asarray(weight)
+        bb = None if bias is None else self.asarray(bias)
         self._k.layernorm(x2, w, bb, eps, y)
-        return y.copy_to_host().reshape(shape)
+        return self._result(y.reshape(shape), x)
+
+    def layernorm_modulate(self, x, shift, scale, eps):
+        b, t, d = tuple(x.shape)
+        mod, (shift_off, scale_off) = self._mod(shift, scale)
+        y = self.empty((b * t, d))
+        self._k.layernorm(self.asarray(x).reshape(b * t, d), None, None, eps, y, mod=mod, shift_off=shift_off,
+                          scale_off=scale_off, rows_per_batch=t)
+        return self._result(y.reshape(b, t, d), x)
 
     def rope(self, x, cos, sin):
-        b, t, h, hd = x.shape
-        x2 = self._up(x.reshape(b * t, h * hd))
-        self._k.rope(x2, self._up(cos), self._up(sin), t, hd)
-        x[...] = x2.copy_to_host().reshape(x.shape)
+        """In place: a device x is rotated where it is; a host x gets the result copied back."""
+        b, t, h, hd = tuple(x.shape)
+        x2 = self.asarray(x).reshape(b * t, h * hd)
+        self._k.rope(x2, self.asarray(cos), self.asarray(sin), t, hd)
+        if not _is_device(x):
+            x[...] = x2.copy_to_host().reshape(x.shape)
         return x
 
     def attention(self, q, k, v, out=None):
-        b, t, h, hd = q.shape
-        hkv = k.shape[2]
-        o = self._empty((b * t, h * hd))
-        self._k.attention(self._up(q.reshape(b * t, h * hd)), self._up(k.reshape(b * t, hkv * hd)),
-                          self._up(v.reshape(b * t, hkv * hd)), o, b, t, h, hkv, hd)
-        return self._deliver(o.copy_to_host().reshape(b, t, h, hd), out)
+        b, t, h, hd = tuple(q.shape)
+        hkv = tuple(k.shape)[2]
+        o = self._target((b * t, h * hd), out)
+        self._k.attention(self.asarray(q).reshape(b * t, h * hd), self.asarray(k).reshape(b * t, hkv * hd),
+                          self.asarray(v).reshape(b * t, hkv * hd), o, b, t, h, hkv, hd)
+        return self._result(o.reshape(b, t, h, hd), q, out)
 
     def swiglu(self, a, b, out=None):
-        shape = a.shape
-        a2 = self._up(a.reshape(-1, shape[-1]))
-        y = self._empty(a2.shape)
-        self._k.swiglu(a2, self._up(b.reshape(-1, shape[-1])), y)
-        return self._deliver(y.copy_to_host().reshape(shape), out)
+        shape = tuple(a.shape)
+        a2 = self.asarray(a).reshape(int(np.prod(shape[:-1])), shape[-1])
+        y = self._target(a2.shape, out)
+        self._k.swiglu(a2, self.asarray(b).reshape(int(np.prod(shape[:-1])), shape[-1]), y)
+        return self._result(y.reshape(shape), a, out)
 
     def add_gated(self, x, gate, y):
-        b, t, d = x.shape
-        x2 = self._up(x.reshape(b * t, d))
-        self._k.add_gated(x2, self._up(gate), 0, self._up(y.reshape(b * t, d)), t)
-        x[...] = x2.copy_to_host().reshape(x.shape)
+        """x += gate[:, None, :] * y in place (device x where it is; host x copied back)."""
+        b, t, d = tuple(x.shape)
+        x2 = self.asarray(x).reshape(b * t, d)
+        mod, (off,) = self._mod(gate)
+        self._k.add_gated(x2, mod, off, self.asarray(y).reshape(b * t, d), t)
+        if not _is_device(x):
+            x[...] = x2.copy_to_host().reshape(x.shape)
         return x
 
     def dense(self, x, weight, bias=None, rows_per_image=None):
         # one GPU thread per output: each row's sums do not depend on the batch (rows_per_image unused)
-        y = self._empty((x.shape[0], weight.shape[0]))
-        self._k.dense(self._up(x), self._up(weight), None if bias is None else self._up(bias), y)
-        return y.copy_to_host()
+        y = self.empty((tuple(x.shape)[0], tuple(weight.shape)[0]))
+        self._k.dense(self.asarray(x), self.asarray(weight), None if bias is None else self.asarray(bias), y)
+        return self._result(y, x)

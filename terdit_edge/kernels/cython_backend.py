@@ -1,10 +1,12 @@
-"""The compiled CPU backend: ternary GEMM and fused per-token ops in C (AVX2 / NEON / scalar,
-chosen at run time), reached through the Cython module ``terdit_edge._ternary``.
+"""The compiled CPU backend: ternary GEMM and fused per-token ops in C (one table of kernels per
+instruction set, ``td_tables[]`` in src_cy/ternary_gemm.c: AVX-512, AVX2, NEON dot product, NEON,
+portable; chosen at run time), reached through the Cython module ``terdit_edge._ternary``.
 
 Inputs are checked here (shapes, dtypes, contiguity) so that a wrong call raises
 :class:`~terdit_edge.errors.InputError`; arrays that are float32 and C-contiguous already are used
-in place, anything else is converted once. The environment variable ``TERDIT_ISA`` (``scalar``,
-``avx2``, ``neon``, ``neon-dotprod``) forces a kernel path, e.g. to compare paths.
+in place, anything else is converted once. The environment variable ``TERDIT_ISA`` (a name of
+``_ternary.supported_isas()``: ``scalar``, ``avx2``, ``avx512``, ``neon``, ``neon-dotprod``) forces a
+kernel path, e.g. to compare paths.
 """
 from __future__ import annotations
 

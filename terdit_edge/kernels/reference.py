@@ -142,6 +142,46 @@ class NumpyBackend:
         """Hook for backends that want a weight in another form (e.g. uploaded to a GPU)."""
         return w
 
+    def quantize(self, x):
+        """x (M, K) prepared for several ternary_matmul calls that read it (q, k and v; w1 and w3):
+        what ternary_matmul takes in place of x, row slices [r0:r1] included. A backend whose GEMM
+        quantizes inside (every CPU backend: the C kernels take float rows; the result is the same
+        bits, the per-token scales being a function of the row) returns x; CUDA quantizes once."""
+        return x
+
+    # --- the backend's arrays -----------------------------------------------------------------
+    # The model keeps its parameters, workspaces and activations in the backend's arrays: NumPy
+    # arrays here, device arrays for CUDA. Only the model's input and output cross to the host.
+    def asarray(self, a) -> np.ndarray:
+        """A host array as this backend's float32 array (here: the array itself when it is float32 and
+        C-contiguous already, e.g. a parameter mapped from the file; else a contiguous copy)."""
+        if isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous:
+            return a
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def to_host(self, a) -> np.ndarray:
+        """One of this backend's arrays as a host NumPy array."""
+        return np.asarray(a)
+
+    def empty(self, shape) -> np.ndarray:
+        """An uninitialised float32 workspace of this backend."""
+        return np.empty(shape, dtype=np.float32)
+
+    # --- conditioning ----------------------------------------------------------------------
+    def silu(self, x):
+        """x * sigmoid(x) elementwise, as x / (1 + exp(-x))."""
+        return x / (np.float32(1) + np.exp(-x))
+
+    def condition(self, t_emb, table, y):
+        """silu(t_emb + table[y]): the conditioning vector of each image. t_emb (B, C); table
+        (classes + 1, C); y (B,) host integer labels. Returns float32 (B, C)."""
+        return np.ascontiguousarray(self.silu(t_emb + table[y]), dtype=np.float32)
+
+    def modulation(self, mod, n: int) -> list:
+        """The n (B, D) column blocks of an adaLN output mod (B, n D), in order (shift, scale, gate, ...):
+        arrays the per-token ops accept as shift, scale and gate."""
+        return [np.ascontiguousarray(m) for m in np.split(mod, n, axis=1)]
+
     # --- per-token ops ----------------------------------------------------------------------
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight."""
@@ -155,6 +195,10 @@ class NumpyBackend:
             return h
         out[...] = h
         return out
+
+    def layernorm_modulate(self, x, shift, scale, eps):
+        """LayerNorm(x) without affine, then * (1 + scale) + shift. x (B, T, D); shift, scale (B, D)."""
+        return self.layernorm(x, None, None, eps) * (np.float32(1) + scale[:, None, :]) + shift[:, None, :]
 
     def layernorm(self, x, weight, bias, eps):
         """LayerNorm over the last axis (biased variance); weight/bias None for no affine."""

@@ -31,29 +31,24 @@ class SampleWorker:
 
     def __init__(self, cfg: dict, model_bytes=None):
         from ..pipeline import Pipeline
+        from ..settings import GenerationSettings
 
         self.cfg = cfg
+        self.settings = GenerationSettings.from_json(cfg["settings"])
         threads = cfg.get("threads")
         if threads:
             from threadpoolctl import threadpool_limits
             self._limits = threadpool_limits(limits=int(threads))  # BLAS of this process (decoder, norms)
         path = _model_file_for(cfg, model_bytes)
-        self.pipe = Pipeline.load(path, backend=cfg["backend"], activations=cfg["activations"], threads=threads,
-                                  verify=cfg["verify"])
+        self.pipe = Pipeline.load(path, backend=cfg["backend"], threads=threads, verify=cfg["verify"],
+                                  settings=self.settings)
 
     def run(self, labels, seeds):
         from .job import to_rgb_uint8
 
-        c = self.cfg
-        images = self.pipe(list(labels), steps=c["steps"], sampler=c["sampler"], cfg_scale=c["cfg_scale"],
-                           eta=c["eta"], seeds=list(seeds), output="np", progress=False,
-                           batch_size=c["batch_size"], **_interval_kw(c))
+        images = self.pipe(list(labels), self.settings.replace(seeds=list(seeds)), output="np", progress=False,
+                           batch_size=self.cfg["batch_size"])
         return to_rgb_uint8(images), os.getpid()
-
-
-def _interval_kw(cfg: dict) -> dict:
-    gi = cfg.get("guidance_interval")
-    return {} if gi is None else {"guidance_interval": tuple(gi)}
 
 
 def _model_file_for(cfg: dict, model_bytes) -> str:

@@ -10,7 +10,7 @@ sampler settings):
   classes (independent uniform draws, like DiT's ``sample_ddp.py``);
   ``balanced`` -- ``i mod num_classes`` (every class N / num_classes times when it divides N);
   ``FILE.npy`` -- entry i of a 1-D integer array of length N;
-* its image: ``Pipeline(labels=[label_i], seeds=[seed_i], ...)`` converted with ``to_uint8`` and, for
+* its image: ``Pipeline(labels=[label_i], settings.replace(seeds=[seed_i]))`` converted with ``to_uint8`` and, for
   one-channel models, repeated to three equal channels (R = G = B), shape (H, W, 3).
 
 Indices are cut into shards of ``shard_size`` consecutive samples (shard k holds
@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import InputError, TerditError
+from ..settings import GenerationSettings
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "terdit-edge-sample-job"
@@ -132,13 +133,8 @@ class JobSpec:
     n: int
     global_seed: int = 0
     labels: str = "uniform"          # "uniform" | "balanced" | path of a .npy file
-    steps: object = 250
-    sampler: str = "ddpm"
-    cfg_scale: float = 4.0
-    eta: float = 0.0
-    activations: str = "fp32"
+    settings: GenerationSettings = field(default_factory=GenerationSettings)  # its seeds are not used
     shard_size: int = 1000
-    guidance_interval: tuple | None = None   # (lo, hi) timesteps with guidance; None = every step
     # not part of the identity: they do not change a byte
     batch_size: int = 8
     backend: str = "auto"
@@ -151,7 +147,6 @@ class JobSpec:
     labels_sha256: str | None = None
 
     def prepare(self) -> "JobSpec":
-        from ..diffusion import SAMPLERS, respaced_timesteps
         from ..format import read_tdit
         from ..pipeline import default_model_path
 
@@ -169,9 +164,10 @@ class JobSpec:
             raise InputError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if not is_int(self.global_seed, 0):
             raise InputError(f"global seed must be a non-negative integer, got {self.global_seed!r}")
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        respaced_timesteps(self.steps)  # validates
+        if not isinstance(self.settings, GenerationSettings):
+            raise InputError(f"settings must be a GenerationSettings, got {type(self.settings).__name__}")
+        if self.settings.seed is not None or self.settings.seeds is not None:
+            raise InputError("a sampling job derives its seeds from the global seed: give settings without seeds")
         if not os.path.exists(self.model_path):
             raise InputError(f"model file {self.model_path!r} does not exist")
         tf = read_tdit(self.model_path, verify=False)
@@ -194,11 +190,8 @@ class JobSpec:
         if self.label_rule == "file":
             labels["sha256"] = self.labels_sha256
         return {"model_sha256": self.model_sha256, "n": int(self.n), "global_seed": int(self.global_seed),
-                "labels": labels, "steps": self.steps if isinstance(self.steps, str) else int(self.steps),
-                "sampler": self.sampler, "cfg_scale": float(self.cfg_scale), "eta": float(self.eta),
-                "activations": self.activations, "shard_size": int(self.shard_size), "derivation": DERIVATION,
-                **({} if self.guidance_interval is None
-                   else {"guidance_interval": [int(v) for v in self.guidance_interval]})}
+                "labels": labels, **self.settings.identity(), "shard_size": int(self.shard_size),
+                "derivation": DERIVATION}
 
     @property
     def n_shards(self) -> int:
@@ -216,10 +209,8 @@ class JobSpec:
     def worker_config(self, threads: int | None) -> dict:
         """What a worker needs to load the model and sample (plain data: picklable for any engine)."""
         return {"model_path": self.model_path, "model_sha256": self.model_sha256, "backend": self.backend,
-                "activations": self.activations, "threads": threads, "steps": self.steps, "sampler": self.sampler,
-                "cfg_scale": float(self.cfg_scale), "eta": float(self.eta), "batch_size": int(self.batch_size),
-                "verify": bool(self.verify),
-                "guidance_interval": None if self.guidance_interval is None else tuple(self.guidance_interval)}
+                "threads": threads, "settings": self.settings.to_json(), "batch_size": int(self.batch_size),
+                "verify": bool(self.verify)}
 
 
 def shard_name(k: int) -> str:
@@ -551,7 +542,9 @@ def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1)
 
 
 def _write_pngs(out_dir: str, spec: JobSpec, k: int, only_missing: bool):
-    from PIL import Image, PngImagePlugin
+    from PIL import Image
+
+    from ..pngmeta import generation_metadata, png_bytes
 
     png_dir = os.path.join(out_dir, "png")
     os.makedirs(png_dir, exist_ok=True)
@@ -561,22 +554,15 @@ def _write_pngs(out_dir: str, spec: JobSpec, k: int, only_missing: bool):
         return
     with np.load(os.path.join(out_dir, shard_name(k)), allow_pickle=False) as z:
         images, labels, seeds = z["arr_0"], z["labels"], z["seeds"]
+    model = os.path.basename(spec.model_path)
     for j, name in enumerate(names):
         if only_missing and os.path.exists(name):
             continue
         img = images[j]
         im = Image.fromarray(img[:, :, 0] if np.array_equal(img[:, :, 0], img[:, :, 2]) and
                              np.array_equal(img[:, :, 0], img[:, :, 1]) else img)
-        info = PngImagePlugin.PngInfo()
-        for key, value in (("model", os.path.basename(spec.model_path)), ("class", int(labels[j])),
-                           ("seed", int(seeds[j])), ("index", idx[j]), ("steps", spec.steps),
-                           ("sampler", spec.sampler), ("cfg", spec.cfg_scale), ("eta", spec.eta),
-                           ("activations", spec.activations), ("version", f"terdit-edge {__version__}"),
-                           ("guidance_interval", "" if spec.guidance_interval is None
-                            else "{},{}".format(*spec.guidance_interval))):
-            if value == "":
-                continue
-            info.add_text(key, str(value))
+        meta = generation_metadata(model, [int(labels[j])], [int(seeds[j])], spec.settings, indices=[idx[j]])
         tmp = name + ".tmp"
-        im.save(tmp, format="PNG", pnginfo=info)
+        with open(tmp, "wb") as f:
+            f.write(png_bytes(im, meta))
         os.replace(tmp, name)

@@ -1,7 +1,7 @@
 """Jobs, the queue and the one worker thread that owns the pipeline (no web framework in here).
 
 The worker loads the model, then repeatedly takes the oldest queued job plus every later queued job
-with the same steps/sampler/cfg/eta (up to ``max_batch`` images in all), and samples them in one
+with the same settings (:meth:`GenerationSettings.batch_key`; up to ``max_batch`` images in all), and samples them in one
 ``Pipeline.latents`` call. Per-image seeds and batch invariance make each image byte-identical to
 the same request run alone. Progress, previews and cancellation go through the pipeline's
 per-step callback: a cancelled job is final at the end of the step in progress; when every job of
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import TerditError
+from ...errors import TerditError
+from ...settings import GenerationSettings
 
 log = logging.getLogger("terdit_edge.server")
 
@@ -52,23 +53,23 @@ class AlreadyFinished(Exception):
 
 @dataclass(frozen=True)
 class JobParams:
-    """A validated request: standard class ids and seeds, one per image, and the sampler settings."""
+    """A validated request: standard class ids and seeds, one per image, and the settings (without
+    seeds: ``seeds`` holds them resolved)."""
 
     classes: tuple
     seeds: tuple
-    steps: object  # int or "ddimN"
-    n_steps: int
-    sampler: str
-    cfg_scale: float
-    eta: float
-    guidance_interval: tuple | None = None  # (lo, hi) timesteps where guidance applies; None: every step
+    settings: GenerationSettings = GenerationSettings()
 
     @property
     def n(self) -> int:
         return len(self.classes)
 
+    @property
+    def n_steps(self) -> int:
+        return self.settings.n_steps
+
     def batch_key(self) -> tuple:
-        return (str(self.steps), self.sampler, float(self.cfg_scale), float(self.eta), self.guidance_interval)
+        return self.settings.batch_key()
 
 
 @dataclass
@@ -139,11 +140,12 @@ class JobManager:
     (``/health`` says 503 loading) while the model loads.
     """
 
-    def __init__(self, loader, limits: Limits | None = None, model_name: str = "model", activations: str = "fp32"):
+    def __init__(self, loader, limits: Limits | None = None, model_name: str = "model",
+                 settings: GenerationSettings | None = None):
         self._loader = loader
         self.limits = limits or Limits()
         self.model_name = model_name
-        self.activations = activations
+        self.settings = settings or GenerationSettings()  # the model settings; requests set the others
         self.pipe = None
         self.state = "loading"  # loading | ready | failed
         self.load_error: str | None = None
@@ -252,12 +254,13 @@ class JobManager:
         """The job's public state (GET /v1/jobs/{id})."""
         with self._lock:
             p = job.params
+            settings = {k: v for k, v in p.settings.to_json().items()
+                        if k in GenerationSettings.json_fields(("sampling",)) and k != "steps"}
             d = {"id": job.id, "status": job.status, "step": job.step, "steps": job.total_steps,
                  "queue_position": self._position(job), "eta_seconds": self._eta(job), "error": job.error,
-                 "n": p.n, "classes": list(p.classes), "seeds": list(p.seeds), "sampler": p.sampler,
-                 "steps_spec": p.steps, "cfg_scale": p.cfg_scale, "eta": p.eta,
-                 "guidance_interval": list(p.guidance_interval) if p.guidance_interval else None,
-                 "created": job.created, "started": job.started, "finished": job.finished,
+                 "n": p.n, "classes": list(p.classes), "seeds": list(p.seeds), **settings,
+                 "steps_spec": p.settings.step_spec, "created": job.created, "started": job.started,
+                 "finished": job.finished,
                  "batch_images": job.batch_images, "cancel_requested": job.cancel_requested}
             if job.stopped_at_step is not None:
                 d["stopped_at_step"] = job.stopped_at_step
@@ -457,9 +460,8 @@ class JobManager:
                     self._emit(job, "step", data)
 
         try:
-            lat = pipe.latents(classes, steps=p.steps, sampler=p.sampler, cfg_scale=p.cfg_scale, eta=p.eta,
-                               seeds=seeds, batch_size=min(len(classes), self.limits.max_batch), callback=on_step,
-                               guidance_interval=p.guidance_interval)
+            lat = pipe.latents(classes, p.settings.replace(seeds=seeds), callback=on_step,
+                               batch_size=min(len(classes), self.limits.max_batch))
             self._deliver(batch, offsets, lat)
         except _BatchCancelled:
             pass
@@ -474,8 +476,8 @@ class JobManager:
                 self._batch_remaining_steps = 0
 
     def _deliver(self, batch: list[Job], offsets: list[int], lat: np.ndarray) -> None:
-        from ..images import to_pil
-        from ..pngmeta import generation_metadata, png_bytes
+        from ...images import to_pil
+        from ...pngmeta import generation_metadata, png_bytes
 
         pipe = self.pipe
         model_name = os.path.basename(pipe.path) if pipe.path else self.model_name
@@ -483,8 +485,7 @@ class JobManager:
             if job.final:
                 continue
             p = job.params
-            meta = generation_metadata(model_name, p.classes, p.seeds, p.steps, p.sampler, p.cfg_scale, p.eta,
-                                       self.activations, guidance_interval=p.guidance_interval)
+            meta = generation_metadata(model_name, p.classes, p.seeds, p.settings)
             # one image at a time, as Pipeline.__call__ decodes (same shapes, same bytes)
             pngs = [png_bytes(to_pil(pipe.decode(lat[off + k:off + k + 1])[0]), meta, k) for k in range(p.n)]
             with self._lock:

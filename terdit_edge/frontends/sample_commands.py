@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import sys
 
+from ..argtypes import add_backend_arguments, non_negative_int, positive_int
+from ..settings import GenerationSettings
 
-def add_parsers(sub, positive_int, non_negative_int, non_negative_float, steps_type, activation_modes):
+
+def add_parsers(sub) -> None:
     """Add the three subparsers to ``sub`` (argparse subparsers of the terdit-edge command)."""
-    from ..diffusion import SAMPLER_REGISTRY
-
-    default_steps = ", ".join(f"{n} {c.default_steps}" for n, c in SAMPLER_REGISTRY.items())
     s = sub.add_parser("sample", help="a resumable N-sample job in shards (local processes, Ray, or --shard K/N)",
                        description="Sample N images into fixed shards in DIR (resumable; the bytes do not depend on "
                                    "the engine or the number of workers). See docs/scale-out.md.")
@@ -19,23 +19,16 @@ def add_parsers(sub, positive_int, non_negative_int, non_negative_float, steps_t
     s.add_argument("--labels", default="uniform", metavar="uniform|balanced|FILE.npy",
                    help="class of sample i: uniform (hashed from the global seed and i), balanced (i mod classes), "
                         "or entry i of a 1-D integer .npy file (default uniform)")
-    s.add_argument("--steps", type=steps_type, default=None, help=f"sampling steps (default: {default_steps})")
-    s.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
-    s.add_argument("--cfg", type=non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
-    s.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default 0)")
-    from ..cli import _guidance_interval
-    s.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
-                   help="guidance only at timesteps in [LO, HI] (as in generate; default: every step)")
-    s.add_argument("--activations", choices=activation_modes, default="fp32")
-    s.add_argument("--backend", choices=("auto", "cython", "numba", "numpy"), default="auto")
+    # every setting but the seeds: a job derives each sample's seed from --global-seed
+    GenerationSettings.add_arguments(s, scopes=("model", "sampling"))
+    add_backend_arguments(s, threads_help="threads per worker (local default: cores / workers; ray default 1 = "
+                                          "num_cpus per actor)")
     s.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard file (default 1000)")
     s.add_argument("--batch-size", type=positive_int, default=8,
                    help="images sampled together by a worker (default 8; does not change the images)")
     s.add_argument("--engine", choices=("local", "ray"), default="local")
     s.add_argument("--workers", type=positive_int, default=None,
                    help="worker processes (local, default 1) or Ray actors (default: cluster CPUs / threads)")
-    s.add_argument("--threads", type=positive_int, default=None,
-                   help="threads per worker (local default: cores / workers; ray default 1 = num_cpus per actor)")
     s.add_argument("--address", default=None, help="Ray cluster to join (ray://HOST:PORT, HOST:PORT or auto); "
                                                    "default: start a local Ray instance")
     s.add_argument("--shard", default=None, metavar="K/N",
@@ -71,17 +64,13 @@ def add_parsers(sub, positive_int, non_negative_int, non_negative_float, steps_t
 
 
 def cmd_sample(args) -> int:
-    from .engines import LocalEngine, RayEngine
-    from .job import JobSpec, parse_shard_selector, run_job
+    from ..scale.engines import LocalEngine, RayEngine
+    from ..scale.job import JobSpec, parse_shard_selector, run_job
 
     shard = parse_shard_selector(args.shard)
-    from ..diffusion import SAMPLER_REGISTRY
-
-    steps = args.steps if args.steps is not None else SAMPLER_REGISTRY[args.sampler].default_steps
-    spec = JobSpec(model_path=args.model, n=args.n, global_seed=args.global_seed, labels=args.labels, steps=steps,
-                   sampler=args.sampler, cfg_scale=args.cfg, eta=args.eta, activations=args.activations,
-                   shard_size=args.shard_size, batch_size=args.batch_size, backend=args.backend,
-                   verify=not args.no_verify, guidance_interval=args.guidance_interval).prepare()
+    spec = JobSpec(model_path=args.model, n=args.n, global_seed=args.global_seed, labels=args.labels,
+                   settings=GenerationSettings.from_args(args), shard_size=args.shard_size,
+                   batch_size=args.batch_size, backend=args.backend, verify=not args.no_verify).prepare()
     if args.engine == "local":
         if args.address:
             print("terdit-edge sample: --address is ignored by the local engine", file=sys.stderr)
@@ -89,15 +78,16 @@ def cmd_sample(args) -> int:
     else:
         engine = RayEngine(workers=args.workers, threads=args.threads, address=args.address, retries=args.retries)
     sel = f"; shards k %% {shard[1]} == {shard[0]}" if shard[1] > 1 else ""
-    print(f"terdit-edge sample: {spec.n} samples of {spec.model_path} ({spec.sampler} {spec.steps} steps, cfg "
-          f"{spec.cfg_scale}, labels {args.labels}, global seed {spec.global_seed}) in {spec.n_shards} shard(s) "
+    gs = spec.settings
+    print(f"terdit-edge sample: {spec.n} samples of {spec.model_path} ({gs.sampler} {gs.step_spec} steps, cfg "
+          f"{gs.cfg_scale}, labels {args.labels}, global seed {spec.global_seed}) in {spec.n_shards} shard(s) "
           f"of {spec.shard_size}{sel}; {engine.describe()}".replace("%%", "%"), file=sys.stderr)
     run_job(spec, args.out, engine, shard=shard, progress=not args.no_progress, png=args.png)
     return 0
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge
+    from ..scale.merge import merge
 
     merge(args.dirs, args.out, verify=not args.no_verify, progress=not args.no_progress)
     return 0

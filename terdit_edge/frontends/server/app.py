@@ -21,8 +21,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import __version__
-from ..diffusion import SAMPLER_REGISTRY
+from ..._version import __version__
+from ...diffusion import SAMPLER_REGISTRY
 from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull
 from .validate import ApiError, bad, job_params, openai_params
 
@@ -41,12 +41,12 @@ CANCEL_WAIT_SECONDS = 30.0
 
 
 def package_text(name: str) -> str:
-    return resources.files("terdit_edge.server").joinpath(name).read_text("utf-8")
+    return resources.files("terdit_edge.frontends.server").joinpath(name).read_text("utf-8")
 
 
 def read_key_file(path) -> list[str]:
     """API keys, one per line (blank lines and lines starting with # are ignored)."""
-    from ..errors import InputError
+    from ...errors import InputError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -68,12 +68,10 @@ def _json_error(err: ApiError) -> JSONResponse:
 class Server:
     """Holds the job manager and configuration; its methods are the endpoints."""
 
-    def __init__(self, manager: JobManager, api_keys: list[str] | None = None, backend: str = "auto",
-                 activations: str = "fp32"):
+    def __init__(self, manager: JobManager, api_keys: list[str] | None = None, backend: str = "auto"):
         self.m = manager
         self.keys = [k.encode("utf-8") for k in api_keys] if api_keys else None
         self.backend_requested = backend
-        self.activations = activations
         self.started = time.time()
         self.page = {path: (package_text(name).encode("utf-8"), ctype) for path, (name, ctype) in PAGE_FILES.items()}
         self.openapi = package_text("openapi.json").encode("utf-8")
@@ -166,7 +164,7 @@ class Server:
             "samplers": list(SAMPLER_REGISTRY),
             "default_steps": {name: cls.default_steps for name, cls in SAMPLER_REGISTRY.items()},
             "image": {"width": side, "height": side, "channels": 3 if cfg.latent else cfg.in_channels},
-            "backend": pipe.model.backend.describe(), "activations": self.activations,
+            "backend": pipe.model.backend.describe(), **self.m.settings.model_kwargs(),
             "limits": {"max_queue": lim.max_queue, "max_batch": lim.max_batch, "max_n": lim.max_n,
                        "max_steps": lim.max_steps, "max_body_bytes": lim.max_body_bytes,
                        "keep_seconds": lim.keep_seconds, "keep_jobs": lim.keep_jobs},
@@ -230,7 +228,7 @@ class Server:
     async def create_job(self, request: Request):
         owner = self.owner(request)
         pipe = self.pipe()
-        params = job_params(await self.body(request), pipe, self.m.limits)
+        params = job_params(await self.body(request), pipe, self.m.limits, self.m.settings)
         job = self.submit(params, owner)
         d = self.job_json(job)
         return JSONResponse({"id": job.id, "status_url": d["status_url"], "events_url": d["events_url"],
@@ -291,7 +289,7 @@ class Server:
     async def openai_generate(self, request: Request):
         owner = self.owner(request)
         pipe = self.pipe()
-        params = openai_params(await self.body(request), pipe, self.m.limits)
+        params = openai_params(await self.body(request), pipe, self.m.limits, self.m.settings)
         job = self.submit(params, owner)
         while not job.final:
             await self.m.wait_for_change(job, job.seq, 0.25)
@@ -314,9 +312,9 @@ class Server:
 
 
 def create_app(manager: JobManager, api_keys: list[str] | None = None, backend: str = "auto",
-               activations: str = "fp32", start_manager: bool = True) -> Starlette:
+               start_manager: bool = True) -> Starlette:
     """The ASGI app. With ``start_manager`` its lifespan starts the worker and stops it at shutdown."""
-    srv = Server(manager, api_keys, backend=backend, activations=activations)
+    srv = Server(manager, api_keys, backend=backend)
 
     def guarded(fn):
         async def endpoint(request: Request):

@@ -7,7 +7,8 @@ import os
 import socket
 import sys
 
-from ..errors import TerditError
+from ...errors import TerditError
+from ...settings import GenerationSettings
 from .jobs import JobManager, Limits
 
 LOOPBACK_NAMES = ("localhost",)
@@ -43,9 +44,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build(model=None, backend="auto", activations="fp32", threads=None, api_keys=None, limits: Limits | None = None):
-    """(manager, app) for a model path (None: the bundled model); the manager starts with the app."""
-    from ..pipeline import Pipeline, default_model_path
+def build(model=None, backend="auto", settings: GenerationSettings | None = None, threads=None, api_keys=None,
+          limits: Limits | None = None):
+    """(manager, app) for a model path (None: the bundled model); the manager starts with the app.
+    ``settings``: the model settings (activations) every request runs with."""
+    settings = settings or GenerationSettings()
+    from ...pipeline import Pipeline, default_model_path
     from .app import create_app
 
     path = model if model is not None else default_model_path()
@@ -53,10 +57,10 @@ def build(model=None, backend="auto", activations="fp32", threads=None, api_keys
         raise TerditError(f"model file {path!r} does not exist")
 
     def loader():
-        return Pipeline.load(path, backend=backend, activations=activations, threads=threads)
+        return Pipeline.load(path, backend=backend, threads=threads, settings=settings)
 
-    manager = JobManager(loader, limits or Limits(), model_name=os.path.basename(path), activations=activations)
-    return manager, create_app(manager, api_keys, backend=backend, activations=activations)
+    manager = JobManager(loader, limits or Limits(), model_name=os.path.basename(path), settings=settings)
+    return manager, create_app(manager, api_keys, backend=backend)
 
 
 def serve_command(args) -> int:
@@ -77,7 +81,7 @@ def serve_command(args) -> int:
     if not _is_loopback(args.host) and keys is None:
         print(f"terdit-edge serve: WARNING: listening on {args.host}, reachable from other machines, without an "
               "API key: anyone who can connect can use the server; pass --api-key-file FILE", file=sys.stderr)
-    manager, app = build(args.model, args.backend, args.activations, args.threads, keys, limits)
+    manager, app = build(args.model, args.backend, GenerationSettings.from_args(args), args.threads, keys, limits)
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -1,12 +1,11 @@
 """Request bodies -> JobParams, with a 4xx ApiError that says what was wrong (no web framework here)."""
 from __future__ import annotations
 
-import math
 import re
 import secrets
 
-from ..diffusion import MAX_SEED, SAMPLER_REGISTRY, check_guidance_interval, respaced_timesteps, sampler_class
-from ..errors import InputError
+from ...errors import InputError
+from ...settings import GenerationSettings
 from .jobs import JobParams, Limits
 
 
@@ -26,12 +25,11 @@ def bad(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, code, message)
 
 
-JOB_FIELDS = ("class", "n", "seed", "seeds", "steps", "sampler", "cfg_scale", "eta", "guidance_interval")
+# the settings a request may set (seeds and sampling settings; the model settings are the server's)
+REQUEST_SETTINGS = GenerationSettings.json_fields(("sampling", "seed"))
+JOB_FIELDS = ("class", "n", *REQUEST_SETTINGS)
 # OpenAI's image-generation fields, plus this server's sampling extensions
-OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "quality", "style", "user",
-                 "seed", "seeds", "steps", "sampler", "cfg_scale", "eta", "guidance_interval")
-MAX_CFG = 100.0
-MAX_ETA = 10.0
+OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "quality", "style", "user", *REQUEST_SETTINGS)
 
 
 def _int(body: dict, name: str, lo: int, hi: int, default=None):
@@ -43,15 +41,6 @@ def _int(body: dict, name: str, lo: int, hi: int, default=None):
     if not lo <= v <= hi:
         raise bad(f"{name} must be in {lo}..{hi}, got {v}")
     return v
-
-
-def _number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
-    v = body.get(name, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(f"{name} must be a finite number, got {v!r}")
-    if not lo <= v <= hi:
-        raise bad(f"{name} must be in {lo:g}..{hi:g}, got {v!r}")
-    return float(v)
 
 
 def check_fields(body, allowed: tuple) -> None:
@@ -73,57 +62,20 @@ def resolve_class(pipe, value) -> int:
         raise bad(str(e), "unknown_class") from None
 
 
-def sampling_params(body: dict, limits: Limits, class_id: int, n: int) -> JobParams:
-    """The shared part of both APIs: seeds, steps, sampler, cfg_scale, eta, guidance_interval."""
-    sampler = body.get("sampler", "ddpm")
+def sampling_params(body: dict, limits: Limits, class_id: int, n: int, base: GenerationSettings) -> JobParams:
+    """The shared part of both APIs: the request's settings over the server's ``base`` settings,
+    and one seed per image (a random first seed when the request gives none)."""
     try:
-        if not isinstance(sampler, str) or len(sampler) > 40:
-            raise InputError("")
-        sampler_cls = sampler_class(sampler)
-    except InputError:
-        raise bad(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_REGISTRY)}") from None
-    sampler = sampler_cls.name
-    steps = body.get("steps", sampler_cls.default_steps)
-    if isinstance(steps, bool) or not isinstance(steps, (int, str)) or (
-            isinstance(steps, str) and not re.fullmatch(r"ddim[0-9]{1,4}", steps)):
-        raise bad(f"steps must be an integer or 'ddimN', got {steps!r}")
-    try:
-        n_steps = len(respaced_timesteps(steps))
+        settings = GenerationSettings.from_json(body, base=base, scopes=("sampling", "seed"))
+        if settings.n_steps > limits.max_steps:
+            raise InputError(f"steps must be at most {limits.max_steps} on this server, got {settings.n_steps}")
+        seeds = settings.image_seeds(n, default_seed=secrets.randbelow(2**31))  # reported with the job
     except InputError as e:
         raise bad(str(e)) from None
-    if n_steps > limits.max_steps:
-        raise bad(f"steps must be at most {limits.max_steps} on this server, got {n_steps}")
-    cfg = _number(body, "cfg_scale", 0.0, MAX_CFG, 4.0)
-    eta = _number(body, "eta", 0.0, MAX_ETA, 0.0)
-    interval = body.get("guidance_interval")
-    if interval is not None:
-        if not isinstance(interval, list) or len(interval) != 2 or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in interval):
-            raise bad(f"guidance_interval must be [LO, HI], two integer timesteps, got {interval!r}"[:300])
-        try:
-            interval = tuple(check_guidance_interval(interval))
-        except InputError as e:
-            raise bad(str(e)) from None
-    if body.get("seeds") is not None:
-        if "seed" in body and body["seed"] is not None:
-            raise bad("give seed or seeds, not both")
-        seeds = body["seeds"]
-        if not isinstance(seeds, list) or len(seeds) != n:
-            raise bad(f"seeds must be a list of {n} integers (one per image), got {seeds!r}"[:300])
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-                raise bad(f"every seed must be an integer in 0..2**64-1, got {s!r}")
-        seeds = tuple(seeds)
-    else:
-        seed = _int(body, "seed", 0, MAX_SEED - (n - 1), None)
-        if seed is None:
-            seed = secrets.randbelow(2**31)  # no seed: a random one, reported with the job
-        seeds = tuple(seed + k for k in range(n))
-    return JobParams(classes=(class_id,) * n, seeds=seeds, steps=steps, n_steps=n_steps, sampler=sampler,
-                     cfg_scale=cfg, eta=eta, guidance_interval=interval)
+    return JobParams(classes=(class_id,) * n, seeds=tuple(seeds), settings=settings.replace(seed=None, seeds=None))
 
 
-def job_params(body, pipe, limits: Limits) -> JobParams:
+def job_params(body, pipe, limits: Limits, base: GenerationSettings) -> JobParams:
     """POST /v1/jobs body -> JobParams."""
     check_fields(body, JOB_FIELDS)
     if "class" not in body:
@@ -131,10 +83,10 @@ def job_params(body, pipe, limits: Limits) -> JobParams:
     class_id = resolve_class(pipe, body["class"])
     n_default = len(body["seeds"]) if isinstance(body.get("seeds"), list) and body["seeds"] else 1
     n = _int(body, "n", 1, limits.max_n, n_default)
-    return sampling_params(body, limits, class_id, n)
+    return sampling_params(body, limits, class_id, n, base)
 
 
-def openai_params(body, pipe, limits: Limits) -> JobParams:
+def openai_params(body, pipe, limits: Limits, base: GenerationSettings) -> JobParams:
     """POST /v1/images/generations body -> JobParams. prompt: a class name, an id, or "class:ID"."""
     check_fields(body, OPENAI_FIELDS)
     prompt = body.get("prompt")
@@ -155,4 +107,4 @@ def openai_params(body, pipe, limits: Limits) -> JobParams:
     for name in ("model", "quality", "style", "user"):
         if name in body and body[name] is not None and not isinstance(body[name], str):
             raise bad(f"{name} must be a string, got {body[name]!r}")
-    return sampling_params(body, limits, class_id, n)
+    return sampling_params(body, limits, class_id, n, base)

@@ -1,5 +1,8 @@
 """The terdit-edge command line: argument parsing only; the work is done by the library.
 
+Generation settings (sampler, steps, cfg, seeds, activations, ...) are the options of
+:meth:`terdit_edge.settings.GenerationSettings.add_arguments`; this module names none of them.
+
 Exit codes: 0 success, 1 a terdit-edge error (bad model file, bad input...), 2 bad command-line
 arguments, 130 interrupted.
 """
@@ -11,61 +14,11 @@ import os
 import sys
 import time
 
-from . import __version__
-from .diffusion import SAMPLER_REGISTRY
-from .errors import TerditError
-from .kernels.base import ACTIVATION_MODES
-
-
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= minimum, with a message naming `what` on failure."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {v}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "positive")
-_non_negative_int = _int_at_least(0, "non-negative")
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def _seed_list(text: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",")]
-    if not parts or any(not p for p in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
-    return [_non_negative_int(p) for p in parts]
-
-
-def _guidance_interval(text: str) -> tuple[int, int]:
-    parts = text.split(",")
-    try:
-        lo, hi = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (two integer timesteps), got {text!r}") from None
-    if not 0 <= lo <= hi <= 999:
-        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 999, got {text!r}")
-    return lo, hi
-
-
-def _steps(text: str):
-    if text.startswith("ddim"):
-        return text
-    return _positive_int(text)
+from .._version import __version__
+from ..argtypes import add_backend_arguments, non_negative_float, non_negative_int, positive_int
+from ..errors import TerditError
+from ..kernels.base import ACTIVATION_MODES
+from ..settings import GenerationSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,31 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     g.add_argument("--class", dest="classes", action="append", default=None, metavar="ID_OR_NAME",
                    help="class id or name, repeatable (default: every class of a model with <= 100 classes)")
-    defaults = ", ".join(f"{n} {c.default_steps}" for n, c in SAMPLER_REGISTRY.items())
-    g.add_argument("--steps", type=_steps, default=None,
-                   help=f"sampling steps N, or 'ddimN' for the DDIM integer stride (default: {defaults})")
-    g.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
-    g.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
-                   help="guide only at steps whose timestep t (0..999) has LO <= t <= HI (default: every step)")
-    g.add_argument("--cfg", type=_non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
-    g.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (default 0)")
-    sg = g.add_mutually_exclusive_group()
-    sg.add_argument("--seed", type=_non_negative_int, default=0,
-                    help="seed of the first image; image k gets SEED + k (default 0)")
-    sg.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
-                    help="one seed per image (as many as classes); an image depends only on its class and seed")
-    g.add_argument("--batch-size", type=_positive_int, default=None,
+    GenerationSettings.add_arguments(g)
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help="images sampled together (default: what fits in memory); the images do not depend on it")
     g.add_argument("--out", default="out.png", help="output PNG (several classes without --grid: OUT-0.png, ...)")
     g.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
-    g.add_argument("--upscale", type=_positive_int, default=None,
+    g.add_argument("--upscale", type=positive_int, default=None,
                    help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
-    g.add_argument("--backend", choices=("auto", "cython", "numba", "numpy", "cuda"), default="auto")
-    g.add_argument("--activations", choices=ACTIVATION_MODES, default="fp32",
-                   help="fp32 (parity), int8 or int10 (per-token integer activations; faster)")
+    add_backend_arguments(g)
     g.add_argument("--vae", default=None, help="a VAE .tdit file for a model file without an embedded VAE")
-    g.add_argument("--vae-tile", type=_positive_int, default=None, help="decode in latent tiles of this size")
+    g.add_argument("--vae-tile", type=positive_int, default=None, help="decode in latent tiles of this size")
     g.add_argument("--save-latents", default=None, metavar="NPY", help="also save the sampled latents (.npy)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
@@ -112,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="output .tdit file")
     c.add_argument("--label-map", choices=("terdit", "identity"), default=None,
                    help="default: terdit for 1000-class models (the released models' string-sorted order), else identity")
-    c.add_argument("--n-heads", type=_positive_int, default=None, help="attention heads (default: model_args or 32)")
+    c.add_argument("--n-heads", type=positive_int, default=None, help="attention heads (default: model_args or 32)")
     c.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the float parameters")
     c.add_argument("--weights", default=None, help="which weights file of the directory to convert")
-    c.add_argument("--image-size", type=_positive_int, default=None, help="image size (default: model_args)")
-    c.add_argument("--guided-channels", type=_positive_int, default=None,
+    c.add_argument("--image-size", type=positive_int, default=None, help="image size (default: model_args)")
+    c.add_argument("--guided-channels", type=positive_int, default=None,
                    help="eps channels mixed by guidance (default 3 for latent TerDiT models, else all)")
     c.add_argument("--vae", default=None, metavar="VAE_SRC", help="embed this SD-VAE decoder in the file")
     c.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
@@ -136,20 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "[server] extra; docs/server.md)")
     s.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port (default 8000; 0: a free one)")
+    s.add_argument("--port", type=non_negative_int, default=8000, help="TCP port (default 8000; 0: a free one)")
     s.add_argument("--api-key-file", default=None, help="file of bearer keys, one per line (default: no auth)")
-    s.add_argument("--max-queue", type=_positive_int, default=32, help="queued jobs before 429 (default 32)")
-    s.add_argument("--max-batch", type=_positive_int, default=8, help="images sampled together (default 8)")
-    s.add_argument("--batch-wait-ms", type=_non_negative_float, default=20.0,
+    s.add_argument("--max-queue", type=positive_int, default=32, help="queued jobs before 429 (default 32)")
+    s.add_argument("--max-batch", type=positive_int, default=8, help="images sampled together (default 8)")
+    s.add_argument("--batch-wait-ms", type=non_negative_float, default=20.0,
                    help="wait up to this long for more jobs to fill a batch (default 20)")
-    s.add_argument("--max-n", type=_positive_int, default=16, help="images per request (default 16)")
-    s.add_argument("--max-steps", type=_positive_int, default=1000, help="sampler steps per job (default 1000)")
-    s.add_argument("--keep-seconds", type=_non_negative_float, default=600.0,
+    s.add_argument("--max-n", type=positive_int, default=16, help="images per request (default 16)")
+    s.add_argument("--max-steps", type=positive_int, default=1000, help="sampler steps per job (default 1000)")
+    s.add_argument("--keep-seconds", type=non_negative_float, default=600.0,
                    help="finished jobs are kept this long (default 600)")
-    s.add_argument("--keep-jobs", type=_positive_int, default=256, help="at most this many finished jobs kept")
-    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
-    s.add_argument("--backend", choices=("auto", "cython", "numba", "numpy", "cuda"), default="auto")
-    s.add_argument("--activations", choices=ACTIVATION_MODES, default="fp32")
+    s.add_argument("--keep-jobs", type=positive_int, default=256, help="at most this many finished jobs kept")
+    add_backend_arguments(s)
+    GenerationSettings.add_arguments(s, scopes=("model",))  # requests set the others
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     s.add_argument("--access-log", action="store_true", help="log every request")
 
@@ -157,23 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--json", action="store_true")
 
-    from .scale.commands import add_parsers as _add_scale_parsers  # sample, merge, fid (issue 13)
-    _add_scale_parsers(sub, _positive_int, _non_negative_int, _non_negative_float, _steps, ACTIVATION_MODES)
+    from .sample_commands import add_parsers as _add_sample_parsers  # sample, merge, fid (issue 13)
+    _add_sample_parsers(sub)
     return p
 
 
 def _cmd_info(args) -> int:
-    from .kernels import available_backends, batch_invariance, get_backend
+    from ..kernels import available_backends, batch_invariance, get_backend
 
     info = {"version": __version__, "backends": available_backends(), "batch_invariant": batch_invariance()}
     try:
-        from .kernels.cpu import cpu_features
+        from ..kernels.cpu import cpu_features
         info["cpu"] = cpu_features()
     except ImportError:
         info["cpu"] = {"note": "compiled extension not built; CPU feature detection unavailable"}
     info["auto_backend"] = get_backend("auto").describe()
     if args.model:
-        from .format import read_tdit
+        from ..format import read_tdit
         tf = read_tdit(args.model)
         m = {"path": tf.path, "file_bytes": tf.file_size, "format_version": tf.metadata.get("format_version"),
              "packing": tf.metadata.get("packing"), "source": tf.source}
@@ -239,7 +176,7 @@ def _save_images(images, args, meta: dict) -> list[str]:
             paths = [out]
     else:
         paths = [f"{root}-{k}{ext}" for k in range(len(images))]
-    from .pngmeta import png_info
+    from ..pngmeta import png_info
 
     written = []
     for k, (im, path) in enumerate(zip(images, paths)):
@@ -257,12 +194,12 @@ def _seed_summary(seeds: list[int]) -> str:
 def _cmd_generate(args) -> int:
     import numpy as np
 
-    from .diffusion import image_seeds
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
     t0 = time.time()
-    pipe = Pipeline.load(args.model, backend=args.backend, activations=args.activations, threads=args.threads,
-                         vae=args.vae, verify=not args.no_verify)
+    settings = GenerationSettings.from_args(args)
+    pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads, vae=args.vae,
+                         verify=not args.no_verify, settings=settings)
     cfg = pipe.config
     if args.classes is None:
         if cfg.num_classes > 100:
@@ -273,35 +210,32 @@ def _cmd_generate(args) -> int:
             args.grid = True
     else:
         classes = pipe.resolve_classes(args.classes)
-    steps = args.steps if args.steps is not None else SAMPLER_REGISTRY[args.sampler].default_steps
     latents_only = cfg.latent and pipe.vae is None
     if latents_only and not args.save_latents:
         raise TerditError("this model samples SD-VAE latents but the file holds no VAE: embed one with "
                           "`terdit-edge convert ... --vae VAE_SRC`, pass --vae FILE, or use --save-latents NPY")
-    seeds = image_seeds(len(classes), args.seed, args.seeds)
+    seeds = settings.image_seeds(len(classes))
     print(f"model: {pipe.path} ({cfg.n_layers} layers, dim {cfg.dim}); backend "
-          f"{pipe.model.backend.describe()}; {len(classes)} image(s), {args.sampler} {steps} steps, cfg {args.cfg}, "
-          f"seeds {_seed_summary(seeds)}", file=sys.stderr)
-    latents = pipe.latents(classes, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, seeds=seeds,
-                           eta=args.eta, progress=not args.no_progress, batch_size=args.batch_size,
-                           guidance_interval=args.guidance_interval)
+          f"{pipe.model.backend.describe()}; {len(classes)} image(s), {settings.sampler} {settings.step_spec} steps, "
+          f"cfg {settings.cfg_scale}, seeds {_seed_summary(seeds)}", file=sys.stderr)
+    settings = settings.replace(seeds=seeds)
+    latents = pipe.latents(classes, settings, progress=not args.no_progress, batch_size=args.batch_size)
     if args.save_latents:
         np.save(args.save_latents, latents)
         print(f"wrote {args.save_latents}", file=sys.stderr)
     if latents_only:
         return 0
-    from .pipeline import to_pil
+    from ..images import to_pil
     images = [to_pil(pipe.decode(latents[k:k + 1], vae_tile=args.vae_tile)[0]) for k in range(len(classes))]
-    from .pngmeta import generation_metadata
-    meta = generation_metadata(os.path.basename(pipe.path), classes, seeds, steps, args.sampler, args.cfg, args.eta,
-                               args.activations, guidance_interval=args.guidance_interval)
+    from ..pngmeta import generation_metadata
+    meta = generation_metadata(os.path.basename(pipe.path), classes, seeds, settings)
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
 def _cmd_pull(args) -> int:
-    from .hub import cache_dir, list_models, pull
+    from ..hub import cache_dir, list_models, pull
 
     if args.list or args.name is None:
         print(f"released models (cache: {cache_dir()}):")
@@ -317,13 +251,13 @@ def _cmd_pull(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .converters.terdit import main_convert
+    from ..converters.terdit import main_convert
 
     return main_convert(args)
 
 
 def _cmd_convert_vae(args) -> int:
-    from .converters.vae import convert_vae_file
+    from ..converters.vae import convert_vae_file
 
     convert_vae_file(args.src, args.out, dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr))
     return 0
@@ -336,7 +270,7 @@ def _cmd_serve(args) -> int:
 
 
 def _scale_handlers() -> dict:
-    from .scale.commands import HANDLERS
+    from .sample_commands import HANDLERS
 
     return HANDLERS
 
