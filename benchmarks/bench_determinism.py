@@ -49,22 +49,24 @@ def before(model, old_ext):
     from terdit_edge.kernels.reference import NumpyBackend
 
     be_types = {type(model.backend), type(model.cond_backend)}
-    saved = (cython_backend._ternary, model_mod.timestep_embedding, model_mod.silu,
-             {t: (t.__dict__.get("dense"), t.invariant_min_rows) for t in be_types})
+    saved = (cython_backend._ternary, model_mod.timestep_embedding,
+             {t: (t.__dict__.get("dense"), t.__dict__.get("silu"), t.invariant_min_rows) for t in be_types})
     cython_backend._ternary = old_ext
-    model_mod.timestep_embedding, model_mod.silu = np_timestep_embedding, np_silu
+    model_mod.timestep_embedding = np_timestep_embedding
     for t in be_types:
         t.dense = NumpyBackend.dense
+        t.silu = lambda self, x: np_silu(x)
         t.invariant_min_rows = 8
     try:
         yield
     finally:
-        cython_backend._ternary, model_mod.timestep_embedding, model_mod.silu = saved[:3]
-        for t, (dense, rows) in saved[3].items():
-            if dense is None:
-                del t.dense
-            else:
-                t.dense = dense
+        cython_backend._ternary, model_mod.timestep_embedding = saved[:2]
+        for t, (dense, silu, rows) in saved[2].items():
+            for name, value in (("dense", dense), ("silu", silu)):
+                if value is None:
+                    delattr(t, name)
+                else:
+                    setattr(t, name, value)
             t.invariant_min_rows = rows
 
 
@@ -90,7 +92,8 @@ def step_ab(tdit: str, mode: str, threads: int, repeat: int, old_ext) -> dict:
                 cpu[kind].append(time.process_time() - c0)
     a, b = outs["same bits"], outs["before"]
     return {"mode": mode, "threads": threads,
-            **{f"{k}_min": min(v) for k, v in wall.items()}, **{f"{k}_median": statistics.median(v) for k, v in wall.items()},
+            **{f"{k}_min": min(v) for k, v in wall.items()},
+            **{f"{k}_median": statistics.median(v) for k, v in wall.items()},
             **{f"{k}_cpu": statistics.median(v) for k, v in cpu.items()},
             "rel_diff": float(np.abs(a - b).max() / np.abs(b).max())}
 

@@ -42,11 +42,6 @@ def rope_tables(n_tokens: int, head_dim: int, theta: float) -> tuple[np.ndarray,
     return detmath.cos64(angles).astype(np.float32), detmath.sin64(angles).astype(np.float32)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    """x / (1 + e^-x) in float32 (detmath's exp: the same bits on every CPU)."""
-    return detmath.silu32(x)
-
-
 def patchify(x: np.ndarray, p: int) -> np.ndarray:
     """(B, C, H, W) -> (B, T, C*p*p): tokens row-major over the grid, each flattened as (C, p_row, p_col)."""
     b, c, h, w = x.shape

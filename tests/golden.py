@@ -44,7 +44,7 @@ CASES: list[list[str]] = [
 
 def run_case(args: list[str], workdir: str) -> dict:
     """Run `terdit-edge generate ARGS` in this process; the two hashes of what it wrote."""
-    from terdit_edge.cli import main
+    from terdit_edge.frontends.cli import main
 
     png = os.path.join(workdir, "out.png")
     npy = os.path.join(workdir, "latents.npy")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import detmath
 from ..packing import unpack_ternary_2bit
 from .base import TernaryWeight, activation_bits, check_matmul_args
 
@@ -169,8 +170,9 @@ class NumpyBackend:
 
     # --- conditioning ----------------------------------------------------------------------
     def silu(self, x):
-        """x * sigmoid(x) elementwise, as x / (1 + exp(-x))."""
-        return x / (np.float32(1) + np.exp(-x))
+        """x * sigmoid(x) elementwise, as x / (1 + exp(-x)) in float32 with detmath's exp (not NumPy's
+        CPU-dispatched one: the same bits on every CPU, docs/reproducibility.md)."""
+        return detmath.silu32(x)
 
     def condition(self, t_emb, table, y):
         """silu(t_emb + table[y]): the conditioning vector of each image. t_emb (B, C); table
