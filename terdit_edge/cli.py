@@ -120,11 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eps channels mixed by guidance (default 3 for latent TerDiT models, else all)")
     c.add_argument("--vae", default=None, metavar="VAE_SRC", help="embed this SD-VAE decoder in the file")
     c.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
+    c.add_argument("--vae-encoder", action="store_true",
+                   help="keep the VAE's encoder too (needed by `edit` on latent models)")
 
     v = sub.add_parser("convert-vae", help="convert an SD-VAE (diffusers folder or LDM file) to a VAE-only .tdit")
     v.add_argument("src")
     v.add_argument("out")
     v.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
+    v.add_argument("--vae-encoder", action="store_true",
+                   help="keep the VAE's encoder too (needed by `edit` on latent models)")
 
     h = sub.add_parser("pull", help="download a released TerDiT model from the Hugging Face Hub and convert it "
                        "(needs the [hub] extra)")
@@ -325,7 +329,8 @@ def _cmd_convert(args) -> int:
 def _cmd_convert_vae(args) -> int:
     from .converters.vae import convert_vae_file
 
-    convert_vae_file(args.src, args.out, dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr))
+    convert_vae_file(args.src, args.out, dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr),
+                     encoder=args.vae_encoder)
     return 0
 
 
