@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     s.add_argument("--access-log", action="store_true", help="log every request")
 
+    _add_edit_parser(sub)
+
     i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--json", action="store_true")
@@ -304,6 +306,83 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _add_edit_parser(sub) -> None:
+    """The `edit` subcommand: image-to-image (SDEdit) and, with --mask, inpainting (issue 27)."""
+    e = sub.add_parser("edit", help="edit a picture toward a class: image-to-image, or inpainting with --mask")
+    e.add_argument("image", help="input picture (PNG, JPEG, ...; gray, palette or RGB, alpha dropped)")
+    e.add_argument("--model", default=None, help=".tdit file (default: the bundled digits model)")
+    e.add_argument("--class", dest="classes", action="append", required=True, metavar="ID_OR_NAME",
+                   help="class id or name, repeatable (one edited image per class)")
+    e.add_argument("--strength", type=float, default=None,
+                   help="0..1: how far the input is noised before sampling toward the class (0 keeps the input, "
+                        "1 is plain generation; default 0.6, with --mask 1)")
+    e.add_argument("--mask", default=None, help="mask picture of the input's size: white = regenerate, black = keep")
+    e.add_argument("--resample-jumps", type=_non_negative_int, default=0,
+                   help="RePaint resampling with --mask: go back up --jump-length steps this many times (default 0)")
+    e.add_argument("--jump-length", type=_positive_int, default=1, help="RePaint jump length in steps (default 1)")
+    e.add_argument("--mask-blur", type=_non_negative_float, default=1.0,
+                   help="soft mask edge, in latent pixels (pixels for pixel-space models; default 1)")
+    e.add_argument("--fit", choices=("crop", "stretch"), default="crop",
+                   help="bring the input to the model's size: crop (shorter side, centre cut; default) or stretch")
+    defaults = ", ".join(f"{n} {c.default_steps}" for n, c in SAMPLER_REGISTRY.items())
+    e.add_argument("--steps", type=_steps, default=None, help=f"steps of the full schedule (default: {defaults})")
+    e.add_argument("--sampler", choices=tuple(SAMPLER_REGISTRY), default="ddpm")
+    e.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI")
+    e.add_argument("--cfg", type=_non_negative_float, default=4.0, help="classifier-free guidance scale (default 4)")
+    e.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (default 0)")
+    sg = e.add_mutually_exclusive_group()
+    sg.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the first image (image k: SEED + k)")
+    sg.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...", help="one seed per image")
+    e.add_argument("--batch-size", type=_positive_int, default=None)
+    e.add_argument("--out", default="edit.png", help="output PNG (several classes: OUT-0.png, ... or --grid)")
+    e.add_argument("--grid", action="store_true", help="one PNG with all images")
+    e.add_argument("--upscale", type=_positive_int, default=None,
+                   help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
+    e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
+    e.add_argument("--backend", choices=("auto", "cython", "numba", "numpy", "cuda"), default="auto")
+    e.add_argument("--activations", choices=ACTIVATION_MODES, default="fp32")
+    e.add_argument("--vae", default=None, help="a VAE .tdit file (with its encoder) for a model file without one")
+    e.add_argument("--vae-tile", type=_positive_int, default=None, help="encode and decode in latent tiles of this size")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
+
+
+def _cmd_edit(args) -> int:
+    from .diffusion import image_seeds
+    from .pipeline import Pipeline
+    from .pngmeta import generation_metadata
+
+    t0 = time.time()
+    pipe = Pipeline.load(args.model, backend=args.backend, activations=args.activations, threads=args.threads,
+                         vae=args.vae, verify=not args.no_verify)
+    classes = pipe.resolve_classes(args.classes)
+    seeds = image_seeds(len(classes), args.seed, args.seeds)
+    steps = args.steps if args.steps is not None else SAMPLER_REGISTRY[args.sampler].default_steps
+    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6)
+    common = dict(strength=strength, steps=steps, sampler=args.sampler, cfg_scale=args.cfg, eta=args.eta,
+                  seeds=seeds, progress=not args.no_progress, fit=args.fit, vae_tile=args.vae_tile,
+                  batch_size=args.batch_size, guidance_interval=args.guidance_interval)
+    what = "inpainting" if args.mask else "image-to-image"
+    print(f"model: {pipe.path}; {what} of {args.image}, strength {strength}, {len(classes)} image(s), "
+          f"{args.sampler} {steps} steps, cfg {args.cfg}, seeds {_seed_summary(seeds)}", file=sys.stderr)
+    if args.mask:
+        images = pipe.inpaint(args.image, args.mask, classes, resample_jumps=args.resample_jumps,
+                              jump_length=args.jump_length, mask_blur=args.mask_blur, **common)
+    else:
+        if args.resample_jumps:
+            raise TerditError("--resample-jumps needs --mask (RePaint resamples an inpainting)")
+        images = pipe.edit(args.image, classes, **common)
+    meta = generation_metadata(os.path.basename(pipe.path), classes, seeds, steps, args.sampler, args.cfg, args.eta,
+                               args.activations, guidance_interval=args.guidance_interval)
+    meta.update({"edit": what, "source_image": os.path.basename(args.image), "strength": strength})
+    if args.mask:
+        meta.update({"mask": os.path.basename(args.mask), "resample_jumps": args.resample_jumps,
+                     "jump_length": args.jump_length, "mask_blur": args.mask_blur})
+    paths = _save_images(images, args, meta)
+    print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
 def _cmd_pull(args) -> int:
     from .hub import cache_dir, list_models, pull
 
@@ -352,7 +431,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
+    handler = {"generate": _cmd_generate, "edit": _cmd_edit, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
                "info": _cmd_info, "pull": _cmd_pull, "serve": _cmd_serve, **_scale_handlers()}[args.command]
     try:
         return handler(args)
