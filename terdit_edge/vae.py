@@ -347,20 +347,31 @@ class VAEDecoder:
 
     def _encode_tiled(self, x, tile, overlap):
         """Encode overlapping pixel tiles of x (H, W, C) independently (tile * f pixels, overlapping
-        by overlap * f) and blend their moments with linear ramps of ``overlap`` latent pixels."""
+        by overlap * f) and blend their moments with linear ramps of ``overlap`` latent pixels.
+
+        The layers above the latent's resolution run tile by tile (their activations are the large
+        ones); the tail at the latent's resolution (the last down block, the mid block, conv_out,
+        quant_conv: about half of the 512-channel weights) runs on all tiles together, so its
+        weights are prepared once. Each tile gets the same bits as when encoded alone."""
         f = self.cfg.upsample_factor
         h, w = x.shape[0] // f, x.shape[1] // f
         acc = np.zeros((h, w, 2 * self.cfg.in_latent_channels), np.float32)
         wsum = np.zeros((h, w, 1), np.float32)
-        for y0 in _tile_starts(h, tile, overlap):
-            for x0 in _tile_starts(w, tile, overlap):
-                th, tw = min(tile, h - y0), min(tile, w - x0)
-                m = self._encode_one(x[y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f])
-                wy = _ramp(th, overlap, y0 > 0, y0 + th < h)
-                wx = _ramp(tw, overlap, x0 > 0, x0 + tw < w)
-                wgt = (wy[:, None] * wx[None, :])[:, :, None]
-                acc[y0:y0 + th, x0:x0 + tw] += m * wgt
-                wsum[y0:y0 + th, x0:x0 + tw] += wgt
+        layers = self._encoder_layers()
+        last = f"encoder.down_blocks.{len(self.cfg.block_out_channels) - 1}."
+        tail = next(i for i, (prefix, _) in enumerate(layers) if prefix.startswith(last))
+        boxes = [(y0, x0, min(tile, h - y0), min(tile, w - x0))
+                 for y0 in _tile_starts(h, tile, overlap) for x0 in _tile_starts(w, tile, overlap)]
+        feats = [self._run(layers[:tail], [np.ascontiguousarray(x[y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f])])[0]
+                 for y0, x0, th, tw in boxes]
+        moments = self._run(layers[tail:], feats)
+        for i, (y0, x0, th, tw) in enumerate(boxes):
+            m, moments[i] = moments[i], None
+            wy = _ramp(th, overlap, y0 > 0, y0 + th < h)
+            wx = _ramp(tw, overlap, x0 > 0, x0 + tw < w)
+            wgt = (wy[:, None] * wx[None, :])[:, :, None]
+            acc[y0:y0 + th, x0:x0 + tw] += m * wgt
+            wsum[y0:y0 + th, x0:x0 + tw] += wgt
         return acc / wsum
 
     def encode_moments(self, images: np.ndarray, tile: int | None = None,
