@@ -306,8 +306,9 @@ def _human(nbytes: int) -> str:
 
 def convert(src: str, out: str, label_map: str | None = None, n_heads: int | None = None, dtype: str = "fp32",
             weights: str | None = None, image_size: int | None = None, guided_channels: int | None = None,
-            vae: str | None = None, vae_dtype: str = "fp16", log=print) -> dict:
-    """Convert a TerDiT checkpoint (and optionally an SD-VAE) into one .tdit file; returns a summary."""
+            vae: str | None = None, vae_dtype: str = "fp16", log=print, vae_encoder: bool = False) -> dict:
+    """Convert a TerDiT checkpoint (and optionally an SD-VAE) into one .tdit file; returns a summary.
+    ``vae_encoder``: keep the VAE's encoder too (image-to-image and inpainting need it)."""
     if dtype not in FLOAT_DTYPES:
         raise ConvertError(f"--dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
     if label_map is not None and label_map not in LABEL_MAPS:
@@ -331,7 +332,7 @@ def convert(src: str, out: str, label_map: str | None = None, n_heads: int | Non
     }
     if vae is not None:
         from .vae import vae_tensors_for_file
-        vae_meta, vae_tensors = vae_tensors_for_file(vae, vae_dtype, log=log)
+        vae_meta, vae_tensors = vae_tensors_for_file(vae, vae_dtype, log=log, encoder=vae_encoder)
         metadata.update(vae_meta)
         tensors.update(vae_tensors)
     write_tdit(out, tensors, metadata)
@@ -356,5 +357,6 @@ def convert(src: str, out: str, label_map: str | None = None, n_heads: int | Non
 def main_convert(args) -> int:  # used by the CLI
     convert(args.src, args.out, label_map=args.label_map, n_heads=args.n_heads, dtype=args.dtype,
             weights=args.weights, image_size=args.image_size, guided_channels=args.guided_channels,
-            vae=args.vae, vae_dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr))
+            vae=args.vae, vae_dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr),
+            vae_encoder=getattr(args, "vae_encoder", False))
     return 0

@@ -10,8 +10,11 @@ Accepted sources:
   up levels numbered in reverse), with or without the ``first_stage_model.`` prefix of a full
   Stable Diffusion checkpoint (whose other tensors are ignored).
 
-Only ``post_quant_conv`` and the decoder are kept; the encoder is dropped. The result uses the
-canonical names of :func:`terdit_edge.vae.expected_vae_tensors` and float32 arrays.
+Only ``post_quant_conv`` and the decoder are kept unless the encoder is asked for
+(``encoder=True``, the CLI's ``--vae-encoder``): then ``encoder.*`` and ``quant_conv`` too (LDM
+names ``encoder.down.N.block.M``, ``encoder.down.N.downsample.conv``, ``encoder.mid.*``,
+``encoder.norm_out`` are renamed as the decoder's). The result uses the canonical names of
+:func:`terdit_edge.vae.expected_vae_tensors` and float32 arrays.
 """
 from __future__ import annotations
 
@@ -37,14 +40,15 @@ _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn
 _LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def load_vae_checkpoint(src, norm_num_groups: int | None = None) -> tuple:
-    """Load a VAE decoder: returns (VAEConfig, {canonical name: float32 ndarray}).
+def load_vae_checkpoint(src, norm_num_groups: int | None = None, encoder: bool = False) -> tuple:
+    """Load a VAE decoder (and with ``encoder`` its encoder): returns (VAEConfig, {canonical name:
+    float32 ndarray}).
 
     src: path of a diffusers folder or a single checkpoint file (see the module docstring).
     norm_num_groups: GroupNorm groups, which tensor shapes cannot reveal; default: config.json's
     value, else 32 (the Stable Diffusion VAE's, fixed in the original LDM code).
     Raises ConvertError when the source is missing, is not a VAE, lacks tensors or has shapes that
-    do not fit the architecture.
+    do not fit the architecture, or, with ``encoder``, holds no encoder.
     """
     src = os.fspath(src)
     config: dict = {}
@@ -62,13 +66,13 @@ def load_vae_checkpoint(src, norm_num_groups: int | None = None) -> tuple:
     else:
         raise ConvertError(f"{src}: no such file or folder")
     state = _read_state_dict(weights)
-    tensors = _canonical_decoder_tensors(state, weights)
+    tensors = _canonical_decoder_tensors(state, weights, encoder)
     if norm_num_groups is not None:
         if "norm_num_groups" in config and config["norm_num_groups"] != norm_num_groups:
             raise ConvertError(f"{src}: norm_num_groups={norm_num_groups} contradicts config.json's "
                                f"{config['norm_num_groups']}")
         config = dict(config, norm_num_groups=norm_num_groups)
-    cfg = _infer_config(tensors, config, weights)
+    cfg = _infer_config(tensors, config, weights, encoder)
     _check_against(cfg, tensors, weights)
     return cfg, tensors
 
@@ -147,25 +151,32 @@ def _read_with_torch(path: str, safetensors: bool) -> dict:
 # names
 # --------------------------------------------------------------------------------------------
 
-def _strip_prefix(state: dict) -> dict:
-    """Drop a container prefix (first_stage_model., vae., ...) and keep decoder + post_quant_conv."""
+def _strip_prefix(state: dict, encoder: bool = False) -> dict:
+    """Drop a container prefix (first_stage_model., vae., ...) and keep decoder + post_quant_conv
+    (and with ``encoder`` encoder + quant_conv)."""
+    keep = ("decoder.", "post_quant_conv.") + (("encoder.", "quant_conv.") if encoder else ())
     for prefix in ("",) + _PREFIXES:
         picked = {k[len(prefix):]: v for k, v in state.items()
-                  if k.startswith(prefix + "decoder.") or k.startswith(prefix + "post_quant_conv.")}
+                  if k.startswith(tuple(prefix + p for p in keep))}
         if any(k.startswith("decoder.") for k in picked):
             return picked
     return {}
 
 
-def _canonical_decoder_tensors(state: dict, where: str) -> dict:
+def _canonical_decoder_tensors(state: dict, where: str, encoder: bool = False) -> dict:
     """Rename to canonical diffusers names, reshape 1x1-conv attention to linear, cast to float32."""
-    dec = _strip_prefix(state)
+    dec = _strip_prefix(state, encoder)
     if not dec:
         sample = sorted(state)[:3]
         raise ConvertError(f"{where}: not a VAE checkpoint: no 'decoder.*' tensors found "
                            f"(first keys: {sample})")
+    if encoder and not any(k.startswith("encoder.") for k in dec):
+        raise ConvertError(f"{where}: the encoder was asked for (--vae-encoder) but the checkpoint holds "
+                           "no 'encoder.*' tensors")
     if any(k.startswith(("decoder.up.", "decoder.mid.")) for k in dec):
         dec = _rename_ldm(dec, where)
+    if any(k.startswith(("encoder.down.", "encoder.mid.")) for k in dec):
+        dec = _rename_ldm_encoder(dec, where)
     out = {}
     for name, arr in dec.items():
         parts = name.split(".")
@@ -218,6 +229,35 @@ def _rename_ldm(dec: dict, where: str) -> dict:
     return out
 
 
+def _rename_ldm_encoder(dec: dict, where: str) -> dict:
+    """Original LDM encoder names -> diffusers names (down levels keep their order)."""
+    out = {}
+    for k, v in dec.items():
+        new = k
+        m = re.match(r"encoder\.down\.(\d+)\.(block|downsample)\.(.*)$", k)
+        if m:
+            if m.group(2) == "block":
+                new = f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(3)}"
+            else:
+                new = f"encoder.down_blocks.{m.group(1)}.downsamplers.0.{m.group(3)}"
+        elif k.startswith("encoder.mid.block_"):
+            m = re.match(r"encoder\.mid\.block_(\d+)\.(.*)$", k)
+            if not m:
+                raise ConvertError(f"{where}: unexpected LDM tensor name {k}")
+            new = f"encoder.mid_block.resnets.{int(m.group(1)) - 1}.{m.group(2)}"
+        elif k.startswith("encoder.mid.attn_1."):
+            layer, _, leaf = k[len("encoder.mid.attn_1."):].partition(".")
+            if layer not in _LDM_ATTENTION:
+                raise ConvertError(f"{where}: unexpected LDM attention tensor {k}")
+            new = f"encoder.mid_block.attentions.0.{_LDM_ATTENTION[layer]}.{leaf}"
+        elif k.startswith("encoder.norm_out."):
+            new = "encoder.conv_norm_out." + k[len("encoder.norm_out."):]
+        if new.startswith("encoder."):
+            new = new.replace(".nin_shortcut.", ".conv_shortcut.")
+        out[new] = v
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # architecture
 # --------------------------------------------------------------------------------------------
@@ -228,7 +268,7 @@ def _shape(tensors: dict, name: str, where: str) -> tuple:
     return tensors[name].shape
 
 
-def _infer_config(tensors: dict, config: dict, where: str) -> VAEConfig:
+def _infer_config(tensors: dict, config: dict, where: str, encoder: bool = False) -> VAEConfig:
     """VAEConfig from tensor shapes; config.json values are checked against them and supply
     what shapes cannot tell (norm groups, scaling and shift factors)."""
     n_up = 1 + max((int(m.group(1)) for k in tensors
@@ -249,7 +289,22 @@ def _infer_config(tensors: dict, config: dict, where: str) -> VAEConfig:
         out_channels=int(conv_out[0]),
         mid_block_attention=any(".mid_block.attentions." in k for k in tensors),
         use_post_quant_conv="post_quant_conv.weight" in tensors,
+        encoder=bool(encoder),
     )
+    if encoder:
+        if ("quant_conv.weight" in tensors) != values["use_post_quant_conv"]:
+            raise ConvertError(f"{where}: quant_conv and post_quant_conv must both be present or both absent")
+        for key in ("use_quant_conv", "use_post_quant_conv"):
+            if config.get(key) is False and values["use_post_quant_conv"]:
+                raise ConvertError(f"{where}: config.json says {key}=false but the tensors exist")
+        if "in_channels" in config and config["in_channels"] != values["out_channels"]:
+            raise ConvertError(f"{where}: in_channels {config['in_channels']} differs from out_channels "
+                               f"{values['out_channels']}; such VAEs are not supported")
+        if config.get("double_z", True) is not True:
+            raise ConvertError(f"{where}: double_z=false encoders are not supported")
+        dbt = config.get("down_block_types")
+        if dbt is not None and any(d != "DownEncoderBlock2D" for d in dbt):
+            raise ConvertError(f"{where}: down_block_types {dbt} are not supported (only DownEncoderBlock2D)")
     for key, field in (("block_out_channels", "block_out_channels"), ("layers_per_block", "layers_per_block"),
                        ("latent_channels", "in_latent_channels"), ("out_channels", "out_channels")):
         if key in config:
@@ -273,7 +328,7 @@ def _check_against(cfg: VAEConfig, tensors: dict, where: str) -> None:
     expected = expected_vae_tensors(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise ConvertError(f"{where}: missing {len(missing)} decoder tensors, e.g. {missing[:4]}")
+        raise ConvertError(f"{where}: missing {len(missing)} VAE tensors, e.g. {missing[:4]}")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ConvertError(f"{where}: unexpected decoder tensors {unexpected[:4]}"
@@ -284,16 +339,18 @@ def _check_against(cfg: VAEConfig, tensors: dict, where: str) -> None:
                                f"expected {shape} for {cfg}")
 
 
-def vae_tensors_for_file(src, dtype: str = "fp16", log=print, norm_num_groups: int | None = None) -> tuple:
+def vae_tensors_for_file(src, dtype: str = "fp16", log=print, norm_num_groups: int | None = None,
+                         encoder: bool = False) -> tuple:
     """Read a VAE checkpoint -> (metadata entries, tensors with the "vae." prefix) for a .tdit file.
 
     dtype "fp16" (default: half the size; decoding widens each layer to float32) or "fp32".
+    encoder: keep the encoder and quant_conv too (for image-to-image and inpainting).
     """
     from terdit_edge.format import FLOAT_DTYPES, VAE_PREFIX
 
     if dtype not in FLOAT_DTYPES:
         raise ConvertError(f"--vae-dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
-    cfg, tensors = load_vae_checkpoint(src, norm_num_groups=norm_num_groups)
+    cfg, tensors = load_vae_checkpoint(src, norm_num_groups=norm_num_groups, encoder=encoder)
     np_dtype = np.float16 if dtype == "fp16" else np.float32
     out = {}
     for name, arr in tensors.items():
@@ -302,17 +359,19 @@ def vae_tensors_for_file(src, dtype: str = "fp16", log=print, norm_num_groups: i
         out[VAE_PREFIX + name] = np.ascontiguousarray(arr, dtype=np_dtype)
     n = sum(a.size for a in tensors.values())
     if log:
-        log(f"VAE decoder: channels {list(cfg.block_out_channels)}, {cfg.layers_per_block + 1} resnets per "
+        what = "encoder and decoder" if encoder else "decoder"
+        log(f"VAE {what}: channels {list(cfg.block_out_channels)}, {cfg.layers_per_block + 1} resnets per "
             f"level, {n / 1e6:.1f} M parameters stored as {dtype}")
     return {"vae_config": cfg.to_json(), "vae_dtype": FLOAT_DTYPES[dtype]}, out
 
 
-def convert_vae_file(src, out: str, dtype: str = "fp16", log=print) -> dict:
-    """Convert a VAE alone into a VAE-only .tdit file (verified by reloading)."""
+def convert_vae_file(src, out: str, dtype: str = "fp16", log=print, encoder: bool = False) -> dict:
+    """Convert a VAE alone into a VAE-only .tdit file (verified by reloading); ``encoder``: keep
+    the encoder too."""
     from terdit_edge._version import __version__
     from terdit_edge.format import read_tdit, write_tdit
 
-    meta, tensors = vae_tensors_for_file(src, dtype, log=log)
+    meta, tensors = vae_tensors_for_file(src, dtype, log=log, encoder=encoder)
     meta["source"] = json.dumps({"path": os.path.abspath(str(src)), "converter": f"terdit-edge {__version__}"})
     write_tdit(out, tensors, meta)
     tf = read_tdit(out, verify=True)

@@ -159,9 +159,11 @@ def pull(name: str, force: bool = False, revision: str | None = None, log=print)
     out = cached_path(name)
     if os.path.isfile(out) and not force:
         try:
-            read_tdit(out, verify=True)
-            log(f"{name}: already converted at {out}")
-            return out
+            cached = read_tdit(out, verify=True)
+            if cached.vae_config_json is None or '"encoder": true' in cached.vae_config_json:
+                log(f"{name}: already converted at {out}")
+                return out
+            log(f"{name}: the cached file predates the VAE encoder (needed by `edit`); converting again")
         except FormatError as e:
             log(f"{name}: the cached file is damaged ({e}); converting again")
     hf = _hf()
@@ -190,7 +192,8 @@ def pull(name: str, force: bool = False, revision: str | None = None, log=print)
         for f, p in zip(table["vae_files"], vae_paths, strict=True):
             _link(p, os.path.join(vae, os.path.basename(f)))
         try:
-            convert(ck, out, vae=vae, log=log)  # writes atomically and verifies its output
+            # the encoder too: `edit` (image-to-image, inpainting) encodes the input image
+            convert(ck, out, vae=vae, vae_encoder=True, log=log)  # writes atomically and verifies its output
         except ConvertError as e:
             raise HubError(f"{name}: the downloaded files do not convert ({e}); if a download was interrupted "
                            "or damaged, run `terdit-edge pull NAME --force`") from None

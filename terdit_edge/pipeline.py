@@ -242,3 +242,51 @@ class Pipeline:
         if output == "np":
             return images
         return [to_pil(img) for img in images]
+
+    def edit(self, image, class_labels, strength: float = 0.6, steps=None, sampler: str = "ddpm",
+             cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False,
+             output: str = "pil", fit: str = "crop", vae_tile: int | None = None, callback=None, seeds=None,
+             batch_size: int | None = None, guidance_interval=None):
+        """Image-to-image (SDEdit): ``image`` noised to ``strength`` (0..1) and sampled the rest of
+        the way toward each class; one image per class label.
+
+        ``image``: a PIL image, a file path, encoded image bytes or a uint8 array (modes 1, L, LA, P,
+        PA, RGB, RGBA; alpha is dropped), or a list of them, one per class. It is brought to the
+        model's size by ``fit``: "crop" (default: shorter side to the size, centre cut) or "stretch";
+        latent models encode it with the file's VAE encoder (convert with ``--vae-encoder``).
+        ``strength`` 0 returns the input's VAE round trip, 1 plain generation of the same seed, bit
+        for bit; in between the last round(strength * steps) steps of the schedule run. Other
+        arguments as :meth:`__call__`; the same seed rules and batch invariance hold
+        (terdit_edge.edit describes the random draws).
+        """
+        from .edit import run_edit
+
+        return run_edit(self, image, class_labels, strength=strength, steps=steps, sampler=sampler,
+                        cfg_scale=cfg_scale, seed=seed, eta=eta, progress=progress, output=output, fit=fit,
+                        vae_tile=vae_tile, callback=callback, seeds=seeds, batch_size=batch_size,
+                        guidance_interval=guidance_interval)
+
+    def inpaint(self, image, mask, class_labels, strength: float = 1.0, resample_jumps: int = 0,
+                jump_length: int = 1, mask_blur: float = 1.0, steps=None, sampler: str = "ddpm",
+                cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False,
+                output: str = "pil", fit: str = "crop", vae_tile: int | None = None, callback=None,
+                seeds=None, batch_size: int | None = None, guidance_interval=None):
+        """Inpainting: regenerate where ``mask`` is white (black: keep, gray: blend) toward each class.
+
+        ``mask``: a picture of the image's size (any accepted mode, read as gray), or a list, one
+        per class; fitted like the image, averaged over each VAE-factor block and given a soft
+        edge of ``mask_blur`` sampler pixels (latent pixels; 0: none). After every step the kept
+        region is replaced by the input's latents noised to that step's level, and at the end by
+        the latents themselves. ``resample_jumps`` > 0: RePaint resampling, going back up
+        ``jump_length`` steps that many times at every jump_length-th step (better seams, about
+        1 + resample_jumps times the model evaluations). ``strength`` < 1 also starts the
+        regenerated region from the noised input instead of pure noise. Other arguments as
+        :meth:`edit`.
+        """
+        from .edit import run_edit
+
+        return run_edit(self, image, class_labels, mask=mask, strength=strength, steps=steps, sampler=sampler,
+                        cfg_scale=cfg_scale, seed=seed, eta=eta, progress=progress, output=output, fit=fit,
+                        vae_tile=vae_tile, callback=callback, seeds=seeds, batch_size=batch_size,
+                        guidance_interval=guidance_interval, resample_jumps=resample_jumps,
+                        jump_length=jump_length, mask_blur=mask_blur)

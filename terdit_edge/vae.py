@@ -1,7 +1,9 @@
-"""The Stable Diffusion VAE decoder (diffusers ``AutoencoderKL`` decoder) without PyTorch.
+"""The Stable Diffusion VAE (diffusers ``AutoencoderKL``) decoder, and its encoder, without PyTorch.
 
 Latents (B, C_lat, h, w) float32 -> images (B, 3, 8h, 8w) float32 in about [-1, 1]. This module
-is the decoder graph (docs/model.md §6); the configuration and tensor list are in
+is the decoder graph (docs/model.md §6) and, for files converted with ``--vae-encoder``, the
+encoder graph (images -> the latent distribution's mean, :meth:`VAEDecoder.encode`) on the same
+kernels plus a stride-2 convolution for the downsamplers; the configuration and tensor list are in
 :mod:`terdit_edge.vae_config`, the convolution kernels (Winograd on BLAS, GroupNorm, the worker
 pool) in :mod:`terdit_edge.kernels.conv`.
 
@@ -31,13 +33,14 @@ from .kernels.conv import (
     choose_conv_method,
     conv1x1,
     conv3x3,
+    conv3x3_down2,
     group_norm,
     linear,
     prepare_conv3x3,
 )
 from .vae_config import VAEConfig, expected_vae_tensors
 
-__all__ = ["VAEConfig", "expected_vae_tensors", "VAEDecoder", "CONV_METHODS", "conv3x3"]
+__all__ = ["VAEConfig", "expected_vae_tensors", "VAEDecoder", "VAE", "CONV_METHODS", "conv3x3"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +295,144 @@ class VAEDecoder:
                     for zi in z]
         return np.stack([o.transpose(2, 0, 1) for o in outs])
 
+    # -- the encoder ---------------------------------------------------------------------------
+    @property
+    def has_encoder(self) -> bool:
+        """Whether the weights include the encoder (files converted with ``--vae-encoder``)."""
+        return self.cfg.encoder
+
+    def _down(self, xs, name):
+        """The stride-2 downsampler convolution (diffusers Downsample2D, padding 0) on each input."""
+        t = self.tensors
+        prepared = prepare_conv3x3(t[name + ".weight"], "im2col")
+        outs = []
+        for i in range(len(xs)):
+            x, xs[i] = xs[i], None
+            outs.append(conv3x3_down2(x, t[name + ".weight"], t[name + ".bias"], self._workers, prepared))
+            x = None
+        return outs
+
+    def _encoder_layers(self) -> list:
+        """The encoder graph as a list of layers (weight-name prefix, function), as _layers."""
+        cfg = self.cfg
+        layers = [("encoder.conv_in.", lambda xs: self._conv3(xs, "encoder.conv_in"))]
+        n = len(cfg.block_out_channels)
+        for i in range(n):
+            for j in range(cfg.layers_per_block):
+                p = f"encoder.down_blocks.{i}.resnets.{j}."
+                layers.append((p, lambda xs, p=p: self._resnet(xs, p)))
+            if i < n - 1:
+                p = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+                layers.append((p + ".", lambda xs, p=p: self._down(xs, p)))
+        mid = "encoder.mid_block."
+        layers.append((mid + "resnets.0.", lambda xs: self._resnet(xs, mid + "resnets.0.")))
+        if cfg.mid_block_attention:
+            layers.append((mid + "attentions.0.", lambda xs: self._attention(xs, mid + "attentions.0.")))
+        layers.append((mid + "resnets.1.", lambda xs: self._resnet(xs, mid + "resnets.1.")))
+
+        def conv_out(xs):
+            for x in xs:
+                self._norm(x, "encoder.conv_norm_out", True, out=x)
+            return self._conv3(xs, "encoder.conv_out")
+
+        layers.append(("encoder.conv_", conv_out))
+        if cfg.use_post_quant_conv:
+            layers.append(("quant_conv.", lambda xs: [conv1x1(h, self.tensors["quant_conv.weight"],
+                                                              self.tensors["quant_conv.bias"]) for h in xs]))
+        return layers
+
+    def _encode_one(self, x):
+        """x: float32 (H, W, C_img) -> moments float32 (H/f, W/f, 2 * C_lat)."""
+        return self._run(self._encoder_layers(), [np.ascontiguousarray(x)])[0]
+
+    def _encode_tiled(self, x, tile, overlap):
+        """Encode overlapping pixel tiles of x (H, W, C) independently (tile * f pixels, overlapping
+        by overlap * f) and blend their moments with linear ramps of ``overlap`` latent pixels.
+
+        The layers above the latent's resolution run tile by tile (their activations are the large
+        ones); the tail at the latent's resolution (the last down block, the mid block, conv_out,
+        quant_conv: about half of the 512-channel weights) runs on all tiles together, so its
+        weights are prepared once. Each tile gets the same bits as when encoded alone."""
+        f = self.cfg.upsample_factor
+        h, w = x.shape[0] // f, x.shape[1] // f
+        acc = np.zeros((h, w, 2 * self.cfg.in_latent_channels), np.float32)
+        wsum = np.zeros((h, w, 1), np.float32)
+        layers = self._encoder_layers()
+        last = f"encoder.down_blocks.{len(self.cfg.block_out_channels) - 1}."
+        tail = next(i for i, (prefix, _) in enumerate(layers) if prefix.startswith(last))
+        boxes = [(y0, x0, min(tile, h - y0), min(tile, w - x0))
+                 for y0 in _tile_starts(h, tile, overlap) for x0 in _tile_starts(w, tile, overlap)]
+        feats = [self._run(layers[:tail], [np.ascontiguousarray(x[y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f])])[0]
+                 for y0, x0, th, tw in boxes]
+        moments = self._run(layers[tail:], feats)
+        for i, (y0, x0, th, tw) in enumerate(boxes):
+            m, moments[i] = moments[i], None
+            wy = _ramp(th, overlap, y0 > 0, y0 + th < h)
+            wx = _ramp(tw, overlap, x0 > 0, x0 + tw < w)
+            wgt = (wy[:, None] * wx[None, :])[:, :, None]
+            acc[y0:y0 + th, x0:x0 + tw] += m * wgt
+            wsum[y0:y0 + th, x0:x0 + tw] += wgt
+        return acc / wsum
+
+    def encode_moments(self, images: np.ndarray, tile: int | None = None,
+                       overlap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, logvar) of the latent distribution, each float32 (B, C_lat, H/f, W/f), unscaled
+        (multiply by ``scaling_factor`` for the DiT's latents); logvar clamped to [-30, 20] as in
+        diffusers' DiagonalGaussianDistribution. See :meth:`encode` for the arguments."""
+        cfg = self.cfg
+        if not cfg.encoder:
+            raise InputError("this VAE file holds no encoder; convert it again with --vae-encoder "
+                             "(`terdit-edge convert-vae SRC OUT --vae-encoder`, or `terdit-edge pull NAME --force`)")
+        x = np.asarray(images)
+        f = cfg.upsample_factor
+        if x.ndim != 4 or x.shape[1] != cfg.out_channels:
+            raise InputError(f"images must have shape (B, {cfg.out_channels}, H, W), found {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"images must be floating point in [-1, 1], found {x.dtype}")
+        if x.shape[0] < 1 or x.shape[2] < f or x.shape[3] < f or x.shape[2] % f or x.shape[3] % f:
+            raise InputError(f"image height and width must be positive multiples of {f}, found shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise InputError("images must be finite")
+        if tile is not None:
+            if type(tile) is not int or tile < 2:
+                raise InputError(f"tile must be an integer >= 2 or None, found {tile!r}")
+            if overlap is None:
+                overlap = tile // 4
+            if type(overlap) is not int or not (0 <= overlap < tile):
+                raise InputError(f"overlap must be an integer in [0, tile), found {overlap!r}")
+        x = np.ascontiguousarray(x.astype(np.float32, copy=False).transpose(0, 2, 3, 1))
+        with threadpool_limits(limits=1, user_api="blas"):
+            outs = [self._encode_tiled(xi, tile, overlap) if tile is not None
+                    and (xi.shape[0] > tile * f or xi.shape[1] > tile * f) else self._encode_one(xi)
+                    for xi in x]
+        moments = np.stack([o.transpose(2, 0, 1) for o in outs])
+        c = cfg.in_latent_channels
+        return (np.ascontiguousarray(moments[:, :c]),
+                np.ascontiguousarray(np.clip(moments[:, c:], -30.0, 20.0)))
+
+    def encode(self, images: np.ndarray, tile: int | None = None, overlap: int | None = None,
+               generators=None) -> np.ndarray:
+        """Encode images float32 (B, out_channels, H, W) in [-1, 1] -> latents float32
+        (B, C_lat, H/f, W/f): the latent distribution's mean, unscaled, as diffusers'
+        ``encode(x).latent_dist.mean`` (multiply by ``cfg.scaling_factor`` for what the DiT samples).
+
+        H and W must be multiples of f = cfg.upsample_factor (8). ``tile`` (latent pixels) encodes
+        overlapping tiles of tile * f pixels independently and blends their results with linear
+        ramps over ``overlap`` latent pixels (default tile // 4), as :meth:`decode`; memory then
+        depends on the tile, not the image. ``generators``: one ``numpy.random.Generator`` per
+        image to return a sample ``mean + exp(logvar / 2) * g.standard_normal(...)`` instead of
+        the mean (one draw of the latent's shape from each image's own generator).
+        """
+        mean, logvar = self.encode_moments(images, tile=tile, overlap=overlap)
+        if generators is None:
+            return mean
+        generators = list(generators)
+        if len(generators) != mean.shape[0]:
+            raise InputError(f"give one generator per image: {len(generators)} for {mean.shape[0]} images")
+        std = np.exp(np.float32(0.5) * logvar)
+        noise = np.stack([g.standard_normal(mean.shape[1:], dtype=np.float32) for g in generators])
+        return (mean + std * noise).astype(np.float32)
+
     def _decode_tiled(self, z, tile, overlap):
         """Decode overlapping latent tiles of z (h, w, C) and blend them -> (f*h, f*w, out)."""
         f = self.cfg.upsample_factor
@@ -324,6 +465,18 @@ class VAEDecoder:
             acc[y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += img * wgt
             wsum[y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += wgt
         return acc / wsum
+
+
+VAE = VAEDecoder  # the decoder object also encodes when the file holds the encoder
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list:
+    """Tile starts along an axis of n: the fewest tiles that overlap by at least ``overlap``,
+    spread evenly, the last flush with the edge (as the tiled decode)."""
+    if n <= tile:
+        return [0]
+    count = 1 + -(-(n - tile) // (tile - overlap))
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
 
 
 def _ramp(n: int, width: int, rise: bool, fall: bool) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .config import strict_config_from_json
 from .errors import FormatError
 
-__all__ = ["VAEConfig", "expected_vae_tensors"]
+__all__ = ["VAEConfig", "expected_vae_tensors", "expected_vae_encoder_tensors"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -22,11 +22,17 @@ __all__ = ["VAEConfig", "expected_vae_tensors"]
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Shape of an AutoencoderKL decoder (the encoder is never stored).
+    """Shape of an AutoencoderKL decoder, and optionally its encoder.
 
     ``block_out_channels`` is in the diffusers (encoder) order, e.g. (128, 256, 512, 512); the decoder
     walks it reversed. ``layers_per_block`` + 1 resnets per up block. Decoding computes
     ``decoder(post_quant_conv(z / scaling_factor + shift_factor))``.
+
+    ``encoder`` (default False): the file also holds the encoder (``layers_per_block`` resnets per
+    down block, ``out_channels`` image channels in, 2 * ``in_latent_channels`` moments out) and,
+    when ``use_post_quant_conv``, its ``quant_conv``. Encoding computes the latent distribution's
+    mean ``quant_conv(encoder(x))[:, :in_latent_channels]``, unscaled. The key is written to JSON
+    only when true, so decoder-only files stay what older readers accept.
     """
 
     block_out_channels: tuple = (128, 256, 512, 512)
@@ -39,6 +45,7 @@ class VAEConfig:
     shift_factor: float = 0.0
     mid_block_attention: bool = True
     use_post_quant_conv: bool = True
+    encoder: bool = False
 
     @property
     def upsample_factor(self) -> int:
@@ -57,7 +64,7 @@ class VAEConfig:
             v = getattr(self, name)
             if type(v) is not int or not (1 <= v <= 1 << 14):
                 raise FormatError(f"vae_config.{name} must be a positive integer, found {v!r}")
-        for name in ("mid_block_attention", "use_post_quant_conv"):
+        for name in ("mid_block_attention", "use_post_quant_conv", "encoder"):
             if type(getattr(self, name)) is not bool:
                 raise FormatError(f"vae_config.{name} must be a boolean, found {getattr(self, name)!r}")
         for name, lo, hi in (("norm_eps", 0.0, 1.0), ("scaling_factor", 0.0, 1e6)):
@@ -77,6 +84,8 @@ class VAEConfig:
         """Serialise to the JSON string stored as the ``vae_config`` metadata of a .tdit file."""
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        if not self.encoder:
+            del d["encoder"]  # decoder-only files: the JSON older readers know
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -87,6 +96,13 @@ class VAEConfig:
                 raise FormatError("vae_config.block_out_channels must be a list of integers, "
                                   f"found {raw['block_out_channels']!r}")
             raw["block_out_channels"] = tuple(raw["block_out_channels"])
+        try:
+            raw = json.loads(text)
+        except (ValueError, TypeError, RecursionError):
+            raw = None
+        if isinstance(raw, dict) and "encoder" not in raw:  # every other key stays required
+            raw["encoder"] = False
+            text = json.dumps(raw)
         return strict_config_from_json(cls, text, "vae_config", require_all=True, convert=lists_to_tuples)
 
 
@@ -107,7 +123,8 @@ def _resnet_tensors(prefix: str, cin: int, cout: int, out: dict) -> None:
 def expected_vae_tensors(cfg: VAEConfig) -> dict:
     """Canonical tensor names (diffusers naming, new attention names) -> shapes, for ``cfg``.
 
-    Names cover ``post_quant_conv`` and ``decoder.*`` only, without any file prefix. Attention
+    Names cover ``post_quant_conv`` and ``decoder.*``, and with ``cfg.encoder`` also ``quant_conv``
+    and ``encoder.*`` (:func:`expected_vae_encoder_tensors`), without any file prefix. Attention
     projections are stored as linear weights (C, C).
     """
     t: dict = {}
@@ -140,6 +157,47 @@ def expected_vae_tensors(cfg: VAEConfig) -> dict:
     t["decoder.conv_norm_out.bias"] = (rev[-1],)
     t["decoder.conv_out.weight"] = (cfg.out_channels, rev[-1], 3, 3)
     t["decoder.conv_out.bias"] = (cfg.out_channels,)
+    if cfg.encoder:
+        t.update(expected_vae_encoder_tensors(cfg))
+    return t
+
+
+def _attention_tensors(prefix: str, c: int, out: dict) -> None:
+    out[prefix + "group_norm.weight"] = (c,)
+    out[prefix + "group_norm.bias"] = (c,)
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        out[prefix + proj + ".weight"] = (c, c)
+        out[prefix + proj + ".bias"] = (c,)
+
+
+def expected_vae_encoder_tensors(cfg: VAEConfig) -> dict:
+    """The encoder's tensors (``encoder.*`` and, with ``use_post_quant_conv``, ``quant_conv``):
+    diffusers' Encoder with DownEncoderBlock2D blocks and double_z (2 * latent channels out)."""
+    t: dict = {}
+    lat2 = 2 * cfg.in_latent_channels
+    boc = cfg.block_out_channels
+    t["encoder.conv_in.weight"] = (boc[0], cfg.out_channels, 3, 3)
+    t["encoder.conv_in.bias"] = (boc[0],)
+    prev = boc[0]
+    for i, ch in enumerate(boc):
+        for j in range(cfg.layers_per_block):
+            _resnet_tensors(f"encoder.down_blocks.{i}.resnets.{j}.", prev if j == 0 else ch, ch, t)
+        prev = ch
+        if i < len(boc) - 1:
+            t[f"encoder.down_blocks.{i}.downsamplers.0.conv.weight"] = (ch, ch, 3, 3)
+            t[f"encoder.down_blocks.{i}.downsamplers.0.conv.bias"] = (ch,)
+    top = boc[-1]
+    _resnet_tensors("encoder.mid_block.resnets.0.", top, top, t)
+    if cfg.mid_block_attention:
+        _attention_tensors("encoder.mid_block.attentions.0.", top, t)
+    _resnet_tensors("encoder.mid_block.resnets.1.", top, top, t)
+    t["encoder.conv_norm_out.weight"] = (top,)
+    t["encoder.conv_norm_out.bias"] = (top,)
+    t["encoder.conv_out.weight"] = (lat2, top, 3, 3)
+    t["encoder.conv_out.bias"] = (lat2,)
+    if cfg.use_post_quant_conv:
+        t["quant_conv.weight"] = (lat2, lat2, 1, 1)
+        t["quant_conv.bias"] = (lat2,)
     return t
 
 

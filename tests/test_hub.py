@@ -81,8 +81,9 @@ def test_pull_finds_the_folder_converts_with_the_vae_and_caches(hub, tmp_path):
     assert path == str(home / "tiny-64.tdit") and "found DiT_Llama_tiny_patch2 at 64 px" in r.stderr
     got = read_tdit(path)
     assert got.vae_config_json is not None and got.config.input_size == 8
+    assert json.loads(got.vae_config_json)["encoder"] is True  # pull keeps the encoder (edit needs it)
     want_path = tmp_path / "want.tdit"
-    convert(os.path.join(hub["snap"], "tiny_64"), str(want_path), vae=hub["vae"], log=None)
+    convert(os.path.join(hub["snap"], "tiny_64"), str(want_path), vae=hub["vae"], vae_encoder=True, log=None)
     want = read_tdit(want_path)
     assert set(got.tensors) == set(want.tensors)
     for name, arr in want.tensors.items():

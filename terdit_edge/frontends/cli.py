@@ -58,11 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eps channels mixed by guidance (default 3 for latent TerDiT models, else all)")
     c.add_argument("--vae", default=None, metavar="VAE_SRC", help="embed this SD-VAE decoder in the file")
     c.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
+    c.add_argument("--vae-encoder", action="store_true",
+                   help="keep the VAE's encoder too (needed by `edit` on latent models)")
 
     v = sub.add_parser("convert-vae", help="convert an SD-VAE (diffusers folder or LDM file) to a VAE-only .tdit")
     v.add_argument("src")
     v.add_argument("out")
     v.add_argument("--vae-dtype", choices=("fp16", "fp32"), default="fp16")
+    v.add_argument("--vae-encoder", action="store_true",
+                   help="keep the VAE's encoder too (needed by `edit` on latent models)")
 
     h = sub.add_parser("pull", help="download a released TerDiT model from the Hugging Face Hub and convert it "
                        "(needs the [hub] extra)")
@@ -89,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     GenerationSettings.add_arguments(s, scopes=("model",))  # requests set the others
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     s.add_argument("--access-log", action="store_true", help="log every request")
+
+    _add_edit_parser(sub)
 
     i = sub.add_parser("info", help="CPU features and backend; with MODEL also the model file's contents")
     i.add_argument("model", nargs="?", default=None)
@@ -234,6 +240,72 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _add_edit_parser(sub) -> None:
+    """The `edit` subcommand: image-to-image (SDEdit) and, with --mask, inpainting (issue 27)."""
+    e = sub.add_parser("edit", help="edit a picture toward a class: image-to-image, or inpainting with --mask")
+    e.add_argument("image", help="input picture (PNG, JPEG, ...; gray, palette or RGB, alpha dropped)")
+    e.add_argument("--model", default=None, help=".tdit file (default: the bundled digits model)")
+    e.add_argument("--class", dest="classes", action="append", required=True, metavar="ID_OR_NAME",
+                   help="class id or name, repeatable (one edited image per class)")
+    e.add_argument("--strength", type=float, default=None,
+                   help="0..1: how far the input is noised before sampling toward the class (0 keeps the input, "
+                        "1 is plain generation; default 0.6, with --mask 1)")
+    e.add_argument("--mask", default=None, help="mask picture of the input's size: white = regenerate, black = keep")
+    e.add_argument("--resample-jumps", type=non_negative_int, default=0,
+                   help="RePaint resampling with --mask: go back up --jump-length steps this many times (default 0)")
+    e.add_argument("--jump-length", type=positive_int, default=1, help="RePaint jump length in steps (default 1)")
+    e.add_argument("--mask-blur", type=non_negative_float, default=1.0,
+                   help="soft mask edge, in latent pixels (pixels for pixel-space models; default 1)")
+    e.add_argument("--fit", choices=("crop", "stretch"), default="crop",
+                   help="bring the input to the model's size: crop (shorter side, centre cut; default) or stretch")
+    GenerationSettings.add_arguments(e)
+    e.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images edited together (default: what fits in memory); the images do not depend on it")
+    e.add_argument("--out", default="edit.png", help="output PNG (several classes: OUT-0.png, ... or --grid)")
+    e.add_argument("--grid", action="store_true", help="one PNG with all images")
+    e.add_argument("--upscale", type=positive_int, default=None,
+                   help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
+    add_backend_arguments(e)
+    e.add_argument("--vae", default=None, help="a VAE .tdit file (with its encoder) for a model file without one")
+    e.add_argument("--vae-tile", type=positive_int, default=None, help="encode and decode in latent tiles of this size")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
+
+
+def _cmd_edit(args) -> int:
+    from ..pipeline import Pipeline
+    from ..pngmeta import generation_metadata
+
+    t0 = time.time()
+    settings = GenerationSettings.from_args(args)
+    pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads, vae=args.vae,
+                         verify=not args.no_verify, settings=settings)
+    classes = pipe.resolve_classes(args.classes)
+    settings = settings.replace(seeds=settings.image_seeds(len(classes)))
+    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6)
+    common = dict(strength=strength, seeds=settings.seeds, progress=not args.no_progress, fit=args.fit,
+                  vae_tile=args.vae_tile, batch_size=args.batch_size, **settings.sample_kwargs())
+    what = "inpainting" if args.mask else "image-to-image"
+    print(f"model: {pipe.path}; {what} of {args.image}, strength {strength}, {len(classes)} image(s), "
+          f"{settings.sampler} {settings.step_spec} steps, cfg {settings.cfg_scale}, "
+          f"seeds {_seed_summary(settings.seeds)}", file=sys.stderr)
+    if args.mask:
+        images = pipe.inpaint(args.image, args.mask, classes, resample_jumps=args.resample_jumps,
+                              jump_length=args.jump_length, mask_blur=args.mask_blur, **common)
+    else:
+        if args.resample_jumps:
+            raise TerditError("--resample-jumps needs --mask (RePaint resamples an inpainting)")
+        images = pipe.edit(args.image, classes, **common)
+    meta = generation_metadata(os.path.basename(pipe.path), classes, settings.seeds, settings)
+    meta.update({"edit": what, "source_image": os.path.basename(args.image), "strength": strength})
+    if args.mask:
+        meta.update({"mask": os.path.basename(args.mask), "resample_jumps": args.resample_jumps,
+                     "jump_length": args.jump_length, "mask_blur": args.mask_blur})
+    paths = _save_images(images, args, meta)
+    print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
 def _cmd_pull(args) -> int:
     from ..hub import cache_dir, list_models, pull
 
@@ -259,7 +331,8 @@ def _cmd_convert(args) -> int:
 def _cmd_convert_vae(args) -> int:
     from ..converters.vae import convert_vae_file
 
-    convert_vae_file(args.src, args.out, dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr))
+    convert_vae_file(args.src, args.out, dtype=args.vae_dtype, log=lambda m: print(m, file=sys.stderr),
+                     encoder=args.vae_encoder)
     return 0
 
 
@@ -281,7 +354,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    handler = {"generate": _cmd_generate, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
+    handler = {"generate": _cmd_generate, "edit": _cmd_edit, "convert": _cmd_convert, "convert-vae": _cmd_convert_vae,
                "info": _cmd_info, "pull": _cmd_pull, "serve": _cmd_serve, **_scale_handlers()}[args.command]
     try:
         return handler(args)

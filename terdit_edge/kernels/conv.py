@@ -501,3 +501,47 @@ def group_norm(x: np.ndarray, gamma, beta, groups: int, eps: float, silu: bool,
     return out
 
 
+
+
+def conv3x3_down2(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, workers: _Workers = _SERIAL,
+                  prepared: np.ndarray | None = None) -> np.ndarray:
+    """3x3 convolution with stride 2 as diffusers' ``Downsample2D(padding=0)`` (the SD-VAE encoder's
+    downsamplers): one zero row and column appended after the bottom and right edges, none before.
+
+    x: float32 (h, w, C) contiguous, h, w >= 2; weight (K, C, 3, 3) float16/float32; bias (K,);
+    prepared: ``prepare_conv3x3(weight, "im2col")``, else made here. Returns float32
+    (h // 2, w // 2, K) ((h - 2) // 2 + 1 rows). Output rows are cut into bands; each band gathers its
+    9 * C columns (im2col) into a per-thread buffer and multiplies with BLAS.
+    """
+    h, w, c_n = x.shape
+    if h < 2 or w < 2:
+        raise ValueError(f"the stride-2 convolution needs at least 2 x 2 pixels, found {h} x {w}")
+    k_n = weight.shape[0]
+    ho, wo = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+    wmat = prepare_conv3x3(weight, "im2col") if prepared is None else prepared
+    bias32 = _f32(bias)
+    out = np.empty((ho, wo, k_n), np.float32)
+    band = max(1, _BAND_BYTES // (wo * 9 * c_n * 4))
+    band = min(band, -(-ho // workers.n))
+
+    def rows(lo, hi):
+        for r0 in range(lo, hi, band):
+            r1 = min(r0 + band, hi)
+            n = r1 - r0
+            # the input rows 2*r0 .. 2*r1 (the last one may be the zero padding row)
+            buf = _scratch("down2_in", (2 * n + 1, w + 1, c_n))
+            top = 2 * r0
+            avail = min(2 * n + 1, h - top)
+            buf[:avail, :w] = x[top:top + avail]
+            buf[avail:] = 0.0
+            buf[:, w] = 0.0
+            cols = _scratch("down2_cols", (n, wo, 3, 3, c_n))
+            for r in range(3):
+                for s in range(3):
+                    cols[:, :, r, s] = buf[r:r + 2 * n - 1:2, s:s + 2 * wo - 1:2]
+            dst = out[r0:r1].reshape(n * wo, k_n)
+            np.matmul(cols.reshape(n * wo, 9 * c_n), wmat, out=dst)
+            dst += bias32
+
+    workers.run(rows, [(r, min(r + band, ho)) for r in range(0, ho, band)] if workers.n > 1 else [(0, ho)])
+    return out
