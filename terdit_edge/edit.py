@@ -317,9 +317,9 @@ def run_edit(pipe, image, class_labels, mask=None, strength: float = 0.6, steps=
              batch_size: int | None = None, guidance_interval=None, resample_jumps: int = 0,
              jump_length: int = 1, mask_blur: float = 1.0):
     """The work of :meth:`Pipeline.edit` and :meth:`Pipeline.inpaint` (see there)."""
+    from .batching import default_batch_size
     from .format import VAE_PREFIX
     from .images import to_pil
-    from .pipeline import default_batch_size
 
     if output not in ("pil", "np"):
         raise InputError(f"output must be 'pil' or 'np', got {output!r}")
