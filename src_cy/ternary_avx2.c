@@ -62,58 +62,6 @@ static void build_offsets(uint16_t off[256]) {
 }
 
 /* ------------------------------------------------------------------------------------------- */
-/* float32, one token: a table indexed directly by the packed byte. For one byte position the 256
- * entries hold the signed sums of its four activations for every byte value (code 3 counts as 0),
- * built 8 entries per vector: entry v = S0[c0] + S1[c1] + S2[c2] + S3[c3]. A row then costs one
- * scalar load-add per packed byte (4 weights) and no decoding. Tables cover GV_TILE byte positions
- * at a time (16 KB, in L1); per-row sums carry across tiles. With 2+ tokens the 8-lane tables
- * below are as fast or faster (measured), so this path serves M = 1 only. */
-
-#define GV_TILE 16
-
-TD_TARGET static void build_byte_tables(const float *xr, int64_t k, int64_t tile, float *T) {
-    for (int g = 0; g < GV_TILE; g++) {
-        const int64_t pos = tile * GV_TILE + g; /* byte position in the row */
-        const int64_t k0 = (pos / TD_BLOCK_BYTES) * TD_BLOCK_K + pos % TD_BLOCK_BYTES;
-        float s[4][4];
-        for (int q = 0; q < 4; q++) {
-            const float xv = k0 + 32 * q < k ? xr[k0 + 32 * q] : 0.0f; /* x ends at k: padding */
-            s[q][0] = -xv;
-            s[q][1] = 0.0f;
-            s[q][2] = xv;
-            s[q][3] = 0.0f;
-        }
-        /* v = 8 m + i: c0 = i & 3, c1 = (2 m + (i >> 2)) & 3, c2 = (m >> 1) & 3, c3 = m >> 3 */
-        const __m256 lo = _mm256_setr_ps(s[0][0], s[0][1], s[0][2], s[0][3], s[0][0], s[0][1], s[0][2], s[0][3]);
-        const __m256 mid[2] = {
-            _mm256_add_ps(lo, _mm256_setr_ps(s[1][0], s[1][0], s[1][0], s[1][0], s[1][1], s[1][1], s[1][1], s[1][1])),
-            _mm256_add_ps(lo, _mm256_setr_ps(s[1][2], s[1][2], s[1][2], s[1][2], s[1][3], s[1][3], s[1][3], s[1][3]))};
-        float *e = T + g * 256;
-        for (int m = 0; m < 32; m++)
-            _mm256_store_ps(e + 8 * m, _mm256_add_ps(mid[m & 1], _mm256_set1_ps(s[2][(m >> 1) & 3] + s[3][m >> 3])));
-    }
-}
-
-/* Rows r0..r1-1 of token x (k,). T: GV_TILE x 256 floats; res: r1 - r0 floats. */
-TD_TARGET static void gemv1_f32_rows(const float *x, int64_t k, int64_t kb, const uint8_t *packed, int64_t r0,
-                                     int64_t r1, float *T, float *res, const td_out_t *o) {
-    const int64_t rows = r1 - r0, ntile = kb / GV_TILE;
-    for (int64_t i = 0; i < rows; i++) res[i] = 0.0f;
-    for (int64_t tile = 0; tile < ntile; tile++) {
-        build_byte_tables(x, k, tile, T);
-        const uint8_t *wp = packed + r0 * kb + tile * GV_TILE;
-        for (int64_t r = 0; r < rows; r++) {
-            uint64_t w[GV_TILE / 8];
-            memcpy(w, wp + r * kb, sizeof w);
-            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* four chains hide the add latency */
-            for (int g = 0; g < GV_TILE; g++) a[g & 3] += T[g * 256 + ((w[g >> 3] >> (8 * (g & 7))) & 255)];
-            res[r] += (a[0] + a[1]) + (a[2] + a[3]);
-        }
-    }
-    for (int64_t row = r0; row < r1; row++) td_store_f32(o, 0, row, res[row - r0]);
-}
-
-/* ------------------------------------------------------------------------------------------- */
 /* float32 tables: 8 tokens per entry */
 
 /* The 9 signed sums of two activations, index c0 + 3 c1 for codes c (0: -1, 1: 0, 2: +1). */
@@ -299,42 +247,8 @@ TD_TARGET static void lut_f32_block(const float *x, int64_t ldx, int64_t m0, int
 }
 
 
-/* One token: the byte-indexed tables (gemv1_f32_rows). */
-static int gemv_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-                         const td_out_t *o, int threads) {
-    const int64_t kb = td_padded_k(k) / 4;
-    if (m != 1) { /* the table only serves one token; more go row by row */
-        for (int64_t t = 0; t < m; t++) {
-            td_out_t ot = *o;
-            ot.y = o->y + t * o->ldy;
-            if (ot.scale) ot.scale = o->scale + t;
-            const int rc = gemv_f32_avx2(x + t * ldx, 1, k, ldx, packed, n, &ot, threads);
-            if (rc) return rc;
-        }
-        return TD_OK;
-    }
-    (void)ldx;
-    const int nthr = n * kb >= GEMV_PARALLEL_MIN ? threads : 1;
-    const int64_t rows_per = (n + nthr - 1) / nthr;
-    int err = 0;
-    (void)nthr;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(nthr)
-#endif
-    for (int part = 0; part < nthr; part++) {
-        const int64_t r0 = part * rows_per, r1 = r0 + rows_per < n ? r0 + rows_per : n;
-        if (r0 >= r1) continue;
-        float *T = td_alloc((size_t)GV_TILE * 256 * sizeof(float));
-        float *res = td_alloc((size_t)(r1 - r0) * sizeof(float));
-        if (T && res) gemv1_f32_rows(x, k, kb, packed, r0, r1, T, res, o);
-        else err = 1;
-        td_free(T);
-        td_free(res);
-    }
-    return err ? TD_ENOMEM : TD_OK;
-}
-
-/* Two tokens or more: 8-token float32 tables. */
+/* float32 at every token count (one token included): 8-token tables, whose per-token sums are those of
+ * the portable tables (ternary_lut.c), so every ISA gives the same bits (docs/reproducibility.md). */
 static int lut_f32_avx2(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
                         const td_out_t *o, int threads) {
     const int64_t kb = td_padded_k(k) / 4, kp = kb * 4;
@@ -1098,10 +1012,8 @@ const td_ops_t td_ops_avx2 = {
     .parent = TD_ISA_SCALAR,
     .rank = 10,
     .cpu_flags = TD_CPU_AVX2 | TD_CPU_FMA,
-    .f32_lut_min_m = 1,
     .i8_lut_min_m = GEMV_MAX_M + 1,
     .i16_lut_min_m = GEMV_MAX_M + 1,
-    .gemv_f32 = gemv_f32_avx2,
     .lut_f32 = lut_f32_avx2,
     .gemv_i8 = td_gemm_i8_avx2_gemv,
     .lut_i8 = lut_i8_avx2,

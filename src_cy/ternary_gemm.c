@@ -96,10 +96,8 @@ static void fill_tables(void) {
             *t = *td_tables[i];
             if (par >= 0) {
                 const td_ops_t *p = &g_filled[par];
-                if (!t->f32_lut_min_m) t->f32_lut_min_m = p->f32_lut_min_m;
                 if (!t->i8_lut_min_m) t->i8_lut_min_m = p->i8_lut_min_m;
                 if (!t->i16_lut_min_m) t->i16_lut_min_m = p->i16_lut_min_m;
-                TD_FILL(gemv_f32);
                 TD_FILL(lut_f32);
                 TD_FILL(gemv_i8);
                 TD_FILL(lut_i8);
@@ -345,8 +343,9 @@ int td_gemm_f32(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t
     if (m <= 0 || n <= 0) return TD_OK;
     if (threads < 1) threads = 1;
     td_out_t o = {alpha, NULL, bias, y, ldy, NULL};
-    const td_ops_t *ops = td_ops();
-    return (m >= ops->f32_lut_min_m ? ops->lut_f32 : ops->gemv_f32)(x, m, k, ldx, packed, n, &o, threads);
+    /* fp32 has one kernel per ISA, the tables, at every M: their summation order is fixed by K and the
+     * same on every ISA (docs/reproducibility.md) */
+    return td_ops()->lut_f32(x, m, k, ldx, packed, n, &o, threads);
 }
 
 static int dispatch_i8(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
@@ -843,10 +842,8 @@ const td_ops_t td_ops_scalar = {
     .parent = -1,
     .rank = 0,
     .cpu_flags = 0,
-    .f32_lut_min_m = 1,
     .i8_lut_min_m = TD_LUT_MIN_M,
     .i16_lut_min_m = TD_LUT_MIN_M,
-    .gemv_f32 = td_gemm_f32_scalar,
     .lut_f32 = td_gemm_f32_lut,
     .gemv_i8 = td_gemm_i8_scalar,
     .lut_i8 = lut_i8_portable,

@@ -132,8 +132,8 @@ typedef struct td_ops {
     int parent; /* id whose kernels fill this table's NULL entries; -1 for the root (scalar) */
     int rank; /* td_best_isa picks the supported table of highest rank */
     int cpu_flags; /* TD_CPU_* bits the CPU must report */
-    int f32_lut_min_m, i8_lut_min_m, i16_lut_min_m;
-    td_f32_fn gemv_f32, lut_f32;
+    int i8_lut_min_m, i16_lut_min_m; /* integer modes: the tables from this M, the GEMV below (exact either way) */
+    td_f32_fn lut_f32; /* fp32 at every M (one summation order on every ISA) */
     td_i8_fn gemv_i8, lut_i8;
     td_i16_fn gemv_i16, lut_i16;
     td_quant8_fn quantize_row_i8;
@@ -181,8 +181,6 @@ int td_gemm_i16_avx2_gemv(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq,
                           const td_out_t *o, int threads, int lim);
 #endif
 #if TD_ARM64
-int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-                     const td_out_t *o, int threads);
 int td_gemm_i8_neon(const int8_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,
                     const td_out_t *o, int threads, int use_dot);
 int td_gemm_i16_neon(const int16_t *xq, int64_t m, int64_t kp, int64_t ldq, const uint8_t *packed, int64_t n,

@@ -27,77 +27,6 @@ static inline int8x16_t select_i8(int8x16_t x, uint8x16_t pos, uint8x16_t neg) {
 }
 
 /* ----------------------------------------------------------------------------------------- */
-/* float32 */
-
-static void f32_rows(const float *x, int64_t ldx, int64_t m0, int mt, int64_t kb, const uint8_t *packed, int64_t r0,
-                     int64_t r1, const td_out_t *o) {
-    const int64_t nblk = kb / TD_BLOCK_BYTES;
-    for (int64_t row = r0; row < r1; row++) {
-        const uint8_t *w = packed + row * kb;
-        float32x4_t ap[4], an[4];
-        for (int t = 0; t < 4; t++) {
-            ap[t] = vdupq_n_f32(0.0f);
-            an[t] = vdupq_n_f32(0.0f);
-        }
-        for (int64_t b = 0; b < nblk; b++) {
-            for (int h = 0; h < 2; h++) {
-                const uint8x16_t v = vld1q_u8(w + b * TD_BLOCK_BYTES + 16 * h);
-                for (int q = 0; q < 4; q++) {
-                    uint8x16_t pos, neg;
-                    decode_masks(v, q, &pos, &neg);
-                    /* widen byte masks (0 / 0xff) to 32-bit lane masks by sign extension */
-                    const int16x8_t p16[2] = {vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(pos))),
-                                              vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(pos)))};
-                    const int16x8_t n16[2] = {vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(neg))),
-                                              vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(neg)))};
-                    uint32x4_t pm[4], nm[4];
-                    for (int i = 0; i < 2; i++) {
-                        pm[2 * i] = vreinterpretq_u32_s32(vmovl_s16(vget_low_s16(p16[i])));
-                        pm[2 * i + 1] = vreinterpretq_u32_s32(vmovl_s16(vget_high_s16(p16[i])));
-                        nm[2 * i] = vreinterpretq_u32_s32(vmovl_s16(vget_low_s16(n16[i])));
-                        nm[2 * i + 1] = vreinterpretq_u32_s32(vmovl_s16(vget_high_s16(n16[i])));
-                    }
-                    const int64_t kk = b * TD_BLOCK_K + 32 * q + 16 * h;
-                    for (int t = 0; t < mt; t++) {
-                        const float *xp = x + (m0 + t) * ldx + kk;
-                        for (int i = 0; i < 4; i++) {
-                            const uint32x4_t xv = vreinterpretq_u32_f32(vld1q_f32(xp + 4 * i));
-                            ap[t] = vaddq_f32(ap[t], vreinterpretq_f32_u32(vandq_u32(xv, pm[i])));
-                            an[t] = vaddq_f32(an[t], vreinterpretq_f32_u32(vandq_u32(xv, nm[i])));
-                        }
-                    }
-                }
-            }
-        }
-        for (int t = 0; t < mt; t++) td_store_f32(o, m0 + t, row, vaddvq_f32(vsubq_f32(ap[t], an[t])));
-    }
-}
-
-int td_gemm_f32_neon(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *packed, int64_t n,
-                     const td_out_t *o, int threads) {
-    const int64_t kp = td_padded_k(k), kb = kp / 4;
-    float *xpad = NULL;
-    if (kp != k) {
-        /* the kernel reads whole blocks: give it rows padded with zeros to the block */
-        xpad = calloc((size_t)(m * kp), sizeof(float));
-        if (!xpad) return TD_ENOMEM;
-        for (int64_t r = 0; r < m; r++) memcpy(xpad + r * kp, x + r * ldx, (size_t)k * sizeof(float));
-        x = xpad;
-        ldx = kp;
-    }
-    (void)threads;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (td_force_parallel || n * kb * m > 65536)
-#endif
-    for (int64_t r0 = 0; r0 < n; r0 += ROW_CHUNK) {
-        const int64_t r1 = r0 + ROW_CHUNK < n ? r0 + ROW_CHUNK : n;
-        for (int64_t m0 = 0; m0 < m; m0 += 4)
-            f32_rows(x, ldx, m0, (int)(m - m0 < 4 ? m - m0 : 4), kb, packed, r0, r1, o);
-    }
-    free(xpad);
-    return TD_OK;
-}
-
 /* ----------------------------------------------------------------------------------------- */
 /* int8, plain ARMv8: SADALP adds neighbouring bytes into int16 lanes (|.| <= 254 per step);
  * 16 blocks give 128 steps per lane, below the int16 limit, before widening to int32. */
@@ -498,10 +427,8 @@ const td_ops_t td_ops_neon = {
     .parent = TD_ISA_SCALAR,
     .rank = 10,
     .cpu_flags = TD_CPU_NEON,
-    .f32_lut_min_m = 1,
     .i8_lut_min_m = TD_LUT_MIN_M,
     .i16_lut_min_m = TD_LUT_MIN_M,
-    .gemv_f32 = td_gemm_f32_neon,
     .gemv_i8 = gemv_i8_neon_plain,
     .gemv_i16 = gemv_i16_neon,
     .attention_rows = attention_rows_neon,

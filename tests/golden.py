@@ -16,7 +16,9 @@ Run as a script, so that it imports the installed package (not a source tree bes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -51,9 +53,11 @@ def run_case(args: list[str], workdir: str) -> dict:
     for p in (png, npy):
         if os.path.exists(p):
             os.remove(p)
-    rc = main(["generate", *args, "--out", png, "--save-latents", npy, "--no-progress"])
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+        rc = main(["generate", *args, "--out", png, "--save-latents", npy, "--no-progress"])
     if rc != 0:
-        raise RuntimeError(f"terdit-edge generate {' '.join(args)} exited with {rc}")
+        raise RuntimeError(f"terdit-edge generate {' '.join(args)} exited with {rc}:\n{log.getvalue()}")
     import numpy as np
 
     lat = np.load(npy)
