@@ -3,7 +3,8 @@
  * array of LUT_TOK floats (one per token of the block) instead of an AVX2 register. At -O2/-O3 GCC
  * and Clang turn the fixed-length loops over those arrays into NEON on aarch64 (part of ARMv8-A)
  * and SSE on x86-64, so the NEON build and the portable (scalar-ISA) build get the table
- * algorithm too. Used for M >= 8 tokens on NEON and on the scalar path.
+ * algorithm too. fp32: used at every M on NEON and on the scalar path (the same bits as the AVX2
+ * tables); the integer tables below: for M >= 8.
  *
  * For a block of LUT_TOK tokens and one packed byte position (weights k, k+32, k+64, k+96) the
  * table holds the 81 signed sums of those four activations, entry c0 + 3 c1 + 9 c2 + 27 c3 for
