@@ -54,6 +54,20 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _restore_kernel_path():
+    """Tests that force a kernel path (``set_isa``) leave the process on the one the run started with:
+    TERDIT_ISA when set (e.g. CI's AVX2-kind leg), else the CPU's best."""
+    yield
+    from terdit_edge.kernels import cython_backend
+
+    ext = cython_backend._ternary
+    if ext is not None:
+        want = os.environ.get("TERDIT_ISA") or ext.cpu_features()["best_isa"]
+        if ext.get_isa() != want:
+            ext.set_isa(want)
+
+
 @pytest.fixture
 def child_cwd(tmp_path) -> Path:
     """An empty working directory outside the repository for child processes."""
