@@ -513,91 +513,99 @@ void td_layernorm(const float *x, const float *weight, const float *bias, float 
 /* Full-precision linear layer (the embedders and the final layer): one summation order on every CPU.
  * Each output is eight partial sums over k mod 8 (each product rounded, then added: no FMA), combined
  * as ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), then + bias. The eight sums are one GCC/Clang
- * vector (two SSE or NEON registers, or plain loops elsewhere): lanes never mix, so vectorizing
- * changes nothing. Four outputs share each load of x. Every output depends only on its row of x and
- * of w, never on m, the row's position or the thread split (batch invariance). */
+ * vector (two SSE or NEON registers, one AVX2 register in the AVX2 clone below; plain loops for other
+ * compilers): lanes never mix, so the instruction set changes nothing. Tiles of DENSE_MR rows x
+ * DENSE_NR outputs share their loads. Every output depends only on its row of x and of w, never on m,
+ * the row's position or the thread split (batch invariance). */
+#define DENSE_MR 4 /* rows of x per tile */
+#define DENSE_NR 2 /* outputs per tile */
 #if defined(__GNUC__) || defined(__clang__)
 typedef float dense_v8 __attribute__((vector_size(8 * sizeof(float))));
+#define DENSE_INLINE static inline __attribute__((always_inline))
 #define DENSE_VEC 1
 #else
+#define DENSE_INLINE static inline
 #define DENSE_VEC 0
 #endif
-#define DENSE_NB 4 /* outputs per pass over a row of x */
 
-static inline float dense_finish(const float s[8]) {
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+static inline float dense_finish(const float s[8], const float *bias, int64_t j) {
+    const float v = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    return bias ? v + bias[j] : v;
 }
 
-static void dense_outputs(const float *xr, int64_t k, const float *w, int64_t n0, int64_t n1, const float *bias,
-                          float *yr) {
+/* Outputs n0..n1-1 of rows r0..r1-1 (r1 - r0 <= DENSE_MR). */
+DENSE_INLINE void dense_block(const float *x, int64_t r0, int64_t r1, int64_t k, const float *w, int64_t n0, int64_t n1,
+                              const float *bias, float *y, int64_t n) {
     const int64_t k8 = k / 8 * 8;
-    int64_t j = n0;
-    for (; j + DENSE_NB <= n1; j += DENSE_NB) {
-        const float *w0 = w + j * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
-        float s[DENSE_NB][8];
+    const int mr = (int)(r1 - r0);
+    for (int64_t j = n0; j < n1; j += DENSE_NR) {
+        const int nr = (int)(n1 - j < DENSE_NR ? n1 - j : DENSE_NR);
+        float s[DENSE_MR][DENSE_NR][8];
 #if DENSE_VEC
-        dense_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        dense_v8 acc[DENSE_MR][DENSE_NR];
+        for (int r = 0; r < DENSE_MR; r++)
+            for (int c = 0; c < DENSE_NR; c++) acc[r][c] = (dense_v8){0};
         for (int64_t i = 0; i < k8; i += 8) {
-            dense_v8 xv, v0, v1, v2, v3;
-            memcpy(&xv, xr + i, sizeof xv);
-            memcpy(&v0, w0 + i, sizeof v0);
-            memcpy(&v1, w1 + i, sizeof v1);
-            memcpy(&v2, w2 + i, sizeof v2);
-            memcpy(&v3, w3 + i, sizeof v3);
-            a0 += xv * v0;
-            a1 += xv * v1;
-            a2 += xv * v2;
-            a3 += xv * v3;
-        }
-        memcpy(s[0], &a0, sizeof a0);
-        memcpy(s[1], &a1, sizeof a1);
-        memcpy(s[2], &a2, sizeof a2);
-        memcpy(s[3], &a3, sizeof a3);
-#else
-        for (int l = 0; l < 8; l++) s[0][l] = s[1][l] = s[2][l] = s[3][l] = 0.0f;
-        for (int64_t i = 0; i < k8; i += 8)
-            for (int l = 0; l < 8; l++) {
-                s[0][l] += xr[i + l] * w0[i + l];
-                s[1][l] += xr[i + l] * w1[i + l];
-                s[2][l] += xr[i + l] * w2[i + l];
-                s[3][l] += xr[i + l] * w3[i + l];
+            dense_v8 wv[DENSE_NR];
+            for (int c = 0; c < DENSE_NR; c++) memcpy(&wv[c], w + (j + (c < nr ? c : 0)) * k + i, sizeof(dense_v8));
+            for (int r = 0; r < DENSE_MR; r++) {
+                dense_v8 xv;
+                memcpy(&xv, x + (r0 + (r < mr ? r : 0)) * k + i, sizeof xv);
+                for (int c = 0; c < DENSE_NR; c++) acc[r][c] += xv * wv[c];
             }
-#endif
-        for (int64_t i = k8; i < k; i++) {
-            s[0][i - k8] += xr[i] * w0[i];
-            s[1][i - k8] += xr[i] * w1[i];
-            s[2][i - k8] += xr[i] * w2[i];
-            s[3][i - k8] += xr[i] * w3[i];
         }
-        for (int q = 0; q < DENSE_NB; q++) {
-            const float v = dense_finish(s[q]);
-            yr[j + q] = bias ? v + bias[j + q] : v;
-        }
-    }
-    for (; j < n1; j++) { /* the same arithmetic, one output at a time */
-        const float *wj = w + j * k;
-        float s[8] = {0};
+        for (int r = 0; r < DENSE_MR; r++)
+            for (int c = 0; c < DENSE_NR; c++) memcpy(s[r][c], &acc[r][c], sizeof acc[r][c]);
+#else
+        for (int r = 0; r < DENSE_MR; r++)
+            for (int c = 0; c < DENSE_NR; c++)
+                for (int l = 0; l < 8; l++) s[r][c][l] = 0.0f;
         for (int64_t i = 0; i < k8; i += 8)
-            for (int l = 0; l < 8; l++) s[l] += xr[i + l] * wj[i + l];
-        for (int64_t i = k8; i < k; i++) s[i - k8] += xr[i] * wj[i];
-        const float v = dense_finish(s);
-        yr[j] = bias ? v + bias[j] : v;
+            for (int r = 0; r < mr; r++)
+                for (int c = 0; c < nr; c++)
+                    for (int l = 0; l < 8; l++) s[r][c][l] += x[(r0 + r) * k + i + l] * w[(j + c) * k + i + l];
+#endif
+        for (int r = 0; r < mr; r++)
+            for (int c = 0; c < nr; c++) {
+                const float *xr = x + (r0 + r) * k, *wj = w + (j + c) * k;
+                for (int64_t i = k8; i < k; i++) s[r][c][i - k8] += xr[i] * wj[i];
+                y[(r0 + r) * n + j + c] = dense_finish(s[r][c], bias, j + c);
+            }
     }
 }
+
+static void dense_block_base(const float *x, int64_t r0, int64_t r1, int64_t k, const float *w, int64_t n0, int64_t n1,
+                             const float *bias, float *y, int64_t n) {
+    dense_block(x, r0, r1, k, w, n0, n1, bias, y, n);
+}
+
+#if TD_X86
+/* The same source with 256-bit registers: the same operations per lane, so the same bits. */
+__attribute__((target("avx2"))) static void dense_block_avx2(const float *x, int64_t r0, int64_t r1, int64_t k,
+                                                             const float *w, int64_t n0, int64_t n1, const float *bias,
+                                                             float *y, int64_t n) {
+    dense_block(x, r0, r1, k, w, n0, n1, bias, y, n);
+}
+#endif
 
 void td_dense_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias, float *y,
                   int threads) {
     if (m <= 0 || n <= 0) return;
-    const int64_t chunk = 64; /* outputs per work item: a multiple of DENSE_NB */
-    const int64_t nchunks = (n + chunk - 1) / chunk;
+    void (*block)(const float *, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, const float *, float *,
+                  int64_t) = dense_block_base;
+#if TD_X86
+    if (td_get_isa() != TD_ISA_SCALAR && (td_cpu_flags() & TD_CPU_AVX2)) block = dense_block_avx2;
+#endif
+    const int64_t chunk = 64; /* outputs per work item: a multiple of DENSE_NR */
+    const int64_t nchunks = (n + chunk - 1) / chunk, mtiles = (m + DENSE_MR - 1) / DENSE_MR;
     (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (td_force_parallel || m * n * k > 1 << 20)
 #endif
-    for (int64_t item = 0; item < m * nchunks; item++) {
-        const int64_t r = item / nchunks, n0 = (item % nchunks) * chunk;
-        const int64_t n1 = n0 + chunk < n ? n0 + chunk : n;
-        dense_outputs(x + r * k, k, w, n0, n1, bias, y + r * n);
+    for (int64_t item = 0; item < mtiles * nchunks; item++) {
+        const int64_t r0 = (item / nchunks) * DENSE_MR, n0 = (item % nchunks) * chunk;
+        const int64_t r1 = r0 + DENSE_MR < m ? r0 + DENSE_MR : m, n1 = n0 + chunk < n ? n0 + chunk : n;
+        block(x, r0, r1, k, w, n0, n1, bias, y, n);
     }
 }
 
