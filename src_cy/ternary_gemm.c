@@ -112,6 +112,7 @@ static void fill_tables(void) {
                 TD_FILL(attention_pack);
                 TD_FILL(fma_peak);
                 TD_FILL(attention_rows_i8);
+                TD_FILL(i8dot_peak);
             }
             done[i] = 1;
         }
@@ -1014,6 +1015,33 @@ static double fma_peak_scalar(int64_t iters, float *sink) {
     return 64.0 * (double)iters;
 }
 
+/* int8 dot products: 32 independent int32 chains of 4 byte products each (8 operations per step) */
+static double i8dot_peak_scalar(int64_t iters, float *sink) {
+    int32_t a[32];
+    int8_t x[4] = {3, -1, 2, 5}, y[4] = {-2, 7, 1, 3};
+    for (int i = 0; i < 32; i++) a[i] = i;
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 32; i++) a[i] += x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3] + (a[i] >> 30);
+    int32_t tot = 0;
+    for (int i = 0; i < 32; i++) tot += a[i];
+    *sink = (float)tot;
+    return 256.0 * (double)iters;
+}
+
+double td_i8dot_peak(int64_t iters, int threads) {
+    if (threads < 1) threads = 1;
+    const td_fma_fn fn = td_ops()->i8dot_peak;
+    double ops = 0.0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) reduction(+ : ops)
+#endif
+    {
+        float sink;
+        ops += fn(iters, &sink);
+    }
+    return ops;
+}
+
 double td_fma_peak(int64_t iters, int threads) {
     if (threads < 1) threads = 1;
     const td_fma_fn fn = td_ops()->fma_peak; /* called through a pointer: its loop cannot be dropped */
@@ -1052,4 +1080,5 @@ const td_ops_t td_ops_scalar = {
     .attention_pack = attention_pack_scalar,
     .fma_peak = fma_peak_scalar,
     .attention_rows_i8 = attention_rows_i8_scalar,
+    .i8dot_peak = i8dot_peak_scalar,
 };

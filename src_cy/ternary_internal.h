@@ -181,6 +181,7 @@ typedef struct td_ops {
     td_att_pack_fn attention_pack;
     td_fma_fn fma_peak;
     td_att8_rows_fn attention_rows_i8;
+    td_fma_fn i8dot_peak; /* the same for the int8 dot product the int8 attention uses (2 ops per multiply-add) */
 } td_ops_t;
 
 /* The table in use (td_set_isa / the best one), every entry filled. */
