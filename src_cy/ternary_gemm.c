@@ -842,7 +842,7 @@ static void att8_pack(const td_ops_t *ops, const float *k, const float *v, int64
             }
         kcorr[j] = 128 * sum;
     }
-    /* values: per channel absmax / TD_ATT8_VLIM, round half to even */
+    /* values: per channel absmax / TD_ATT8_VLIM, round half to even; row = absmax, then 1 / step */
     const float flim = (float)TD_ATT8_VLIM;
     memset(vq, 0, sizeof(int16_t) * (size_t)(tp * hdp));
     for (int64_t c = 0; c < hdp; c++) vsc[c] = 0.0f;
@@ -855,14 +855,23 @@ static void att8_pack(const td_ops_t *ops, const float *k, const float *v, int64
     for (int64_t c = 0; c < hd; c++) {
         const float amax = row[c];
         const int ok = amax > 0.0f && isfinite(amax);
-        const float inv = ok ? flim / amax : 0.0f;
         vsc[c] = ok ? amax / flim : 0.0f;
-        int16_t *dst = vq + (c / 16) * tp * 16 + (c % 16) * 2;
-        for (int64_t j = 0; j < t; j++) {
-            float r = td_rint_small(v[j * ld + c] * inv);
-            r = r < flim ? r : flim;
-            r = r > -flim ? r : -flim;
-            dst[(j / 2) * 32 + (j & 1)] = (int16_t)r;
+        row[c] = ok ? flim / amax : 0.0f;
+    }
+    for (int64_t j = 0; j < t; j++) {
+        int16_t *dst = vq + (j / 2) * 32 + (j & 1);
+        const float *vj = v + j * ld;
+        for (int64_t c0 = 0; c0 < hd; c0 += 16) {
+            const int64_t nc = hd - c0 < 16 ? hd - c0 : 16;
+            int16_t tmp[16];
+            for (int64_t cc = 0; cc < nc; cc++) {
+                float r = td_rint_small(vj[c0 + cc] * row[c0 + cc]);
+                r = r < flim ? r : flim;
+                r = r > -flim ? r : -flim;
+                tmp[cc] = (int16_t)r;
+            }
+            int16_t *dp = dst + c0 * tp;
+            for (int64_t cc = 0; cc < nc; cc++) dp[cc * 2] = tmp[cc];
         }
     }
 }
