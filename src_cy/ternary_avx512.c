@@ -878,11 +878,10 @@ TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0,
  * reference's, so the outputs are its bits. */
 #define ATT8_MAXG 64 /* quads per row handled here (hd <= 256); larger heads run the portable rows */
 
-TD512 static inline __attribute__((always_inline)) void att8_scores512(const uint32_t qu[ATT_MR][ATT8_MAXG],
-                                                                       int64_t ng, const int8_t *b0p,
-                                                                       const int8_t *b1p, const int32_t *corr,
-                                                                       const float *ks, float *c, int64_t ldc,
-                                                                       const int NC) {
+TD512 static inline __attribute__((always_inline)) void att8_scores512(const uint32_t qu[ATT_MR][ATT8_MAXG], int64_t ng,
+                                                                       const int8_t *b0p, const int8_t *b1p,
+                                                                       const int32_t *corr, const float *ks, float *c,
+                                                                       int64_t ldc, const int NC) {
     __m512i acc[ATT_MR][2];
     for (int r = 0; r < ATT_MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     for (int64_t g = 0; g < ng; g++) {
@@ -950,8 +949,8 @@ TD512 static void attention_rows_i8_avx512(const td_att8_kv_t *kv, const int8_t 
         }
         int64_t j0 = 0;
         for (; j0 + 32 <= tp; j0 += 32)
-            att8_scores512(qu, ng, kv->kq + j0 * hd4, kv->kq + (j0 + 16) * hd4, kv->kcorr + j0, kv->ks + j0, s + j0,
-                           tp, 2);
+            att8_scores512(qu, ng, kv->kq + j0 * hd4, kv->kq + (j0 + 16) * hd4, kv->kcorr + j0, kv->ks + j0, s + j0, tp,
+                           2);
         if (j0 < tp) att8_scores512(qu, ng, kv->kq + j0 * hd4, NULL, kv->kcorr + j0, kv->ks + j0, s + j0, tp, 1);
         float inv[ATT_MR];
         for (int r = 0; r < nr; r++) {
