@@ -109,6 +109,8 @@ static void fill_tables(void) {
                 TD_FILL(attention_rows);
                 TD_FILL(attention_pack);
                 TD_FILL(fma_peak);
+                TD_FILL(attention_rows_i8);
+                TD_FILL(i8dot_peak);
             }
             done[i] = 1;
         }
@@ -814,6 +816,207 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * int8 attention (td_attention_int8; the arithmetic is spelled out at td_att8_kv_t in
+ * ternary_internal.h). The keys and values of one (batch, kv head) are quantized here, by portable
+ * code shared by every path, so that every path multiplies the same integers. */
+
+/* kq/ks/kcorr/vq/vsc of one (batch, kv head); key j, component d at k[j * ld + d] (same for v).
+ * mean (hd doubles), row (hd floats) and rq (hd4 bytes) are scratch. */
+static void att8_pack(const td_ops_t *ops, const float *k, const float *v, int64_t ld, int64_t t, int64_t hd,
+                      int64_t hd4, int64_t tp, int64_t hdp, int8_t *kq, float *ks, int32_t *kcorr, int16_t *vq,
+                      float *vsc, double *mean, float *meanf, float *row, int8_t *rq) {
+    /* K's mean over the tokens, per component (double sums in token order) */
+    for (int64_t d = 0; d < hd; d++) mean[d] = 0.0;
+    for (int64_t j = 0; j < t; j++)
+        for (int64_t d = 0; d < hd; d++) mean[d] += (double)k[j * ld + d];
+    for (int64_t d = 0; d < hd; d++) meanf[d] = (float)(mean[d] / (double)t);
+    const int64_t ng = hd4 / 4;
+    memset(kq, 0, (size_t)(tp * hd4));
+    for (int64_t j = 0; j < tp; j++) {
+        if (j >= t) {
+            ks[j] = 0.0f;
+            kcorr[j] = 0;
+            continue;
+        }
+        for (int64_t d = 0; d < hd; d++) row[d] = k[j * ld + d] - meanf[d];
+        ops->quantize_row_i8(row, hd, rq, hd4, ks + j);
+        int32_t sum = 0;
+        int8_t *dst = kq + (j / 16) * ng * 64 + (j % 16) * 4;
+        for (int64_t g = 0; g < ng; g++)
+            for (int dd = 0; dd < 4; dd++) {
+                dst[g * 64 + dd] = rq[4 * g + dd];
+                sum += rq[4 * g + dd];
+            }
+        kcorr[j] = 128 * sum;
+    }
+    /* values: per channel absmax / TD_ATT8_VLIM, round half to even; row = absmax, then 1 / step */
+    const float flim = (float)TD_ATT8_VLIM;
+    memset(vq, 0, sizeof(int16_t) * (size_t)(tp * hdp));
+    for (int64_t c = 0; c < hdp; c++) vsc[c] = 0.0f;
+    for (int64_t c = 0; c < hd; c++) row[c] = 0.0f;
+    for (int64_t j = 0; j < t; j++)
+        for (int64_t c = 0; c < hd; c++) {
+            const float a = fabsf(v[j * ld + c]);
+            row[c] = a > row[c] ? a : row[c];
+        }
+    for (int64_t c = 0; c < hd; c++) {
+        const float amax = row[c];
+        const int ok = amax > 0.0f && isfinite(amax);
+        vsc[c] = ok ? amax / flim : 0.0f;
+        row[c] = ok ? flim / amax : 0.0f;
+    }
+    for (int64_t j = 0; j < t; j++) {
+        int16_t *dst = vq + (j / 2) * 32 + (j & 1);
+        const float *vj = v + j * ld;
+        for (int64_t c0 = 0; c0 < hd; c0 += 16) {
+            const int64_t nc = hd - c0 < 16 ? hd - c0 : 16;
+            int16_t tmp[16];
+            for (int64_t cc = 0; cc < nc; cc++) {
+                float r = td_rint_small(vj[c0 + cc] * row[c0 + cc]);
+                r = r < flim ? r : flim;
+                r = r > -flim ? r : -flim;
+                tmp[cc] = (int16_t)r;
+            }
+            int16_t *dp = dst + c0 * tp;
+            for (int64_t cc = 0; cc < nc; cc++) dp[cc * 2] = tmp[cc];
+        }
+    }
+}
+
+/* p_j = rne(exp(c x_j - c m) * PMAX) for j < t, 0 up to tp; returns their (exact) sum. */
+int32_t td_att8_softmax_row(const float *x, int64_t t, int64_t tp, float c, int16_t *p) {
+    float m = x[0];
+    for (int64_t j = 1; j < t; j++) m = x[j] > m ? x[j] : m;
+    const float mc = m * c;
+    int32_t tot = 0;
+    for (int64_t j = 0; j < t; j++) {
+        const float e = td_expf_poly(fmaf(x[j], c, -mc));
+        const int32_t pj = (int32_t)td_rint_small(e * (float)TD_ATT8_PMAX);
+        p[j] = (int16_t)pj;
+        tot += pj;
+    }
+    for (int64_t j = t; j < tp; j++) p[j] = 0;
+    return tot;
+}
+
+/* out_c = (sum over key blocks of float(int32 block sum of p_j vq_jc)) * vsc_c * (1 / tot) */
+void td_att8_pv_row(const td_att8_kv_t *kv, const int16_t *p, int32_t tot, float *ob, float *out) {
+    const int64_t tp = kv->tp;
+    for (int64_t c0 = 0; c0 < kv->hdp; c0 += 16) {
+        float facc[16];
+        for (int cc = 0; cc < 16; cc++) facc[cc] = 0.0f;
+        const int16_t *vp = kv->vq + c0 * tp;
+        for (int64_t j0 = 0; j0 < tp; j0 += TD_ATT8_KBLK) {
+            const int64_t j1 = j0 + TD_ATT8_KBLK < tp ? j0 + TD_ATT8_KBLK : tp;
+            int32_t acc[16];
+            for (int cc = 0; cc < 16; cc++) acc[cc] = 0;
+            for (int64_t j = j0; j < j1; j += 2) {
+                const int32_t p0 = p[j], p1 = p[j + 1];
+                const int16_t *vr = vp + (j / 2) * 32;
+                for (int cc = 0; cc < 16; cc++) acc[cc] += p0 * vr[2 * cc] + p1 * vr[2 * cc + 1];
+            }
+            for (int cc = 0; cc < 16; cc++) facc[cc] += (float)acc[cc];
+        }
+        for (int cc = 0; cc < 16; cc++) ob[c0 + cc] = facc[cc];
+    }
+    const float inv = 1.0f / (float)tot;
+    for (int64_t c = 0; c < kv->hd; c++) out[c] = (ob[c] * kv->vsc[c]) * inv;
+}
+
+static void attention_rows_i8_scalar(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n, float *s,
+                                     int16_t *pp, float *ob, float *out, int64_t ldo) {
+    const int64_t ng = kv->hd4 / 4;
+    for (int64_t r = 0; r < n; r++) {
+        const int8_t *qi = qq + r * kv->hd4;
+        for (int64_t j = 0; j < kv->tp; j++) {
+            const int8_t *kp = kv->kq + (j / 16) * ng * 64 + (j % 16) * 4;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < ng; g++)
+                for (int dd = 0; dd < 4; dd++) acc += (int32_t)qi[4 * g + dd] * kp[g * 64 + dd];
+            s[j] = (float)acc * kv->ks[j];
+        }
+        const int32_t tot = td_att8_softmax_row(s, kv->t, kv->tp, qs[r] * kv->scale, pp);
+        td_att8_pv_row(kv, pp, tot, ob, out + r * ldo);
+    }
+}
+
+int td_attention_int8(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
+                      int64_t hkv, int64_t hd, int threads) {
+    if (b <= 0 || t <= 0 || h <= 0 || hd <= 0) return TD_OK;
+    if (hkv <= 0 || h % hkv) return TD_EINVAL;
+    if (threads < 1) threads = 1;
+    const int64_t rep = h / hkv, tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16, hd4 = (hd + 3) / 4 * 4;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const td_ops_t *ops = td_ops();
+    const td_att8_rows_fn rows_fn = ops->attention_rows_i8;
+    if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
+    int64_t nq = (4 * (int64_t)threads + b * h - 1) / (b * h);
+    if (threads == 1) nq = 1;
+    int64_t chunk = (t + nq - 1) / nq;
+    chunk = (chunk + TD_ATT_MAX_ROWS - 1) / TD_ATT_MAX_ROWS * TD_ATT_MAX_ROWS;
+    nq = (t + chunk - 1) / chunk;
+    const int64_t items = b * h * nq;
+    int err = 0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+        int8_t *kq = td_alloc((size_t)(tp * hd4));
+        float *ks = td_alloc(sizeof(float) * (size_t)tp);
+        int32_t *kcorr = td_alloc(sizeof(int32_t) * (size_t)tp);
+        int16_t *vq = td_alloc(sizeof(int16_t) * (size_t)(tp * hdp));
+        float *vsc = td_alloc(sizeof(float) * (size_t)hdp);
+        double *mean = td_alloc(sizeof(double) * (size_t)hd);
+        float *row = td_alloc(sizeof(float) * (size_t)hd), *meanf = td_alloc(sizeof(float) * (size_t)hd);
+        int8_t *rq = td_alloc((size_t)hd4);
+        int8_t *qq = td_alloc((size_t)(chunk * hd4));
+        float *qs = td_alloc(sizeof(float) * (size_t)chunk);
+        float *s = td_alloc(sizeof(float) * (size_t)(TD_ATT_MAX_ROWS * tp));
+        int16_t *pp = td_alloc(sizeof(int16_t) * (size_t)(TD_ATT_MAX_ROWS * tp));
+        float *ob = td_alloc(sizeof(float) * (size_t)(TD_ATT_MAX_ROWS * hdp));
+        const int ok = kq && ks && kcorr && vq && vsc && mean && row && meanf && rq && qq && qs && s && pp && ob;
+        const td_att8_kv_t kv = {kq, ks, kcorr, vq, vsc, t, tp, hd, hd4, hdp, scale};
+        int64_t built = -1;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t it = 0; it < items; it++) {
+            if (!ok) {
+                err = 1;
+                continue;
+            }
+            const int64_t bh = it / nq, qc = it % nq, bb = bh / h, hh = bh % h, kvh = hh / rep;
+            if (built != bb * hkv + kvh) {
+                built = bb * hkv + kvh;
+                att8_pack(ops, k + (bb * t * hkv + kvh) * hd, v + (bb * t * hkv + kvh) * hd, hkv * hd, t, hd, hd4, tp,
+                          hdp, kq, ks, kcorr, vq, vsc, mean, meanf, row, rq);
+            }
+            const int64_t i0 = qc * chunk, i1 = i0 + chunk < t ? i0 + chunk : t;
+            const float *qh = q + (bb * t * h + hh) * hd;
+            for (int64_t i = i0; i < i1; i++)
+                ops->quantize_row_i8(qh + i * h * hd, hd, qq + (i - i0) * hd4, hd4, qs + (i - i0));
+            float *oh = out + (bb * t * h + hh) * hd;
+            rows_fn(&kv, qq, qs, i1 - i0, s, pp, ob, oh + i0 * h * hd, h * hd);
+        }
+        td_free(kq);
+        td_free(ks);
+        td_free(kcorr);
+        td_free(vq);
+        td_free(vsc);
+        td_free(mean);
+        td_free(row);
+        td_free(meanf);
+        td_free(rq);
+        td_free(qq);
+        td_free(qs);
+        td_free(s);
+        td_free(pp);
+        td_free(ob);
+    }
+    return err ? TD_ENOMEM : TD_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * FMA peak: 32 independent multiply-add chains the compiler turns into SIMD (without FMA
  * instructions on a plain x86-64 build: a multiply and an add, still 2 operations per lane). */
 static double fma_peak_scalar(int64_t iters, float *sink) {
@@ -826,6 +1029,33 @@ static double fma_peak_scalar(int64_t iters, float *sink) {
     for (int i = 0; i < 32; i++) tot += a[i];
     *sink = tot;
     return 64.0 * (double)iters;
+}
+
+/* int8 dot products: 32 independent int32 chains of 4 byte products each (8 operations per step) */
+static double i8dot_peak_scalar(int64_t iters, float *sink) {
+    int32_t a[32];
+    int8_t x[4] = {3, -1, 2, 5}, y[4] = {-2, 7, 1, 3};
+    for (int i = 0; i < 32; i++) a[i] = i;
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 32; i++) a[i] += x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3] + (a[i] >> 30);
+    int32_t tot = 0;
+    for (int i = 0; i < 32; i++) tot += a[i];
+    *sink = (float)tot;
+    return 256.0 * (double)iters;
+}
+
+double td_i8dot_peak(int64_t iters, int threads) {
+    if (threads < 1) threads = 1;
+    const td_fma_fn fn = td_ops()->i8dot_peak;
+    double ops = 0.0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) reduction(+ : ops)
+#endif
+    {
+        float sink;
+        ops += fn(iters, &sink);
+    }
+    return ops;
 }
 
 double td_fma_peak(int64_t iters, int threads) {
@@ -863,4 +1093,6 @@ const td_ops_t td_ops_scalar = {
     .attention_rows = attention_rows_scalar,
     .attention_pack = attention_pack_scalar,
     .fma_peak = fma_peak_scalar,
+    .attention_rows_i8 = attention_rows_i8_scalar,
+    .i8dot_peak = i8dot_peak_scalar,
 };

@@ -58,13 +58,16 @@ class Pipeline:
 
     @classmethod
     def load(cls, path=None, backend: str = "auto", activations: str | None = None, threads: int | None = None,
-             vae=None, verify: bool = True, settings: GenerationSettings | None = None) -> "Pipeline":
+             vae=None, verify: bool = True, settings: GenerationSettings | None = None,
+             attention: str | None = None) -> "Pipeline":
         """Load a model file (and its embedded VAE). ``vae``: a separate VAE .tdit path, optional.
-        ``settings``: its model settings (activations) are the ones loaded; ``activations``, when
-        given, wins (default fp32)."""
+        ``settings``: its model settings (activations, attention) are the ones loaded; ``activations``
+        and ``attention``, when given, win (default fp32)."""
         model_kw = (settings or GenerationSettings()).model_kwargs()
         if activations is not None:
             model_kw["activations"] = activations
+        if attention is not None:
+            model_kw["attention"] = attention
         path = os.fspath(path) if path is not None else default_model_path()
         if not os.path.exists(path):
             if path == default_model_path():
@@ -127,12 +130,18 @@ class Pipeline:
         """The activation mode the model was loaded with."""
         return getattr(getattr(self.model, "backend", None), "activations", "fp32")
 
+    @property
+    def attention(self) -> str:
+        """The attention mode the model was loaded with."""
+        return getattr(getattr(self.model, "backend", None), "attention_mode", "fp32")
+
     def settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
         """``settings`` (default: the defaults, with this pipeline's model settings) with ``overrides``
         (setting names as keywords) applied; InputError when its model settings are not this pipeline's."""
-        s = settings if settings is not None else GenerationSettings(activations=self.activations)
+        s = settings if settings is not None else GenerationSettings(activations=self.activations,
+                                                                     attention=self.attention)
         s = s.replace(**overrides) if overrides else s
-        s.check_model(self.activations)
+        s.check_model(self.activations, self.attention)
         return s
 
     def latents(self, class_labels, settings: GenerationSettings | None = None, *, progress: bool = False,

@@ -17,7 +17,7 @@ import time
 from .._version import __version__
 from ..argtypes import add_backend_arguments, non_negative_float, non_negative_int, positive_int
 from ..errors import TerditError
-from ..kernels.base import ACTIVATION_MODES
+from ..kernels.base import ACTIVATION_MODES, ATTENTION_MODES
 from ..settings import GenerationSettings
 
 
@@ -115,6 +115,7 @@ def _cmd_info(args) -> int:
     except ImportError:
         info["cpu"] = {"note": "compiled extension not built; CPU feature detection unavailable"}
     info["auto_backend"] = get_backend("auto").describe()
+    info["attention_modes"] = list(ATTENTION_MODES)  # --attention (a model setting); fp32 by default
     if args.model:
         from ..format import read_tdit
         tf = read_tdit(args.model)
@@ -142,6 +143,8 @@ def _cmd_info(args) -> int:
     print("batch-invariant images (same bytes in any batch, any thread count): "
           + ", ".join(f"{k}: {'yes' if v else 'not promised'}" for k, v in inv.items()))
     print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
+    print(f"attention modes: {', '.join(ATTENTION_MODES)} (--attention; default fp32; int8 runs on the cython backend, "
+          "within 1% of fp32)")
     if "model" in info:
         m = info["model"]
         print(f"model file: {m['path']} ({m['file_bytes'] / 1e6:.1f} MB, format v{m['format_version']}, "
