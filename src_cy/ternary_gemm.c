@@ -759,6 +759,19 @@ attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const
 }
 
 
+/* How the attention drivers split their work: returns the threads to use and the query chunk (a
+ * multiple of the row tiles) and chunk count per (batch, head): enough items for the threads to balance.
+ * Below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md). */
+static int att_work_split(int64_t b, int64_t t, int64_t h, int64_t hd, int threads, int64_t *chunk, int64_t *nq) {
+    if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
+    int64_t n = threads == 1 ? 1 : (4 * (int64_t)threads + b * h - 1) / (b * h);
+    int64_t c = (t + n - 1) / n;
+    c = (c + TD_ATT_MAX_ROWS - 1) / TD_ATT_MAX_ROWS * TD_ATT_MAX_ROWS;
+    *chunk = c;
+    *nq = (t + c - 1) / c;
+    return threads;
+}
+
 int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
                  int64_t hkv, int64_t hd, int threads) {
     if (b <= 0 || t <= 0 || h <= 0 || hd <= 0) return TD_OK;
@@ -768,14 +781,8 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
     const float scale = (float)(1.0 / sqrt((double)hd));
     const td_ops_t *ops = td_ops();
     const td_att_rows_fn rows_fn = ops->attention_rows;
-    /* below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md) */
-    if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
-    /* query chunks: enough items for the threads to balance, chunks a multiple of the row tiles */
-    int64_t nq = (4 * (int64_t)threads + b * h - 1) / (b * h);
-    if (threads == 1) nq = 1;
-    int64_t chunk = (t + nq - 1) / nq;
-    chunk = (chunk + TD_ATT_MAX_ROWS - 1) / TD_ATT_MAX_ROWS * TD_ATT_MAX_ROWS;
-    nq = (t + chunk - 1) / chunk;
+    int64_t chunk, nq;
+    threads = att_work_split(b, t, h, hd, threads, &chunk, &nq);
     const int64_t items = b * h * nq;
     int err = 0;
 #if defined(_OPENMP)
@@ -949,12 +956,8 @@ int td_attention_int8(const float *q, const float *k, const float *v, float *out
     const float scale = (float)(1.0 / sqrt((double)hd));
     const td_ops_t *ops = td_ops();
     const td_att8_rows_fn rows_fn = ops->attention_rows_i8;
-    if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
-    int64_t nq = (4 * (int64_t)threads + b * h - 1) / (b * h);
-    if (threads == 1) nq = 1;
-    int64_t chunk = (t + nq - 1) / nq;
-    chunk = (chunk + TD_ATT_MAX_ROWS - 1) / TD_ATT_MAX_ROWS * TD_ATT_MAX_ROWS;
-    nq = (t + chunk - 1) / chunk;
+    int64_t chunk, nq;
+    threads = att_work_split(b, t, h, hd, threads, &chunk, &nq);
     const int64_t items = b * h * nq;
     int err = 0;
 #if defined(_OPENMP)
