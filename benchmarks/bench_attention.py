@@ -94,12 +94,13 @@ def baseline_module(rev: str):
     return mod, f"git {full[:12]}"
 
 
-def fma_peak(threads: int, seconds: float = 0.2) -> float:
-    """GFLOP/s of the current ISA's FMA loop on `threads` threads: best of five runs."""
+def loop_peak(loop, threads: int, seconds: float = 0.2) -> float:
+    """G operations/s of one of the extension's peak loops (``loop(iters, threads)`` returns the
+    operations it did, 2 per multiply-add), sized to ~`seconds`, best of five runs."""
     iters = 1 << 16
     while True:  # size the loop to ~`seconds`
         t0 = time.perf_counter()
-        _ternary.fma_peak(iters, threads)
+        loop(iters, threads)
         dt = time.perf_counter() - t0
         if dt > seconds / 4:
             break
@@ -108,28 +109,19 @@ def fma_peak(threads: int, seconds: float = 0.2) -> float:
     best = 0.0
     for _ in range(5):
         t0 = time.perf_counter()
-        flops = _ternary.fma_peak(iters, threads)
-        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+        ops = loop(iters, threads)
+        best = max(best, ops / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def fma_peak(threads: int, seconds: float = 0.2) -> float:
+    """GFLOP/s of the current ISA's FMA loop on `threads` threads."""
+    return loop_peak(_ternary.fma_peak, threads, seconds)
 
 
 def i8dot_peak(threads: int, seconds: float = 0.2) -> float:
-    """G operations/s (2 per multiply-add) of the current ISA's int8 dot-product loop, best of five."""
-    iters = 1 << 16
-    while True:
-        t0 = time.perf_counter()
-        _ternary.i8dot_peak(iters, threads)
-        dt = time.perf_counter() - t0
-        if dt > seconds / 4:
-            break
-        iters *= 4
-    iters = max(1, int(iters * seconds / dt))
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        ops = _ternary.i8dot_peak(iters, threads)
-        best = max(best, ops / (time.perf_counter() - t0) / 1e9)
-    return best
+    """G operations/s of the current ISA's int8 dot-product loop on `threads` threads."""
+    return loop_peak(_ternary.i8dot_peak, threads, seconds)
 
 
 def parse_shape(s: str) -> tuple[int, int, int, int]:
