@@ -31,19 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     g.add_argument("--class", dest="classes", action="append", default=None, metavar="ID_OR_NAME",
                    help="class id or name, repeatable (default: every class of a model with <= 100 classes)")
-    GenerationSettings.add_arguments(g)
-    g.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images sampled together (default: what fits in memory); the images do not depend on it")
-    g.add_argument("--out", default="out.png", help="output PNG (several classes without --grid: OUT-0.png, ...)")
-    g.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
-    g.add_argument("--upscale", type=positive_int, default=None,
-                   help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
-    add_backend_arguments(g)
-    g.add_argument("--vae", default=None, help="a VAE .tdit file for a model file without an embedded VAE")
-    g.add_argument("--vae-tile", type=positive_int, default=None, help="decode in latent tiles of this size")
+    _add_image_job_arguments(g, "out.png", "sampled", "a VAE .tdit file for a model file without an embedded VAE",
+                             "decode in latent tiles of this size")
     g.add_argument("--save-latents", default=None, metavar="NPY", help="also save the sampled latents (.npy)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
 
     c = sub.add_parser("convert", help="convert a TerDiT checkpoint to a .tdit file (needs torch)")
     c.add_argument("src", help="checkpoint directory (model_args.pth + consolidated*.pth) or state-dict file")
@@ -261,18 +251,25 @@ def _add_edit_parser(sub) -> None:
                    help="soft mask edge, in latent pixels (pixels for pixel-space models; default 1)")
     e.add_argument("--fit", choices=("crop", "stretch"), default="crop",
                    help="bring the input to the model's size: crop (shorter side, centre cut; default) or stretch")
-    GenerationSettings.add_arguments(e)
-    e.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images edited together (default: what fits in memory); the images do not depend on it")
-    e.add_argument("--out", default="edit.png", help="output PNG (several classes: OUT-0.png, ... or --grid)")
-    e.add_argument("--grid", action="store_true", help="one PNG with all images")
-    e.add_argument("--upscale", type=positive_int, default=None,
+    _add_image_job_arguments(e, "edit.png", "edited", "a VAE .tdit file (with its encoder) for a model file without one",
+                             "encode and decode in latent tiles of this size")
+
+
+def _add_image_job_arguments(p, out_default: str, verb: str, vae_help: str, tile_help: str) -> None:
+    """The options `generate` and `edit` share: the generation settings, batching, output files,
+    backend, VAE, progress and verification."""
+    GenerationSettings.add_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"images {verb} together (default: what fits in memory); the images do not depend on it")
+    p.add_argument("--out", default=out_default, help="output PNG (several classes without --grid: OUT-0.png, ...)")
+    p.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
+    p.add_argument("--upscale", type=positive_int, default=None,
                    help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
-    add_backend_arguments(e)
-    e.add_argument("--vae", default=None, help="a VAE .tdit file (with its encoder) for a model file without one")
-    e.add_argument("--vae-tile", type=positive_int, default=None, help="encode and decode in latent tiles of this size")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
+    add_backend_arguments(p)
+    p.add_argument("--vae", default=None, help=vae_help)
+    p.add_argument("--vae-tile", type=positive_int, default=None, help=tile_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
 
 
 def _cmd_edit(args) -> int:
