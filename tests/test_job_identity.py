@@ -234,7 +234,7 @@ def test_the_local_engine_reports_a_dead_worker(tmp_path, capsys):
     res = run_job(spec(), tmp_path / "job", engine, progress=False, on_unit=kill_once)
     assert res.complete and engine.retries >= 1
     err = capsys.readouterr().err
-    assert "a worker process died; re-running its 1 unit(s) in flight on a new pool (retry 1 of 2)" in err
+    assert "a worker process died; re-running its" in err and "on a new pool (retry 1 of 2)" in err
 
 
 def test_no_tracebacks_for_bad_shard_selector_values(capsys):
