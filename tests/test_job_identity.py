@@ -249,3 +249,27 @@ def test_identity_survives_json(jobs):
     d, _ = jobs["a"]
     rec = json.loads(np.load(d / shard_name(0))["job"].tobytes())
     assert rec["job_id"] == spec(steps=6).job_id() and rec["n_shards"] == 3
+
+
+# -- the CLI's other edges (issue 25, items 9 and 10) ----------------------------------------------------------
+
+
+def test_generate_checks_out_before_loading_the_model(monkeypatch, capsys):
+    from terdit_edge import pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(pipeline.Pipeline, "load", classmethod(no_load))
+    assert main(["generate", "--out", "/nonexistent_dir/x.png", "--no-progress"]) == 1
+    assert "output directory '/nonexistent_dir' does not exist" in capsys.readouterr().err
+    assert main(["generate", "--out", "x.jpg", "--no-progress"]) == 1
+    assert "must name a .png file" in capsys.readouterr().err
+
+
+def test_info_shows_no_directory_of_the_converting_machine(capsys):
+    assert main(["info", os.path.join(os.path.dirname(__import__("terdit_edge").__file__), "data", "digits.tdit"),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    src = info["model"]["source"]
+    assert src is None or "/" not in str(src.get("path", ""))

@@ -222,7 +222,8 @@ def test_cancel_stops_a_running_job_within_one_step_and_the_worker_moves_on(clie
     tail = events_of(client, job["id"])
     assert tail[-1][0] == "cancelled" and all(d["step"] <= state["stopped_at_step"] for n, d in tail if n == "step")
     assert_json_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "already finished")
-    assert_json_error(client.get(f"/v1/jobs/{job['id']}/images/0.png"), 409, "cancelled")  # docs/server.md: 409 before the job succeeded (issue 25)
+    # docs/server.md: 409 unless the job succeeded (it was a 404 for a cancelled job before issue 25)
+    assert_json_error(client.get(f"/v1/jobs/{job['id']}/images/0.png"), 409, "cancelled")
     assert wait_final(client, nxt["id"])["status"] == "succeeded"
     assert client.get("/health").json()["status"] == "ok"
 

@@ -3,7 +3,6 @@ restart, every accepted job's images with the same bytes; graceful restarts, TTL
 state directory; and the server's other edges (nested JSON, --port range, /favicon.ico)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -17,8 +17,17 @@ import time
 import numpy as np
 
 from .job import (
-    MANIFEST, JobError, _locked, file_sha256, new_manifest, read_manifest, sample_labels, sample_seeds,
-    shard_job_record, shard_name, write_manifest,
+    MANIFEST,
+    JobError,
+    _locked,
+    file_sha256,
+    new_manifest,
+    read_manifest,
+    sample_labels,
+    sample_seeds,
+    shard_job_record,
+    shard_name,
+    write_manifest,
 )
 
 SHARD_RE = re.compile(r"^shard-(\d{6})\.npz$")

@@ -169,7 +169,7 @@ class JobStore:
         cols = [c[0] for c in cur.description]
         rows = [dict(zip(cols, r)) for r in cur.fetchall()]
         images: dict[str, list] = {}
-        for job_id, k, png in self.db.execute("SELECT job_id, k, png FROM images ORDER BY job_id, k"):
+        for job_id, _k, png in self.db.execute("SELECT job_id, k, png FROM images ORDER BY job_id, k"):
             images.setdefault(job_id, []).append(bytes(png))
         for r in rows:
             r["images"] = images.get(r["id"], [])
