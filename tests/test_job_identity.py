@@ -273,3 +273,33 @@ def test_info_shows_no_directory_of_the_converting_machine(capsys):
     info = json.loads(capsys.readouterr().out)
     src = info["model"]["source"]
     assert src is None or "/" not in str(src.get("path", ""))
+
+
+def test_a_pool_found_broken_at_submit_is_replaced(jobs, tmp_path):
+    """benchmarks/chaos.py found it: a worker killed between two waits makes the next submit() raise
+    BrokenProcessPool (not a future's result); the engine must replace the pool, not stop the job."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    class FlakyPool:
+        raised = False
+
+        def __init__(self, pool):
+            self._pool, self.calls = pool, 0
+
+        def submit(self, *a):
+            self.calls += 1
+            if self.calls == 2 and not FlakyPool.raised:
+                FlakyPool.raised = True
+                raise BrokenProcessPool("simulated: a worker died")
+            return self._pool.submit(*a)
+
+        def __getattr__(self, name):
+            return getattr(self._pool, name)
+
+    class Engine(LocalEngine):
+        def _pool(self, cfg):
+            return FlakyPool(super()._pool(cfg))
+
+    res = run_job(spec(steps=6), tmp_path / "job", Engine(workers=1, threads=1), progress=False, quiet=True)
+    assert FlakyPool.raised and res.complete
+    assert merged_bytes(tmp_path / "job", tmp_path, "m.npz") == jobs["a"][1]

@@ -152,10 +152,20 @@ class LocalEngine:
         clean = False
         try:
             while queue or inflight:
+                pool_broken = False
                 while queue and len(inflight) < 2 * self.workers:
                     u = queue.popleft()
-                    inflight[pool.submit(_local_run, u.labels, u.seeds)] = u
-                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                    try:
+                        fut = pool.submit(_local_run, u.labels, u.seeds)
+                    except BrokenProcessPool:  # a worker died since the last wait (found by benchmarks/chaos.py)
+                        queue.appendleft(u)
+                        pool_broken = True
+                        break
+                    inflight[fut] = u
+                if pool_broken:
+                    done = {f for f in inflight if f.done()}
+                else:
+                    done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 broken = []
                 for fut in done:
                     u = inflight.pop(fut)
@@ -171,11 +181,15 @@ class LocalEngine:
                                        f"{type(e).__name__}: {e}") from e
                     self.pids.add(pid)
                     yield u, images, {"pid": pid}
-                if broken:
+                if broken or pool_broken:
                     broken += list(inflight.values())  # the whole pool is gone: every unit in flight
                     inflight.clear()
                     self._stop(pool, kill=True)
                     pool = None
+                    if not broken:  # every unit had finished: only the pool is replaced
+                        self.log("a worker process died; continuing on a new pool")
+                        pool = self._pool(cfg)
+                        continue
                     for u in broken:
                         attempts[u.uid] += 1
                         if attempts[u.uid] > self.max_retries:
