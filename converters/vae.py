@@ -352,7 +352,9 @@ def convert_vae_file(src, out: str, dtype: str = "fp16", log=print, encoder: boo
     from terdit_edge.format import read_tdit, write_tdit
 
     meta, tensors = vae_tensors_for_file(src, dtype, log=log, encoder=encoder)
-    meta["source"] = json.dumps({"path": os.path.abspath(str(src)), "converter": f"terdit-edge {__version__}"})
+    # the checkpoint's name only: a path would publish the converting machine's directories
+    meta["source"] = json.dumps({"path": os.path.basename(os.path.abspath(str(src))),
+                                 "converter": f"terdit-edge {__version__}"})
     write_tdit(out, tensors, meta)
     tf = read_tdit(out, verify=True)
     size = os.path.getsize(out)

@@ -222,7 +222,8 @@ def test_cancel_stops_a_running_job_within_one_step_and_the_worker_moves_on(clie
     tail = events_of(client, job["id"])
     assert tail[-1][0] == "cancelled" and all(d["step"] <= state["stopped_at_step"] for n, d in tail if n == "step")
     assert_json_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "already finished")
-    assert_json_error(client.get(f"/v1/jobs/{job['id']}/images/0.png"), 404, "cancelled")
+    # docs/server.md: 409 unless the job succeeded (it was a 404 for a cancelled job before issue 25)
+    assert_json_error(client.get(f"/v1/jobs/{job['id']}/images/0.png"), 409, "cancelled")
     assert wait_final(client, nxt["id"])["status"] == "succeeded"
     assert client.get("/health").json()["status"] == "ok"
 
@@ -464,7 +465,7 @@ def test_unknown_class_names_list_close_names(tmp_path):
 
 def test_serve_command_starts_answers_and_stops_on_sigint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.frontends.cli", "serve", "--port", "0", "--log-level",
-                             "warning"],
+                             "warning", "--state-dir", str(tmp_path / "state")],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=child_env())
     try:
         line = proc.stderr.readline()
@@ -514,7 +515,8 @@ def test_non_loopback_host_without_a_key_warns(monkeypatch, capsys):
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
     args = argparse.Namespace(model=None, host="0.0.0.0", port=0, api_key_file=None, max_queue=4, max_batch=2,
                               max_n=2, max_steps=10, keep_seconds=1.0, keep_jobs=1, batch_wait_ms=0.0, threads=None,
-                              backend="auto", activations="fp32", log_level="warning", access_log=False)
+                              backend="auto", activations="fp32", log_level="warning", access_log=False,
+                              ephemeral=True, state_dir=None)
     assert server_main.serve_command(args) == 0
     assert bound == ["0.0.0.0"]
     assert "WARNING: listening on 0.0.0.0" in capsys.readouterr().err

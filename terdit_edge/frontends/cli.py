@@ -15,7 +15,7 @@ import sys
 import time
 
 from .._version import __version__
-from ..argtypes import add_backend_arguments, non_negative_float, non_negative_int, positive_int
+from ..argtypes import add_backend_arguments, int_in_range, non_negative_float, non_negative_int, positive_int
 from ..errors import TerditError
 from ..kernels.base import ACTIVATION_MODES, ATTENTION_MODES
 from ..settings import GenerationSettings
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "[server] extra; docs/server.md)")
     s.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=non_negative_int, default=8000, help="TCP port (default 8000; 0: a free one)")
+    s.add_argument("--port", type=int_in_range(0, 65535, "port"), default=8000,
+                   help="TCP port 0..65535 (default 8000; 0: a free one)")
     s.add_argument("--api-key-file", default=None, help="file of bearer keys, one per line (default: no auth)")
     s.add_argument("--max-queue", type=positive_int, default=32, help="queued jobs before 429 (default 32)")
     s.add_argument("--max-batch", type=positive_int, default=8, help="images sampled together (default 8)")
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-seconds", type=non_negative_float, default=600.0,
                    help="finished jobs are kept this long (default 600)")
     s.add_argument("--keep-jobs", type=positive_int, default=256, help="at most this many finished jobs kept")
+    s.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where accepted jobs and finished images are kept across restarts (SQLite; default: "
+                        "$XDG_CACHE_HOME/terdit-edge/server, i.e. ~/.cache/terdit-edge/server)")
+    s.add_argument("--ephemeral", action="store_true",
+                   help="keep jobs in memory only: a restart loses queued and running jobs and finished images")
     add_backend_arguments(s)
     GenerationSettings.add_arguments(s, scopes=("model",))  # requests set the others
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
@@ -110,7 +116,7 @@ def _cmd_info(args) -> int:
         from ..format import read_tdit
         tf = read_tdit(args.model)
         m = {"path": tf.path, "file_bytes": tf.file_size, "format_version": tf.metadata.get("format_version"),
-             "packing": tf.metadata.get("packing"), "source": tf.source}
+             "packing": tf.metadata.get("packing"), "source": _public_source(tf.source)}
         if tf.config is not None:
             m.update(config=json.loads(tf.config.to_json()), float_dtype=tf.float_dtype,
                      label_map=tf.label_map_name,
@@ -145,8 +151,29 @@ def _cmd_info(args) -> int:
         print("vae: " + (f"{m['vae']['dtype']}, {m['vae']['bytes'] / 1e6:.1f} MB, "
                          f"channels {m['vae']['config'].get('block_out_channels')}" if m["vae"] else "none"))
         if m["source"]:
-            print(f"source: {m['source'].get('path', '')} ({m['source'].get('layout', '')})")
+            print(f"source: {_source_name(m['source'].get('path', ''))} ({m['source'].get('layout', '')})")
     return 0
+
+
+def _check_out(out: str) -> None:
+    """--out must be a .png in an existing directory; checked before the model loads and samples
+    (on a large model a late failure wastes minutes), and again when saving."""
+    if os.path.splitext(out)[1].lower() != ".png":
+        raise TerditError(f"--out must name a .png file, got {out!r}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise TerditError(f"output directory {os.path.dirname(out)!r} does not exist")
+
+
+def _source_name(path) -> str:
+    """The checkpoint's name without the directories of the machine that converted it."""
+    return os.path.basename(str(path).rstrip("/\\")) if path else ""
+
+
+def _public_source(source):
+    if not isinstance(source, dict):
+        return source
+    return {**source, "path": _source_name(source.get("path"))} if "path" in source else source
 
 
 def _save_images(images, args, meta: dict) -> list[str]:
@@ -157,11 +184,8 @@ def _save_images(images, args, meta: dict) -> list[str]:
     if factor > 1:
         images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
     out = args.out
+    _check_out(out)
     root, ext = os.path.splitext(out)
-    if ext.lower() != ".png":
-        raise TerditError(f"--out must name a .png file, got {out!r}")
-    if os.path.dirname(os.path.abspath(out)) and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise TerditError(f"output directory {os.path.dirname(out)!r} does not exist")
     if args.grid or len(images) == 1:
         if len(images) > 1:
             cols = min(len(images), 10 if len(images) <= 10 else int(len(images) ** 0.5 + 0.999))
@@ -197,6 +221,8 @@ def _cmd_generate(args) -> int:
 
     t0 = time.time()
     settings = GenerationSettings.from_args(args)
+    if not args.save_latents:
+        _check_out(args.out)
     pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads, vae=args.vae,
                          verify=not args.no_verify, settings=settings)
     cfg = pipe.config
@@ -278,6 +304,7 @@ def _cmd_edit(args) -> int:
 
     t0 = time.time()
     settings = GenerationSettings.from_args(args)
+    _check_out(args.out)
     pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads, vae=args.vae,
                          verify=not args.no_verify, settings=settings)
     classes = pipe.resolve_classes(args.classes)

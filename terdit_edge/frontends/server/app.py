@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -23,7 +24,7 @@ from starlette.routing import Route
 
 from ..._version import __version__
 from ...diffusion import SAMPLER_REGISTRY
-from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull
+from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull, StoreFailed
 from .validate import ApiError, bad, job_params, openai_params
 
 log = logging.getLogger("terdit_edge.server")
@@ -61,6 +62,22 @@ def read_key_file(path) -> list[str]:
     return keys
 
 
+def _favicon_png() -> bytes:
+    """A 16x16 icon (a dark square with a light diagonal), made at start-up: browsers ask for
+    /favicon.ico on every page and would log a 404."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.full((16, 16, 3), 40, np.uint8)
+    for i in range(16):
+        a[i, max(0, i - 1):i + 2] = (230, 230, 230)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _json_error(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -71,6 +88,8 @@ class Server:
     def __init__(self, manager: JobManager, api_keys: list[str] | None = None, backend: str = "auto"):
         self.m = manager
         self.keys = [k.encode("utf-8") for k in api_keys] if api_keys else None
+        self.fingerprints = [hashlib.sha256(b"terdit-edge-owner/" + k).hexdigest()[:32] for k in self.keys or ()]
+        self.favicon = _favicon_png()
         self.backend_requested = backend
         self.started = time.time()
         self.page = {path: (package_text(name).encode("utf-8"), ctype) for path, (name, ctype) in PAGE_FILES.items()}
@@ -79,7 +98,9 @@ class Server:
     # -- helpers ----------------------------------------------------------------------------------
 
     def owner(self, request: Request):
-        """The caller's key index (None when keys are off); 401 without a valid bearer key."""
+        """The caller's key fingerprint (None when keys are off); 401 without a valid bearer key. A
+        fingerprint, not the key's position in the file: stored jobs keep their owner across a
+        restart with a reordered key file, and the store never holds a key."""
         if self.keys is None:
             return None
         header = request.headers.get("authorization", "")
@@ -94,7 +115,7 @@ class Server:
                 found = i
         if found is None:
             raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
-        return found
+        return self.fingerprints[found]
 
     def pipe(self):
         if self.m.state == "ready":
@@ -126,13 +147,17 @@ class Server:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # "[" * 5000: under the size limit, over the parser's nesting depth
+            raise bad("the request body is nested too deeply") from None
 
     def job_for(self, request: Request, owner):
         job_id = request.path_params["job_id"]
         job = self.m.get(job_id, owner, check_owner=self.keys is not None) if len(job_id) <= 64 else None
         if job is None:
-            raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r}: unknown, made with another key, or "
-                           f"finished more than {self.m.limits.keep_seconds:g} s ago and dropped")
+            lost = "" if self.m.store is not None else (", or accepted before a restart of this server (it runs with "
+                                                        "--ephemeral: jobs live in memory only)")
+            raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r}: unknown, made with another key, "
+                           f"finished more than {self.m.limits.keep_seconds:g} s ago and dropped{lost}")
         return job
 
     def job_json(self, job) -> dict:
@@ -168,7 +193,7 @@ class Server:
             "limits": {"max_queue": lim.max_queue, "max_batch": lim.max_batch, "max_n": lim.max_n,
                        "max_steps": lim.max_steps, "max_body_bytes": lim.max_body_bytes,
                        "keep_seconds": lim.keep_seconds, "keep_jobs": lim.keep_jobs},
-            "auth": self.keys is not None})
+            "auth": self.keys is not None, "durable_jobs": self.m.store is not None})
 
     def model_id(self) -> str:
         return os.path.splitext(self.m.model_name)[0]
@@ -209,15 +234,21 @@ class Server:
         self.owner(request)
         return Response(self.openapi, media_type="application/json")
 
+    async def favicon_file(self, request: Request):
+        return Response(self.favicon, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
     async def page_file(self, request: Request):
         content, ctype = self.page[request.url.path]
         return Response(content, media_type=ctype, headers={"Cache-Control": "no-cache"})
 
     # -- the job API --------------------------------------------------------------------------------
 
-    def submit(self, params, owner):
+    def submit(self, params, owner, durable: bool = True):
         try:
-            return self.m.submit(params, owner)
+            return self.m.submit(params, owner, durable=durable)
+        except StoreFailed as e:
+            raise ApiError(503, "store_unavailable", f"the job could not be stored on disk ({e}); it was not "
+                           "accepted: retry later", {"Retry-After": "5"}) from None
         except QueueFull as e:
             raise ApiError(429, "queue_full", f"the queue is full ({self.m.limits.max_queue} jobs); retry in "
                            f"{e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
@@ -253,9 +284,8 @@ class Server:
     async def job_image(self, request: Request):
         job = self.job_for(request, self.owner(request))
         k = request.path_params["k"]
-        if job.status != "succeeded":
-            raise ApiError(409 if not job.final else 404, "no_image",
-                           f"job {job.id} is {job.status}: images exist only once it has succeeded")
+        if job.status != "succeeded":  # 409 in every other state, as docs/server.md says
+            raise ApiError(409, "no_image", f"job {job.id} is {job.status}: images exist only once it has succeeded")
         if not 0 <= k < len(job.images):
             raise ApiError(404, "no_image", f"job {job.id} has images 0..{len(job.images) - 1}, not {k}")
         return Response(job.images[k], media_type="image/png",
@@ -290,7 +320,8 @@ class Server:
         owner = self.owner(request)
         pipe = self.pipe()
         params = openai_params(await self.body(request), pipe, self.m.limits, self.m.settings)
-        job = self.submit(params, owner)
+        # not stored: the answer goes to this open connection, which a restart ends (the client sees it)
+        job = self.submit(params, owner, durable=False)
         while not job.final:
             await self.m.wait_for_change(job, job.seq, 0.25)
             if not job.final and await request.is_disconnected():
@@ -328,6 +359,7 @@ def create_app(manager: JobManager, api_keys: list[str] | None = None, backend: 
 
     routes = [Route(path, guarded(srv.page_file), methods=["GET"]) for path in PAGE_FILES]
     routes += [
+        Route("/favicon.ico", guarded(srv.favicon_file), methods=["GET"]),
         Route("/health", guarded(srv.health), methods=["GET"]),
         Route("/metrics", guarded(srv.metrics), methods=["GET"]),
         Route("/v1/capabilities", guarded(srv.capabilities), methods=["GET"]),

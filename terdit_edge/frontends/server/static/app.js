@@ -15,9 +15,13 @@
   async function api(path, options) {
     const r = await fetch(path, Object.assign({ headers: headers(options && options.body) }, options || {}));
     if (r.status === 401) {
+      // say why next to the key field: a wrong key must not look like nothing happened
+      const msg = key ? "the server refused this key (" + (await errorText(r)) + ")" : "this server needs an API key";
       $("key-panel").hidden = false;
-      throw new Error("an API key is needed");
+      $("key-error").textContent = msg;
+      throw new Error(msg);
     }
+    $("key-error").textContent = "";
     return r;
   }
 
