@@ -395,7 +395,22 @@ while True:
     if r and not os.read(sys.stdin.fileno(), 4096):
         break
 if have_proc:
-    learn()
+    # freeze the tree before killing it: a raylet that is still running may start a new worker (to
+    # retry the dead driver's task) between the last look and its own death, and that worker would
+    # outlive it. Stopped processes cannot fork, so stop, look again, until no new process appears.
+    for _ in range(20):
+        before = len(known)
+        learn()
+        t = table()
+        for p, st in known.items():
+            if p in t and t[p][1] == st:
+                try:
+                    os.kill(p, signal.SIGSTOP)
+                except OSError:
+                    pass
+        learn()
+        if len(known) == before:
+            break
     t = table()
     for p, st in known.items():
         if p in t and t[p][1] == st:
