@@ -369,6 +369,9 @@ def _open_image(image, what: str, max_pixels: int | None = None):
             img.load()
         except InputError:
             raise
+        except Image.UnidentifiedImageError:
+            raise InputError(f"{what} is not a readable image: not a picture format Pillow knows (PNG, JPEG, WebP, "
+                             "BMP, GIF, TIFF...)") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise InputError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
     else:

@@ -396,17 +396,26 @@ class Server:
             detail = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
             raise bad(f"the multipart form could not be read: {detail}") from None
         out: dict = {}
+        arrays = set()
         try:
             for name, value in form.multi_items():
-                key = name[:-2] if name.endswith("[]") else name
-                if key in out:
-                    raise bad(f"field {key!r} is given more than once (this server edits one picture per request)")
+                key = name[:-2] if name.endswith("[]") else name  # OpenAI's clients send lists as key[]
                 if isinstance(value, UploadFile):
-                    out[key] = Upload(value.filename or "", await value.read())
+                    value = Upload(value.filename or "", await value.read())
+                if name.endswith("[]") and (key in arrays or key not in out):
+                    arrays.add(key)
+                    out.setdefault(key, []).append(value)
+                elif key in out:
+                    raise bad(f"field {key!r} is given more than once")
                 else:
                     out[key] = value
         finally:
             await form.close()
+        for key in arrays:  # one picture per request: image[] with one file is the picture
+            if key in ("image", "mask"):
+                if len(out[key]) != 1:
+                    raise bad(f"give one {key} per request, got {len(out[key])}", "invalid_image")
+                out[key] = out[key][0]
         return out
 
     async def openai_edit(self, request: Request):

@@ -226,7 +226,8 @@ def openai_edit_params(form: dict, pipe, limits: Limits, base: GenerationSetting
     if files["image"] is None:
         raise bad("missing field 'image': the picture to edit, as a file part of the multipart form",
                   "invalid_image")
-    body = {k: (v if isinstance(v, Upload) else form_value(v)) for k, v in form.items()}
+    body = {k: (v if isinstance(v, Upload) else [form_value(x) for x in v] if isinstance(v, list) else form_value(v))
+            for k, v in form.items()}
     for k in ("prompt", "size", "response_format", "model", "quality", "user", "background", "output_format",
               "input_fidelity", "sampler", "steps", "fit"):
         if isinstance(form.get(k), str):
