@@ -48,6 +48,10 @@
     $("steps").max = caps.limits.max_steps;
     $("n").max = caps.limits.max_n;
     renderClassList();
+    const canEdit = caps.edit && caps.edit.available;
+    $("mode-edit").disabled = !canEdit;
+    $("mode-edit").parentElement.title = canEdit ? "" : (caps.edit ? caps.edit.reason : "this server cannot edit");
+    if (!canEdit && editMode()) { $("mode-generate").checked = true; setMode(); }
     $("generate").disabled = false;
   }
 
