@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx", reason=REASON)
 
 from PIL import Image  # noqa: E402
 
+from terdit_edge.edit import EditSettings  # noqa: E402
 from terdit_edge.frontends.server.jobs import JobManager, Limits  # noqa: E402
 from terdit_edge.pipeline import Pipeline, to_uint8  # noqa: E402
 from terdit_edge.pngmeta import generation_metadata, png_bytes  # noqa: E402
@@ -134,8 +135,10 @@ def test_openapi_file_ships_and_lists_every_route(client, server):
     assert set(schemas["Job"]["required"]) <= set(job) and set(job) <= set(schemas["Job"]["properties"])
     # the request settings come from settings.py: a new one needs only its entry in openapi.json
     request_settings = set(GenerationSettings.json_fields(("sampling", "seed")))
-    assert set(schemas["JobRequest"]["properties"]) == {"class", "n"} | request_settings
+    edit_settings = set(EditSettings.json_fields())  # an edit job's: terdit_edge.edit.EditSettings
+    assert set(schemas["JobRequest"]["properties"]) == {"class", "n", "image", "mask"} | request_settings | edit_settings
     assert request_settings <= set(schemas["ImagesRequest"]["properties"])
+    assert {"image", "mask", "prompt"} | request_settings | edit_settings <= set(schemas["ImagesEditRequest"]["properties"])
     err = client.get("/v1/jobs/none").json()
     assert set(schemas["Error"]["properties"]["error"]["required"]) <= set(err["error"])
 
@@ -417,7 +420,8 @@ def test_api_keys_guard_every_endpoint_but_health_and_jobs_belong_to_their_key()
             for method, path in (("GET", "/v1/capabilities"), ("GET", "/v1/models"), ("GET", "/metrics"),
                                  ("GET", "/v1/openapi.json"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"),
                                  ("GET", "/v1/jobs/x/events"), ("POST", "/v1/jobs/x/cancel"),
-                                 ("GET", "/v1/jobs/x/images/0.png"), ("POST", "/v1/images/generations")):
+                                 ("GET", "/v1/jobs/x/images/0.png"), ("POST", "/v1/images/generations"),
+                                 ("POST", "/v1/images/edits")):
                 r = c.request(method, path, json={"class": 1} if method == "POST" else None)
                 assert_json_error(r, 401, "missing api key")
                 assert r.headers["www-authenticate"] == "Bearer"

@@ -3,6 +3,7 @@ restart, every accepted job's images with the same bytes; graceful restarts, TTL
 state directory; and the server's other edges (nested JSON, --port range, /favicon.ico)."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -196,3 +197,72 @@ def test_nested_json_is_a_400_and_favicon_exists(tmp_path):
         s.kill(signal.SIGINT)
         log = s.proc.stderr.read()
     assert "RecursionError" not in log and "Traceback" not in log
+
+
+def test_edit_jobs_survive_sigkill_with_their_pictures_and_give_the_same_bytes(tmp_path):
+    """Edit jobs are stored with their picture and mask: after a kill -9 the running inpainting and the
+    queued image-to-image run again and give the Python API's bytes."""
+    pytest.importorskip("multipart", reason=REASON)
+    from terdit_edge.pipeline import Pipeline
+    from tests.test_edit import a_three
+    from tests.test_server_edit import b64, expected_edit, left_mask, png_of
+
+    state = str(tmp_path / "state")
+    running = {"class": 0, "n": 4, "seed": 21, "steps": 300, "sampler": "ddpm", "image": b64(png_of(a_three())),
+               "mask": b64(png_of(left_mask())), "mask_blur": 0.5}
+    queued = {"class": 8, "n": 2, "seed": 3, "steps": 10, "sampler": "ddim", "image": b64(png_of(a_three())),
+              "strength": 0.7}
+    s = Serve(tmp_path, "--state-dir", state)
+    ids = []
+    for body in (running, queued):
+        r = s.client.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    while s.client.get(f"/v1/jobs/{ids[0]}").json()["step"] < 2:
+        time.sleep(0.01)
+    assert [s.client.get(f"/v1/jobs/{i}").json()["status"] for i in ids] == ["running", "queued"]
+    assert s.kill() == -signal.SIGKILL
+
+    s2 = Serve(tmp_path, "--state-dir", state)
+    try:
+        finals = [wait_final(s2.client, i) for i in ids]
+        assert [d["status"] for d in finals] == ["succeeded", "succeeded"] and finals[0]["restarts"] == 1
+        assert finals[0]["edit"]["mode"] == "inpainting" and finals[1]["edit"]["mode"] == "image-to-image"
+        got = [images(s2.client, d) for d in finals]
+    finally:
+        assert s2.kill(signal.SIGINT) == 0
+    pipe = Pipeline.load()
+    assert got[0] == expected_edit(pipe, a_three(), 0, [21, 22, 23, 24], mask=left_mask(), steps=300,
+                                   sampler="ddpm", mask_blur=0.5)
+    assert got[1] == expected_edit(pipe, a_three(), 8, [3, 4], steps=10, sampler="ddim", strength=0.7)
+
+
+def test_a_version_1_store_is_upgraded_and_keeps_its_jobs(tmp_path):
+    import sqlite3
+
+    from terdit_edge.frontends.server import store as store_module
+
+    d = tmp_path / "s"
+    d.mkdir()
+    old_schema = store_module._SCHEMA.replace(",\n    edit TEXT,\n    edit_image BLOB,\n    edit_mask BLOB", "")
+    assert "edit" not in old_schema
+    db = sqlite3.connect(d / "jobs.sqlite3")
+    db.executescript(old_schema)
+    db.execute("INSERT INTO meta VALUES ('schema', '1')")
+    db.execute("INSERT INTO jobs (id, owner, classes, seeds, settings, server_id, created, status, total_steps) "
+               "VALUES ('old-job', NULL, '[4]', '[9]', ?, '', 1.0, 'queued', 5)",
+               (json.dumps(GenerationSettings(steps=5, sampler="ddim").to_json()),))
+    db.commit()
+    db.close()
+    m = _manager(JobStore(d))
+    m.start()
+    assert m.wait_ready(60)
+    job = m.get("old-job")
+    deadline = time.monotonic() + 60
+    while not job.final and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.status == "succeeded" and job.params.edit is None and job.restarts == 1
+    m.stop()
+    db = sqlite3.connect(d / "jobs.sqlite3")
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(store_module.SCHEMA_VERSION)
+    db.close()

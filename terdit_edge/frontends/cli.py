@@ -15,7 +15,8 @@ import sys
 import time
 
 from .._version import __version__
-from ..argtypes import add_backend_arguments, int_in_range, non_negative_float, non_negative_int, positive_int
+from ..argtypes import add_backend_arguments, int_in_range, non_negative_float, positive_int
+from ..edit import EditSettings
 from ..errors import TerditError
 from ..kernels.base import ACTIVATION_MODES, ATTENTION_MODES
 from ..settings import GenerationSettings
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait up to this long for more jobs to fill a batch (default 20)")
     s.add_argument("--max-n", type=positive_int, default=16, help="images per request (default 16)")
     s.add_argument("--max-steps", type=positive_int, default=1000, help="sampler steps per job (default 1000)")
+    s.add_argument("--max-upload-bytes", type=positive_int, default=16 * 1024 * 1024,
+                   help="body of an edit request with its pictures (default 16777216: 16 MiB)")
+    s.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
+                   help="pixels of an uploaded picture or mask (default 16777216: 4096 x 4096)")
     s.add_argument("--keep-seconds", type=non_negative_float, default=600.0,
                    help="finished jobs are kept this long (default 600)")
     s.add_argument("--keep-jobs", type=positive_int, default=256, help="at most this many finished jobs kept")
@@ -266,17 +271,8 @@ def _add_edit_parser(sub) -> None:
     e.add_argument("--model", default=None, help=".tdit file (default: the bundled digits model)")
     e.add_argument("--class", dest="classes", action="append", required=True, metavar="ID_OR_NAME",
                    help="class id or name, repeatable (one edited image per class)")
-    e.add_argument("--strength", type=float, default=None,
-                   help="0..1: how far the input is noised before sampling toward the class (0 keeps the input, "
-                        "1 is plain generation; default 0.6, with --mask 1)")
     e.add_argument("--mask", default=None, help="mask picture of the input's size: white = regenerate, black = keep")
-    e.add_argument("--resample-jumps", type=non_negative_int, default=0,
-                   help="RePaint resampling with --mask: go back up --jump-length steps this many times (default 0)")
-    e.add_argument("--jump-length", type=positive_int, default=1, help="RePaint jump length in steps (default 1)")
-    e.add_argument("--mask-blur", type=non_negative_float, default=1.0,
-                   help="soft mask edge, in latent pixels (pixels for pixel-space models; default 1)")
-    e.add_argument("--fit", choices=("crop", "stretch"), default="crop",
-                   help="bring the input to the model's size: crop (shorter side, centre cut; default) or stretch")
+    EditSettings.add_arguments(e)  # --strength, --mask-blur, --resample-jumps, --jump-length, --fit
     _add_image_job_arguments(e, "edit.png", "edited", "a VAE .tdit file (with its encoder) for a model file without one",
                              "encode and decode in latent tiles of this size")
 
@@ -309,25 +305,22 @@ def _cmd_edit(args) -> int:
                          verify=not args.no_verify, settings=settings)
     classes = pipe.resolve_classes(args.classes)
     settings = settings.replace(seeds=settings.image_seeds(len(classes)))
-    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6)
-    common = dict(strength=strength, seeds=settings.seeds, progress=not args.no_progress, fit=args.fit,
-                  vae_tile=args.vae_tile, batch_size=args.batch_size, **settings.sample_kwargs())
+    edit = EditSettings.from_args(args).for_mask(bool(args.mask))
+    common = dict(seeds=settings.seeds, progress=not args.no_progress, vae_tile=args.vae_tile,
+                  batch_size=args.batch_size, **settings.sample_kwargs(), **edit.edit_kwargs(bool(args.mask)))
     what = "inpainting" if args.mask else "image-to-image"
-    print(f"model: {pipe.path}; {what} of {args.image}, strength {strength}, {len(classes)} image(s), "
+    print(f"model: {pipe.path}; {what} of {args.image}, strength {edit.strength:g}, {len(classes)} image(s), "
           f"{settings.sampler} {settings.step_spec} steps, cfg {settings.cfg_scale}, "
           f"seeds {_seed_summary(settings.seeds)}", file=sys.stderr)
     if args.mask:
-        images = pipe.inpaint(args.image, args.mask, classes, resample_jumps=args.resample_jumps,
-                              jump_length=args.jump_length, mask_blur=args.mask_blur, **common)
+        images = pipe.inpaint(args.image, args.mask, classes, **common)
     else:
-        if args.resample_jumps:
-            raise TerditError("--resample-jumps needs --mask (RePaint resamples an inpainting)")
         images = pipe.edit(args.image, classes, **common)
     meta = generation_metadata(os.path.basename(pipe.path), classes, settings.seeds, settings)
-    meta.update({"edit": what, "source_image": os.path.basename(args.image), "strength": strength})
+    meta.update(edit.png_items(bool(args.mask)))
+    meta["source_image"] = os.path.basename(args.image)
     if args.mask:
-        meta.update({"mask": os.path.basename(args.mask), "resample_jumps": args.resample_jumps,
-                     "jump_length": args.jump_length, "mask_blur": args.mask_blur})
+        meta["mask"] = os.path.basename(args.mask)
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0

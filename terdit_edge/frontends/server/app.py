@@ -25,7 +25,15 @@ from starlette.routing import Route
 from ..._version import __version__
 from ...diffusion import SAMPLER_REGISTRY
 from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull, StoreFailed
-from .validate import ApiError, bad, job_params, openai_params
+from .validate import (
+    ApiError,
+    Upload,
+    bad,
+    is_edit_body,
+    job_params,
+    openai_edit_params,
+    openai_params,
+)
 
 log = logging.getLogger("terdit_edge.server")
 
@@ -124,23 +132,38 @@ class Server:
             raise ApiError(503, "loading", "the model is still loading; retry shortly", {"Retry-After": "1"})
         raise ApiError(503, "load_failed", f"the model failed to load: {self.m.load_error}")
 
-    async def body(self, request: Request):
-        limit = self.m.limits.max_body_bytes
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type", f"send a JSON body (Content-Type: application/json), "
-                           f"not {ctype!r}")
+    async def read_body(self, request: Request, limit: int, message: str) -> bytes:
+        """The raw body, at most ``limit`` bytes (413 with ``message`` over it)."""
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise ApiError(413, "body_too_large", f"the request body is over {limit} bytes")
+            raise ApiError(413, "body_too_large", message)
         data = bytearray()
         try:
             async for chunk in request.stream():
                 data += chunk
                 if len(data) > limit:
-                    raise ApiError(413, "body_too_large", f"the request body is over {limit} bytes")
+                    raise ApiError(413, "body_too_large", message)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnect", "the client went away") from None
+        return bytes(data)
+
+    async def body(self, request: Request, edit: bool = False):
+        """The JSON body. ``edit``: it may be an edit job, up to max_upload_bytes when it holds an image."""
+        lim = self.m.limits
+        limit = lim.max_body_bytes
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported_media_type", f"send a JSON body (Content-Type: application/json), "
+                           f"not {ctype!r}")
+        small = f"the request body is over {limit} bytes"
+        if edit:
+            upload = max(limit, lim.max_upload_bytes)
+            data = await self.read_body(request, upload, f"the request body is over {upload} bytes (the limit "
+                                        "of an edit job with its pictures)")
+            if len(data) > limit and not is_edit_body(data):
+                raise ApiError(413, "body_too_large", small + " (only an edit job, with an 'image', may be larger)")
+        else:
+            data = await self.read_body(request, limit, small)
         if not data:
             raise bad("the request body is empty: send a JSON object")
         try:
@@ -192,8 +215,22 @@ class Server:
             "backend": pipe.model.backend.describe(), **self.m.settings.model_kwargs(),
             "limits": {"max_queue": lim.max_queue, "max_batch": lim.max_batch, "max_n": lim.max_n,
                        "max_steps": lim.max_steps, "max_body_bytes": lim.max_body_bytes,
+                       "max_upload_bytes": lim.max_upload_bytes, "max_image_pixels": lim.max_image_pixels,
                        "keep_seconds": lim.keep_seconds, "keep_jobs": lim.keep_jobs},
+            "edit": self.edit_capability(pipe),
             "auth": self.keys is not None, "durable_jobs": self.m.store is not None})
+
+    @staticmethod
+    def edit_capability(pipe) -> dict:
+        """Whether this model can edit (a latent model needs its VAE's encoder), and why not."""
+        from ...edit import edit_geometry
+        from ...errors import InputError
+
+        try:
+            edit_geometry(pipe)
+        except InputError as e:
+            return {"available": False, "reason": str(e)}
+        return {"available": True, "modes": ["image-to-image", "inpainting"]}
 
     def model_id(self) -> str:
         return os.path.splitext(self.m.model_name)[0]
@@ -259,7 +296,11 @@ class Server:
     async def create_job(self, request: Request):
         owner = self.owner(request)
         pipe = self.pipe()
-        params = job_params(await self.body(request), pipe, self.m.limits, self.m.settings)
+        body = await self.body(request, edit=True)
+        if isinstance(body, dict) and "image" in body:  # decoding a picture takes a while: off the event loop
+            params = await asyncio.to_thread(job_params, body, pipe, self.m.limits, self.m.settings)
+        else:
+            params = job_params(body, pipe, self.m.limits, self.m.settings)
         job = self.submit(params, owner)
         d = self.job_json(job)
         return JSONResponse({"id": job.id, "status_url": d["status_url"], "events_url": d["events_url"],
@@ -320,6 +361,72 @@ class Server:
         owner = self.owner(request)
         pipe = self.pipe()
         params = openai_params(await self.body(request), pipe, self.m.limits, self.m.settings)
+        return await self.openai_answer(request, params, owner, pipe)
+
+    async def form(self, request: Request) -> dict:
+        """A multipart/form-data body (at most max_upload_bytes) -> {name: text or Upload}."""
+        from starlette.datastructures import UploadFile
+
+        lim = self.m.limits
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":
+            raise ApiError(415, "unsupported_media_type", "send a multipart/form-data body with the picture as the "
+                           f"file field 'image' (as OpenAI's images.edit does), not {ctype or 'no content type'!r}")
+        upload = max(lim.max_body_bytes, lim.max_upload_bytes)
+        data = await self.read_body(request, upload, f"the request body is over {upload} bytes")
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        try:
+            from starlette.formparsers import MultiPartException
+        except ImportError:  # pragma: no cover - older Starlette
+            MultiPartException = ValueError  # noqa: N806
+        try:
+            form = await Request(request.scope, replay).form(max_files=4, max_fields=64, max_part_size=64 * 1024)
+        except AssertionError:  # Starlette asserts python-multipart is installed
+            raise ApiError(500, "multipart_unavailable", "this server cannot read multipart forms: install "
+                           "python-multipart (pip install \"terdit-edge[server]\")") from None
+        except (MultiPartException, HTTPException, ValueError, KeyError) as e:
+            detail = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
+            raise bad(f"the multipart form could not be read: {detail}") from None
+        out: dict = {}
+        arrays = set()
+        try:
+            for name, value in form.multi_items():
+                key = name[:-2] if name.endswith("[]") else name  # OpenAI's clients send lists as key[]
+                if isinstance(value, UploadFile):
+                    value = Upload(value.filename or "", await value.read())
+                if name.endswith("[]") and (key in arrays or key not in out):
+                    arrays.add(key)
+                    out.setdefault(key, []).append(value)
+                elif key in out:
+                    raise bad(f"field {key!r} is given more than once")
+                else:
+                    out[key] = value
+        finally:
+            await form.close()
+        for key in arrays:  # one picture per request: image[] with one file is the picture
+            if key in ("image", "mask"):
+                if len(out[key]) != 1:
+                    raise bad(f"give one {key} per request, got {len(out[key])}", "invalid_image")
+                out[key] = out[key][0]
+        return out
+
+    async def openai_edit(self, request: Request):
+        owner = self.owner(request)
+        pipe = self.pipe()
+        form = await self.form(request)
+        params = await asyncio.to_thread(openai_edit_params, form, pipe, self.m.limits, self.m.settings)
+        return await self.openai_answer(request, params, owner, pipe)
+
+    async def openai_answer(self, request: Request, params, owner, pipe):
+        """Run a synchronous OpenAI-style request and answer {"created", "data": [{"b64_json", ...}]}."""
         # not stored: the answer goes to this open connection, which a restart ends (the client sees it)
         job = self.submit(params, owner, durable=False)
         while not job.final:
@@ -371,6 +478,7 @@ def create_app(manager: JobManager, api_keys: list[str] | None = None, backend: 
         Route("/v1/jobs/{job_id}/cancel", guarded(srv.cancel_job), methods=["POST"]),
         Route("/v1/jobs/{job_id}/images/{k:int}.png", guarded(srv.job_image), methods=["GET"]),
         Route("/v1/images/generations", guarded(srv.openai_generate), methods=["POST"]),
+        Route("/v1/images/edits", guarded(srv.openai_edit), methods=["POST"]),
     ]
 
     async def http_error(request: Request, exc: HTTPException):

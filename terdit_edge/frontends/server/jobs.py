@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...edit import EditSettings
 from ...errors import TerditError
 from ...settings import GenerationSettings
 
@@ -66,13 +67,48 @@ class StoreFailed(Exception):
 
 
 @dataclass(frozen=True)
+class EditInput:
+    """The input of an edit job: the picture as PNG bytes, already converted and fitted to the
+    model's size (:func:`terdit_edge.edit.fitted_image`: the same values as the upload gives), the
+    mask likewise (mode L; None: image-to-image), and the edit settings resolved for the mask."""
+
+    image: bytes
+    mask: bytes | None
+    settings: EditSettings
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def mode(self) -> str:
+        return "inpainting" if self.has_mask else "image-to-image"
+
+    def batch_key(self) -> tuple:
+        """Edits with equal keys (and equal generation settings) are sampled together; the
+        pictures themselves may differ (each row has its own)."""
+        s = self.settings
+        return ("edit", self.mode, s.strength) + ((s.mask_blur, s.resample_jumps, s.jump_length)
+                                                  if self.has_mask else ())
+
+    def public(self) -> dict:
+        """What a job's JSON says about its edit (the pictures are not echoed)."""
+        s = self.settings
+        d = {"mode": self.mode, "strength": s.strength, "fit": s.fit}
+        if self.has_mask:
+            d.update(mask_blur=s.mask_blur, resample_jumps=s.resample_jumps, jump_length=s.jump_length)
+        return d
+
+
+@dataclass(frozen=True)
 class JobParams:
     """A validated request: standard class ids and seeds, one per image, and the settings (without
-    seeds: ``seeds`` holds them resolved)."""
+    seeds: ``seeds`` holds them resolved); ``edit``: the input of an edit job (None: generation)."""
 
     classes: tuple
     seeds: tuple
     settings: GenerationSettings = GenerationSettings()
+    edit: EditInput | None = None
 
     @property
     def n(self) -> int:
@@ -80,10 +116,14 @@ class JobParams:
 
     @property
     def n_steps(self) -> int:
-        return self.settings.n_steps
+        """Denoising steps per image (an edit runs the last ones of the schedule, RePaint repeats)."""
+        if self.edit is None:
+            return self.settings.n_steps
+        return self.edit.settings.model_steps(self.settings.n_steps, self.edit.has_mask)
 
     def batch_key(self) -> tuple:
-        return self.settings.batch_key()
+        key = self.settings.batch_key()
+        return key if self.edit is None else key + (self.edit.batch_key(),)
 
 
 @dataclass
@@ -93,6 +133,8 @@ class Limits:
     max_n: int = 16
     max_steps: int = 1000
     max_body_bytes: int = 16 * 1024
+    max_upload_bytes: int = 16 * 1024 * 1024  # the body of an edit request (JSON with base64 pictures, or multipart)
+    max_image_pixels: int = 4096 * 4096  # pixels of an uploaded picture or mask
     keep_seconds: float = 600.0
     keep_jobs: int = 256
     batch_wait: float = 0.02  # seconds the worker waits for more jobs to fill a batch that is not full
@@ -222,8 +264,11 @@ class JobManager:
                 expired.append(r["id"])
                 continue
             settings = GenerationSettings.from_json(r["settings"])
+            edit = None
+            if r["edit"] is not None:
+                edit = EditInput(r["edit_image"], r["edit_mask"], EditSettings.from_json(r["edit"]))
             job = Job(id=r["id"], owner=r["owner"], created=r["created"], status=r["status"],
-                      params=JobParams(tuple(r["classes"]), tuple(r["seeds"]), settings),
+                      params=JobParams(tuple(r["classes"]), tuple(r["seeds"]), settings, edit),
                       total_steps=r["total_steps"], durable=True, restarts=r["restarts"], server_id=r["server_id"],
                       started=r["started"], finished=r["finished"], error=r["error"], step=r["step"],
                       stopped_at_step=r["stopped_at_step"], cancel_requested_at_step=r["cancel_requested_at_step"])
@@ -352,6 +397,8 @@ class JobManager:
                 d["stopped_at_step"] = job.stopped_at_step
             if job.cancel_requested_at_step is not None:
                 d["cancel_requested_at_step"] = job.cancel_requested_at_step
+            if p.edit is not None:
+                d["edit"] = p.edit.public()
             return d
 
     def events_after(self, job: Job, seq: int) -> tuple[list, bool]:
@@ -574,9 +621,14 @@ class JobManager:
                     self._emit(job, "step", data)
 
         try:
-            lat = pipe.latents(classes, p.settings.replace(seeds=seeds), callback=on_step,
-                               batch_size=min(len(classes), self.limits.max_batch))
-            self._deliver(batch, offsets, lat)
+            if p.edit is None:
+                lat = pipe.latents(classes, p.settings.replace(seeds=seeds), callback=on_step,
+                                   batch_size=min(len(classes), self.limits.max_batch))
+                # one image at a time, as Pipeline.__call__ decodes (same shapes, same bytes)
+                self._deliver(batch, offsets, lambda i: pipe.decode(lat[i:i + 1])[0])
+            else:
+                out = _run_edit_batch(pipe, batch, classes, seeds, on_step, self.limits.max_batch)
+                self._deliver(batch, offsets, lambda i: out[i])
         except _BatchCancelled:
             pass
         except TerditError as e:
@@ -589,7 +641,8 @@ class JobManager:
                 self._running = []
                 self._batch_remaining_steps = 0
 
-    def _deliver(self, batch: list[Job], offsets: list[int], lat: np.ndarray) -> None:
+    def _deliver(self, batch: list[Job], offsets: list[int], image_at) -> None:
+        """PNGs of every live job of the batch; ``image_at(i)``: row i's image, float (H, W, C) in [0, 1]."""
         from ...images import to_pil
         from ...pngmeta import generation_metadata, png_bytes
 
@@ -600,8 +653,9 @@ class JobManager:
                 continue
             p = job.params
             meta = generation_metadata(model_name, p.classes, p.seeds, p.settings)
-            # one image at a time, as Pipeline.__call__ decodes (same shapes, same bytes)
-            pngs = [png_bytes(to_pil(pipe.decode(lat[off + k:off + k + 1])[0]), meta, k) for k in range(p.n)]
+            if p.edit is not None:
+                meta.update(p.edit.settings.png_items(p.edit.has_mask))
+            pngs = [png_bytes(to_pil(image_at(off + k)), meta, k) for k in range(p.n)]
             with self._lock:
                 if job.final:
                     continue
@@ -619,6 +673,19 @@ class JobManager:
             for job in batch:
                 if not job.final:
                     self._finish(job, FAILED, error=message)
+
+
+def _run_edit_batch(pipe, batch: list[Job], classes: list, seeds: list, on_step, max_batch: int) -> np.ndarray:
+    """The edited images (B, H, W, C) of a batch of compatible edit jobs: one Pipeline.edit /
+    inpaint call with one picture (and mask) per image, as the Python API would be called."""
+    from ...edit import run_edit
+
+    p = batch[0].params
+    images = [job.params.edit.image for job in batch for _ in range(job.params.n)]
+    masks = [job.params.edit.mask for job in batch for _ in range(job.params.n)] if p.edit.has_mask else None
+    return run_edit(pipe, images, classes, mask=masks, seeds=seeds, callback=on_step, output="np",
+                    batch_size=min(len(classes), max_batch), **p.settings.sample_kwargs(),
+                    **p.edit.settings.edit_kwargs(p.edit.has_mask))
 
 
 def _server_id(pipe, settings: GenerationSettings) -> str:

@@ -82,7 +82,9 @@ def serve_command(args) -> int:
 
     keys = read_key_file(args.api_key_file) if args.api_key_file else None
     limits = Limits(max_queue=args.max_queue, max_batch=args.max_batch, max_n=args.max_n, max_steps=args.max_steps,
-                    keep_seconds=args.keep_seconds, keep_jobs=args.keep_jobs, batch_wait=args.batch_wait_ms / 1000)
+                    keep_seconds=args.keep_seconds, keep_jobs=args.keep_jobs, batch_wait=args.batch_wait_ms / 1000,
+                    max_upload_bytes=getattr(args, "max_upload_bytes", 16 * 1024 * 1024),
+                    max_image_pixels=getattr(args, "max_image_pixels", 4096 * 4096))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not _is_loopback(args.host) and keys is None:
         print(f"terdit-edge serve: WARNING: listening on {args.host}, reachable from other machines, without an "

@@ -5,7 +5,8 @@ What is written, and when (each write is one transaction, committed with ``synch
 before the request that caused it is answered):
 
 * a job accepted by ``POST /v1/jobs``: its parameters (classes, seeds, settings), owner (a
-  fingerprint of the API key, never the key) and the server identity it was accepted under;
+  fingerprint of the API key, never the key) and the server identity it was accepted under; an
+  edit job also its input picture and mask (PNG, fitted to the model's size) and edit settings;
 * its start (status ``running``), a cancel request, and its end: status, error, final step and,
   for a succeeded job, its PNG files;
 * the removal of finished jobs past ``--keep-seconds`` / ``--keep-jobs``.
@@ -27,7 +28,7 @@ import sqlite3
 
 from ...errors import TerditError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: edit jobs (edit, edit_image, edit_mask); a version-1 store is upgraded in place
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,7 +48,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     total_steps INTEGER NOT NULL,
     restarts INTEGER NOT NULL DEFAULT 0,
     cancel_requested_at_step INTEGER,
-    stopped_at_step INTEGER
+    stopped_at_step INTEGER,
+    edit TEXT,
+    edit_image BLOB,
+    edit_mask BLOB
 );
 CREATE TABLE IF NOT EXISTS images (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -101,6 +105,12 @@ class JobStore:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] == "1":  # before edit jobs: add their columns (its jobs are generations)
+                with self.db:
+                    self.db.execute("BEGIN")
+                    for col, kind in (("edit", "TEXT"), ("edit_image", "BLOB"), ("edit_mask", "BLOB")):
+                        self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {kind}")
+                    self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreError(f"{self.path}: job store schema {row[0]} is not supported (expected "
                                  f"{SCHEMA_VERSION}); move the file away or pass another --state-dir")
@@ -121,12 +131,15 @@ class JobStore:
         p = job.params
         with self.db:
             self.db.execute("BEGIN")
+            e = p.edit
             self.db.execute(
-                "INSERT INTO jobs (id, owner, classes, seeds, settings, server_id, created, status, total_steps) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, owner, classes, seeds, settings, server_id, created, status, total_steps, "
+                "edit, edit_image, edit_mask) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, None if job.owner is None else str(job.owner), json.dumps(list(p.classes)),
                  json.dumps(list(p.seeds)), json.dumps(p.settings.to_json(), sort_keys=True), server_id,
-                 job.created, job.status, job.total_steps))
+                 job.created, job.status, job.total_steps,
+                 None if e is None else json.dumps(e.settings.to_json(), sort_keys=True),
+                 None if e is None else e.image, None if e is None or e.mask is None else e.mask))
 
     def started(self, jobs) -> None:
         with self.db:
@@ -176,4 +189,7 @@ class JobStore:
             r["classes"] = json.loads(r["classes"])
             r["seeds"] = json.loads(r["seeds"])
             r["settings"] = json.loads(r["settings"])
+            r["edit"] = None if r["edit"] is None else json.loads(r["edit"])
+            r["edit_image"] = None if r["edit_image"] is None else bytes(r["edit_image"])
+            r["edit_mask"] = None if r["edit_mask"] is None else bytes(r["edit_mask"])
         return rows
