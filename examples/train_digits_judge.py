@@ -13,7 +13,10 @@ trained with two objectives on one 64-d feature layer:
 * class: cross-entropy of the 10 digit classes (weighted by how much of the digit a corruption left);
 * quality: every other training image is corrupted by one of six damages (Gaussian noise,
   salt-and-pepper, low-frequency blotches, blur, a ghost of another digit, fog/contrast loss) at a
-  random severity s in (0, 1]; linear heads on the features regress s and classify the damage type.
+  random severity s in (0, 1] (each damage starts where a person begins to see it: noise sigma 0.015,
+  blur sigma 0.5 px); linear heads on the features regress s and classify the damage type. The other
+  images get changes a person does not see (noise sigma < 0.01, blur sigma < 0.35 px, gain +-5%) and
+  the target "no damage", so the features learn to ignore them.
 
 Both heads are linear on the features, so class, damage type and damage severity are all linearly
 readable from them: the feature distribution of damaged images moves away from the real digits'
@@ -88,8 +91,8 @@ def damage(x: torch.Tensor, kind: torch.Tensor, s: torch.Tensor, gen: torch.Gene
     sv = s[:, None, None, None]
     out = x.clone()
     noise = torch.randn(x.shape, generator=gen)
-    # 0: Gaussian noise, sigma up to 0.5
-    d0 = x + 0.5 * sv * noise
+    # 0: Gaussian noise, sigma 0.015 .. 0.4
+    d0 = x + (0.015 + 0.385 * sv) * noise
     # 1: salt and pepper, up to 25% of the pixels
     u = torch.rand(x.shape, generator=gen)
     sp = (torch.rand(x.shape, generator=gen) < 0.5).float()
@@ -99,8 +102,8 @@ def damage(x: torch.Tensor, kind: torch.Tensor, s: torch.Tensor, gen: torch.Gene
     low8 = F.interpolate(torch.randn(b, 1, 8, 8, generator=gen), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     pick = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).float()
     d2 = x + 0.7 * sv * (pick * low4 + (1 - pick) * low8)
-    # 3: blur, sigma up to 2 px
-    d3 = gaussian_blur(x, 2.0 * s)
+    # 3: blur, sigma 0.5 .. 2 px (below about 0.5 px a person sees no blur on these soft digits)
+    d3 = gaussian_blur(x, 0.5 + 1.5 * s)
     # 4: ghost of another image of the batch, up to 50%
     other = x[torch.randperm(b, generator=gen)]
     d4 = (1 - 0.5 * sv) * x + 0.5 * sv * other
@@ -111,6 +114,17 @@ def damage(x: torch.Tensor, kind: torch.Tensor, s: torch.Tensor, gen: torch.Gene
         m = (kind == k)[:, None, None, None]
         out = torch.where(m, d, out)
     return out.clamp(0, 1)
+
+
+def nuisance(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """What a person does not see, applied to clean images so the features learn to ignore it: noise of
+    sigma up to 0.01 (2.5 gray levels), a blur of sigma up to 0.35 px on 30% of the images, gain 0.95..1.05."""
+    b = len(x)
+    sig = torch.rand(b, 1, 1, 1, generator=gen) * 0.01
+    x = x + sig * torch.randn(x.shape, generator=gen)
+    blur = torch.rand(b, generator=gen) < 0.3
+    x = torch.where(blur[:, None, None, None], gaussian_blur(x, torch.rand(b, generator=gen) * 0.35), x)
+    return (x * (0.95 + 0.1 * torch.rand(b, 1, 1, 1, generator=gen))).clamp(0, 1)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +184,7 @@ def train_judge(small, labels, steps, seed, batch=128, lr=2e-3):
         damaged = torch.rand(batch, generator=gen) < 0.5
         kind = torch.randint(0, N_DAMAGES, (batch,), generator=gen)
         s = torch.rand(batch, generator=gen) * 0.98 + 0.02
-        x = quantize(torch.where(damaged[:, None, None, None], damage(x, kind, s, gen), x))
+        x = quantize(torch.where(damaged[:, None, None, None], damage(x, kind, s, gen), nuisance(x, gen)))
         s_target = torch.where(damaged, s, torch.zeros_like(s))
         k_target = torch.where(damaged, kind, torch.full_like(kind, N_DAMAGES))
         _, logits, sev, kind_logits = net(x)
