@@ -18,6 +18,7 @@ from .._version import __version__
 from ..argtypes import add_backend_arguments, non_negative_float, non_negative_int, positive_int
 from ..errors import TerditError
 from ..kernels.base import ACTIVATION_MODES
+from ..diffusion import schedule_timesteps
 from ..settings import GenerationSettings
 
 
@@ -115,6 +116,8 @@ def _cmd_info(args) -> int:
     except ImportError:
         info["cpu"] = {"note": "compiled extension not built; CPU feature detection unavailable"}
     info["auto_backend"] = get_backend("auto").describe()
+    from ..speed import describe as describe_speeds
+    info["speed_presets"] = describe_speeds()
     if args.model:
         from ..format import read_tdit
         tf = read_tdit(args.model)
@@ -142,6 +145,9 @@ def _cmd_info(args) -> int:
     print("batch-invariant images (same bytes in any batch, any thread count): "
           + ", ".join(f"{k}: {'yes' if v else 'not promised'}" for k, v in inv.items()))
     print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
+    print("speed presets (--speed; explicit options win):")
+    for name, what in info["speed_presets"].items():
+        print(f"  {name}: " + (what if isinstance(what, str) else ", ".join(f"{k} {v}" for k, v in what.items())))
     if "model" in info:
         m = info["model"]
         print(f"model file: {m['path']} ({m['file_bytes'] / 1e6:.1f} MB, format v{m['format_version']}, "
@@ -283,8 +289,15 @@ def _cmd_edit(args) -> int:
     classes = pipe.resolve_classes(args.classes)
     settings = settings.replace(seeds=settings.image_seeds(len(classes)))
     strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6)
+    kw = settings.sample_kwargs()
+    if kw.pop("cache") is not None or kw.pop("guidance_reuse") is not None:
+        raise TerditError("edit does not support the step cache or guidance reuse (--cache, --guidance-reuse, "
+                          "or a --speed preset that sets them); give --speed exact, or a --schedule")
+    schedule = kw.pop("schedule")
+    if schedule is not None:
+        kw["steps"] = schedule_timesteps(schedule)
     common = dict(strength=strength, seeds=settings.seeds, progress=not args.no_progress, fit=args.fit,
-                  vae_tile=args.vae_tile, batch_size=args.batch_size, **settings.sample_kwargs())
+                  vae_tile=args.vae_tile, batch_size=args.batch_size, **kw)
     what = "inpainting" if args.mask else "image-to-image"
     print(f"model: {pipe.path}; {what} of {args.image}, strength {strength}, {len(classes)} image(s), "
           f"{settings.sampler} {settings.step_spec} steps, cfg {settings.cfg_scale}, "
