@@ -59,7 +59,9 @@ def add_parsers(sub) -> None:
     f.add_argument("--pr", action="store_true", help="also precision/recall (k=3; needs image .npz on both sides)")
     f.add_argument("--pr-samples", type=positive_int, default=10000, help="images per side used for P/R")
     f.add_argument("--threads", type=positive_int, default=None)
-    f.add_argument("--json", action="store_true")
+    f.add_argument("--exact", default=None, metavar="NPZ",
+                   help="digits judge: the exact run of the same seeds and labels, for PSNR/SSIM per image")
+    f.add_argument("--json", action="store_true", help="every metric with its standard error (digits judge)")
     f.add_argument("--no-progress", action="store_true")
 
 
@@ -95,6 +97,11 @@ def cmd_merge(args) -> int:
 
 def cmd_fid(args) -> int:
     from ..fid import main_fid
+
+    if args.reference == "digits" and args.features is None and not args.save_stats:
+        from ..judge import main_judge  # the digits quality judge (docs/quality.md)
+
+        return main_judge(args)
 
     return main_fid(args)
 
