@@ -383,7 +383,8 @@ def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scal
     that fills in sampler, steps, schedule, cache and guidance_reuse; any of them given explicitly
     (not None) wins. stats: a dict, filled with ``network_evals`` (full network evaluations, one per
     image and guidance branch), ``forecast_evals`` (evaluations the step cache forecast) and
-    ``uncond_reused`` (unconditional evaluations guidance reuse replaced).
+    ``uncond_reused`` (unconditional evaluations guidance reuse replaced) and ``per_step`` (a list of
+    (full, forecast) evaluations of each step).
     callback(step_index, total, latents) runs after each step; raise in it to cancel.
     """
     from .speed import apply_preset
@@ -416,6 +417,7 @@ def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scal
     stats = {} if stats is None else stats
     for key in ("network_evals", "forecast_evals", "uncond_reused"):
         stats.setdefault(key, 0)
+    stats.setdefault("per_step", [])
 
     def draw() -> np.ndarray:
         x = np.empty(shape, dtype=np.float32)
@@ -445,6 +447,7 @@ def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scal
     gi = 0
     for step_index, j in enumerate(order):
         t = int(sched.timesteps[j])
+        before = (stats["network_evals"], stats["forecast_evals"])
         if not guided_steps[step_index]:
             out = forward(x, t, labels, (0,), step_index)
         elif reuse is not None and not reuse.computes(gi):
@@ -459,6 +462,7 @@ def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scal
                 reuse.record(t, uncond[:, :g] - cond[:, :g])
             out = guidance_mix(cond, uncond, g, cfg_scale)
         gi += guided_steps[step_index]
+        stats["per_step"].append((stats["network_evals"] - before[0], stats["forecast_evals"] - before[1]))
         noise = draw()  # drawn every step (the contract)
         x = solver.step(j, x, out, noise)
         if callback is not None:

@@ -43,7 +43,8 @@ def rel(a, b):
 
 def test_off_and_every_step_computed_are_bit_identical_to_exact(pipe):
     exact, st = run(pipe)
-    assert st == {"network_evals": 2 * 20 * len(LABELS), "forecast_evals": 0, "uncond_reused": 0}
+    assert st == {"network_evals": 2 * 20 * len(LABELS), "forecast_evals": 0, "uncond_reused": 0,
+                  "per_step": [(2 * len(LABELS), 0)] * 20}
     for kw in ({"cache": None}, {"cache": "off"}, {"cache": "fixed:1"}, {"cache": "adaptive:0"},
                {"guidance_reuse": "fixed:1"}, {"speed": "exact"}, {"cache": "fixed:1", "guidance_reuse": "fixed:1",
                                                                     "guidance_interval": (100, 700)}):
