@@ -278,6 +278,12 @@ class GenerationSettings:
     seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.speed is not None and self.speed in PRESETS and self.sampler == "ddpm" and all(
+                getattr(self, f) is None for f in ("steps", "schedule", "cache", "guidance_reuse")):
+            # GenerationSettings(speed=...) with none of the preset's settings given: the preset fills them
+            # (replace(), from_json() and from_args() apply presets so that the settings given win)
+            for k, v in PRESETS[self.speed].items():
+                object.__setattr__(self, k, v)
         for s in SETTINGS:
             object.__setattr__(self, s.name, s.check(getattr(self, s.name)))
         if self.seed is not None and self.seeds is not None:

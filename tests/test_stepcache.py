@@ -188,7 +188,8 @@ def test_cli_generate_speed_and_info_lists_presets(tmp_path):
     from PIL import Image
 
     meta = Image.open(out).text
-    assert meta["speed"] == "fast" and meta["cache"] == parse_spec(PRESETS["fast"]["cache"]).text()
+    assert meta["speed"] == "fast" and meta["schedule"] == PRESETS["fast"]["schedule"]
+    assert meta["guidance_reuse"] == parse_spec(PRESETS["fast"]["guidance_reuse"]).text() and "cache" not in meta
     r = subprocess.run([sys.executable, "-m", "terdit_edge.frontends.cli", "info", "--json"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
