@@ -11,7 +11,8 @@ rows (the image's conditional and unconditional evaluations) and forecast rows. 
 the times of a full step of 1 and 2 rows and of a forecast row (embedding and final layer only)
 are MEASURED (median of --repeat after a warm-up) on the random release-layout weights of
 bench_step.py, and one image's time is EXTRAPOLATED as the sum over its steps (the same method as
-time_to_image.py; VAE decode not included: it is the same for every setting). TFLOP per image counts
+time_to_image.py; the VAE decode is added with --decode). ``--assume`` takes the step times instead
+(e.g. a quiet machine's, from time_to_image.py). TFLOP per image counts
 the ternary and attention multiply-adds (2 per MAC) of the full rows. ``--e2e CONFIG`` also runs
 whole samplings of one image, exact and each setting alternately, and reports measured wall and
 CPU seconds.
@@ -49,6 +50,13 @@ SETTINGS = {
     "s8-r3": dict(sampler="dpm++2m", schedule="dpm++2m-8", guidance_reuse="fixed:3"),
     "s10-a0.2-r3": dict(sampler="dpm++2m", schedule="dpm++2m-10", cache="adaptive:0.2", guidance_reuse="fixed:3"),
     "s8-a0.2-r3": dict(sampler="dpm++2m", schedule="dpm++2m-8", cache="adaptive:0.2", guidance_reuse="fixed:3"),
+    "s8-r3f1": dict(sampler="dpm++2m", schedule="dpm++2m-8", guidance_reuse="fixed:3,first=1,last=0"),
+    "s8-a0.2-r3f1": dict(sampler="dpm++2m", schedule="dpm++2m-8", cache="adaptive:0.2",
+                         guidance_reuse="fixed:3,first=1,last=0"),
+    "s8-a0.2-r5": dict(sampler="dpm++2m", schedule="dpm++2m-8", cache="adaptive:0.2", guidance_reuse="fixed:5"),
+    "s8-a0.2-r3first1": dict(sampler="dpm++2m", schedule="dpm++2m-8", cache="adaptive:0.2",
+                             guidance_reuse="fixed:3,first=1"),
+    "s8-a0.25-r3": dict(sampler="dpm++2m", schedule="dpm++2m-8", cache="adaptive:0.25", guidance_reuse="fixed:3"),
     "s5-r3": dict(sampler="dpm++2m", schedule="dpm++2m-5", guidance_reuse="fixed:3"),
     "s5-r3-f1": dict(sampler="dpm++2m", schedule="dpm++2m-5", guidance_reuse="fixed:3,first=1,last=0"),
     "balanced": dict(speed="balanced"),
@@ -142,19 +150,41 @@ def main():
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--e2e", default="", help="configs (NAME@SIZE) also sampled end to end")
     ap.add_argument("--e2e-settings", default="exact20,balanced,fast")
+    ap.add_argument("--assume", default="", metavar="CFG=G,C,F[;CFG=...]",
+                    help="use these step times (s) instead of measuring: guided 2-row step G, conditional 1-row "
+                         "step C, forecast row F, e.g. from a quiet machine's time_to_image.py run")
+    ap.add_argument("--decode", default="", metavar="CFG=S[;...]", help="VAE decode seconds added to every row")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    assume = {k: [float(v) for v in vals.split(",")] for k, _, vals in
+              (a.partition("=") for a in args.assume.split(";") if a)}
+    decode = {k: float(v) for k, _, v in (a.partition("=") for a in args.decode.split(";") if a)}
     names = args.settings.split(",")
     counts = {n: count(SETTINGS[n]) for n in names}
     base = counts["exact20"]["network_evals"] if "exact20" in counts else None
     report = {"counts": {n: {k: v for k, v in c.items() if k != "per_step"} for n, c in counts.items()}, "configs": []}
     for spec in args.configs.split(","):
         name, _, size = spec.partition("@")
-        model, m = measure(name, int(size), args.mode, args.threads, args.repeat)
+        if spec in assume:
+            from bench_step import prepare
+
+            import terdit_edge
+
+            g, c, f = assume[spec]
+            model = terdit_edge.load_model(prepare(name, None if size == "256" else int(size))[1], backend="cython",
+                                           activations=args.mode, threads=args.threads)
+            m = {"config": name, "image_size": int(size), "mode": args.mode, "threads": args.threads,
+                 "full_step_2rows_s": g, "full_step_1row_s": c, "forecast_row_s": f, "assumed": True,
+                 "row_tflop": row_flops(model.config) / 1e12}
+        else:
+            model, m = measure(name, int(size), args.mode, args.threads, args.repeat)
+        m["decode_s"] = decode.get(spec, 0.0)
         print(f"{name} @{size} {args.mode}, {args.threads} threads: full step 2 rows {m['full_step_2rows_s']:.2f} s, "
               f"1 row {m['full_step_1row_s']:.2f} s, forecast row {m['forecast_row_s'] * 1000:.1f} ms; "
               f"{m['row_tflop']:.3f} TFLOP per row", flush=True)
         rows = {n: extrapolate(m, counts[n]) for n in names}
+        for r in rows.values():
+            r["seconds"] += m["decode_s"]
         ref = rows.get("exact20")
         print(f"{'setting':>22s} {'steps':>5s} {'evals':>6s} {'TFLOP':>7s} {'x fewer':>7s} {'seconds':>8s} {'x':>5s}")
         for n, r in rows.items():

@@ -194,3 +194,20 @@ def test_cli_generate_speed_and_info_lists_presets(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)["speed_presets"]) == {"exact", "balanced", "fast"}
+
+
+def test_server_requests_and_sampling_jobs_carry_the_settings(pipe):
+    from terdit_edge.frontends.server.jobs import Limits
+    from terdit_edge.frontends.server.validate import ApiError, job_params, openai_params
+    from terdit_edge.scale.job import JobSpec
+
+    base = G(activations="fp32")
+    p = job_params({"class": 3, "speed": "balanced", "guidance_reuse": "fixed:2"}, pipe, Limits(), base)
+    assert p.settings.schedule == PRESETS["balanced"]["schedule"] and p.settings.guidance_reuse.startswith("fixed:2,")
+    p = openai_params({"prompt": "class:3", "cache": "fixed:2"}, pipe, Limits(), base)
+    assert p.settings.cache == "fixed:2,order=1,first=2,last=1"
+    with pytest.raises((ApiError, InputError)):
+        job_params({"class": 3, "cache": "often"}, pipe, Limits(), base)
+    a = JobSpec(model_path=pipe.path, n=4, settings=G(sampler="dpm++2m", steps=10, cache="adaptive:0.2")).prepare()
+    b = JobSpec(model_path=pipe.path, n=4, settings=G(sampler="dpm++2m", steps=10)).prepare()
+    assert a.identity()["cache"].startswith("adaptive:0.2") and "cache" not in b.identity()
