@@ -347,7 +347,8 @@ def test_bad_class_labels(tiny_model, labels, match):
         sample(tiny_model, labels, steps=2, seed=0)
 
 
-@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", [10, 10], [1000], [], "ddim37", True])  # None: the default; a list: timesteps
+# None: the default; a list: timesteps (distinct, 0..999)
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", [10, 10], [1000], [], "ddim37", True])
 def test_bad_steps(tiny_model, steps):
     with pytest.raises(InputError, match="steps|ddim"):
         sample(tiny_model, [1], steps=steps, seed=0)

@@ -16,9 +16,9 @@ import time
 
 from .._version import __version__
 from ..argtypes import add_backend_arguments, non_negative_float, non_negative_int, positive_int
+from ..diffusion import schedule_timesteps
 from ..errors import TerditError
 from ..kernels.base import ACTIVATION_MODES
-from ..diffusion import schedule_timesteps
 from ..settings import GenerationSettings
 
 
