@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this many steps of the --steps schedule (the learning rate still follows "
+                        "--steps); the result equals the periodic checkpoint of a full run at that step")
     p.add_argument("--eval-samples", type=int, default=0, help="samples per class for the final check (0: skip)")
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--eval-cfg", type=float, default=4.0)
@@ -148,7 +151,8 @@ def main(argv=None) -> None:
 
     start, cpu_start = time.perf_counter(), time.process_time()
     log = {"mse": 0.0, "vb": 0.0, "loss": 0.0, "n": 0}
-    for step in range(first_step, args.steps):
+    stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+    for step in range(first_step, stop):
         if cursor + args.batch_size > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor:cursor + args.batch_size]
@@ -173,7 +177,7 @@ def main(argv=None) -> None:
         log["mse"] += parts["mse"]
         log["vb"] += parts["vb"]
         log["n"] += 1
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.log_every == 0 or step + 1 == stop:
             k = log["n"]
             row = {"step": step + 1, "loss": log["loss"] / k, "mse": log["mse"] / k, "vb": log["vb"] / k,
                    "lr": lr_at(step), "elapsed_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}
@@ -181,12 +185,12 @@ def main(argv=None) -> None:
             print(f"step {row['step']:6d}  loss {row['loss']:.4f}  mse {row['mse']:.4f}  vb {row['vb']:.4f}  "
                   f"lr {row['lr']:.2e}  elapsed {row['elapsed_s']:.0f}s (cpu {row['cpu_s']:.0f}s)", flush=True)
             log = {"mse": 0.0, "vb": 0.0, "loss": 0.0, "n": 0}
-        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < stop:
             checkpoint(step + 1)
 
-    checkpoint(args.steps)
+    checkpoint(stop)
     report = {"train_seconds_this_run": time.perf_counter() - start, "history": history, "args": vars(args)}
-    print(f"trained {args.steps} steps; wrote {args.out}", flush=True)
+    print(f"trained {stop} steps (of a {args.steps}-step schedule); wrote {args.out}", flush=True)
     if args.eval_samples > 0:
         images = augmented_upscale(small, 16, torch.Generator().manual_seed(0), 0.0)
         report["eval"] = td.run_evaluation(ema, images, labels, args)

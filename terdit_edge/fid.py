@@ -10,7 +10,9 @@ images scaled to [0, 1], in NCHW order when its input's second axis is 3, else N
 * Digits FID: ``terdit_edge/data/digits_features.onnx``, a small MLP trained on scikit-learn's
   8x8 digits upscaled to 16x16 (examples/train_digits_features.py), with the statistics of the
   1,797 real digits in ``digits_reference_stats.npz``. A regression metric for the bundled digits
-  model, not comparable to any ImageNet FID.
+  model, not comparable to any ImageNet FID. ``terdit-edge fid SAMPLES.npz digits`` now runs the
+  digits quality judge instead (terdit_edge/judge.py, docs/quality.md); this MLP FID stays available
+  through ``compute_fid(..., "digits")`` and ``--features``.
 
 Statistics files are .npz with ``mu`` (D,) and ``sigma`` (D, D) (ADM's reference batches hold such
 arrays too) and, when written here, ``features_sha256`` naming the network they came from.
