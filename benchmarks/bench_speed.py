@@ -38,6 +38,8 @@ SETTINGS = {
     "interval20": dict(sampler="dpm++2m", steps=20, guidance_interval=INTERVAL),
     "sched10": dict(sampler="dpm++2m", schedule="dpm++2m-10"),
     "sched8": dict(sampler="dpm++2m", schedule="dpm++2m-8"),
+    "sched15": dict(sampler="dpm++2m", schedule="dpm++2m-15"),
+    "sched7": dict(sampler="dpm++2m", schedule="dpm++2m-7"),
     "sched6": dict(sampler="dpm++2m", schedule="dpm++2m-6"),
     "sched5": dict(sampler="dpm++2m", schedule="dpm++2m-5"),
     "cache20-fixed2": dict(sampler="dpm++2m", steps=20, cache="fixed:2"),
