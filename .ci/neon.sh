@@ -55,6 +55,12 @@ if [ "$(grep "^attention fingerprint" "$out/all.log" | awk '{print $4}' | sort -
     echo "the attention outputs of the SIMD paths differ between ISAs or architectures (above)" >&2
     exit 1
 fi
+# the int8 attention sums exactly and rounds in one fixed order: one hash on every path, scalar included
+grep "^attention-int8 fingerprint" "$out/all.log" | sort -u
+if [ "$(grep "^attention-int8 fingerprint" "$out/all.log" | awk '{print $4}' | sort -u | wc -l)" -ne 1 ]; then
+    echo "the int8 attention outputs differ between paths or architectures (above)" >&2
+    exit 1
+fi
 # the fp32 GEMM (every M), SwiGLU and the dense layer promise the same bits on every path, scalar included
 grep "^float fingerprint" "$out/all.log" | sort -u
 if [ "$(grep "^float fingerprint" "$out/all.log" | awk '{print $4}' | sort -u | wc -l)" -ne 1 ]; then

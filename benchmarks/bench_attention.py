@@ -3,7 +3,7 @@ speed-up over an earlier version of the kernel, all measured in one process.
 
     python benchmarks/bench_attention.py [--shapes 2x1024x32x96,2x256x32x48,...] [--threads 1,2]
                                          [--isas avx2,avx512] [--baseline REV | --no-baseline]
-                                         [--rounds 7] [--json]
+                                         [--rounds 7] [--no-int8] [--json]
 
 A shape is B x T x H x hd (batch, tokens, heads, head dim); the default list covers the TerDiT
 models: 600M at 256 px (2 x 256 x 32 x 48), 4.2B at 256 px (2 x 256 x 32 x 96) and at 512 px
@@ -21,6 +21,13 @@ blocked version) is built once from `git archive` into $TERDIT_BENCH_CACHE (defa
 the current kernel, alternating, so that a slow period of a shared machine hits both; the ratio is
 the median of the per-round ratios. Outputs are checked against the NumPy reference first (maximum
 error relative to the largest output value; the bound the tests hold is 1e-5).
+
+int8 attention (`_ternary.attention(..., mode="int8")`, unless --no-int8): timed in the same rounds,
+alternating with the fp32 kernel of this build; "int8" is the median of the per-round ratios
+fp32 time / int8 time, "rel L2" the relative L2 distance of its output from the fp32 kernel's, and
+"of int8 peak" the same 4 B H T^2 hd operations per int8 second over the ISA's int8 dot-product loop
+(`_ternary.i8dot_peak`: vpdpbusd on AVX-512, the sign/maddubs/madd/add sequence on AVX2), measured in
+the same run (Q K^T runs on those instructions, P V on int16 multiply-adds at half their rate).
 """
 from __future__ import annotations
 
@@ -87,12 +94,13 @@ def baseline_module(rev: str):
     return mod, f"git {full[:12]}"
 
 
-def fma_peak(threads: int, seconds: float = 0.2) -> float:
-    """GFLOP/s of the current ISA's FMA loop on `threads` threads: best of five runs."""
+def loop_peak(loop, threads: int, seconds: float = 0.2) -> float:
+    """G operations/s of one of the extension's peak loops (``loop(iters, threads)`` returns the
+    operations it did, 2 per multiply-add), sized to ~`seconds`, best of five runs."""
     iters = 1 << 16
     while True:  # size the loop to ~`seconds`
         t0 = time.perf_counter()
-        _ternary.fma_peak(iters, threads)
+        loop(iters, threads)
         dt = time.perf_counter() - t0
         if dt > seconds / 4:
             break
@@ -101,9 +109,19 @@ def fma_peak(threads: int, seconds: float = 0.2) -> float:
     best = 0.0
     for _ in range(5):
         t0 = time.perf_counter()
-        flops = _ternary.fma_peak(iters, threads)
-        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+        ops = loop(iters, threads)
+        best = max(best, ops / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def fma_peak(threads: int, seconds: float = 0.2) -> float:
+    """GFLOP/s of the current ISA's FMA loop on `threads` threads."""
+    return loop_peak(_ternary.fma_peak, threads, seconds)
+
+
+def i8dot_peak(threads: int, seconds: float = 0.2) -> float:
+    """G operations/s of the current ISA's int8 dot-product loop on `threads` threads."""
+    return loop_peak(_ternary.i8dot_peak, threads, seconds)
 
 
 def parse_shape(s: str) -> tuple[int, int, int, int]:
@@ -116,7 +134,7 @@ def parse_shape(s: str) -> tuple[int, int, int, int]:
     return b, t, h, hd
 
 
-def run_shape(shape, threads: int, isa: str, base, rounds: int) -> dict:
+def run_shape(shape, threads: int, isa: str, base, rounds: int, int8: bool = False) -> dict:
     b, t, h, hd = shape
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((b, t, h, hd), dtype=np.float32) for _ in range(3))
@@ -131,10 +149,19 @@ def run_shape(shape, threads: int, isa: str, base, rounds: int) -> dict:
         base.attention(q, k, v, base_out, threads)  # warm-up
         row["baseline_max_rel_diff"] = float(np.abs(base_out - out).max() / np.abs(out).max())
     ours, theirs, ratios = [], [], []
+    out8, t8, r8 = (np.empty_like(q), [], []) if int8 else (None, None, None)
+    if int8:
+        _ternary.attention(q, k, v, out8, threads, mode="int8")  # warm-up
+        row["int8_rel_l2_vs_fp32"] = float(np.linalg.norm(out8 - out) / np.linalg.norm(out))
     for _ in range(rounds):
         t0 = time.perf_counter()
         _ternary.attention(q, k, v, out, threads)
         ours.append(time.perf_counter() - t0)
+        if int8:
+            t0 = time.perf_counter()
+            _ternary.attention(q, k, v, out8, threads, mode="int8")
+            t8.append(time.perf_counter() - t0)
+            r8.append(ours[-1] / t8[-1])
         if base is not None:
             t0 = time.perf_counter()
             base.attention(q, k, v, base_out, threads)
@@ -146,6 +173,11 @@ def run_shape(shape, threads: int, isa: str, base, rounds: int) -> dict:
         row["baseline_ms"] = statistics.median(theirs) * 1e3
         row["baseline_gflops"] = flops / statistics.median(theirs) / 1e9
         row["speedup"] = statistics.median(ratios)
+    if int8:
+        row["int8_ms"] = statistics.median(t8) * 1e3
+        row["int8_gops"] = flops / statistics.median(t8) / 1e9
+        row["int8_speedup"] = statistics.median(r8)
+        row["int8_speedup_range"] = [min(r8), max(r8)]
     return row
 
 
@@ -157,6 +189,7 @@ def main():
     ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
     ap.add_argument("--no-baseline", action="store_true", help="no comparison with an earlier version")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-int8", action="store_true", help="do not time the int8 attention beside fp32")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:
@@ -183,10 +216,14 @@ def main():
             base.set_isa(isa)
         for th in threads:
             peak = fma_peak(th)
+            peak8 = None if args.no_int8 else i8dot_peak(th)
             for shape in shapes:
-                row = run_shape(shape, th, isa, base, args.rounds)
+                row = run_shape(shape, th, isa, base, args.rounds, int8=not args.no_int8)
                 row["fma_peak_gflops"] = peak
                 row["of_peak"] = row["gflops"] / peak
+                if peak8:
+                    row["i8dot_peak_gops"] = peak8
+                    row["int8_of_i8dot_peak"] = row["int8_gops"] / peak8
                 rows.append(row)
                 if not args.json:
                     print(_line(row), flush=True)
@@ -202,6 +239,11 @@ def _line(r: dict) -> str:
          f"= {r['of_peak']:5.1%} of peak {r['fma_peak_gflops']:6.1f}; err vs numpy {r['max_rel_err_vs_numpy']:.1e}")
     if "speedup" in r:
         s += f"; baseline {r['baseline_ms']:8.2f} ms ({r['baseline_gflops']:6.1f}): {r['speedup']:.2f}x"
+    if "int8_ms" in r:
+        lo, hi = r["int8_speedup_range"]
+        s += (f"\n{'':>14s} int8 {r['int8_ms']:8.2f} ms {r['int8_gops']:7.1f} Gop/s = "
+              f"{r['int8_of_i8dot_peak']:5.1%} of int8 peak {r['i8dot_peak_gops']:6.1f}; "
+              f"{r['int8_speedup']:.2f}x fp32 [{lo:.2f}-{hi:.2f}]; rel L2 vs fp32 {r['int8_rel_l2_vs_fp32']:.2e}")
     return s
 
 

@@ -52,7 +52,8 @@ def cpu_seconds(pid: int) -> float:
 
 def start_server(max_batch: int, max_queue: int, threads: int | None):
     cmd = [sys.executable, "-m", "terdit_edge.frontends.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", str(max_queue), "--log-level", "warning", "--keep-jobs", "100000", "--keep-seconds", "3600"]
+           "--max-queue", str(max_queue), "--log-level", "warning", "--keep-jobs", "100000", "--keep-seconds", "3600",
+           "--state-dir", tempfile.mkdtemp(prefix="terdit-bench-state-")]  # a fresh queue: no earlier run's jobs
     if threads:
         cmd += ["--threads", str(threads)]
     # the server runs the terdit_edge this process imported (`python -m` from a source checkout would

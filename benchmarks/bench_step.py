@@ -106,7 +106,7 @@ def worker_ours(args) -> dict:
     from terdit_edge.diffusion import guided_model_output
 
     model = terdit_edge.load_model(args.tdit, backend=args.backend, activations=args.activations,
-                                   threads=args.threads)
+                                   threads=args.threads, attention=args.attention)
     x, t, y = _inputs(args.config, args.image_size)
     out = guided_model_output(model, x, t, y, 4.0)  # warm-up: JIT, buffers, page cache
     times = []
@@ -239,7 +239,9 @@ def main():
     ap.add_argument("--image-size", type=int, default=None, help="256 or 512 (default: the config's, 256)")
     ap.add_argument("--blocks", type=int, default=None, help="keep only the first N transformer blocks")
     ap.add_argument("--backends", default="cython,numba")
-    ap.add_argument("--modes", default="fp32,int8,int10", help="activation modes to run (comma list)")
+    ap.add_argument("--modes", default="fp32,int8,int10",
+                    help="activation modes to run (comma list); a mode ending in -att8 runs int8 attention "
+                         "(e.g. fp32-att8, int8-att8; cython only)")
     ap.add_argument("--skip-torch", action="store_true")
     # worker mode
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -248,6 +250,7 @@ def main():
     ap.add_argument("--ck", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--activations", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--attention", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -305,7 +308,8 @@ def main():
             fp32_row = None
             for act in args.modes.split(","):
                 save = os.path.join(tmp, f"{be}-{act}-{th}.npy")
-                r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act, "--threads", str(th),
+                r = run_worker("ours", ["--tdit", tdit, "--backend", be, "--activations", act.removesuffix("-att8"),
+                                        "--attention", "int8" if act.endswith("-att8") else "fp32", "--threads", str(th),
                                         *_common_args(args),
                                         "--save", save])
                 r.update(name=f"terdit-edge {be} {act}", threads=th)

@@ -31,20 +31,8 @@ import numpy as np  # noqa: E402
 from terdit_edge.vae import VAEConfig, VAEDecoder  # noqa: E402
 from terdit_edge.vae_config import expected_vae_tensors  # noqa: E402
 
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def build_diffusers_model(seed: int = 0):
-    import torch
-    from diffusers import AutoencoderKL
-    torch.manual_seed(seed)
-    n = len(SD_VAE["block_out_channels"])
-    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         latent_channels=4, **SD_VAE).eval()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_vae import SD_VAE, build_diffusers_model, default_threads  # noqa: E402  (one definition of each)
 
 
 def photo(size: int) -> np.ndarray:

@@ -320,7 +320,9 @@ def convert(src: str, out: str, label_map: str | None = None, n_heads: int | Non
         label_map = "terdit" if cfg.num_classes == 1000 else "identity"
     log(f"reading {ck.weights_path} ({layout}, {_human(ck.source_bytes)})")
     tensors, stats = build_tensors(ck, cfg, layout, dtype, log)
-    source = {"path": os.path.abspath(src), "weights": os.path.basename(ck.weights_path), "layout": layout,
+    # the checkpoint's name only: a path would publish the converting machine's directories
+    source = {"path": os.path.basename(os.path.abspath(src)), "weights": os.path.basename(ck.weights_path),
+              "layout": layout,
               "model": str(ck.model_args.get("model", "")), "converter": f"terdit-edge {__version__}",
               "model_args": {k: v for k, v in ck.model_args.items() if isinstance(v, (int, float, str, bool))}}
     metadata = {

@@ -176,7 +176,7 @@ def _canonical_decoder_tensors(state: dict, where: str, encoder: bool = False) -
     if any(k.startswith(("decoder.up.", "decoder.mid.")) for k in dec):
         dec = _rename_ldm(dec, where)
     if any(k.startswith(("encoder.down.", "encoder.mid.")) for k in dec):
-        dec = _rename_ldm_encoder(dec, where)
+        dec = _rename_ldm(dec, where, "encoder")
     out = {}
     for name, arr in dec.items():
         parts = name.split(".")
@@ -196,65 +196,45 @@ def _canonical_decoder_tensors(state: dict, where: str, encoder: bool = False) -
     return out
 
 
-def _rename_ldm(dec: dict, where: str) -> dict:
-    """Original LDM decoder names -> diffusers names (up levels are numbered in reverse there)."""
-    levels = {int(m.group(1)) for k in dec for m in [re.match(r"decoder\.up\.(\d+)\.", k)] if m}
-    if not levels:
+def _rename_ldm(dec: dict, where: str, part: str = "decoder") -> dict:
+    """Original LDM names of one part ("decoder" or "encoder") -> diffusers names; other tensors pass.
+
+    The decoder's up levels are numbered in reverse in diffusers (up.0 is the last up_block); the
+    encoder's down levels keep their order."""
+    level_kind = {"decoder": ("up", "up_blocks", "upsample", "upsamplers"),
+                  "encoder": ("down", "down_blocks", "downsample", "downsamplers")}[part]
+    ldm_level, hf_level, ldm_resample, hf_resample = level_kind
+    level_re = re.compile(rf"{part}\.{ldm_level}\.(\d+)\.(block|{ldm_resample})\.(.*)$")
+    levels = {int(m.group(1)) for k in dec for m in [level_re.match(k)] if m}
+    if part == "decoder" and not levels:
         raise ConvertError(f"{where}: LDM-style decoder without any 'decoder.up.N' level")
-    n = max(levels) + 1
+    n = max(levels, default=-1) + 1
     out = {}
     for k, v in dec.items():
+        if not k.startswith(part + "."):
+            out[k] = v
+            continue
         new = k
-        m = re.match(r"decoder\.up\.(\d+)\.(block|upsample)\.(.*)$", k)
+        m = level_re.match(k)
         if m:
-            i = n - 1 - int(m.group(1))
+            i = n - 1 - int(m.group(1)) if part == "decoder" else int(m.group(1))
             if m.group(2) == "block":
-                new = f"decoder.up_blocks.{i}.resnets.{m.group(3)}"
+                new = f"{part}.{hf_level}.{i}.resnets.{m.group(3)}"
             else:
-                new = f"decoder.up_blocks.{i}.upsamplers.0.{m.group(3)}"
-        elif k.startswith("decoder.mid.block_"):
-            m = re.match(r"decoder\.mid\.block_(\d+)\.(.*)$", k)
+                new = f"{part}.{hf_level}.{i}.{hf_resample}.0.{m.group(3)}"
+        elif k.startswith(f"{part}.mid.block_"):
+            m = re.match(rf"{part}\.mid\.block_(\d+)\.(.*)$", k)
             if not m:
                 raise ConvertError(f"{where}: unexpected LDM tensor name {k}")
-            new = f"decoder.mid_block.resnets.{int(m.group(1)) - 1}.{m.group(2)}"
-        elif k.startswith("decoder.mid.attn_1."):
-            layer, _, leaf = k[len("decoder.mid.attn_1."):].partition(".")
+            new = f"{part}.mid_block.resnets.{int(m.group(1)) - 1}.{m.group(2)}"
+        elif k.startswith(f"{part}.mid.attn_1."):
+            layer, _, leaf = k[len(f"{part}.mid.attn_1."):].partition(".")
             if layer not in _LDM_ATTENTION:
                 raise ConvertError(f"{where}: unexpected LDM attention tensor {k}")
-            new = f"decoder.mid_block.attentions.0.{_LDM_ATTENTION[layer]}.{leaf}"
-        elif k.startswith("decoder.norm_out."):
-            new = "decoder.conv_norm_out." + k[len("decoder.norm_out."):]
-        new = new.replace(".nin_shortcut.", ".conv_shortcut.")
-        out[new] = v
-    return out
-
-
-def _rename_ldm_encoder(dec: dict, where: str) -> dict:
-    """Original LDM encoder names -> diffusers names (down levels keep their order)."""
-    out = {}
-    for k, v in dec.items():
-        new = k
-        m = re.match(r"encoder\.down\.(\d+)\.(block|downsample)\.(.*)$", k)
-        if m:
-            if m.group(2) == "block":
-                new = f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(3)}"
-            else:
-                new = f"encoder.down_blocks.{m.group(1)}.downsamplers.0.{m.group(3)}"
-        elif k.startswith("encoder.mid.block_"):
-            m = re.match(r"encoder\.mid\.block_(\d+)\.(.*)$", k)
-            if not m:
-                raise ConvertError(f"{where}: unexpected LDM tensor name {k}")
-            new = f"encoder.mid_block.resnets.{int(m.group(1)) - 1}.{m.group(2)}"
-        elif k.startswith("encoder.mid.attn_1."):
-            layer, _, leaf = k[len("encoder.mid.attn_1."):].partition(".")
-            if layer not in _LDM_ATTENTION:
-                raise ConvertError(f"{where}: unexpected LDM attention tensor {k}")
-            new = f"encoder.mid_block.attentions.0.{_LDM_ATTENTION[layer]}.{leaf}"
-        elif k.startswith("encoder.norm_out."):
-            new = "encoder.conv_norm_out." + k[len("encoder.norm_out."):]
-        if new.startswith("encoder."):
-            new = new.replace(".nin_shortcut.", ".conv_shortcut.")
-        out[new] = v
+            new = f"{part}.mid_block.attentions.0.{_LDM_ATTENTION[layer]}.{leaf}"
+        elif k.startswith(f"{part}.norm_out."):
+            new = f"{part}.conv_norm_out." + k[len(f"{part}.norm_out."):]
+        out[new.replace(".nin_shortcut.", ".conv_shortcut.")] = v
     return out
 
 
@@ -372,7 +352,9 @@ def convert_vae_file(src, out: str, dtype: str = "fp16", log=print, encoder: boo
     from terdit_edge.format import read_tdit, write_tdit
 
     meta, tensors = vae_tensors_for_file(src, dtype, log=log, encoder=encoder)
-    meta["source"] = json.dumps({"path": os.path.abspath(str(src)), "converter": f"terdit-edge {__version__}"})
+    # the checkpoint's name only: a path would publish the converting machine's directories
+    meta["source"] = json.dumps({"path": os.path.basename(os.path.abspath(str(src))),
+                                 "converter": f"terdit-edge {__version__}"})
     write_tdit(out, tensors, meta)
     tf = read_tdit(out, verify=True)
     size = os.path.getsize(out)

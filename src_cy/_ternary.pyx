@@ -247,10 +247,14 @@ def rope(float[:, :, :, ::1] x, const float[:, ::1] cos, const float[:, ::1] sin
 
 
 def attention(const float[:, :, :, ::1] q, const float[:, :, :, ::1] k, const float[:, :, :, ::1] v,
-              float[:, :, :, ::1] out, int threads=1):
+              float[:, :, :, ::1] out, int threads=1, mode="fp32"):
     """out (B, T, H, hd) = softmax(q k^T / sqrt(hd)) v per batch and head, not causal; q (B, T, H, hd),
     k and v (B, T, Hkv, hd) with H a multiple of Hkv (head h reads kv head h // (H // Hkv)).
-    out must not overlap q, k or v (the caller checks)."""
+    mode "fp32" (float32 products) or "int8" (K centred over the tokens, int8 Q K^T, integer P V;
+    td_attention_int8). out must not overlap q, k or v (the caller checks)."""
+    if mode not in ("fp32", "int8"):
+        raise InputError(f"attention: mode must be 'fp32' or 'int8', got {mode!r}")
+    cdef bint int8 = mode == "int8"
     cdef int64_t b = q.shape[0], t = q.shape[1], h = q.shape[2], hd = q.shape[3], hkv = k.shape[2]
     if (k.shape[0] != b or k.shape[1] != t or k.shape[3] != hd or v.shape[0] != b or v.shape[1] != t
             or v.shape[2] != hkv or v.shape[3] != hd):
@@ -266,8 +270,12 @@ def attention(const float[:, :, :, ::1] q, const float[:, :, :, ::1] k, const fl
         return out
     cdef int rc
     with nogil:
-        rc = td_attention(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0], &out[0, 0, 0, 0], b, t, h, hkv,
-                          hd, threads)
+        if int8:
+            rc = td_attention_int8(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0], &out[0, 0, 0, 0], b, t, h,
+                                   hkv, hd, threads)
+        else:
+            rc = td_attention(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0], &out[0, 0, 0, 0], b, t, h, hkv,
+                              hd, threads)
     if rc == TD_ENOMEM:
         raise MemoryError("attention could not allocate its scratch buffers")
     if rc != TD_OK:
@@ -284,3 +292,14 @@ def fma_peak(int64_t iters, int threads=1):
     with nogil:
         flops = td_fma_peak(iters, threads)
     return flops
+
+
+def i8dot_peak(int64_t iters, int threads=1):
+    """Run `iters` rounds of the current ISA's int8 dot-product loop (the instructions of the int8
+    attention) on `threads` threads and return the operations done (2 per multiply-add)."""
+    if iters < 0 or threads < 1:
+        raise InputError(f"i8dot_peak: iters must be >= 0 and threads >= 1, got {iters}, {threads}")
+    cdef double ops
+    with nogil:
+        ops = td_i8dot_peak(iters, threads)
+    return ops

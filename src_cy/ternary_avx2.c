@@ -993,6 +993,163 @@ TD_TARGET static void attention_pack_avx2(const float *k, const float *v, int64_
     td_att_pack_values(v, ld, t, hd, vs);
 }
 
+/* int8 attention rows (td_att8_rows_fn; arithmetic at td_att8_kv_t): scores over 3 query rows x 16
+ * keys at a time, sum q k = maddubs(|q|, sign(k, q)) (pairs of <= 2 * 127 * 127, no saturation)
+ * widened by madd(., 1); softmax numerators with exp_avx2 (td_expf_poly lane by lane) rounded to
+ * integers; P V with madd_epi16 on int16 key pairs over 6 rows x 16 channels, int32 sums per block of
+ * TD_ATT8_KBLK keys added to float sums in ob in block order. The portable reference's bits. */
+#define ATT8_MAXG 64
+
+TD_TARGET static inline void att8_scores3(const uint32_t *qa0, const uint32_t *qa1, const uint32_t *qa2,
+                                          const uint32_t *qs0, const uint32_t *qs1, const uint32_t *qs2, int64_t ng,
+                                          const int8_t *bp, const float *ks, float *c, int64_t ldc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    for (int64_t g = 0; g < ng; g++) {
+        const __m256i b0 = _mm256_load_si256((const __m256i *)(bp + g * 64));
+        const __m256i b1 = _mm256_load_si256((const __m256i *)(bp + g * 64 + 32));
+        __m256i a = _mm256_set1_epi32((int)qa0[g]), sg = _mm256_set1_epi32((int)qs0[g]);
+        c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(b0, sg)), ones));
+        c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(b1, sg)), ones));
+        a = _mm256_set1_epi32((int)qa1[g]);
+        sg = _mm256_set1_epi32((int)qs1[g]);
+        c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(b0, sg)), ones));
+        c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(b1, sg)), ones));
+        a = _mm256_set1_epi32((int)qa2[g]);
+        sg = _mm256_set1_epi32((int)qs2[g]);
+        c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(b0, sg)), ones));
+        c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(b1, sg)), ones));
+    }
+    const __m256 k0 = _mm256_loadu_ps(ks), k1 = _mm256_loadu_ps(ks + 8);
+    _mm256_store_ps(c, _mm256_mul_ps(_mm256_cvtepi32_ps(c00), k0));
+    _mm256_store_ps(c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c01), k1));
+    _mm256_store_ps(c + ldc, _mm256_mul_ps(_mm256_cvtepi32_ps(c10), k0));
+    _mm256_store_ps(c + ldc + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c11), k1));
+    _mm256_store_ps(c + 2 * ldc, _mm256_mul_ps(_mm256_cvtepi32_ps(c20), k0));
+    _mm256_store_ps(c + 2 * ldc + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(c21), k1));
+}
+
+/* ob rows 0..2 (16 channels from ob, stride ldo) += float(int32 sums of p v over keys j0..j1-1) */
+TD_TARGET static inline void att8_pv3(const int16_t *p0, const int16_t *p1, const int16_t *p2, const int16_t *vp,
+                                      int64_t j0, int64_t j1, float *ob, int64_t ldo) {
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    for (int64_t jp = j0 / 2; jp < j1 / 2; jp++) {
+        const __m256i b0 = _mm256_load_si256((const __m256i *)(vp + jp * 32));
+        const __m256i b1 = _mm256_load_si256((const __m256i *)(vp + jp * 32 + 16));
+        int32_t w;
+        memcpy(&w, p0 + 2 * jp, 4);
+        __m256i a = _mm256_set1_epi32(w);
+        c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, b0));
+        c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, b1));
+        memcpy(&w, p1 + 2 * jp, 4);
+        a = _mm256_set1_epi32(w);
+        c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, b0));
+        c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, b1));
+        memcpy(&w, p2 + 2 * jp, 4);
+        a = _mm256_set1_epi32(w);
+        c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, b0));
+        c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, b1));
+    }
+    _mm256_store_ps(ob, _mm256_add_ps(_mm256_load_ps(ob), _mm256_cvtepi32_ps(c00)));
+    _mm256_store_ps(ob + 8, _mm256_add_ps(_mm256_load_ps(ob + 8), _mm256_cvtepi32_ps(c01)));
+    _mm256_store_ps(ob + ldo, _mm256_add_ps(_mm256_load_ps(ob + ldo), _mm256_cvtepi32_ps(c10)));
+    _mm256_store_ps(ob + ldo + 8, _mm256_add_ps(_mm256_load_ps(ob + ldo + 8), _mm256_cvtepi32_ps(c11)));
+    _mm256_store_ps(ob + 2 * ldo, _mm256_add_ps(_mm256_load_ps(ob + 2 * ldo), _mm256_cvtepi32_ps(c20)));
+    _mm256_store_ps(ob + 2 * ldo + 8, _mm256_add_ps(_mm256_load_ps(ob + 2 * ldo + 8), _mm256_cvtepi32_ps(c21)));
+}
+
+TD_TARGET static void attention_rows_i8_avx2(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n,
+                                             float *s, int16_t *pp, float *ob, float *out, int64_t ldo) {
+    const int64_t t = kv->t, tp = kv->tp, hd4 = kv->hd4, ng = hd4 / 4, hdp = kv->hdp, hd = kv->hd;
+    if (ng > ATT8_MAXG) {
+        td_ops_for(TD_ISA_SCALAR)->attention_rows_i8(kv, qq, qs, n, s, pp, ob, out, ldo);
+        return;
+    }
+    uint32_t qa[ATT_MR][ATT8_MAXG], qsg[ATT_MR][ATT8_MAXG];
+    const __m256 pmax = _mm256_set1_ps((float)TD_ATT8_PMAX);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t ib = 0; ib < n; ib += ATT_MR) {
+        const int nr = (int)(n - ib < ATT_MR ? n - ib : ATT_MR);
+        for (int r = 0; r < ATT_MR; r++) { /* |q| and q per quad; missing rows repeat the last */
+            const int8_t *qr = qq + (ib + (r < nr ? r : nr - 1)) * hd4;
+            for (int64_t g = 0; g < ng; g++) {
+                uint8_t ab[4];
+                for (int dd = 0; dd < 4; dd++)
+                    ab[dd] = (uint8_t)(qr[4 * g + dd] < 0 ? -qr[4 * g + dd] : qr[4 * g + dd]);
+                memcpy(&qa[r][g], ab, 4);
+                memcpy(&qsg[r][g], qr + 4 * g, 4);
+            }
+        }
+        for (int64_t j0 = 0; j0 < tp; j0 += 16) {
+            const int8_t *bp = kv->kq + j0 * hd4;
+            att8_scores3(qa[0], qa[1], qa[2], qsg[0], qsg[1], qsg[2], ng, bp, kv->ks + j0, s + j0, tp);
+            att8_scores3(qa[3], qa[4], qa[5], qsg[3], qsg[4], qsg[5], ng, bp, kv->ks + j0, s + 3 * tp + j0, tp);
+        }
+        float inv[ATT_MR];
+        for (int r = 0; r < nr; r++) {
+            const float *sr = s + r * tp;
+            int16_t *pr = pp + r * tp;
+            __m256 mx = _mm256_set1_ps(-FLT_MAX);
+            int64_t j = 0;
+            for (; j + 8 <= t; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(sr + j));
+            float m = hmax_ps(mx);
+            for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
+            const float c = qs[ib + r] * kv->scale;
+            const __m256 vc = _mm256_set1_ps(c), vmc = _mm256_set1_ps(m * c);
+            __m256i tot = _mm256_setzero_si256();
+            for (j = 0; j < tp; j += 8) {
+                const __m256 e = exp_avx2(_mm256_fmsub_ps(_mm256_load_ps(sr + j), vc, vmc));
+                __m256i pi = _mm256_cvtps_epi32(_mm256_mul_ps(e, pmax)); /* round half to even */
+                if (j + 8 > t) pi = _mm256_and_si256(pi, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(t - j)), lane));
+                tot = _mm256_add_epi32(tot, pi);
+                _mm_store_si128((__m128i *)(pr + j),
+                                _mm_packs_epi32(_mm256_castsi256_si128(pi), _mm256_extracti128_si256(pi, 1)));
+            }
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+            inv[r] = 1.0f / (float)_mm_cvtsi128_si32(t4);
+        }
+        const int16_t *pa[ATT_MR];
+        for (int r = 0; r < ATT_MR; r++) pa[r] = pp + (r < nr ? r : nr - 1) * tp;
+        for (int64_t c0 = 0; c0 < hdp; c0 += 16) {
+            const int16_t *vp = kv->vq + c0 * tp;
+            for (int r = 0; r < ATT_MR; r++) {
+                _mm256_store_ps(ob + r * hdp + c0, _mm256_setzero_ps());
+                _mm256_store_ps(ob + r * hdp + c0 + 8, _mm256_setzero_ps());
+            }
+            for (int64_t j0 = 0; j0 < tp; j0 += TD_ATT8_KBLK) {
+                const int64_t j1 = j0 + TD_ATT8_KBLK < tp ? j0 + TD_ATT8_KBLK : tp;
+                att8_pv3(pa[0], pa[1], pa[2], vp, j0, j1, ob + c0, hdp);
+                att8_pv3(pa[3], pa[4], pa[5], vp, j0, j1, ob + 3 * hdp + c0, hdp);
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            float *o = out + (ib + r) * ldo;
+            const float *src = ob + r * hdp;
+            const __m256 vi = _mm256_set1_ps(inv[r]);
+            int64_t c = 0;
+            for (; c + 8 <= hd; c += 8)
+                _mm256_storeu_ps(
+                    o + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_load_ps(src + c), _mm256_load_ps(kv->vsc + c)), vi));
+            for (; c < hd; c++) o[c] = (src[c] * kv->vsc[c]) * inv[r];
+        }
+    }
+}
+
+/* int8 dot-product peak: 12 chains of the scores' step (sign, maddubs, madd, add: 32 multiply-adds) */
+TD_TARGET static double i8dot_peak_avx2(int64_t iters, float *sink) {
+    __m256i a[12];
+    const __m256i x = _mm256_set1_epi8(3), y = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < 12; i++) a[i] = _mm256_set1_epi32(i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 12; i++)
+            a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_sign_epi8(y, a[i])), ones));
+    for (int i = 1; i < 12; i++) a[0] = _mm256_add_epi32(a[0], a[i]);
+    *sink = (float)_mm256_extract_epi32(a[0], 0);
+    return 12.0 * 64.0 * (double)iters;
+}
+
 /* FMA peak: 12 chains of 8-lane FMAs (latency 4-5 cycles x 2 pipes needs at least 10) */
 TD_TARGET static double fma_peak_avx2(int64_t iters, float *sink) {
     __m256 a[12];
@@ -1025,6 +1182,8 @@ const td_ops_t td_ops_avx2 = {
     .attention_rows = td_attention_rows_avx2,
     .attention_pack = attention_pack_avx2,
     .fma_peak = fma_peak_avx2,
+    .attention_rows_i8 = attention_rows_i8_avx2,
+    .i8dot_peak = i8dot_peak_avx2,
 };
 
 #endif /* TD_X86 */

@@ -870,6 +870,145 @@ TD512 static void attention_rows_avx512(const float *q, int64_t ldq, int64_t i0,
 }
 
 /* ------------------------------------------------------------------------------------------- */
+/* int8 attention rows (td_att8_rows_fn; the arithmetic is defined at td_att8_kv_t): scores with
+ * vpdpbusd over 6 query rows x 32 keys (12 zmm accumulators, unsigned q + 128 times signed k, minus
+ * kcorr = 128 sum k), the softmax numerators with exp512 (td_expf_poly lane by lane) rounded to
+ * integers, and P V with vpdpwssd (int16 pairs of keys) over 6 rows x 32 channels, int32 sums per
+ * block of TD_ATT8_KBLK keys converted and added in block order. Every step is the portable
+ * reference's, so the outputs are its bits. */
+#define ATT8_MAXG 64 /* quads per row handled here (hd <= 256); larger heads run the portable rows */
+
+TD512 static inline __attribute__((always_inline)) void att8_scores512(const uint32_t qu[ATT_MR][ATT8_MAXG], int64_t ng,
+                                                                       const int8_t *b0p, const int8_t *b1p,
+                                                                       const int32_t *corr, const float *ks, float *c,
+                                                                       int64_t ldc, const int NC) {
+    __m512i acc[ATT_MR][2];
+    for (int r = 0; r < ATT_MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < ng; g++) {
+        const __m512i b0 = _mm512_load_si512((const void *)(b0p + g * 64));
+        const __m512i b1 = NC > 1 ? _mm512_load_si512((const void *)(b1p + g * 64)) : b0;
+        for (int r = 0; r < ATT_MR; r++) {
+            const __m512i a = _mm512_set1_epi32((int)qu[r][g]);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, b0);
+            if (NC > 1) acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, b1);
+        }
+    }
+    for (int h = 0; h < NC; h++) {
+        const __m512i cr = _mm512_loadu_si512((const void *)(corr + 16 * h));
+        const __m512 kv = _mm512_loadu_ps(ks + 16 * h);
+        for (int r = 0; r < ATT_MR; r++)
+            _mm512_store_ps(c + r * ldc + 16 * h,
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][h], cr)), kv));
+    }
+}
+
+TD512 static inline __attribute__((always_inline)) void att8_pv512(const int16_t *const pa[ATT_MR], int64_t tp,
+                                                                   const int16_t *v0, const int16_t *v1,
+                                                                   __m512 facc[ATT_MR][2], const int NC) {
+    for (int r = 0; r < ATT_MR; r++) facc[r][0] = facc[r][1] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < tp; j0 += TD_ATT8_KBLK) {
+        const int64_t j1 = j0 + TD_ATT8_KBLK < tp ? j0 + TD_ATT8_KBLK : tp;
+        __m512i acc[ATT_MR][2];
+        for (int r = 0; r < ATT_MR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        for (int64_t jp = j0 / 2; jp < j1 / 2; jp++) {
+            const __m512i b0 = _mm512_load_si512((const void *)(v0 + jp * 32));
+            const __m512i b1 = NC > 1 ? _mm512_load_si512((const void *)(v1 + jp * 32)) : b0;
+            for (int r = 0; r < ATT_MR; r++) {
+                int32_t pr;
+                memcpy(&pr, pa[r] + 2 * jp, 4);
+                const __m512i a = _mm512_set1_epi32(pr);
+                acc[r][0] = _mm512_dpwssd_epi32(acc[r][0], a, b0);
+                if (NC > 1) acc[r][1] = _mm512_dpwssd_epi32(acc[r][1], a, b1);
+            }
+        }
+        for (int r = 0; r < ATT_MR; r++) {
+            facc[r][0] = _mm512_add_ps(facc[r][0], _mm512_cvtepi32_ps(acc[r][0]));
+            if (NC > 1) facc[r][1] = _mm512_add_ps(facc[r][1], _mm512_cvtepi32_ps(acc[r][1]));
+        }
+    }
+}
+
+TD512 static void attention_rows_i8_avx512(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n,
+                                           float *s, int16_t *pp, float *ob, float *out, int64_t ldo) {
+    const int64_t t = kv->t, tp = kv->tp, hd4 = kv->hd4, ng = hd4 / 4, hdp = kv->hdp, hd = kv->hd;
+    if (ng > ATT8_MAXG) {
+        td_ops_for(TD_ISA_SCALAR)->attention_rows_i8(kv, qq, qs, n, s, pp, ob, out, ldo);
+        return;
+    }
+    uint32_t qu[ATT_MR][ATT8_MAXG];
+    const __m512 pmax = _mm512_set1_ps((float)TD_ATT8_PMAX);
+    for (int64_t ib = 0; ib < n; ib += ATT_MR) {
+        const int nr = (int)(n - ib < ATT_MR ? n - ib : ATT_MR);
+        for (int r = 0; r < ATT_MR; r++) { /* q + 128 as unsigned bytes; missing rows repeat the last */
+            const int8_t *qr = qq + (ib + (r < nr ? r : nr - 1)) * hd4;
+            for (int64_t g = 0; g < ng; g++) {
+                uint32_t w;
+                memcpy(&w, qr + 4 * g, 4);
+                qu[r][g] = w ^ 0x80808080u;
+            }
+        }
+        int64_t j0 = 0;
+        for (; j0 + 32 <= tp; j0 += 32)
+            att8_scores512(qu, ng, kv->kq + j0 * hd4, kv->kq + (j0 + 16) * hd4, kv->kcorr + j0, kv->ks + j0, s + j0, tp,
+                           2);
+        if (j0 < tp) att8_scores512(qu, ng, kv->kq + j0 * hd4, NULL, kv->kcorr + j0, kv->ks + j0, s + j0, tp, 1);
+        float inv[ATT_MR];
+        for (int r = 0; r < nr; r++) {
+            const float *sr = s + r * tp;
+            int16_t *pr = pp + r * tp;
+            __m512 mx = _mm512_set1_ps(-FLT_MAX);
+            int64_t j = 0;
+            for (; j + 16 <= t; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(sr + j));
+            if (j < t) {
+                const __mmask16 mk = (__mmask16)((1u << (t - j)) - 1);
+                mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_load_ps(sr + j));
+            }
+            const float m = _mm512_reduce_max_ps(mx), c = qs[ib + r] * kv->scale;
+            const __m512 vc = _mm512_set1_ps(c), vmc = _mm512_set1_ps(m * c);
+            __m512i tot = _mm512_setzero_si512();
+            for (j = 0; j < tp; j += 16) {
+                const __m512 e = exp512(_mm512_fmsub_ps(_mm512_load_ps(sr + j), vc, vmc));
+                __m512i pi = _mm512_cvtps_epi32(_mm512_mul_ps(e, pmax)); /* round half to even */
+                if (j + 16 > t) pi = _mm512_maskz_mov_epi32((__mmask16)((1u << (t - j)) - 1), pi);
+                tot = _mm512_add_epi32(tot, pi);
+                _mm256_store_si256((__m256i *)(pr + j), _mm512_cvtepi32_epi16(pi));
+            }
+            inv[r] = 1.0f / (float)_mm512_reduce_add_epi32(tot);
+        }
+        const int16_t *pa[ATT_MR];
+        for (int r = 0; r < ATT_MR; r++) pa[r] = pp + (r < nr ? r : nr - 1) * tp;
+        for (int64_t c0 = 0; c0 < hdp; c0 += 32) {
+            const int NC = c0 + 32 <= hdp ? 2 : 1;
+            __m512 facc[ATT_MR][2];
+            if (NC == 2) att8_pv512(pa, tp, kv->vq + c0 * tp, kv->vq + (c0 + 16) * tp, facc, 2);
+            else att8_pv512(pa, tp, kv->vq + c0 * tp, NULL, facc, 1);
+            for (int h = 0; h < NC; h++) {
+                const int64_t cc = c0 + 16 * h;
+                if (cc >= hd) break;
+                const __mmask16 mk = hd - cc >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hd - cc)) - 1);
+                const __m512 vsc = _mm512_load_ps(kv->vsc + cc);
+                for (int r = 0; r < nr; r++)
+                    _mm512_mask_storeu_ps(out + (ib + r) * ldo + cc, mk,
+                                          _mm512_mul_ps(_mm512_mul_ps(facc[r][h], vsc), _mm512_set1_ps(inv[r])));
+            }
+        }
+    }
+    (void)ob;
+}
+
+/* int8 dot-product peak: 12 chains of vpdpbusd (64 multiply-adds each, counted as 2 operations) */
+TD512 static double i8dot_peak_avx512(int64_t iters, float *sink) {
+    __m512i a[12];
+    const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-2);
+    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_epi32(i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 12; i++) a[i] = _mm512_dpbusd_epi32(a[i], x, y);
+    for (int i = 1; i < 12; i++) a[0] = _mm512_add_epi32(a[0], a[i]);
+    *sink = (float)_mm512_reduce_add_epi32(a[0]);
+    return 12.0 * 128.0 * (double)iters;
+}
+
+/* ------------------------------------------------------------------------------------------- */
 /* Quantizers, bit-exact with the scalar path (see td_quantize_row_avx2): 16 lanes, masked tails
  * (a masked load reads 0, which never changes the absmax and quantizes to the zero padding). */
 
@@ -983,6 +1122,8 @@ const td_ops_t td_ops_avx512 = {
     .attention_rows = attention_rows_avx512,
     .swiglu = swiglu_avx512,
     .fma_peak = fma_peak_avx512,
+    .attention_rows_i8 = attention_rows_i8_avx512,
+    .i8dot_peak = i8dot_peak_avx512,
 };
 
 #endif /* TD_X86 */

@@ -109,6 +109,8 @@ static void fill_tables(void) {
                 TD_FILL(attention_rows);
                 TD_FILL(attention_pack);
                 TD_FILL(fma_peak);
+                TD_FILL(attention_rows_i8);
+                TD_FILL(i8dot_peak);
             }
             done[i] = 1;
         }
@@ -513,91 +515,99 @@ void td_layernorm(const float *x, const float *weight, const float *bias, float 
 /* Full-precision linear layer (the embedders and the final layer): one summation order on every CPU.
  * Each output is eight partial sums over k mod 8 (each product rounded, then added: no FMA), combined
  * as ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), then + bias. The eight sums are one GCC/Clang
- * vector (two SSE or NEON registers, or plain loops elsewhere): lanes never mix, so vectorizing
- * changes nothing. Four outputs share each load of x. Every output depends only on its row of x and
- * of w, never on m, the row's position or the thread split (batch invariance). */
+ * vector (two SSE or NEON registers, one AVX2 register in the AVX2 clone below; plain loops for other
+ * compilers): lanes never mix, so the instruction set changes nothing. Tiles of DENSE_MR rows x
+ * DENSE_NR outputs share their loads. Every output depends only on its row of x and of w, never on m,
+ * the row's position or the thread split (batch invariance). */
+#define DENSE_MR 4 /* rows of x per tile */
+#define DENSE_NR 2 /* outputs per tile */
 #if defined(__GNUC__) || defined(__clang__)
 typedef float dense_v8 __attribute__((vector_size(8 * sizeof(float))));
+#define DENSE_INLINE static inline __attribute__((always_inline))
 #define DENSE_VEC 1
 #else
+#define DENSE_INLINE static inline
 #define DENSE_VEC 0
 #endif
-#define DENSE_NB 4 /* outputs per pass over a row of x */
 
-static inline float dense_finish(const float s[8]) {
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+static inline float dense_finish(const float s[8], const float *bias, int64_t j) {
+    const float v = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    return bias ? v + bias[j] : v;
 }
 
-static void dense_outputs(const float *xr, int64_t k, const float *w, int64_t n0, int64_t n1, const float *bias,
-                          float *yr) {
+/* Outputs n0..n1-1 of rows r0..r1-1 (r1 - r0 <= DENSE_MR). */
+DENSE_INLINE void dense_block(const float *x, int64_t r0, int64_t r1, int64_t k, const float *w, int64_t n0, int64_t n1,
+                              const float *bias, float *y, int64_t n) {
     const int64_t k8 = k / 8 * 8;
-    int64_t j = n0;
-    for (; j + DENSE_NB <= n1; j += DENSE_NB) {
-        const float *w0 = w + j * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
-        float s[DENSE_NB][8];
+    const int mr = (int)(r1 - r0);
+    for (int64_t j = n0; j < n1; j += DENSE_NR) {
+        const int nr = (int)(n1 - j < DENSE_NR ? n1 - j : DENSE_NR);
+        float s[DENSE_MR][DENSE_NR][8];
 #if DENSE_VEC
-        dense_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        dense_v8 acc[DENSE_MR][DENSE_NR];
+        for (int r = 0; r < DENSE_MR; r++)
+            for (int c = 0; c < DENSE_NR; c++) acc[r][c] = (dense_v8){0};
         for (int64_t i = 0; i < k8; i += 8) {
-            dense_v8 xv, v0, v1, v2, v3;
-            memcpy(&xv, xr + i, sizeof xv);
-            memcpy(&v0, w0 + i, sizeof v0);
-            memcpy(&v1, w1 + i, sizeof v1);
-            memcpy(&v2, w2 + i, sizeof v2);
-            memcpy(&v3, w3 + i, sizeof v3);
-            a0 += xv * v0;
-            a1 += xv * v1;
-            a2 += xv * v2;
-            a3 += xv * v3;
-        }
-        memcpy(s[0], &a0, sizeof a0);
-        memcpy(s[1], &a1, sizeof a1);
-        memcpy(s[2], &a2, sizeof a2);
-        memcpy(s[3], &a3, sizeof a3);
-#else
-        for (int l = 0; l < 8; l++) s[0][l] = s[1][l] = s[2][l] = s[3][l] = 0.0f;
-        for (int64_t i = 0; i < k8; i += 8)
-            for (int l = 0; l < 8; l++) {
-                s[0][l] += xr[i + l] * w0[i + l];
-                s[1][l] += xr[i + l] * w1[i + l];
-                s[2][l] += xr[i + l] * w2[i + l];
-                s[3][l] += xr[i + l] * w3[i + l];
+            dense_v8 wv[DENSE_NR];
+            for (int c = 0; c < DENSE_NR; c++) memcpy(&wv[c], w + (j + (c < nr ? c : 0)) * k + i, sizeof(dense_v8));
+            for (int r = 0; r < DENSE_MR; r++) {
+                dense_v8 xv;
+                memcpy(&xv, x + (r0 + (r < mr ? r : 0)) * k + i, sizeof xv);
+                for (int c = 0; c < DENSE_NR; c++) acc[r][c] += xv * wv[c];
             }
-#endif
-        for (int64_t i = k8; i < k; i++) {
-            s[0][i - k8] += xr[i] * w0[i];
-            s[1][i - k8] += xr[i] * w1[i];
-            s[2][i - k8] += xr[i] * w2[i];
-            s[3][i - k8] += xr[i] * w3[i];
         }
-        for (int q = 0; q < DENSE_NB; q++) {
-            const float v = dense_finish(s[q]);
-            yr[j + q] = bias ? v + bias[j + q] : v;
-        }
-    }
-    for (; j < n1; j++) { /* the same arithmetic, one output at a time */
-        const float *wj = w + j * k;
-        float s[8] = {0};
+        for (int r = 0; r < DENSE_MR; r++)
+            for (int c = 0; c < DENSE_NR; c++) memcpy(s[r][c], &acc[r][c], sizeof acc[r][c]);
+#else
+        for (int r = 0; r < DENSE_MR; r++)
+            for (int c = 0; c < DENSE_NR; c++)
+                for (int l = 0; l < 8; l++) s[r][c][l] = 0.0f;
         for (int64_t i = 0; i < k8; i += 8)
-            for (int l = 0; l < 8; l++) s[l] += xr[i + l] * wj[i + l];
-        for (int64_t i = k8; i < k; i++) s[i - k8] += xr[i] * wj[i];
-        const float v = dense_finish(s);
-        yr[j] = bias ? v + bias[j] : v;
+            for (int r = 0; r < mr; r++)
+                for (int c = 0; c < nr; c++)
+                    for (int l = 0; l < 8; l++) s[r][c][l] += x[(r0 + r) * k + i + l] * w[(j + c) * k + i + l];
+#endif
+        for (int r = 0; r < mr; r++)
+            for (int c = 0; c < nr; c++) {
+                const float *xr = x + (r0 + r) * k, *wj = w + (j + c) * k;
+                for (int64_t i = k8; i < k; i++) s[r][c][i - k8] += xr[i] * wj[i];
+                y[(r0 + r) * n + j + c] = dense_finish(s[r][c], bias, j + c);
+            }
     }
 }
+
+static void dense_block_base(const float *x, int64_t r0, int64_t r1, int64_t k, const float *w, int64_t n0, int64_t n1,
+                             const float *bias, float *y, int64_t n) {
+    dense_block(x, r0, r1, k, w, n0, n1, bias, y, n);
+}
+
+#if TD_X86
+/* The same source with 256-bit registers: the same operations per lane, so the same bits. */
+__attribute__((target("avx2"))) static void dense_block_avx2(const float *x, int64_t r0, int64_t r1, int64_t k,
+                                                             const float *w, int64_t n0, int64_t n1, const float *bias,
+                                                             float *y, int64_t n) {
+    dense_block(x, r0, r1, k, w, n0, n1, bias, y, n);
+}
+#endif
 
 void td_dense_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias, float *y,
                   int threads) {
     if (m <= 0 || n <= 0) return;
-    const int64_t chunk = 64; /* outputs per work item: a multiple of DENSE_NB */
-    const int64_t nchunks = (n + chunk - 1) / chunk;
+    void (*block)(const float *, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, const float *, float *,
+                  int64_t) = dense_block_base;
+#if TD_X86
+    if (td_get_isa() != TD_ISA_SCALAR && (td_cpu_flags() & TD_CPU_AVX2)) block = dense_block_avx2;
+#endif
+    const int64_t chunk = 64; /* outputs per work item: a multiple of DENSE_NR */
+    const int64_t nchunks = (n + chunk - 1) / chunk, mtiles = (m + DENSE_MR - 1) / DENSE_MR;
     (void)threads;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (td_force_parallel || m * n * k > 1 << 20)
 #endif
-    for (int64_t item = 0; item < m * nchunks; item++) {
-        const int64_t r = item / nchunks, n0 = (item % nchunks) * chunk;
-        const int64_t n1 = n0 + chunk < n ? n0 + chunk : n;
-        dense_outputs(x + r * k, k, w, n0, n1, bias, y + r * n);
+    for (int64_t item = 0; item < mtiles * nchunks; item++) {
+        const int64_t r0 = (item / nchunks) * DENSE_MR, n0 = (item % nchunks) * chunk;
+        const int64_t r1 = r0 + DENSE_MR < m ? r0 + DENSE_MR : m, n1 = n0 + chunk < n ? n0 + chunk : n;
+        block(x, r0, r1, k, w, n0, n1, bias, y, n);
     }
 }
 
@@ -749,6 +759,19 @@ attention_rows_scalar(const float *q, int64_t ldq, int64_t i0, int64_t i1, const
 }
 
 
+/* How the attention drivers split their work: returns the threads to use and the query chunk (a
+ * multiple of the row tiles) and chunk count per (batch, head): enough items for the threads to balance.
+ * Below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md). */
+static int att_work_split(int64_t b, int64_t t, int64_t h, int64_t hd, int threads, int64_t *chunk, int64_t *nq) {
+    if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
+    int64_t n = threads == 1 ? 1 : (4 * (int64_t)threads + b * h - 1) / (b * h);
+    int64_t c = (t + n - 1) / n;
+    c = (c + TD_ATT_MAX_ROWS - 1) / TD_ATT_MAX_ROWS * TD_ATT_MAX_ROWS;
+    *chunk = c;
+    *nq = (t + c - 1) / c;
+    return threads;
+}
+
 int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
                  int64_t hkv, int64_t hd, int threads) {
     if (b <= 0 || t <= 0 || h <= 0 || hd <= 0) return TD_OK;
@@ -758,14 +781,8 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
     const float scale = (float)(1.0 / sqrt((double)hd));
     const td_ops_t *ops = td_ops();
     const td_att_rows_fn rows_fn = ops->attention_rows;
-    /* below ~0.5 ms of work one thread is faster than waking another (see docs/kernels.md) */
-    if (!td_force_parallel && (double)b * h * t * t * hd < 4e6) threads = 1;
-    /* query chunks: enough items for the threads to balance, chunks a multiple of the row tiles */
-    int64_t nq = (4 * (int64_t)threads + b * h - 1) / (b * h);
-    if (threads == 1) nq = 1;
-    int64_t chunk = (t + nq - 1) / nq;
-    chunk = (chunk + TD_ATT_MAX_ROWS - 1) / TD_ATT_MAX_ROWS * TD_ATT_MAX_ROWS;
-    nq = (t + chunk - 1) / chunk;
+    int64_t chunk, nq;
+    threads = att_work_split(b, t, h, hd, threads, &chunk, &nq);
     const int64_t items = b * h * nq;
     int err = 0;
 #if defined(_OPENMP)
@@ -806,6 +823,203 @@ int td_attention(const float *q, const float *k, const float *v, float *out, int
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * int8 attention (td_attention_int8; the arithmetic is spelled out at td_att8_kv_t in
+ * ternary_internal.h). The keys and values of one (batch, kv head) are quantized here, by portable
+ * code shared by every path, so that every path multiplies the same integers. */
+
+/* kq/ks/kcorr/vq/vsc of one (batch, kv head); key j, component d at k[j * ld + d] (same for v).
+ * mean (hd doubles), row (hd floats) and rq (hd4 bytes) are scratch. */
+static void att8_pack(const td_ops_t *ops, const float *k, const float *v, int64_t ld, int64_t t, int64_t hd,
+                      int64_t hd4, int64_t tp, int64_t hdp, int8_t *kq, float *ks, int32_t *kcorr, int16_t *vq,
+                      float *vsc, double *mean, float *meanf, float *row, int8_t *rq) {
+    /* K's mean over the tokens, per component (double sums in token order) */
+    for (int64_t d = 0; d < hd; d++) mean[d] = 0.0;
+    for (int64_t j = 0; j < t; j++)
+        for (int64_t d = 0; d < hd; d++) mean[d] += (double)k[j * ld + d];
+    for (int64_t d = 0; d < hd; d++) meanf[d] = (float)(mean[d] / (double)t);
+    const int64_t ng = hd4 / 4;
+    memset(kq, 0, (size_t)(tp * hd4));
+    for (int64_t j = 0; j < tp; j++) {
+        if (j >= t) {
+            ks[j] = 0.0f;
+            kcorr[j] = 0;
+            continue;
+        }
+        for (int64_t d = 0; d < hd; d++) row[d] = k[j * ld + d] - meanf[d];
+        ops->quantize_row_i8(row, hd, rq, hd4, ks + j);
+        int32_t sum = 0;
+        int8_t *dst = kq + (j / 16) * ng * 64 + (j % 16) * 4;
+        for (int64_t g = 0; g < ng; g++)
+            for (int dd = 0; dd < 4; dd++) {
+                dst[g * 64 + dd] = rq[4 * g + dd];
+                sum += rq[4 * g + dd];
+            }
+        kcorr[j] = 128 * sum;
+    }
+    /* values: per channel absmax / TD_ATT8_VLIM, round half to even; row = absmax, then 1 / step */
+    const float flim = (float)TD_ATT8_VLIM;
+    memset(vq, 0, sizeof(int16_t) * (size_t)(tp * hdp));
+    for (int64_t c = 0; c < hdp; c++) vsc[c] = 0.0f;
+    for (int64_t c = 0; c < hd; c++) row[c] = 0.0f;
+    for (int64_t j = 0; j < t; j++)
+        for (int64_t c = 0; c < hd; c++) {
+            const float a = fabsf(v[j * ld + c]);
+            row[c] = a > row[c] ? a : row[c];
+        }
+    for (int64_t c = 0; c < hd; c++) {
+        const float amax = row[c];
+        const int ok = amax > 0.0f && isfinite(amax);
+        vsc[c] = ok ? amax / flim : 0.0f;
+        row[c] = ok ? flim / amax : 0.0f;
+    }
+    for (int64_t j = 0; j < t; j++) {
+        int16_t *dst = vq + (j / 2) * 32 + (j & 1);
+        const float *vj = v + j * ld;
+        for (int64_t c0 = 0; c0 < hd; c0 += 16) {
+            const int64_t nc = hd - c0 < 16 ? hd - c0 : 16;
+            int16_t tmp[16];
+            for (int64_t cc = 0; cc < nc; cc++) {
+                float r = td_rint_small(vj[c0 + cc] * row[c0 + cc]);
+                r = r < flim ? r : flim;
+                r = r > -flim ? r : -flim;
+                tmp[cc] = (int16_t)r;
+            }
+            int16_t *dp = dst + c0 * tp;
+            for (int64_t cc = 0; cc < nc; cc++) dp[cc * 2] = tmp[cc];
+        }
+    }
+}
+
+/* p_j = rne(exp(c x_j - c m) * PMAX) for j < t, 0 up to tp; returns their (exact) sum. */
+int32_t td_att8_softmax_row(const float *x, int64_t t, int64_t tp, float c, int16_t *p) {
+    float m = x[0];
+    for (int64_t j = 1; j < t; j++) m = x[j] > m ? x[j] : m;
+    const float mc = m * c;
+    int32_t tot = 0;
+    for (int64_t j = 0; j < t; j++) {
+        const float e = td_expf_poly(fmaf(x[j], c, -mc));
+        const int32_t pj = (int32_t)td_rint_small(e * (float)TD_ATT8_PMAX);
+        p[j] = (int16_t)pj;
+        tot += pj;
+    }
+    for (int64_t j = t; j < tp; j++) p[j] = 0;
+    return tot;
+}
+
+/* out_c = (sum over key blocks of float(int32 block sum of p_j vq_jc)) * vsc_c * (1 / tot) */
+void td_att8_pv_row(const td_att8_kv_t *kv, const int16_t *p, int32_t tot, float *ob, float *out) {
+    const int64_t tp = kv->tp;
+    for (int64_t c0 = 0; c0 < kv->hdp; c0 += 16) {
+        float facc[16];
+        for (int cc = 0; cc < 16; cc++) facc[cc] = 0.0f;
+        const int16_t *vp = kv->vq + c0 * tp;
+        for (int64_t j0 = 0; j0 < tp; j0 += TD_ATT8_KBLK) {
+            const int64_t j1 = j0 + TD_ATT8_KBLK < tp ? j0 + TD_ATT8_KBLK : tp;
+            int32_t acc[16];
+            for (int cc = 0; cc < 16; cc++) acc[cc] = 0;
+            for (int64_t j = j0; j < j1; j += 2) {
+                const int32_t p0 = p[j], p1 = p[j + 1];
+                const int16_t *vr = vp + (j / 2) * 32;
+                for (int cc = 0; cc < 16; cc++) acc[cc] += p0 * vr[2 * cc] + p1 * vr[2 * cc + 1];
+            }
+            for (int cc = 0; cc < 16; cc++) facc[cc] += (float)acc[cc];
+        }
+        for (int cc = 0; cc < 16; cc++) ob[c0 + cc] = facc[cc];
+    }
+    const float inv = 1.0f / (float)tot;
+    for (int64_t c = 0; c < kv->hd; c++) out[c] = (ob[c] * kv->vsc[c]) * inv;
+}
+
+static void attention_rows_i8_scalar(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n, float *s,
+                                     int16_t *pp, float *ob, float *out, int64_t ldo) {
+    const int64_t ng = kv->hd4 / 4;
+    for (int64_t r = 0; r < n; r++) {
+        const int8_t *qi = qq + r * kv->hd4;
+        for (int64_t j = 0; j < kv->tp; j++) {
+            const int8_t *kp = kv->kq + (j / 16) * ng * 64 + (j % 16) * 4;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < ng; g++)
+                for (int dd = 0; dd < 4; dd++) acc += (int32_t)qi[4 * g + dd] * kp[g * 64 + dd];
+            s[j] = (float)acc * kv->ks[j];
+        }
+        const int32_t tot = td_att8_softmax_row(s, kv->t, kv->tp, qs[r] * kv->scale, pp);
+        td_att8_pv_row(kv, pp, tot, ob, out + r * ldo);
+    }
+}
+
+int td_attention_int8(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
+                      int64_t hkv, int64_t hd, int threads) {
+    if (b <= 0 || t <= 0 || h <= 0 || hd <= 0) return TD_OK;
+    if (hkv <= 0 || h % hkv) return TD_EINVAL;
+    if (threads < 1) threads = 1;
+    const int64_t rep = h / hkv, tp = (t + 15) / 16 * 16, hdp = (hd + 15) / 16 * 16, hd4 = (hd + 3) / 4 * 4;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const td_ops_t *ops = td_ops();
+    const td_att8_rows_fn rows_fn = ops->attention_rows_i8;
+    int64_t chunk, nq;
+    threads = att_work_split(b, t, h, hd, threads, &chunk, &nq);
+    const int64_t items = b * h * nq;
+    int err = 0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+        int8_t *kq = td_alloc((size_t)(tp * hd4));
+        float *ks = td_alloc(sizeof(float) * (size_t)tp);
+        int32_t *kcorr = td_alloc(sizeof(int32_t) * (size_t)tp);
+        int16_t *vq = td_alloc(sizeof(int16_t) * (size_t)(tp * hdp));
+        float *vsc = td_alloc(sizeof(float) * (size_t)hdp);
+        double *mean = td_alloc(sizeof(double) * (size_t)hd);
+        float *row = td_alloc(sizeof(float) * (size_t)hd), *meanf = td_alloc(sizeof(float) * (size_t)hd);
+        int8_t *rq = td_alloc((size_t)hd4);
+        int8_t *qq = td_alloc((size_t)(chunk * hd4));
+        float *qs = td_alloc(sizeof(float) * (size_t)chunk);
+        float *s = td_alloc(sizeof(float) * (size_t)(TD_ATT_MAX_ROWS * tp));
+        int16_t *pp = td_alloc(sizeof(int16_t) * (size_t)(TD_ATT_MAX_ROWS * tp));
+        float *ob = td_alloc(sizeof(float) * (size_t)(TD_ATT_MAX_ROWS * hdp));
+        const int ok = kq && ks && kcorr && vq && vsc && mean && row && meanf && rq && qq && qs && s && pp && ob;
+        const td_att8_kv_t kv = {kq, ks, kcorr, vq, vsc, t, tp, hd, hd4, hdp, scale};
+        int64_t built = -1;
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t it = 0; it < items; it++) {
+            if (!ok) {
+                err = 1;
+                continue;
+            }
+            const int64_t bh = it / nq, qc = it % nq, bb = bh / h, hh = bh % h, kvh = hh / rep;
+            if (built != bb * hkv + kvh) {
+                built = bb * hkv + kvh;
+                att8_pack(ops, k + (bb * t * hkv + kvh) * hd, v + (bb * t * hkv + kvh) * hd, hkv * hd, t, hd, hd4, tp,
+                          hdp, kq, ks, kcorr, vq, vsc, mean, meanf, row, rq);
+            }
+            const int64_t i0 = qc * chunk, i1 = i0 + chunk < t ? i0 + chunk : t;
+            const float *qh = q + (bb * t * h + hh) * hd;
+            for (int64_t i = i0; i < i1; i++)
+                ops->quantize_row_i8(qh + i * h * hd, hd, qq + (i - i0) * hd4, hd4, qs + (i - i0));
+            float *oh = out + (bb * t * h + hh) * hd;
+            rows_fn(&kv, qq, qs, i1 - i0, s, pp, ob, oh + i0 * h * hd, h * hd);
+        }
+        td_free(kq);
+        td_free(ks);
+        td_free(kcorr);
+        td_free(vq);
+        td_free(vsc);
+        td_free(mean);
+        td_free(row);
+        td_free(meanf);
+        td_free(rq);
+        td_free(qq);
+        td_free(qs);
+        td_free(s);
+        td_free(pp);
+        td_free(ob);
+    }
+    return err ? TD_ENOMEM : TD_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * FMA peak: 32 independent multiply-add chains the compiler turns into SIMD (without FMA
  * instructions on a plain x86-64 build: a multiply and an add, still 2 operations per lane). */
 static double fma_peak_scalar(int64_t iters, float *sink) {
@@ -818,6 +1032,33 @@ static double fma_peak_scalar(int64_t iters, float *sink) {
     for (int i = 0; i < 32; i++) tot += a[i];
     *sink = tot;
     return 64.0 * (double)iters;
+}
+
+/* int8 dot products: 32 independent int32 chains of 4 byte products each (8 operations per step) */
+static double i8dot_peak_scalar(int64_t iters, float *sink) {
+    int32_t a[32];
+    int8_t x[4] = {3, -1, 2, 5}, y[4] = {-2, 7, 1, 3};
+    for (int i = 0; i < 32; i++) a[i] = i;
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 32; i++) a[i] += x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3] + (a[i] >> 30);
+    int32_t tot = 0;
+    for (int i = 0; i < 32; i++) tot += a[i];
+    *sink = (float)tot;
+    return 256.0 * (double)iters;
+}
+
+double td_i8dot_peak(int64_t iters, int threads) {
+    if (threads < 1) threads = 1;
+    const td_fma_fn fn = td_ops()->i8dot_peak;
+    double ops = 0.0;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) reduction(+ : ops)
+#endif
+    {
+        float sink;
+        ops += fn(iters, &sink);
+    }
+    return ops;
 }
 
 double td_fma_peak(int64_t iters, int threads) {
@@ -855,4 +1096,6 @@ const td_ops_t td_ops_scalar = {
     .attention_rows = attention_rows_scalar,
     .attention_pack = attention_pack_scalar,
     .fma_peak = fma_peak_scalar,
+    .attention_rows_i8 = attention_rows_i8_scalar,
+    .i8dot_peak = i8dot_peak_scalar,
 };

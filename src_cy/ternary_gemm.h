@@ -114,9 +114,19 @@ void td_rope(float *x, const float *cos_t, const float *sin_t, int64_t b, int64_
 int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
                  int64_t hkv, int64_t hd, int threads);
 
+/* The same with int8 Q K^T (SageAttention-style): K centred over the tokens (its mean over the tokens
+ * subtracted per kv head: softmax rows unchanged), Q and K quantized per row to int8, exact integer
+ * dot products, scores rescaled to float32, softmax numerators quantized to 14 bits and values per
+ * channel to 12 bits for an exact integer P V (docs/kernels.md). The same bits on every path. */
+int td_attention_int8(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t, int64_t h,
+                      int64_t hkv, int64_t hd, int threads);
+
 /* Floating-point operations of `iters` rounds of the current ISA's FMA loop on each of `threads`
  * threads (at once): time the call to measure the machine's FMA peak. */
 double td_fma_peak(int64_t iters, int threads);
+/* The same for the int8 dot product of the current ISA's int8 attention (2 operations per
+ * multiply-add: vpdpbusd on AVX-512, the maddubs sequence on AVX2, SDOT on NEON dot product). */
+double td_i8dot_peak(int64_t iters, int threads);
 
 #ifdef __cplusplus
 }

@@ -57,4 +57,7 @@ cdef extern from "ternary_gemm.h" nogil:
                  int64_t hd, int threads)
     int td_attention(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
                      int64_t h, int64_t hkv, int64_t hd, int threads)
+    int td_attention_int8(const float *q, const float *k, const float *v, float *out, int64_t b, int64_t t,
+                          int64_t h, int64_t hkv, int64_t hd, int threads)
     double td_fma_peak(int64_t iters, int threads)
+    double td_i8dot_peak(int64_t iters, int threads)

@@ -126,6 +126,44 @@ void td_att_pack_values(const float *v, int64_t ld, int64_t t, int64_t hd, float
  * *sink so that the loop has an effect. For measuring a core's FMA peak (bench_attention). */
 typedef double (*td_fma_fn)(int64_t iters, float *sink);
 
+/* int8 attention (td_attention_int8): the keys and values of one (batch, kv head), quantized once by
+ * the portable packer in ternary_gemm.c (the same bytes on every path).
+ *   kq: keys centred over the tokens (K minus its mean over the tokens: every softmax row is
+ *       unchanged), quantized per key to int8 (absmax / 127), in tp / 16 panels of hd4 / 4 groups of
+ *       64 bytes: group g of panel p holds components 4g..4g+3 of keys 16p..16p+15, key by key
+ *       (a 32-bit "quad" per key); zero past t and past hd;
+ *   ks: per-key scale (0 past t); kcorr: 128 * the key's sum of kq (for unsigned x signed products);
+ *   vq: values quantized per channel to int16 of |v| <= TD_ATT8_VLIM, in hdp / 16 panels of tp / 2
+ *       key pairs of 32 int16: pair jp of panel c holds (v[2jp][c0 + cc], v[2jp + 1][c0 + cc]) for
+ *       cc = 0..15 (zero past t and past hd); vsc: per-channel scale.
+ * A rows kernel computes, for each query row (q quantized per row to int8, scale qs):
+ *   x_j = (float)(sum_d qq_d kq_jd) * ks_j;  m = max_{j<t} x_j;  c = qs * scale;
+ *   p_j = (int32)rne(td_expf_poly(fmaf(x_j, c, -(m * c))) * TD_ATT8_PMAX) for j < t, 0 past t;
+ *   tot = sum_j p_j (exact); per channel, int32 sums of p_j vq_jc over blocks of TD_ATT8_KBLK keys
+ *   (exact: TD_ATT8_KBLK * PMAX * VLIM < 2^31), each converted to float and added in block order from
+ *   0.0f; out_c = (sum_c * vsc_c) * (1.0f / (float)tot).
+ * Every step is exact or one IEEE rounding in a fixed order, so every path gives the same bits. */
+#define TD_ATT8_PMAX 16383
+#define TD_ATT8_VLIM 2047
+#define TD_ATT8_KBLK 64
+typedef struct {
+    const int8_t *kq;
+    const float *ks;
+    const int32_t *kcorr;
+    const int16_t *vq;
+    const float *vsc;
+    int64_t t, tp, hd, hd4, hdp;
+    float scale;
+} td_att8_kv_t;
+/* n query rows: row r quantized at qq + r * hd4 (scale qs[r]), output at out + r * ldo; scratch
+ * s (TD_ATT_MAX_ROWS, tp) floats, pp (TD_ATT_MAX_ROWS, tp) int16, ob (TD_ATT_MAX_ROWS, hdp) floats. */
+typedef void (*td_att8_rows_fn)(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n, float *s,
+                                int16_t *pp, float *ob, float *out, int64_t ldo);
+/* Portable pieces of the int8 rows (ternary_gemm.c), for ISAs that vectorize only part of them:
+ * p_j of one row from its scores x (returns tot), and the P V part of one row. */
+int32_t td_att8_softmax_row(const float *x, int64_t t, int64_t tp, float c, int16_t *p);
+void td_att8_pv_row(const td_att8_kv_t *kv, const int16_t *p, int32_t tot, float *ob, float *out);
+
 typedef struct td_ops {
     int isa; /* enum td_isa id */
     const char *name; /* as td_isa_name and TERDIT_ISA spell it */
@@ -142,6 +180,8 @@ typedef struct td_ops {
     td_att_rows_fn attention_rows;
     td_att_pack_fn attention_pack;
     td_fma_fn fma_peak;
+    td_att8_rows_fn attention_rows_i8;
+    td_fma_fn i8dot_peak; /* the same for the int8 dot product the int8 attention uses (2 ops per multiply-add) */
 } td_ops_t;
 
 /* The table in use (td_set_isa / the best one), every entry filled. */

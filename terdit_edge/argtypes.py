@@ -27,6 +27,20 @@ def int_at_least(minimum: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def int_in_range(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in lo..hi (a --port of 99999 is an error, not port 34463)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} ({lo}..{hi}), got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected a {what} in {lo}..{hi}, got {v}")
+        return v
+    parse.__name__ = f"{what}_int"
+    return parse
+
+
 positive_int = int_at_least(1, "positive")
 non_negative_int = int_at_least(0, "non-negative")
 

@@ -25,6 +25,9 @@ from . import detmath
 from .errors import InputError
 
 NUM_TRAIN_TIMESTEPS = 1000
+# The version of the randomness contract above. Whatever records "these bytes came from these
+# settings" (a sampling job's identity) records it too; change it with any change to the draws.
+RNG_CONTRACT_VERSION = 1
 
 
 def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:

@@ -24,9 +24,11 @@ the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -41,12 +43,166 @@ from .diffusion import (
 from .errors import InputError
 
 __all__ = ["edit_sample", "edit_start_steps", "repaint_plan", "load_image", "load_mask", "latent_mask",
-           "FIT_MODES", "IMAGE_MODES", "MAX_IMAGE_PIXELS"]
+           "EditSettings", "FIT_MODES", "IMAGE_MODES", "MAX_IMAGE_PIXELS"]
 
 FIT_MODES = ("crop", "stretch")
 # PIL modes an input image may have (converted to RGB or L for the model); others are refused
 IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse bigger inputs (decompression bombs, accidental photos of 100 MP)
+
+
+# --------------------------------------------------------------------------------------------
+# the edit settings: one definition for the library, the command line and the server
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_STRENGTH = 0.6  # image-to-image; inpainting regenerates the masked region from noise (1.0)
+DEFAULT_INPAINT_STRENGTH = 1.0
+MAX_MASK_BLUR = 64.0  # sampler pixels: a wider edge is a blur of the whole mask (and costs O(blur) per pixel)
+MAX_RESAMPLE_JUMPS = 100
+MAX_JUMP_LENGTH = 1000
+
+
+def _check_strength(v):
+    if v is None:
+        return None
+    edit_start_steps(v, 1)  # the library's own check and message
+    return float(v)
+
+
+def _check_blur(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) \
+            or not 0 <= v <= MAX_MASK_BLUR:
+        raise InputError(f"mask_blur must be a number in 0..{MAX_MASK_BLUR:g} (sampler pixels), got {v!r}"[:300])
+    return float(v)
+
+
+def _check_count(name: str, lo: int, hi: int):
+    def check(v) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+            raise InputError(f"{name} must be an integer in {lo}..{hi}, got {v!r}"[:300])
+        return int(v)
+    return check
+
+
+def _check_fit(v) -> str:
+    if v not in FIT_MODES:
+        raise InputError(f"fit must be one of {', '.join(FIT_MODES)}, got {v!r}"[:300])
+    return v
+
+
+def _float_text(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"expected a number, got {text!r}") from None
+
+
+def _int_text(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"expected an integer, got {text!r}") from None
+
+
+# name -> (check, command-line flag, text parser, metavar, help, applies only with a mask)
+_EDIT_SETTINGS = {
+    "strength": (_check_strength, "--strength", _float_text, "S",
+                 f"0..1: how far the input is noised before sampling toward the class (0 keeps the input, 1 is plain "
+                 f"generation; default {DEFAULT_STRENGTH}, with a mask {DEFAULT_INPAINT_STRENGTH:g})", False),
+    "mask_blur": (_check_blur, "--mask-blur", _float_text, "PX",
+                  f"soft mask edge, in latent pixels (pixels for pixel-space models; 0..{MAX_MASK_BLUR:g}, default 1)",
+                  True),
+    "resample_jumps": (_check_count("resample_jumps", 0, MAX_RESAMPLE_JUMPS), "--resample-jumps", _int_text, "N",
+                       "RePaint resampling with a mask: go back up jump_length steps this many times (default 0)",
+                       True),
+    "jump_length": (_check_count("jump_length", 1, MAX_JUMP_LENGTH), "--jump-length", _int_text, "N",
+                    "RePaint jump length in steps (default 1)", True),
+    "fit": (_check_fit, "--fit", str, "crop|stretch",
+            "bring the input to the model's size: crop (shorter side, centre cut; default) or stretch", False),
+}
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """What an edit adds to :class:`~terdit_edge.settings.GenerationSettings`: ``strength`` (None:
+    0.6 for image-to-image, 1 with a mask), ``mask_blur``, ``resample_jumps`` and ``jump_length``
+    (inpainting only) and ``fit``. Construction checks every value (InputError naming it); the
+    command line (:meth:`add_arguments` / :meth:`from_args`) and the server (:meth:`from_json`)
+    read them with the same checks, and :meth:`for_mask` resolves them for an edit with or
+    without a mask."""
+
+    strength: float | None = None
+    mask_blur: float = 1.0
+    resample_jumps: int = 0
+    jump_length: int = 1
+    fit: str = "crop"
+
+    def __post_init__(self):
+        for name, (check, *_rest) in _EDIT_SETTINGS.items():
+            object.__setattr__(self, name, check(getattr(self, name)))
+
+    @staticmethod
+    def json_fields() -> tuple[str, ...]:
+        return tuple(_EDIT_SETTINGS)
+
+    def for_mask(self, has_mask: bool) -> "EditSettings":
+        """These settings for an edit with (inpainting) or without a mask: strength resolved to its
+        default when None; InputError when a mask-only setting is given without a mask."""
+        if not has_mask and self.resample_jumps:
+            raise InputError("resample_jumps (RePaint) needs a mask: it resamples the seams of an inpainting")
+        if self.strength is not None:
+            return self
+        return dataclasses.replace(self, strength=DEFAULT_INPAINT_STRENGTH if has_mask else DEFAULT_STRENGTH)
+
+    def edit_kwargs(self, has_mask: bool) -> dict:
+        """Keyword arguments of :meth:`Pipeline.edit` (no mask) or :meth:`Pipeline.inpaint` (with one)."""
+        s = self.for_mask(has_mask)
+        kw = {"strength": s.strength, "fit": s.fit}
+        if has_mask:
+            kw.update(mask_blur=s.mask_blur, resample_jumps=s.resample_jumps, jump_length=s.jump_length)
+        return kw
+
+    def model_steps(self, n_steps: int, has_mask: bool) -> int:
+        """Denoising steps (model evaluations, guidance aside) of an edit over a schedule of n_steps."""
+        s = self.for_mask(has_mask)
+        n = edit_start_steps(s.strength, n_steps)
+        if not has_mask:
+            return n
+        return sum(1 for op, _ in repaint_plan(n, s.resample_jumps, s.jump_length) if op == "down")
+
+    def png_items(self, has_mask: bool) -> list[tuple[str, str]]:
+        """PNG text items of an edited image (after the generation's)."""
+        s = self.for_mask(has_mask)
+        items = [("edit", "inpainting" if has_mask else "image-to-image"), ("strength", f"{s.strength:g}")]
+        if s.fit != "crop":
+            items.append(("fit", s.fit))
+        if has_mask:
+            items += [("resample_jumps", str(s.resample_jumps)), ("jump_length", str(s.jump_length)),
+                      ("mask_blur", f"{s.mask_blur:g}")]
+        return items
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in _EDIT_SETTINGS}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "EditSettings":
+        """Edit settings from a JSON object's keys that name them (others are ignored)."""
+        if not isinstance(obj, dict):
+            raise InputError("edit settings must be a JSON object")
+        return cls(**{k: obj[k] for k in _EDIT_SETTINGS if k in obj and obj[k] is not None})
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """One command-line option per edit setting (default None: the setting's default)."""
+        from .argtypes import checked
+
+        for name, (check, flag, parse_text, metavar, text, _mask_only) in _EDIT_SETTINGS.items():
+            parser.add_argument(flag, dest=name, type=checked(parse_text, check, name), default=None,
+                                metavar=metavar, help=text)
+
+    @classmethod
+    def from_args(cls, args) -> "EditSettings":
+        return cls(**{k: getattr(args, k) for k in _EDIT_SETTINGS if getattr(args, k, None) is not None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,9 +340,12 @@ def edit_sample(model, class_labels, init: np.ndarray, strength: float = 0.6, st
 # input images and masks
 # --------------------------------------------------------------------------------------------
 
-def _open_image(image, what: str):
-    """A PIL image from a PIL image, a path, bytes or a uint8 array; InputError for anything else."""
+def _open_image(image, what: str, max_pixels: int | None = None):
+    """A PIL image from a PIL image, a path, bytes or a uint8 array; InputError for anything else
+    (and for more than ``max_pixels`` pixels, default MAX_IMAGE_PIXELS)."""
     from PIL import Image
+
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, MAX_IMAGE_PIXELS)
 
     if isinstance(image, Image.Image):
         img = image
@@ -204,12 +363,15 @@ def _open_image(image, what: str):
         src = io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else image
         try:
             img = Image.open(src)
-            if img.width * img.height > MAX_IMAGE_PIXELS:
+            if img.width * img.height > limit:
                 raise InputError(f"{what} is {img.width} x {img.height} pixels, more than the "
-                                 f"{MAX_IMAGE_PIXELS // (1024 * 1024)} MP accepted")
+                                 f"{_pixels_text(limit)} accepted")
             img.load()
         except InputError:
             raise
+        except Image.UnidentifiedImageError:
+            raise InputError(f"{what} is not a readable image: not a picture format Pillow knows (PNG, JPEG, WebP, "
+                             "BMP, GIF, TIFF...)") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise InputError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
     else:
@@ -217,13 +379,17 @@ def _open_image(image, what: str):
                          f"got {type(image).__name__}")
     if img.width < 1 or img.height < 1:
         raise InputError(f"{what} is empty ({img.width} x {img.height})")
-    if img.width * img.height > MAX_IMAGE_PIXELS:
+    if img.width * img.height > limit:
         raise InputError(f"{what} is {img.width} x {img.height} pixels, more than the "
-                         f"{MAX_IMAGE_PIXELS // (1024 * 1024)} MP accepted")
+                         f"{_pixels_text(limit)} accepted")
     if img.mode not in IMAGE_MODES:
         raise InputError(f"{what} has mode {img.mode!r}, which is not supported; give one of {IMAGE_MODES} "
                          "(8-bit gray, palette or RGB, with or without alpha)")
     return img
+
+
+def _pixels_text(n: int) -> str:
+    return f"{n // (1024 * 1024)} MP" if n >= 1024 * 1024 and n % (1024 * 1024) == 0 else f"{n} pixels"
 
 
 def _fit(img, size: int, fit: str, resample):
@@ -243,32 +409,70 @@ def _fit(img, size: int, fit: str, resample):
     return img.crop((left, top, left + size, top + size))
 
 
+def fitted_image(image, size: int, channels: int, fit: str = "crop", max_pixels: int | None = None):
+    """An input picture as the PIL image :func:`load_image` reads its values from: converted to RGB
+    (channels 3) or L (channels 1) and fitted to size x size (bicubic). Saved losslessly (PNG) and
+    given back, it gives the same values as the original (the server keeps that instead of the upload)."""
+    from PIL import Image
+
+    img = _open_image(image, "the image", max_pixels)
+    if channels not in (1, 3):
+        raise InputError(f"models with {channels} image channels cannot take pictures")
+    return _fit(img.convert("RGB" if channels == 3 else "L"), size, fit, Image.BICUBIC)
+
+
 def load_image(image, size: int, channels: int, fit: str = "crop") -> np.ndarray:
     """An input picture -> float32 (channels, size, size) in [-1, 1] (v / 255 * 2 - 1 of 8-bit
     values). ``image``: PIL image, path, encoded bytes or uint8 array, of a mode of IMAGE_MODES;
     alpha is dropped; channels 3 -> RGB, 1 -> gray (L). Resized with bicubic resampling by ``fit``
     ("crop": shorter side to size, centre cut; "stretch")."""
-    from PIL import Image
-
-    img = _open_image(image, "the image")
-    if channels not in (1, 3):
-        raise InputError(f"models with {channels} image channels cannot take pictures")
-    img = img.convert("RGB" if channels == 3 else "L")
-    img = _fit(img, size, fit, Image.BICUBIC)
+    img = fitted_image(image, size, channels, fit)
     arr = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
     return np.ascontiguousarray((arr / np.float32(127.5) - np.float32(1)).transpose(2, 0, 1))
+
+
+def fitted_mask(mask, image_size: tuple[int, int], size: int, fit: str = "crop", max_pixels: int | None = None):
+    """A mask picture as the PIL image (mode L, size x size) :func:`load_mask` reads its values
+    from (see :func:`fitted_image`). InputError unless it has the input image's size."""
+    from PIL import Image
+
+    img = _open_image(mask, "the mask", max_pixels)
+    if img.size != tuple(image_size):
+        raise InputError(f"the mask is {img.width} x {img.height} but the image is {image_size[0]} x "
+                         f"{image_size[1]}; give a mask of the image's size")
+    return _fit(img.convert("L"), size, fit, Image.BILINEAR)
+
+
+def alpha_mask(img):
+    """OpenAI's mask convention -> this one: a mask picture with an alpha channel marks the region to
+    regenerate by full transparency; it becomes a gray mask (mode L) of 255 - alpha, white =
+    regenerate. A mask without alpha is returned as it is (white = regenerate)."""
+    from PIL import ImageOps
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+        return ImageOps.invert(img.convert("RGBA").getchannel("A"))
+    return img
+
+
+def fitted_inputs(image, mask, size: int, channels: int, fit: str = "crop", max_pixels: int | None = None,
+                  mask_alpha: bool = False):
+    """(picture, mask or None) as the PIL images :func:`load_image` / :func:`load_mask` read their
+    values from, checked as those check them (InputError); each picture is decoded once.
+    ``mask_alpha``: read the mask by :func:`alpha_mask` (OpenAI's convention)."""
+    img = _open_image(image, "the image", max_pixels)
+    m = None
+    if mask is not None:
+        m = _open_image(mask, "the mask", max_pixels)
+        if mask_alpha:
+            m = alpha_mask(m)
+        m = fitted_mask(m, img.size, size, fit)
+    return fitted_image(img, size, channels, fit), m
 
 
 def load_mask(mask, image_size: tuple[int, int], size: int, fit: str = "crop") -> np.ndarray:
     """A mask picture (white = regenerate, black = keep, grays blend) of the same size as the
     input image -> float32 (size, size) in [0, 1], fitted like the image (bilinear)."""
-    from PIL import Image
-
-    img = _open_image(mask, "the mask")
-    if img.size != tuple(image_size):
-        raise InputError(f"the mask is {img.width} x {img.height} but the image is {image_size[0]} x "
-                         f"{image_size[1]}; give a mask of the image's size")
-    img = _fit(img.convert("L"), size, fit, Image.BILINEAR)
+    img = fitted_mask(mask, image_size, size, fit)
     return np.asarray(img, dtype=np.float32) / np.float32(255)
 
 
@@ -311,15 +515,45 @@ def _per_image(value, n: int, what: str) -> list:
     return [value] * n
 
 
+def edit_geometry(pipe) -> tuple:
+    """(vae or None, pixels per sampler pixel, picture channels, picture side) of a pipeline's edits;
+    InputError when it cannot edit (a latent model without a VAE encoder)."""
+    cfg = pipe.config
+    if not cfg.latent:
+        return None, 1, cfg.in_channels, cfg.input_size
+    vae = pipe.vae
+    if vae is None:
+        raise InputError("this model samples SD-VAE latents but the file holds no VAE: convert with "
+                         "`--vae VAE_SRC --vae-encoder` or pass vae=PATH")
+    if not vae.has_encoder:
+        raise InputError("editing a latent model needs the VAE's encoder, which this file lacks: convert "
+                         "again with --vae-encoder (or `terdit-edge pull NAME --force`)")
+    factor = vae.cfg.upsample_factor
+    return vae, factor, vae.cfg.out_channels, cfg.input_size * factor
+
+
 def run_edit(pipe, image, class_labels, mask=None, strength: float = 0.6, steps=None, sampler: str = "ddpm",
              cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False, output: str = "pil",
              fit: str = "crop", vae_tile: int | None = None, callback=None, seeds=None,
              batch_size: int | None = None, guidance_interval=None, resample_jumps: int = 0,
-             jump_length: int = 1, mask_blur: float = 1.0):
-    """The work of :meth:`Pipeline.edit` and :meth:`Pipeline.inpaint` (see there)."""
+             jump_length: int = 1, mask_blur: float = 1.0, schedule=None, cache=None, guidance_reuse=None):
+    """The work of :meth:`Pipeline.edit` and :meth:`Pipeline.inpaint` (see there). ``schedule``: a
+    searched schedule's name (its timesteps are the steps); the step cache and guidance reuse are
+    not supported by edits (InputError when given)."""
     from .batching import default_batch_size
+    from .diffusion import schedule_timesteps
     from .format import VAE_PREFIX
     from .images import to_pil
+    from .stepcache import parse_spec
+
+    if parse_spec(cache, "cache") is not None or parse_spec(guidance_reuse, "guidance_reuse", ("fixed",)) is not None:
+        raise InputError("edit and inpainting do not support the step cache or guidance reuse (cache, guidance_reuse, "
+                         "or a speed preset that sets them); use speed 'exact' or 'balanced', or a schedule")
+    if schedule is not None:
+        ts = schedule_timesteps(schedule)
+        if steps is not None and steps != len(ts):
+            raise InputError(f"schedule {schedule!r} has {len(ts)} steps; give no steps with it (got {steps!r})")
+        steps = ts
 
     if output not in ("pil", "np"):
         raise InputError(f"output must be 'pil' or 'np', got {output!r}")
@@ -328,18 +562,7 @@ def run_edit(pipe, image, class_labels, mask=None, strength: float = 0.6, steps=
     cfg = pipe.config
     ids = pipe.resolve_classes(class_labels)
     seed_list = image_seeds(len(ids), seed, seeds)
-    if cfg.latent:
-        vae = pipe.vae
-        if vae is None:
-            raise InputError("this model samples SD-VAE latents but the file holds no VAE: convert with "
-                             "`--vae VAE_SRC --vae-encoder` or pass vae=PATH")
-        if not vae.has_encoder:
-            raise InputError("editing a latent model needs the VAE's encoder, which this file lacks: convert "
-                             "again with --vae-encoder (or `terdit-edge pull NAME --force`)")
-        factor, channels = vae.cfg.upsample_factor, vae.cfg.out_channels
-    else:
-        vae, factor, channels = None, 1, cfg.in_channels
-    size = cfg.input_size * factor
+    vae, factor, channels, size = edit_geometry(pipe)
     images = _per_image(image, len(ids), "image")
     masks = _per_image(mask, len(ids), "mask") if mask is not None else None
     if batch_size is None:

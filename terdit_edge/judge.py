@@ -150,7 +150,7 @@ def _mean_se(v: np.ndarray) -> tuple[float, float]:
 class DigitsJudge:
     """The networks and the reference, loaded once: ``judge.evaluate(images_u8, labels, exact_u8)``."""
 
-    def __init__(self, threads: int | None = None, reference: str = "all"):
+    def __init__(self, threads: int | None = None):
         self.features_net = OnnxFeatures(bundled_path(JUDGE_FEATURES), threads=threads)
         self.classifier = OnnxFeatures(bundled_path(CLASSIFIER), threads=threads)
         images, labels = real_digits_uint8()

@@ -261,10 +261,10 @@ class TernaryDiT:
 
 
 def model_from_file(tf: TditFile, backend: str = "auto", activations: str = "fp32",
-                    threads: int | None = None) -> TernaryDiT:
+                    threads: int | None = None, attention: str = "fp32") -> TernaryDiT:
     """Build a TernaryDiT from a validated, mapped file (weights stay in the mapping)."""
     cfg = tf.config
-    be = get_backend(backend, threads=threads, activations=activations)
+    be = get_backend(backend, threads=threads, activations=activations, attention=attention)
     params = {}
     for name in float_param_shapes(cfg):
         arr = tf.tensors[DIT_PREFIX + name]

@@ -58,13 +58,16 @@ class Pipeline:
 
     @classmethod
     def load(cls, path=None, backend: str = "auto", activations: str | None = None, threads: int | None = None,
-             vae=None, verify: bool = True, settings: GenerationSettings | None = None) -> "Pipeline":
+             vae=None, verify: bool = True, settings: GenerationSettings | None = None,
+             attention: str | None = None) -> "Pipeline":
         """Load a model file (and its embedded VAE). ``vae``: a separate VAE .tdit path, optional.
-        ``settings``: its model settings (activations) are the ones loaded; ``activations``, when
-        given, wins (default fp32)."""
+        ``settings``: its model settings (activations, attention) are the ones loaded; ``activations``
+        and ``attention``, when given, win (default fp32)."""
         model_kw = (settings or GenerationSettings()).model_kwargs()
         if activations is not None:
             model_kw["activations"] = activations
+        if attention is not None:
+            model_kw["attention"] = attention
         path = os.fspath(path) if path is not None else default_model_path()
         if not os.path.exists(path):
             if path == default_model_path():
@@ -127,12 +130,18 @@ class Pipeline:
         """The activation mode the model was loaded with."""
         return getattr(getattr(self.model, "backend", None), "activations", "fp32")
 
+    @property
+    def attention(self) -> str:
+        """The attention mode the model was loaded with."""
+        return getattr(getattr(self.model, "backend", None), "attention_mode", "fp32")
+
     def settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
         """``settings`` (default: the defaults, with this pipeline's model settings) with ``overrides``
         (setting names as keywords) applied; InputError when its model settings are not this pipeline's."""
-        s = settings if settings is not None else GenerationSettings(activations=self.activations)
+        s = settings if settings is not None else GenerationSettings(activations=self.activations,
+                                                                     attention=self.attention)
         s = s.replace(**overrides) if overrides else s
-        s.check_model(self.activations)
+        s.check_model(self.activations, self.attention)
         return s
 
     def latents(self, class_labels, settings: GenerationSettings | None = None, *, progress: bool = False,
@@ -223,7 +232,8 @@ class Pipeline:
     def edit(self, image, class_labels, strength: float = 0.6, steps=None, sampler: str = "ddpm",
              cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False,
              output: str = "pil", fit: str = "crop", vae_tile: int | None = None, callback=None, seeds=None,
-             batch_size: int | None = None, guidance_interval=None):
+             batch_size: int | None = None, guidance_interval=None, schedule=None,
+             cache=None, guidance_reuse=None):
         """Image-to-image (SDEdit): ``image`` noised to ``strength`` (0..1) and sampled the rest of
         the way toward each class; one image per class label.
 
@@ -241,13 +251,15 @@ class Pipeline:
         return run_edit(self, image, class_labels, strength=strength, steps=steps, sampler=sampler,
                         cfg_scale=cfg_scale, seed=seed, eta=eta, progress=progress, output=output, fit=fit,
                         vae_tile=vae_tile, callback=callback, seeds=seeds, batch_size=batch_size,
-                        guidance_interval=guidance_interval)
+                        guidance_interval=guidance_interval, schedule=schedule, cache=cache,
+                        guidance_reuse=guidance_reuse)
 
     def inpaint(self, image, mask, class_labels, strength: float = 1.0, resample_jumps: int = 0,
                 jump_length: int = 1, mask_blur: float = 1.0, steps=None, sampler: str = "ddpm",
                 cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False,
                 output: str = "pil", fit: str = "crop", vae_tile: int | None = None, callback=None,
-                seeds=None, batch_size: int | None = None, guidance_interval=None):
+                seeds=None, batch_size: int | None = None, guidance_interval=None, schedule=None,
+                cache=None, guidance_reuse=None):
         """Inpainting: regenerate where ``mask`` is white (black: keep, gray: blend) toward each class.
 
         ``mask``: a picture of the image's size (any accepted mode, read as gray), or a list, one
@@ -266,4 +278,5 @@ class Pipeline:
                         cfg_scale=cfg_scale, seed=seed, eta=eta, progress=progress, output=output, fit=fit,
                         vae_tile=vae_tile, callback=callback, seeds=seeds, batch_size=batch_size,
                         guidance_interval=guidance_interval, resample_jumps=resample_jumps,
-                        jump_length=jump_length, mask_blur=mask_blur)
+                        jump_length=jump_length, mask_blur=mask_blur, schedule=schedule, cache=cache,
+                        guidance_reuse=guidance_reuse)

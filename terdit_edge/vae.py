@@ -47,6 +47,19 @@ __all__ = ["VAEConfig", "expected_vae_tensors", "VAEDecoder", "VAE", "CONV_METHO
 # The decoder
 # --------------------------------------------------------------------------------------------
 
+def _check_tiling(tile, overlap):
+    """The overlap to use for ``tile`` (default tile // 4); InputError for bad values."""
+    if tile is None:
+        return overlap
+    if type(tile) is not int or tile < 2:
+        raise InputError(f"tile must be an integer >= 2 or None, found {tile!r}")
+    if overlap is None:
+        overlap = tile // 4
+    if type(overlap) is not int or not (0 <= overlap < tile):
+        raise InputError(f"overlap must be an integer in [0, tile), found {overlap!r}")
+    return overlap
+
+
 class VAEDecoder:
     """AutoencoderKL decoder on NumPy + BLAS + Numba.
 
@@ -278,13 +291,7 @@ class VAEDecoder:
             raise InputError(f"latents must not be empty, found shape {z.shape}")
         if not np.issubdtype(z.dtype, np.floating):
             raise InputError(f"latents must be floating point, found {z.dtype}")
-        if tile is not None:
-            if type(tile) is not int or tile < 2:
-                raise InputError(f"tile must be an integer >= 2 or None, found {tile!r}")
-            if overlap is None:
-                overlap = tile // 4
-            if type(overlap) is not int or not (0 <= overlap < tile):
-                raise InputError(f"overlap must be an integer in [0, tile), found {overlap!r}")
+        overlap = _check_tiling(tile, overlap)
         z = z.astype(np.float32) / np.float32(cfg.scaling_factor) + np.float32(cfg.shift_factor)
         z = np.ascontiguousarray(z.transpose(0, 2, 3, 1))  # channels-last
         # Parallelism comes from the decoder's own workers, each running single-threaded BLAS on
@@ -393,13 +400,7 @@ class VAEDecoder:
             raise InputError(f"image height and width must be positive multiples of {f}, found shape {x.shape}")
         if not np.isfinite(x).all():
             raise InputError("images must be finite")
-        if tile is not None:
-            if type(tile) is not int or tile < 2:
-                raise InputError(f"tile must be an integer >= 2 or None, found {tile!r}")
-            if overlap is None:
-                overlap = tile // 4
-            if type(overlap) is not int or not (0 <= overlap < tile):
-                raise InputError(f"overlap must be an integer in [0, tile), found {overlap!r}")
+        overlap = _check_tiling(tile, overlap)
         x = np.ascontiguousarray(x.astype(np.float32, copy=False).transpose(0, 2, 3, 1))
         with threadpool_limits(limits=1, user_api="blas"):
             outs = [self._encode_tiled(xi, tile, overlap) if tile is not None

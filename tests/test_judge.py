@@ -223,7 +223,7 @@ def test_five_steps_worse_than_twenty_for_every_seed(judge):
 
 def test_cli_fid_digits_json_has_every_metric(tmp_path, capsys):
     from terdit_edge import Pipeline
-    from terdit_edge.cli import main
+    from terdit_edge.frontends.cli import main
 
     pipe = Pipeline.load(None, threads=2)
     exact, labels = sample_u8(pipe, 40, 10)

@@ -551,6 +551,51 @@ def test_avx512_attention_is_avx2_bits(b, t, h, hkv, hd):
     np.testing.assert_array_equal(outs["avx512"], outs["avx2"])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("b,t,h,hkv,hd", [(1, 1, 2, 2, 16), (2, 7, 4, 2, 48), (1, 19, 6, 3, 20),
+                                          (1, 24, 2, 1, 37), (2, 40, 2, 2, 96), (1, 100, 2, 1, 72),
+                                          (1, 33, 4, 2, 128), (1, 20, 1, 1, 300)])
+def test_int8_attention_is_close_and_the_same_bits_on_every_path(isa, threads, b, t, h, hkv, hd):
+    from terdit_edge import _ternary
+    _backend_or_skip("cython", threads=threads)
+    rng = np.random.default_rng(7 + t + hd)
+    q = rng.standard_normal((b, t, h, hd), dtype=np.float32)
+    k = rng.standard_normal((b, t, hkv, hd), dtype=np.float32) + 3.0  # an offset: centring removes it
+    v = rng.standard_normal((b, t, hkv, hd), dtype=np.float32)
+    ref = NumpyBackend().attention(q, k, v)
+    prev = _ternary.get_isa()
+    try:
+        _ternary.set_isa("scalar")
+        first = _ternary.attention(q, k, v, np.empty_like(q), 1, mode="int8")
+        _ternary.set_isa(isa)
+        out = _ternary.attention(q, k, v, np.full_like(q, np.nan), threads, mode="int8")
+    finally:
+        _ternary.set_isa(prev)
+    assert np.array_equal(out, first)  # exact integer sums, one float order: the scalar path's bits
+    assert np.linalg.norm(out - ref) <= 0.015 * np.linalg.norm(ref)
+
+
+def test_int8_attention_within_one_percent_on_the_model_shapes():
+    be = _backend_or_skip("cython", threads=2)
+    rng = np.random.default_rng(3)
+    for shape in ((2, 256, 32, 48), (1, 1024, 8, 96)):
+        q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+        f = be.attention(q, k, v)
+        be8 = type(be)(threads=2, attention="int8")
+        o = be8.attention(q, k, v)
+        assert np.linalg.norm(o - f) < 0.01 * np.linalg.norm(f)
+
+
+def test_int8_attention_needs_the_c_kernels():
+    with pytest.raises(InputError, match="int8 attention"):
+        NumpyBackend(attention="int8")
+    with pytest.raises(InputError, match="mode"):
+        from terdit_edge import _ternary
+        q = np.zeros((1, 2, 1, 4), np.float32)
+        _ternary.attention(q, q, q, np.empty_like(q), 1, mode="int4")
+
+
 def test_attention_large_scores_are_stable():
     """Scores of several hundred: without the max subtraction exp would overflow to inf/NaN."""
     be = _backend_or_skip("cython")

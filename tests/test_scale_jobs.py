@@ -247,7 +247,7 @@ def _synthetic_job(out, n_shards, shard_size, hw):
         idx = spec.shard_indices(k)
         img = rng.integers(0, 256, size=(len(idx), hw, hw, 3), dtype=np.uint8)
         record_shard(str(out), k, write_shard(str(out), k, img, spec.labels_of(idx), np.arange(idx.start, idx.stop),
-                                              spec.seeds_of(idx)))
+                                              spec.seeds_of(idx), spec.record()))
     return spec
 
 

@@ -62,3 +62,68 @@ def test_ray_resumes_a_job_started_by_the_local_engine(tmp_path, reference):
     res = run_job(make_spec(), out, RayEngine(workers=2, threads=1), progress=False, quiet=True)
     assert res.shards_skipped == 2 and res.shards_written == 4 and res.complete
     np.testing.assert_array_equal(merged([out], tmp_path)[1], reference[0])
+
+
+def test_kill_9_of_a_driver_leaves_no_ray_process_behind(tmp_path):
+    """Issue 25: after `kill -9` of a driver that started its own Ray instance, ray::DashboardAgent and
+    ray::RuntimeEnvAgent were left running (parent 1). The driver's reaper kills the instance."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import child_env
+
+    out = tmp_path / "job"
+    # its own Ray instance (a child process: this module's ray.init is in another process)
+    proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.frontends.cli", "sample", "-n", "64", "--out", str(out),
+                             "--steps", "200", "--sampler", "ddpm", "--shard-size", "8", "--engine", "ray", "--workers",
+                             "1", "--no-progress"], stderr=subprocess.PIPE, text=True, env=child_env(),
+                            start_new_session=True)
+
+    def tree(root):
+        found, grown = {root}, True
+        while grown:
+            grown = False
+            for d in os.listdir("/proc"):
+                if d.isdigit() and int(d) not in found:
+                    try:
+                        with open(f"/proc/{d}/stat") as f:
+                            if int(f.read().rsplit(")", 1)[1].split()[1]) in found:
+                                found.add(int(d))
+                                grown = True
+                    except (OSError, ValueError, IndexError):
+                        pass
+        return found - {root}
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    seen = set()
+    while not list(out.glob("shard-*.npz")):  # the actor is sampling: the whole instance is up
+        assert proc.poll() is None, proc.stderr.read()
+        seen |= tree(proc.pid)
+        time.sleep(0.2)
+    seen |= tree(proc.pid)
+    names = {}
+    for p in seen:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                names[p] = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+        except OSError:
+            pass
+    assert any("raylet" in n for n in names.values()), names
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reaper = [p for p, n in names.items() if "select.select" in n or "import os, select" in n]
+    assert len(reaper) == 1, names
+    # Ray's own processes may take a minute to notice a dead driver (the agents did not notice at all
+    # in the issue's report): the check is that once the reaper has exited, nothing is left
+    deadline = time.monotonic() + 120  # a bound on waiting, not a speed check
+    while alive(reaper[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = {p for p in seen if alive(p)}
+    assert not left, {p: names.get(p) for p in left}

@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx", reason=REASON)
 
 from PIL import Image  # noqa: E402
 
+from terdit_edge.edit import EditSettings  # noqa: E402
 from terdit_edge.frontends.server.jobs import JobManager, Limits  # noqa: E402
 from terdit_edge.pipeline import Pipeline, to_uint8  # noqa: E402
 from terdit_edge.pngmeta import generation_metadata, png_bytes  # noqa: E402
@@ -135,8 +136,10 @@ def test_openapi_file_ships_and_lists_every_route(client, server):
     assert set(schemas["Job"]["required"]) <= set(job) and set(job) <= set(schemas["Job"]["properties"])
     # the request settings come from settings.py: a new one needs only its entry in openapi.json
     request_settings = set(GenerationSettings.json_fields(("sampling", "seed")))
-    assert set(schemas["JobRequest"]["properties"]) == {"class", "n"} | request_settings
+    edit_settings = set(EditSettings.json_fields())  # an edit job's: terdit_edge.edit.EditSettings
+    assert set(schemas["JobRequest"]["properties"]) == {"class", "n", "image", "mask"} | request_settings | edit_settings
     assert request_settings <= set(schemas["ImagesRequest"]["properties"])
+    assert {"image", "mask", "prompt"} | request_settings | edit_settings <= set(schemas["ImagesEditRequest"]["properties"])
     err = client.get("/v1/jobs/none").json()
     assert set(schemas["Error"]["properties"]["error"]["required"]) <= set(err["error"])
 
@@ -237,7 +240,8 @@ def test_cancel_stops_a_running_job_within_one_step_and_the_worker_moves_on(clie
     tail = events_of(client, job["id"])
     assert tail[-1][0] == "cancelled" and all(d["step"] <= state["stopped_at_step"] for n, d in tail if n == "step")
     assert_json_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "already finished")
-    assert_json_error(client.get(f"/v1/jobs/{job['id']}/images/0.png"), 404, "cancelled")
+    # docs/server.md: 409 unless the job succeeded (it was a 404 for a cancelled job before issue 25)
+    assert_json_error(client.get(f"/v1/jobs/{job['id']}/images/0.png"), 409, "cancelled")
     assert wait_final(client, nxt["id"])["status"] == "succeeded"
     assert client.get("/health").json()["status"] == "ok"
 
@@ -431,7 +435,8 @@ def test_api_keys_guard_every_endpoint_but_health_and_jobs_belong_to_their_key()
             for method, path in (("GET", "/v1/capabilities"), ("GET", "/v1/models"), ("GET", "/metrics"),
                                  ("GET", "/v1/openapi.json"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"),
                                  ("GET", "/v1/jobs/x/events"), ("POST", "/v1/jobs/x/cancel"),
-                                 ("GET", "/v1/jobs/x/images/0.png"), ("POST", "/v1/images/generations")):
+                                 ("GET", "/v1/jobs/x/images/0.png"), ("POST", "/v1/images/generations"),
+                                 ("POST", "/v1/images/edits")):
                 r = c.request(method, path, json={"class": 1} if method == "POST" else None)
                 assert_json_error(r, 401, "missing api key")
                 assert r.headers["www-authenticate"] == "Bearer"
@@ -479,7 +484,7 @@ def test_unknown_class_names_list_close_names(tmp_path):
 
 def test_serve_command_starts_answers_and_stops_on_sigint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "terdit_edge.frontends.cli", "serve", "--port", "0", "--log-level",
-                             "warning"],
+                             "warning", "--state-dir", str(tmp_path / "state")],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=child_env())
     try:
         line = proc.stderr.readline()
@@ -529,7 +534,8 @@ def test_non_loopback_host_without_a_key_warns(monkeypatch, capsys):
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
     args = argparse.Namespace(model=None, host="0.0.0.0", port=0, api_key_file=None, max_queue=4, max_batch=2,
                               max_n=2, max_steps=10, keep_seconds=1.0, keep_jobs=1, batch_wait_ms=0.0, threads=None,
-                              backend="auto", activations="fp32", log_level="warning", access_log=False)
+                              backend="auto", activations="fp32", log_level="warning", access_log=False,
+                              ephemeral=True, state_dir=None)
     assert server_main.serve_command(args) == 0
     assert bound == ["0.0.0.0"]
     assert "WARNING: listening on 0.0.0.0" in capsys.readouterr().err

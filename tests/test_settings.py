@@ -11,6 +11,7 @@ import dataclasses
 import json
 from importlib import resources
 
+import numpy as np
 import pytest
 
 from terdit_edge.errors import InputError
@@ -162,3 +163,26 @@ def test_the_pipeline_refuses_settings_of_another_activation_mode():
     a = pipe.latents([1, 2], G(steps=3, sampler="ddim", seed=4))
     b = pipe.latents([1, 2], steps=3, sampler="ddim", seed=4)  # keywords are the same settings
     assert (a == b).all()
+
+
+def test_attention_is_a_model_setting_left_out_of_identity_and_png_at_fp32():
+    from terdit_edge.pipeline import Pipeline
+
+    assert G().attention == "fp32"
+    with pytest.raises(InputError, match="attention"):
+        G(attention="int4")
+    base = G(steps=3)
+    assert "attention" not in base.identity() and "attention" not in dict(sum(base.png_items(), []))
+    s8 = base.replace(attention="int8")
+    assert s8.identity()["attention"] == "int8" and ("attention", "int8") in s8.png_items()[1]
+    assert s8.model_kwargs() == {"activations": "fp32", "attention": "int8"}
+    args = build_parser().parse_args(["generate", "--attention", "int8", "--activations", "int8", "1"])
+    assert G.from_args(args).attention == "int8"
+    pipe = Pipeline.load(settings=s8, threads=1)
+    assert pipe.attention == "int8" and "int8 attention" in pipe.model.backend.describe()
+    with pytest.raises(InputError, match="attention 'fp32'"):
+        pipe.latents([1], base)
+    a = pipe.latents([1], s8)
+    f = Pipeline.load(threads=1).latents([1], base)
+    assert a.shape == f.shape and (a != f).any()  # another kernel: other numbers, same image size
+    assert float(np.linalg.norm(a - f) / np.linalg.norm(f)) < 0.05

@@ -263,6 +263,44 @@ static void check_attention(int64_t b, int64_t t, int64_t h, int64_t hkv, int64_
                 }
         }
     }
+    /* int8 attention: within 2% relative L2 of the reference on these small random shapes (1% on the
+     * model's shapes, tests/test_kernels.py), and the scalar path's bits on every path and thread count */
+    float *first = malloc(sizeof(float) * (size_t)nq);
+    int have_first = 0;
+    for (int ii = 0; ii < nisa; ii++) {
+        if (td_set_isa(isas[ii]) != 0) continue;
+        for (int threads = 1; threads <= 2; threads++) {
+            memset(out, 0xff, sizeof(float) * (size_t)nq);
+            if (td_attention_int8(q, k, v, out, b, t, h, hkv, hd, threads) != 0) {
+                printf("FAIL attention int8 rc\n");
+                failures++;
+            }
+            double num = 0, den = 0;
+            for (int64_t i = 0; i < nq; i++) {
+                num += (out[i] - ref[i]) * (out[i] - ref[i]);
+                den += ref[i] * ref[i];
+            }
+            if (!(sqrt(num) <= 0.02 * sqrt(den) + 1e-6)) {
+                printf("FAIL attention int8 isa=%s b=%lld t=%lld h=%lld hkv=%lld hd=%lld thr=%d: rel L2 %g\n",
+                       td_isa_name(isas[ii]), (long long)b, (long long)t, (long long)h, (long long)hkv, (long long)hd,
+                       threads, sqrt(num / (den + 1e-300)));
+                failures++;
+            }
+            if (!have_first) {
+                memcpy(first, out, sizeof(float) * (size_t)nq);
+                have_first = 1;
+            } else if (memcmp(first, out, sizeof(float) * (size_t)nq) != 0) {
+                printf("FAIL attention int8 isa=%s thr=%d t=%lld hd=%lld: bits differ from the first path\n",
+                       td_isa_name(isas[ii]), threads, (long long)t, (long long)hd);
+                failures++;
+            }
+        }
+    }
+    free(first);
+    if (td_attention_int8(q, k, v, out, b, t, 3, 2, hd, 1) != TD_EINVAL) {
+        printf("FAIL attention int8 hkv check\n");
+        failures++;
+    }
     if (td_attention(q, k, v, out, b, t, 3, 2, hd, 1) != TD_EINVAL) {
         printf("FAIL attention hkv check\n");
         failures++;
@@ -310,6 +348,20 @@ static void attention_fingerprint(const int *isas, int nisa) {
             failures++;
         }
         printf("attention fingerprint %s %016llx\n", td_isa_name(isas[ii]), (unsigned long long)hash[0]);
+    }
+    /* int8 attention: exact integer sums and one fixed float order, so every path, scalar included */
+    for (int ii = 0; ii < nisa; ii++) {
+        if (td_set_isa(isas[ii]) != 0) continue;
+        uint64_t hash[2];
+        for (int threads = 1; threads <= 2; threads++) {
+            td_attention_int8(q, k, v, out, b, t, h, hkv, hd, threads);
+            hash[threads - 1] = fnv1a(1469598103934665603ull, out, sizeof(float) * (size_t)nq);
+        }
+        if (hash[0] != hash[1]) {
+            printf("FAIL attention int8 isa=%s: 1 and 2 threads give different bits\n", td_isa_name(isas[ii]));
+            failures++;
+        }
+        printf("attention-int8 fingerprint %s %016llx\n", td_isa_name(isas[ii]), (unsigned long long)hash[0]);
     }
     free(q);
     free(k);
@@ -429,7 +481,7 @@ int main(int argc, char **argv) {
     static const int64_t att_shapes[][5] = {
         /* b, t, h, hkv, hd */
         {1, 1, 1, 1, 16},  {2, 7, 4, 2, 48},  {1, 13, 6, 3, 64}, {2, 40, 3, 1, 5},
-        {1, 70, 2, 2, 33}, {1, 24, 2, 1, 37}, {2, 48, 2, 2, 96},
+        {1, 70, 2, 2, 33}, {1, 24, 2, 1, 37}, {2, 48, 2, 2, 96}, {1, 200, 2, 1, 72},
     };
     for (int s = 0; s < (int)(sizeof att_shapes / sizeof att_shapes[0]); s++)
         check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3], att_shapes[s][4], isas,

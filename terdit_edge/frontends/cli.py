@@ -15,10 +15,10 @@ import sys
 import time
 
 from .._version import __version__
-from ..argtypes import add_backend_arguments, non_negative_float, non_negative_int, positive_int
-from ..diffusion import schedule_timesteps
+from ..argtypes import add_backend_arguments, int_in_range, non_negative_float, positive_int
+from ..edit import EditSettings
 from ..errors import TerditError
-from ..kernels.base import ACTIVATION_MODES
+from ..kernels.base import ACTIVATION_MODES, ATTENTION_MODES
 from ..settings import GenerationSettings
 
 
@@ -32,19 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     g.add_argument("--class", dest="classes", action="append", default=None, metavar="ID_OR_NAME",
                    help="class id or name, repeatable (default: every class of a model with <= 100 classes)")
-    GenerationSettings.add_arguments(g)
-    g.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images sampled together (default: what fits in memory); the images do not depend on it")
-    g.add_argument("--out", default="out.png", help="output PNG (several classes without --grid: OUT-0.png, ...)")
-    g.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
-    g.add_argument("--upscale", type=positive_int, default=None,
-                   help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
-    add_backend_arguments(g)
-    g.add_argument("--vae", default=None, help="a VAE .tdit file for a model file without an embedded VAE")
-    g.add_argument("--vae-tile", type=positive_int, default=None, help="decode in latent tiles of this size")
+    _add_image_job_arguments(g, "out.png", "sampled", "a VAE .tdit file for a model file without an embedded VAE",
+                             "decode in latent tiles of this size")
     g.add_argument("--save-latents", default=None, metavar="NPY", help="also save the sampled latents (.npy)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
 
     c = sub.add_parser("convert", help="convert a TerDiT checkpoint to a .tdit file (needs torch)")
     c.add_argument("src", help="checkpoint directory (model_args.pth + consolidated*.pth) or state-dict file")
@@ -79,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "[server] extra; docs/server.md)")
     s.add_argument("model", nargs="?", default=None, help=".tdit file (default: the bundled digits model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=non_negative_int, default=8000, help="TCP port (default 8000; 0: a free one)")
+    s.add_argument("--port", type=int_in_range(0, 65535, "port"), default=8000,
+                   help="TCP port 0..65535 (default 8000; 0: a free one)")
     s.add_argument("--api-key-file", default=None, help="file of bearer keys, one per line (default: no auth)")
     s.add_argument("--max-queue", type=positive_int, default=32, help="queued jobs before 429 (default 32)")
     s.add_argument("--max-batch", type=positive_int, default=8, help="images sampled together (default 8)")
@@ -87,9 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait up to this long for more jobs to fill a batch (default 20)")
     s.add_argument("--max-n", type=positive_int, default=16, help="images per request (default 16)")
     s.add_argument("--max-steps", type=positive_int, default=1000, help="sampler steps per job (default 1000)")
+    s.add_argument("--max-upload-bytes", type=positive_int, default=16 * 1024 * 1024,
+                   help="body of an edit request with its pictures (default 16777216: 16 MiB)")
+    s.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
+                   help="pixels of an uploaded picture or mask (default 16777216: 4096 x 4096)")
     s.add_argument("--keep-seconds", type=non_negative_float, default=600.0,
                    help="finished jobs are kept this long (default 600)")
     s.add_argument("--keep-jobs", type=positive_int, default=256, help="at most this many finished jobs kept")
+    s.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where accepted jobs and finished images are kept across restarts (SQLite; default: "
+                        "$XDG_CACHE_HOME/terdit-edge/server, i.e. ~/.cache/terdit-edge/server)")
+    s.add_argument("--ephemeral", action="store_true",
+                   help="keep jobs in memory only: a restart loses queued and running jobs and finished images")
     add_backend_arguments(s)
     GenerationSettings.add_arguments(s, scopes=("model",))  # requests set the others
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
@@ -118,11 +118,12 @@ def _cmd_info(args) -> int:
     info["auto_backend"] = get_backend("auto").describe()
     from ..speed import describe as describe_speeds
     info["speed_presets"] = describe_speeds()
+    info["attention_modes"] = list(ATTENTION_MODES)  # --attention (a model setting); fp32 by default
     if args.model:
         from ..format import read_tdit
         tf = read_tdit(args.model)
         m = {"path": tf.path, "file_bytes": tf.file_size, "format_version": tf.metadata.get("format_version"),
-             "packing": tf.metadata.get("packing"), "source": tf.source}
+             "packing": tf.metadata.get("packing"), "source": _public_source(tf.source)}
         if tf.config is not None:
             m.update(config=json.loads(tf.config.to_json()), float_dtype=tf.float_dtype,
                      label_map=tf.label_map_name,
@@ -145,6 +146,8 @@ def _cmd_info(args) -> int:
     print("batch-invariant images (same bytes in any batch, any thread count): "
           + ", ".join(f"{k}: {'yes' if v else 'not promised'}" for k, v in inv.items()))
     print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
+    print(f"attention modes: {', '.join(ATTENTION_MODES)} (--attention; default fp32; int8 runs on the cython backend, "
+          "within 1% of fp32)")
     print("speed presets (--speed; explicit options win):")
     for name, what in info["speed_presets"].items():
         print(f"  {name}: " + (what if isinstance(what, str) else ", ".join(f"{k} {v}" for k, v in what.items())))
@@ -158,8 +161,29 @@ def _cmd_info(args) -> int:
         print("vae: " + (f"{m['vae']['dtype']}, {m['vae']['bytes'] / 1e6:.1f} MB, "
                          f"channels {m['vae']['config'].get('block_out_channels')}" if m["vae"] else "none"))
         if m["source"]:
-            print(f"source: {m['source'].get('path', '')} ({m['source'].get('layout', '')})")
+            print(f"source: {_source_name(m['source'].get('path', ''))} ({m['source'].get('layout', '')})")
     return 0
+
+
+def _check_out(out: str) -> None:
+    """--out must be a .png in an existing directory; checked before the model loads and samples
+    (on a large model a late failure wastes minutes), and again when saving."""
+    if os.path.splitext(out)[1].lower() != ".png":
+        raise TerditError(f"--out must name a .png file, got {out!r}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise TerditError(f"output directory {os.path.dirname(out)!r} does not exist")
+
+
+def _source_name(path) -> str:
+    """The checkpoint's name without the directories of the machine that converted it."""
+    return os.path.basename(str(path).rstrip("/\\")) if path else ""
+
+
+def _public_source(source):
+    if not isinstance(source, dict):
+        return source
+    return {**source, "path": _source_name(source.get("path"))} if "path" in source else source
 
 
 def _save_images(images, args, meta: dict) -> list[str]:
@@ -170,11 +194,8 @@ def _save_images(images, args, meta: dict) -> list[str]:
     if factor > 1:
         images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
     out = args.out
+    _check_out(out)
     root, ext = os.path.splitext(out)
-    if ext.lower() != ".png":
-        raise TerditError(f"--out must name a .png file, got {out!r}")
-    if os.path.dirname(os.path.abspath(out)) and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise TerditError(f"output directory {os.path.dirname(out)!r} does not exist")
     if args.grid or len(images) == 1:
         if len(images) > 1:
             cols = min(len(images), 10 if len(images) <= 10 else int(len(images) ** 0.5 + 0.999))
@@ -210,6 +231,8 @@ def _cmd_generate(args) -> int:
 
     t0 = time.time()
     settings = GenerationSettings.from_args(args)
+    if not args.save_latents:
+        _check_out(args.out)
     pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads, vae=args.vae,
                          verify=not args.no_verify, settings=settings)
     cfg = pipe.config
@@ -253,29 +276,27 @@ def _add_edit_parser(sub) -> None:
     e.add_argument("--model", default=None, help=".tdit file (default: the bundled digits model)")
     e.add_argument("--class", dest="classes", action="append", required=True, metavar="ID_OR_NAME",
                    help="class id or name, repeatable (one edited image per class)")
-    e.add_argument("--strength", type=float, default=None,
-                   help="0..1: how far the input is noised before sampling toward the class (0 keeps the input, "
-                        "1 is plain generation; default 0.6, with --mask 1)")
     e.add_argument("--mask", default=None, help="mask picture of the input's size: white = regenerate, black = keep")
-    e.add_argument("--resample-jumps", type=non_negative_int, default=0,
-                   help="RePaint resampling with --mask: go back up --jump-length steps this many times (default 0)")
-    e.add_argument("--jump-length", type=positive_int, default=1, help="RePaint jump length in steps (default 1)")
-    e.add_argument("--mask-blur", type=non_negative_float, default=1.0,
-                   help="soft mask edge, in latent pixels (pixels for pixel-space models; default 1)")
-    e.add_argument("--fit", choices=("crop", "stretch"), default="crop",
-                   help="bring the input to the model's size: crop (shorter side, centre cut; default) or stretch")
-    GenerationSettings.add_arguments(e)
-    e.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images edited together (default: what fits in memory); the images do not depend on it")
-    e.add_argument("--out", default="edit.png", help="output PNG (several classes: OUT-0.png, ... or --grid)")
-    e.add_argument("--grid", action="store_true", help="one PNG with all images")
-    e.add_argument("--upscale", type=positive_int, default=None,
+    EditSettings.add_arguments(e)  # --strength, --mask-blur, --resample-jumps, --jump-length, --fit
+    _add_image_job_arguments(e, "edit.png", "edited", "a VAE .tdit file (with its encoder) for a model file without one",
+                             "encode and decode in latent tiles of this size")
+
+
+def _add_image_job_arguments(p, out_default: str, verb: str, vae_help: str, tile_help: str) -> None:
+    """The options `generate` and `edit` share: the generation settings, batching, output files,
+    backend, VAE, progress and verification."""
+    GenerationSettings.add_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"images {verb} together (default: what fits in memory); the images do not depend on it")
+    p.add_argument("--out", default=out_default, help="output PNG (several classes without --grid: OUT-0.png, ...)")
+    p.add_argument("--grid", action="store_true", help="one PNG with all images in a row-major grid")
+    p.add_argument("--upscale", type=positive_int, default=None,
                    help="nearest-neighbour upscaling factor for small images (default: to at least 64 px)")
-    add_backend_arguments(e)
-    e.add_argument("--vae", default=None, help="a VAE .tdit file (with its encoder) for a model file without one")
-    e.add_argument("--vae-tile", type=positive_int, default=None, help="encode and decode in latent tiles of this size")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
+    add_backend_arguments(p)
+    p.add_argument("--vae", default=None, help=vae_help)
+    p.add_argument("--vae-tile", type=positive_int, default=None, help=tile_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-verify", action="store_true", help="skip the model file checksums (slow storage)")
 
 
 def _cmd_edit(args) -> int:
@@ -284,36 +305,27 @@ def _cmd_edit(args) -> int:
 
     t0 = time.time()
     settings = GenerationSettings.from_args(args)
+    _check_out(args.out)
     pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads, vae=args.vae,
                          verify=not args.no_verify, settings=settings)
     classes = pipe.resolve_classes(args.classes)
     settings = settings.replace(seeds=settings.image_seeds(len(classes)))
-    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6)
-    kw = settings.sample_kwargs()
-    if kw.pop("cache") is not None or kw.pop("guidance_reuse") is not None:
-        raise TerditError("edit does not support the step cache or guidance reuse (--cache, --guidance-reuse, "
-                          "or a --speed preset that sets them); give --speed exact, or a --schedule")
-    schedule = kw.pop("schedule")
-    if schedule is not None:
-        kw["steps"] = schedule_timesteps(schedule)
-    common = dict(strength=strength, seeds=settings.seeds, progress=not args.no_progress, fit=args.fit,
-                  vae_tile=args.vae_tile, batch_size=args.batch_size, **kw)
+    edit = EditSettings.from_args(args).for_mask(bool(args.mask))
+    common = dict(seeds=settings.seeds, progress=not args.no_progress, vae_tile=args.vae_tile,
+                  batch_size=args.batch_size, **settings.sample_kwargs(), **edit.edit_kwargs(bool(args.mask)))
     what = "inpainting" if args.mask else "image-to-image"
-    print(f"model: {pipe.path}; {what} of {args.image}, strength {strength}, {len(classes)} image(s), "
+    print(f"model: {pipe.path}; {what} of {args.image}, strength {edit.strength:g}, {len(classes)} image(s), "
           f"{settings.sampler} {settings.step_spec} steps, cfg {settings.cfg_scale}, "
           f"seeds {_seed_summary(settings.seeds)}", file=sys.stderr)
     if args.mask:
-        images = pipe.inpaint(args.image, args.mask, classes, resample_jumps=args.resample_jumps,
-                              jump_length=args.jump_length, mask_blur=args.mask_blur, **common)
+        images = pipe.inpaint(args.image, args.mask, classes, **common)
     else:
-        if args.resample_jumps:
-            raise TerditError("--resample-jumps needs --mask (RePaint resamples an inpainting)")
         images = pipe.edit(args.image, classes, **common)
     meta = generation_metadata(os.path.basename(pipe.path), classes, settings.seeds, settings)
-    meta.update({"edit": what, "source_image": os.path.basename(args.image), "strength": strength})
+    meta.update(edit.png_items(bool(args.mask)))
+    meta["source_image"] = os.path.basename(args.image)
     if args.mask:
-        meta.update({"mask": os.path.basename(args.mask), "resample_jumps": args.resample_jumps,
-                     "jump_length": args.jump_length, "mask_blur": args.mask_blur})
+        meta["mask"] = os.path.basename(args.mask)
     paths = _save_images(images, args, meta)
     print(f"wrote {', '.join(paths)} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0

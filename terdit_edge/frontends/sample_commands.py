@@ -1,14 +1,20 @@
-"""The `sample`, `merge` and `fid` subcommands: their arguments and handlers (cli.py only wires them)."""
+"""The `sample`, `merge`, `recover` and `fid` subcommands: their arguments and handlers (cli.py only wires them)."""
 from __future__ import annotations
 
 import sys
 
-from ..argtypes import add_backend_arguments, non_negative_int, positive_int
+from ..argtypes import add_backend_arguments, checked, non_negative_int, positive_int
 from ..settings import GenerationSettings
 
 
+def _shard_selector(text: str):
+    from ..scale.job import parse_shard_selector
+
+    return parse_shard_selector(text)
+
+
 def add_parsers(sub) -> None:
-    """Add the three subparsers to ``sub`` (argparse subparsers of the terdit-edge command)."""
+    """Add the four subparsers to ``sub`` (argparse subparsers of the terdit-edge command)."""
     s = sub.add_parser("sample", help="a resumable N-sample job in shards (local processes, Ray, or --shard K/N)",
                        description="Sample N images into fixed shards in DIR (resumable; the bytes do not depend on "
                                    "the engine or the number of workers). See docs/scale-out.md.")
@@ -31,7 +37,7 @@ def add_parsers(sub) -> None:
                    help="worker processes (local, default 1) or Ray actors (default: cluster CPUs / threads)")
     s.add_argument("--address", default=None, help="Ray cluster to join (ray://HOST:PORT, HOST:PORT or auto); "
                                                    "default: start a local Ray instance")
-    s.add_argument("--shard", default=None, metavar="K/N",
+    s.add_argument("--shard", type=checked(str, _shard_selector, "shard_selector"), default=None, metavar="K/N",
                    help="do only the shards k with k %% N == K (Slurm arrays, Kubernetes indexed jobs)")
     s.add_argument("--retries", type=non_negative_int, default=3,
                    help="re-runs of a unit whose worker died (default 3)")
@@ -44,6 +50,15 @@ def add_parsers(sub) -> None:
     m.add_argument("-o", "--out", required=True, help="output .npz (arr_0 uint8 N,H,W,3; labels, indices, seeds)")
     m.add_argument("--no-verify", action="store_true", help="skip the shard SHA-256 checks")
     m.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("recover", help="rebuild a sampling job's lost or broken manifest.json from its shards",
+                       description="Rebuild DIR/manifest.json from the shards that carry one job's identity (each "
+                                   "shard records its job). Shards of other jobs, damaged ones and files without an "
+                                   "identity are left out and listed; the job's `sample` command then resumes. "
+                                   "See docs/scale-out.md.")
+    r.add_argument("dir", metavar="DIR", help="job directory")
+    r.add_argument("--job", default=None, metavar="ID",
+                   help="the job id (or a prefix) to keep when DIR holds shards of several jobs")
 
     f = sub.add_parser("fid", help="FID of samples against a reference (images .npz or mu/sigma stats)",
                        description="Fréchet distance of feature statistics. Features: --features FILE.onnx (e.g. "
@@ -67,9 +82,9 @@ def add_parsers(sub) -> None:
 
 def cmd_sample(args) -> int:
     from ..scale.engines import LocalEngine, RayEngine
-    from ..scale.job import JobSpec, parse_shard_selector, run_job
+    from ..scale.job import JobSpec, run_job
 
-    shard = parse_shard_selector(args.shard)
+    shard = args.shard or (0, 1)
     spec = JobSpec(model_path=args.model, n=args.n, global_seed=args.global_seed, labels=args.labels,
                    settings=GenerationSettings.from_args(args), shard_size=args.shard_size,
                    batch_size=args.batch_size, backend=args.backend, verify=not args.no_verify).prepare()
@@ -95,6 +110,13 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from ..scale.recover import recover_manifest
+
+    recover_manifest(args.dir, job_id=args.job)
+    return 0
+
+
 def cmd_fid(args) -> int:
     from ..fid import main_fid
 
@@ -106,4 +128,4 @@ def cmd_fid(args) -> int:
     return main_fid(args)
 
 
-HANDLERS = {"sample": cmd_sample, "merge": cmd_merge, "fid": cmd_fid}
+HANDLERS = {"sample": cmd_sample, "merge": cmd_merge, "recover": cmd_recover, "fid": cmd_fid}

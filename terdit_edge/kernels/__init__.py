@@ -13,7 +13,7 @@ import os
 from typing import Callable
 
 from ..errors import BackendError, InputError
-from .base import ACTIVATION_MODES, TernaryWeight
+from .base import ACTIVATION_MODES, ATTENTION_MODES, TernaryWeight
 
 # name -> (module path, factory attribute, device); modules import lazily so that a missing optional
 # dependency only matters when that backend is asked for. The shared tests loop over this table:
@@ -27,7 +27,7 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 AUTO_ORDER = ("cython", "numba", "numpy")
 
 __all__ = ["get_backend", "available_backends", "register_backend", "backend_names", "TernaryWeight",
-           "ACTIVATION_MODES", "default_threads"]
+           "ACTIVATION_MODES", "ATTENTION_MODES", "default_threads"]
 
 
 def register_backend(name: str, module: str, factory: str, device: str = "cpu") -> None:
@@ -82,10 +82,14 @@ def batch_invariance() -> dict[str, bool]:
     return out
 
 
-def get_backend(name: str = "auto", threads: int | None = None, activations: str = "fp32"):
-    """Instantiate a backend by name ("auto", "numpy", "cython", "numba", "cuda")."""
+def get_backend(name: str = "auto", threads: int | None = None, activations: str = "fp32",
+                attention: str = "fp32"):
+    """Instantiate a backend by name ("auto", "numpy", "cython", "numba", "cuda"); "auto" picks the
+    first available one that runs the attention mode."""
     if activations not in ACTIVATION_MODES:
         raise InputError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
+    if attention not in ATTENTION_MODES:
+        raise InputError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     if threads is not None and (type(threads) is not int or threads < 1):
         raise InputError(f"threads must be a positive integer or None, got {threads!r}")
     threads = threads or default_threads()
@@ -97,7 +101,12 @@ def get_backend(name: str = "auto", threads: int | None = None, activations: str
                 continue
             if hasattr(cls, "unavailable_reason") and cls.unavailable_reason():
                 continue
-            return cls(threads=threads, activations=activations)
+            if attention not in getattr(cls, "attention_modes", ("fp32",)):
+                continue
+            return cls(threads=threads, activations=activations, attention=attention)
+        if attention != "fp32":
+            raise BackendError(f"no available backend runs {attention} attention (it needs the compiled cython "
+                               "backend: `python3 setup.py build_ext --inplace`)")
         raise BackendError("no backend is available (even numpy failed to load)")
     if name not in _REGISTRY:
         raise BackendError(f"unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}")
@@ -105,4 +114,4 @@ def get_backend(name: str = "auto", threads: int | None = None, activations: str
     reason = cls.unavailable_reason() if hasattr(cls, "unavailable_reason") else None
     if reason:
         raise BackendError(f"backend {name!r} is not available here: {reason}")
-    return cls(threads=threads, activations=activations)
+    return cls(threads=threads, activations=activations, attention=attention)

@@ -9,6 +9,9 @@ from ..errors import InputError
 from ..packing import padded_k
 
 ACTIVATION_MODES = ("fp32", "int8", "int10")
+# attention products: "fp32" (float32 throughout) or "int8" (int8 Q K^T after centring K over the tokens,
+# integer P V; the C kernels only: td_attention_int8, docs/kernels.md)
+ATTENTION_MODES = ("fp32", "int8")
 
 
 def activation_bits(activations: str) -> int:

@@ -86,8 +86,8 @@ class CudaBackend(NumpyBackend):
     # not checked for batch invariance (CI has no GPU): its attention and GEMM sum in another order than the CPU's
     batch_invariant = False
 
-    def __init__(self, threads: int = 1, activations: str = "fp32"):
-        super().__init__(threads=threads, activations=activations)
+    def __init__(self, threads: int = 1, activations: str = "fp32", attention: str = "fp32"):
+        super().__init__(threads=threads, activations=activations, attention=attention)
         if activations not in ("fp32", "int8"):
             raise BackendError(f"backend 'cuda' runs activations 'fp32' or 'int8' (dp4a), not {activations!r}")
         reason = self.unavailable_reason()

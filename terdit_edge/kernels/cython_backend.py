@@ -77,6 +77,7 @@ class CythonBackend(NumpyBackend):
     # order is fixed by K on every ISA (scalar, AVX2, AVX-512, NEON), and the integer modes sum exactly
     # whatever the kernel. So the model may run any layer on the whole batch at once.
     invariant_min_rows = 1
+    attention_modes = ("fp32", "int8")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -86,7 +87,7 @@ class CythonBackend(NumpyBackend):
         return None
 
     def describe(self) -> str:
-        return f"{self.name} [{_ternary.get_isa()}] ({self.activations}, {self.threads} threads)"
+        return f"{self.name} [{_ternary.get_isa()}] ({self._mode_text()}, {self.threads} threads)"
 
     # --- ternary linear -------------------------------------------------------------------
     def ternary_matmul(self, x: np.ndarray, w: TernaryWeight, out: np.ndarray | None = None) -> np.ndarray:
@@ -175,7 +176,8 @@ class CythonBackend(NumpyBackend):
     def attention(self, q, k, v, out=None):
         """Softmax attention, not causal, fused in C (no (T, T) matrix is stored).
         q (B, T, H, hd); k, v (B, T, Hkv, hd) with H a multiple of Hkv (grouped-query attention:
-        head h reads kv head h // (H // Hkv)); returns float32 (B, T, H, hd), into `out` when given."""
+        head h reads kv head h // (H // Hkv)); returns float32 (B, T, H, hd), into `out` when given.
+        With attention="int8" the products are int8 Q K^T and integer P V (td_attention_int8)."""
         q, k, v = _f32(q, "q"), _f32(k, "k"), _f32(v, "v")
         if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
             raise InputError(f"attention expects q, k, v of shape (B, T, H, hd), got {q.shape}, {k.shape}, "
@@ -188,7 +190,7 @@ class CythonBackend(NumpyBackend):
         target = out
         if any(np.may_share_memory(out, a) for a in (q, k, v)):
             target = np.empty_like(q)
-        _ternary.attention(q, k, v, target, self.threads)
+        _ternary.attention(q, k, v, target, self.threads, mode=self.attention_mode)
         if target is not out:
             out[...] = target
         return out

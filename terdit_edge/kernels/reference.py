@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import detmath
+from ..errors import InputError
 from ..packing import unpack_ternary_2bit
 from .base import TernaryWeight, activation_bits, check_matmul_args
 
@@ -112,16 +113,26 @@ class NumpyBackend:
     # any thread count (docs/reproducibility.md); `terdit-edge info` shows it
     batch_invariant = True
 
-    def __init__(self, threads: int = 1, activations: str = "fp32"):
+    # attention modes this backend runs (ATTENTION_MODES); int8 attention is a C kernel
+    attention_modes = ("fp32",)
+
+    def __init__(self, threads: int = 1, activations: str = "fp32", attention: str = "fp32"):
+        if attention not in type(self).attention_modes:
+            raise InputError(f"the {self.name} backend has no {attention!r} attention (it runs "
+                             f"{', '.join(type(self).attention_modes)}); int8 attention needs the cython backend")
         self.threads = threads
         self.activations = activations
+        self.attention_mode = attention
+
+    def _mode_text(self) -> str:
+        return self.activations + (f", {self.attention_mode} attention" if self.attention_mode != "fp32" else "")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return None
 
     def describe(self) -> str:
-        return f"{self.name} ({self.activations}, {self.threads} threads)"
+        return f"{self.name} ({self._mode_text()}, {self.threads} threads)"
 
     def thread_limit(self, threads: int | None = None):
         """Context manager bounding BLAS threads to `threads` (default self.threads)."""

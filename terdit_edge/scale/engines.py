@@ -19,6 +19,10 @@ from ..errors import TerditError
 from .job import JobError, Unit
 
 
+def _print_log(msg: str):
+    print(f"terdit-edge sample: {msg}", file=sys.stderr, flush=True)
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -112,6 +116,7 @@ class LocalEngine:
         self.start_method = start_method
         self.retries = 0
         self.pids: set[int] = set()
+        self.log = _print_log  # run_job replaces it (messages above the progress bar)
 
     def describe(self) -> str:
         return f"local: {self.workers} worker process(es) x {self.threads} thread(s)"
@@ -147,10 +152,20 @@ class LocalEngine:
         clean = False
         try:
             while queue or inflight:
+                pool_broken = False
                 while queue and len(inflight) < 2 * self.workers:
                     u = queue.popleft()
-                    inflight[pool.submit(_local_run, u.labels, u.seeds)] = u
-                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                    try:
+                        fut = pool.submit(_local_run, u.labels, u.seeds)
+                    except BrokenProcessPool:  # a worker died since the last wait (found by benchmarks/chaos.py)
+                        queue.appendleft(u)
+                        pool_broken = True
+                        break
+                    inflight[fut] = u
+                if pool_broken:
+                    done = {f for f in inflight if f.done()}
+                else:
+                    done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 broken = []
                 for fut in done:
                     u = inflight.pop(fut)
@@ -166,11 +181,15 @@ class LocalEngine:
                                        f"{type(e).__name__}: {e}") from e
                     self.pids.add(pid)
                     yield u, images, {"pid": pid}
-                if broken:
+                if broken or pool_broken:
                     broken += list(inflight.values())  # the whole pool is gone: every unit in flight
                     inflight.clear()
                     self._stop(pool, kill=True)
                     pool = None
+                    if not broken:  # every unit had finished: only the pool is replaced
+                        self.log("a worker process died; continuing on a new pool")
+                        pool = self._pool(cfg)
+                        continue
                     for u in broken:
                         attempts[u.uid] += 1
                         if attempts[u.uid] > self.max_retries:
@@ -178,8 +197,8 @@ class LocalEngine:
                                            f"{u.shard} (samples at offset {u.offset}, labels {u.labels[:4]}...); "
                                            "giving up (out of memory? see the system log)")
                     self.retries += len(broken)
-                    print(f"terdit-edge sample: a worker process died; re-running {len(broken)} unit(s) "
-                          "on a new pool", file=sys.stderr, flush=True)
+                    self.log(f"a worker process died; re-running its {len(broken)} unit(s) in flight on a new "
+                             f"pool (retry {max(attempts[u.uid] for u in broken)} of {self.max_retries})")
                     queue.extendleft(sorted(broken, key=lambda x: x.uid, reverse=True))
                     pool = self._pool(cfg)
             clean = True
@@ -234,6 +253,7 @@ class RayEngine:
         self.retries = 0
         self.actors = []
         self.pids: set[int] = set()
+        self.log = _print_log  # run_job replaces it (messages above the progress bar)
 
     def describe(self) -> str:
         where = self.address or "a local Ray instance"
@@ -248,6 +268,7 @@ class RayEngine:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         started = False
+        reaper = None
         if not ray.is_initialized():
             if self.address is None:  # a local instance for this job
                 # one machine: Ray's own traffic stays on the loopback interface
@@ -255,6 +276,7 @@ class RayEngine:
                 if self.workers:
                     kw["num_cpus"] = int(self.workers) * self.threads
                 ray.init(**kw)
+                reaper = start_reaper()
             else:
                 ray.init(address=self.address)
             started = True
@@ -291,6 +313,8 @@ class RayEngine:
                         if attempts[u.uid] > self.max_retries:
                             raise JobError(f"Ray actor died {attempts[u.uid]} times while sampling shard {u.shard} "
                                            f"(offset {u.offset}); giving up: {e}") from None
+                        self.log(f"a Ray actor died while sampling shard {u.shard}; re-running its unit "
+                                 f"(retry {attempts[u.uid]} of {self.max_retries})")
                         self._replace_if_dead(ray, a, actor_cls, cfg, model_ref)
                         queue.appendleft(u)
                         continue
@@ -312,6 +336,8 @@ class RayEngine:
                     pass
             if started:
                 ray.shutdown()
+            if reaper is not None:
+                stop_reaper(reaper)
 
     def _replace_if_dead(self, ray, a, actor_cls, cfg, model_ref):
         """Ray restarts a dead actor by itself until max_restarts; past that, start a new one."""
@@ -320,3 +346,123 @@ class RayEngine:
         except Exception:
             self.actors[a] = actor_cls.remote(cfg, model_ref)
             time.sleep(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reaper of a local Ray instance
+# ----------------------------------------------------------------------------------------------
+
+# Run in its own session by start_reaper(): reads nothing but waits for end-of-file on stdin, which
+# comes when the driver exits in any way (kill -9 included: the kernel closes the pipe's write end,
+# which no other process holds). Meanwhile it keeps learning the process tree under the roots it was
+# given (the local Ray instance's processes: gcs_server, raylet and what they start, such as
+# ray::DashboardAgent and ray::RuntimeEnvAgent, which outlive a killed driver otherwise), each
+# process known by (pid, start time) so that a reused pid is never killed. At end-of-file it kills
+# every known process still alive. Linux only (/proc); elsewhere it waits and does nothing.
+_REAPER_CODE = r"""
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+def table():
+    t = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            t[int(d)] = (int(rest[1]), rest[19])
+    return t
+known = {}
+roots = [int(p) for p in sys.argv[1:]]
+have_proc = os.path.isdir("/proc")
+def learn():
+    t = table()
+    for p in roots:
+        if p in t and p not in known:
+            known[p] = t[p][1]
+    grown = True
+    while grown:
+        grown = False
+        for p, (pp, st) in t.items():
+            if p not in known and pp in known and t.get(pp, (0, None))[1] == known[pp]:
+                known[p] = st
+                grown = True
+while True:
+    if have_proc:
+        learn()
+    r, _, _ = select.select([sys.stdin], [], [], 0.5)
+    if r and not os.read(sys.stdin.fileno(), 4096):
+        break
+if have_proc:
+    # freeze the tree before killing it: a raylet that is still running may start a new worker (to
+    # retry the dead driver's task) between the last look and its own death, and that worker would
+    # outlive it. Stopped processes cannot fork, so stop, look again, until no new process appears.
+    for _ in range(20):
+        before = len(known)
+        learn()
+        t = table()
+        for p, st in known.items():
+            if p in t and t[p][1] == st:
+                try:
+                    os.kill(p, signal.SIGSTOP)
+                except OSError:
+                    pass
+        learn()
+        if len(known) == before:
+            break
+    t = table()
+    for p, st in known.items():
+        if p in t and t[p][1] == st:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+"""
+
+
+def start_reaper():
+    """Start the reaper of the local Ray instance this process just started (its child processes);
+    returns the Popen (None when it cannot start: the job runs, a kill -9 may leave Ray processes)."""
+    import subprocess
+
+    roots = [p for p in _child_pids(os.getpid()) if _is_ray_process(p)]  # not a caller's own children
+    try:
+        return subprocess.Popen([sys.executable, "-c", _REAPER_CODE, *map(str, roots)], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return None
+
+
+def stop_reaper(proc):
+    """After ray.shutdown(): the reaper kills what is left of the instance and exits."""
+    try:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    except Exception:  # noqa: BLE001 - cleanup of a helper; the job's result is already written
+        pass
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for d in names:
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _is_ray_process(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ray" in f.read()
+    except OSError:
+        return False

@@ -15,11 +15,20 @@ sampler settings):
 
 Indices are cut into shards of ``shard_size`` consecutive samples (shard k holds
 ``k*shard_size .. min((k+1)*shard_size, N) - 1``). Shard k is the file ``shard-{k:06d}.npz`` with the
-arrays ``arr_0`` (uint8 (n, H, W, 3)), ``labels`` (int64), ``indices`` (int64) and ``seeds``
-(uint64); it is written to a temporary name, fsynced and renamed, so a shard file is complete or
-absent. ``manifest.json`` holds the job's parameters (which fix every byte of the output), the model
-file's SHA-256 and each finished shard's SHA-256; it is updated under a lock, so several processes
-(``--shard K/N`` of a batch array) can share one directory.
+arrays ``arr_0`` (uint8 (n, H, W, 3)), ``labels`` (int64), ``indices`` (int64), ``seeds`` (uint64) and
+the job's identity: ``job_id`` (the 64 ASCII hex digits of the job id, as uint8) and ``job`` (the UTF-8
+JSON of the job record: identity, job id, model; uint8). It is written to a temporary name, fsynced
+and renamed, so a shard file is complete or absent. ``manifest.json`` holds the job's identity, the
+model file's SHA-256 and each finished shard's SHA-256; it is updated under a lock, so several
+processes (``--shard K/N`` of a batch array) can share one directory.
+
+The job id is the SHA-256 of the canonical JSON (sorted keys, no spaces) of ``JobSpec.identity()``:
+the model file's content digest, every parameter that changes a byte (n, global seed, label rule,
+every generation setting but the seeds, activations included, the shard size), the compute backend
+actually used, the package version, the seed derivation and the RNG contract version. Resume and
+merge use a shard only when its ``job_id`` is the job's, whether the manifest lists it or not, so a
+shard of another job (other steps, another model, another backend...) is never adopted; a lost
+manifest is rebuilt from the shards that carry one job id (``terdit-edge recover DIR``).
 """
 from __future__ import annotations
 
@@ -35,12 +44,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._version import __version__
+from ..diffusion import RNG_CONTRACT_VERSION
 from ..errors import InputError, TerditError
 from ..settings import GenerationSettings
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "terdit-edge-sample-job"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the job id in the manifest and in every shard (issue 25)
 DERIVATION = "v1"
 LABEL_RULES = ("uniform", "balanced")
 
@@ -135,9 +145,9 @@ class JobSpec:
     labels: str = "uniform"          # "uniform" | "balanced" | path of a .npy file
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # its seeds are not used
     shard_size: int = 1000
+    backend: str = "auto"            # resolved by prepare(): the identity names the backend that runs
     # not part of the identity: they do not change a byte
     batch_size: int = 8
-    backend: str = "auto"
     verify: bool = True
     # filled by prepare()
     model_sha256: str = ""
@@ -175,6 +185,9 @@ class JobSpec:
             raise InputError(f"{self.model_path}: holds only a VAE; pass a model file")
         self.num_classes = tf.config.num_classes
         del tf
+        # "auto" picks by what is installed, which may differ between the run and its resume (or
+        # between nodes): the job records, and its workers load, the backend it resolved to here
+        self.backend = resolve_backend(self.backend)
         self.model_sha256 = file_sha256(self.model_path)
         if self.labels in LABEL_RULES:
             self.label_rule, self.labels_sha256 = self.labels, None
@@ -185,13 +198,24 @@ class JobSpec:
         return self
 
     def identity(self) -> dict:
-        """The job parameters recorded in the manifest; resuming requires them to be equal."""
+        """Everything that fixes the job's bytes (see the module docstring); recorded in the
+        manifest and, through its hash :meth:`job_id`, in every shard."""
         labels = {"rule": self.label_rule}
         if self.label_rule == "file":
             labels["sha256"] = self.labels_sha256
         return {"model_sha256": self.model_sha256, "n": int(self.n), "global_seed": int(self.global_seed),
                 "labels": labels, **self.settings.identity(), "shard_size": int(self.shard_size),
-                "derivation": DERIVATION}
+                "backend": self.backend, "terdit_edge_version": __version__, "derivation": DERIVATION,
+                "rng_contract": RNG_CONTRACT_VERSION}
+
+    def job_id(self) -> str:
+        return identity_hash(self.identity())
+
+    def record(self) -> dict:
+        """What a shard carries about its job: enough to rebuild the manifest without the model."""
+        return {"job": self.identity(), "job_id": self.job_id(), "n_shards": self.n_shards,
+                "model": {"file": os.path.basename(self.model_path), "sha256": self.model_sha256,
+                          "num_classes": self.num_classes}}
 
     @property
     def n_shards(self) -> int:
@@ -213,12 +237,26 @@ class JobSpec:
                 "verify": bool(self.verify)}
 
 
+def identity_hash(identity: dict) -> str:
+    """The job id: SHA-256 of the identity's canonical JSON."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def resolve_backend(name: str) -> str:
+    """The concrete backend ``name`` ("auto" included) loads here (BackendError if none)."""
+    from ..kernels import get_backend
+
+    return get_backend(name, threads=1).name
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}.npz"
 
 
 def parse_shard_selector(text: str | None) -> tuple[int, int]:
-    """'K/N' -> (K, N): this process does the shards k with k % N == K."""
+    """'K/N' -> (K, N): this process does the shards k with k % N == K. Also the argparse type of
+    ``--shard`` (an InputError becomes argparse's usage error, exit status 2)."""
     if text is None:
         return 0, 1
     try:
@@ -268,10 +306,16 @@ def read_manifest(out_dir: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
     except (OSError, ValueError) as e:
-        raise JobError(f"{path}: unreadable manifest ({e}); move it away to start over") from None
+        raise JobError(f"{path}: unreadable manifest ({e}); rebuild it from the shards with `terdit-edge recover "
+                       f"{out_dir}` (it keeps only shards that carry one job's identity)") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("job"), dict):
-        raise JobError(f"{path}: not a terdit-edge sampling manifest")
-    if m.get("version") != MANIFEST_VERSION:
+        raise JobError(f"{path}: not a terdit-edge sampling manifest; rebuild it from the shards with "
+                       f"`terdit-edge recover {out_dir}`")
+    if m.get("version") == 1:
+        raise JobError(f"{path}: a job started by terdit-edge {m.get('terdit_edge_version', '< 0.2')}, whose shards "
+                       "carry no job identity and cannot be checked against this job: finish or merge it with "
+                       "that version, or use another --out directory")
+    if m.get("version") != MANIFEST_VERSION or not isinstance(m.get("job_id"), str):
         raise JobError(f"{path}: manifest version {m.get('version')} is not supported (expected {MANIFEST_VERSION})")
     m.setdefault("shards", {})
     return m
@@ -294,11 +338,7 @@ def open_job_dir(out_dir: str, spec: JobSpec, extra: dict | None = None) -> dict
                     os.remove(os.path.join(out_dir, name))
         m = read_manifest(out_dir)
         if m is None:
-            m = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "job": job,
-                 "model": {"file": os.path.basename(spec.model_path), "sha256": spec.model_sha256,
-                           "num_classes": spec.num_classes},
-                 "n_shards": spec.n_shards, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "terdit_edge_version": __version__, "shards": {}}
+            m = new_manifest(spec.record())
             if spec.label_rule == "file":
                 m["labels_file"] = os.path.abspath(spec.labels)
             if extra:
@@ -308,6 +348,19 @@ def open_job_dir(out_dir: str, spec: JobSpec, extra: dict | None = None) -> dict
             raise JobError(f"{out_dir} holds a different sampling job ({_describe_difference(m['job'], job)}); "
                            "use another --out directory, or the same parameters to resume")
     return m
+
+
+def new_manifest(record: dict) -> dict:
+    """An empty manifest for the job ``record`` (:meth:`JobSpec.record`, or a shard's)."""
+    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "job": record["job"], "job_id": record["job_id"],
+            "model": record["model"], "n_shards": record["n_shards"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "terdit_edge_version": __version__,
+            "shards": {}}
+
+
+def write_manifest(out_dir: str, m: dict):
+    """Write DIR/manifest.json atomically (call with the lock held)."""
+    _write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True).encode())
 
 
 def record_shard(out_dir: str, k: int, info: dict):
@@ -327,22 +380,34 @@ def forget_shard(out_dir: str, k: int):
             _write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(m, indent=1, sort_keys=True).encode())
 
 
-def write_shard(out_dir: str, k: int, images: np.ndarray, labels, indices, seeds) -> dict:
-    """Write shard k atomically; returns its manifest record (file, sha256, count, first index)."""
+def _text_array(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def write_shard(out_dir: str, k: int, images: np.ndarray, labels, indices, seeds, record: dict) -> dict:
+    """Write shard k of the job ``record`` (:meth:`JobSpec.record`) atomically; returns its manifest
+    record (file, sha256, count, first index). Nothing is left behind when it fails."""
     path = os.path.join(out_dir, shard_name(k))
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     from .npzio import NpzWriter
 
-    with open(tmp, "wb") as f:
-        with NpzWriter(f) as w:
-            w.write_array("arr_0", np.ascontiguousarray(images, dtype=np.uint8))
-            w.write_array("labels", np.asarray(labels, dtype=np.int64))
-            w.write_array("indices", np.asarray(indices, dtype=np.int64))
-            w.write_array("seeds", np.asarray(seeds, dtype=np.uint64))
-        f.flush()
-        os.fsync(f.fileno())
-    digest = file_sha256(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            with NpzWriter(f) as w:
+                w.write_array("arr_0", np.ascontiguousarray(images, dtype=np.uint8))
+                w.write_array("labels", np.asarray(labels, dtype=np.int64))
+                w.write_array("indices", np.asarray(indices, dtype=np.int64))
+                w.write_array("seeds", np.asarray(seeds, dtype=np.uint64))
+                w.write_array("job_id", _text_array(record["job_id"]))
+                w.write_array("job", _text_array(json.dumps(record, sort_keys=True, separators=(",", ":"))))
+            f.flush()
+            os.fsync(f.fileno())
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise JobError(f"cannot write {path}: {e.strerror or e}") from None
     with contextlib.suppress(OSError):  # make the rename durable
         dfd = os.open(out_dir, os.O_RDONLY)
         try:
@@ -351,6 +416,39 @@ def write_shard(out_dir: str, k: int, images: np.ndarray, labels, indices, seeds
             os.close(dfd)
     return {"file": shard_name(k), "sha256": digest, "count": int(len(indices)), "first": int(indices[0]),
             "shape": list(images.shape[1:])}
+
+
+def shard_job_id(path: str) -> str | None:
+    """The job id a shard file carries; None when it carries none or cannot be read."""
+    from .npzio import read_npz_array
+
+    try:
+        raw = read_npz_array(path, "job_id")
+    except Exception:  # noqa: BLE001 - any unreadable file carries no identity (zipfile raises many kinds)
+        return None
+    if raw.dtype != np.uint8 or raw.ndim != 1 or len(raw) != 64:
+        return None
+    text = raw.tobytes().decode("ascii", "replace")
+    return text if all(c in "0123456789abcdef" for c in text) else None
+
+
+def shard_job_record(path: str) -> dict | None:
+    """The job record a shard carries (its ``job`` entry), None when absent or unreadable."""
+    from .npzio import read_npz_array
+
+    try:
+        rec = json.loads(read_npz_array(path, "job").tobytes().decode("utf-8"))
+    except Exception:  # noqa: BLE001 - as shard_job_id
+        return None
+    ok = isinstance(rec, dict) and isinstance(rec.get("job"), dict) and isinstance(rec.get("model"), dict) \
+        and isinstance(rec.get("n_shards"), int) and rec.get("job_id") == identity_hash(rec["job"])
+    return rec if ok else None
+
+
+def _not_a_file(path: str) -> JobError:
+    what = "a directory" if os.path.isdir(path) else "not a regular file"
+    return JobError(f"{path} is {what}, but the job writes a shard file under that name; move it away and run "
+                    "the command again")
 
 
 def check_shard_content(path: str, spec: JobSpec, k: int) -> str | None:
@@ -378,13 +476,21 @@ def check_shard_content(path: str, spec: JobSpec, k: int) -> str | None:
 
 
 def shard_status(out_dir: str, manifest: dict, spec: JobSpec, k: int) -> tuple[str, str]:
-    """('valid' | 'missing' | 'corrupt', detail). A recorded shard is valid when its file's SHA-256
-    matches the record; an unrecorded file (a run stopped between rename and record) is checked by
-    content and then recorded."""
+    """('valid' | 'missing' | 'corrupt' | 'foreign', detail). A shard is used only when it carries
+    this job's id; then a recorded shard is valid when its file's SHA-256 matches the record, and an
+    unrecorded one (a run stopped between rename and record, or a lost manifest) is checked by
+    content and then recorded. 'foreign': a shard of another job (or of none) under this name."""
     path = os.path.join(out_dir, shard_name(k))
     rec = manifest["shards"].get(str(k))
-    if not os.path.exists(path):
-        return ("missing", "recorded but the file is gone") if rec else ("missing", "")
+    if not os.path.lexists(path):
+        return ("missing", "recorded in the manifest but the file is gone") if rec else ("missing", "")
+    if not os.path.isfile(path):
+        raise _not_a_file(path)
+    found = shard_job_id(path)
+    if found != spec.job_id():
+        # never deleted: what cannot be shown to be this job's may be someone's work (it is moved aside)
+        return "foreign", (f"it belongs to another job (id {found[:12]}; this job is {spec.job_id()[:12]})"
+                           if found else "it carries no readable job identity (another job's, or damaged)")
     if rec is not None:
         digest = file_sha256(path)
         if digest == rec.get("sha256") and rec.get("count") == len(spec.shard_indices(k)):
@@ -447,9 +553,37 @@ class JobResult:
         return self.samples_computed / self.seconds if self.seconds > 0 else 0.0
 
 
+class _Reporter:
+    """The job's messages on stderr; while the progress bar is shown they go above it (tqdm.write),
+    never onto the bar's line. Engines report through it too (``engine.log``)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, msg: str):
+        if self.quiet:
+            return
+        line = f"terdit-edge sample: {msg}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
 def _log(msg: str, quiet: bool):
-    if not quiet:
-        print(f"terdit-edge sample: {msg}", file=sys.stderr, flush=True)
+    _Reporter(quiet)(msg)
+
+
+def move_aside(path: str, tag: str) -> str:
+    """Rename ``path`` to a free ``path.rejected-TAG[-N]`` (nothing is deleted); returns the new name."""
+    dst = f"{path}.rejected-{tag}"
+    n = 1
+    while os.path.lexists(dst):
+        n += 1
+        dst = f"{path}.rejected-{tag}-{n}"
+    os.replace(path, dst)
+    return dst
 
 
 def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1), progress: bool = True,
@@ -468,6 +602,13 @@ def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1)
     selected = [k for k in range(spec.n_shards) if k % sel_n == sel_k]
     res = JobResult(out_dir=out_dir, n=spec.n, shards_total=spec.n_shards, shards_selected=selected,
                     engine=getattr(engine, "name", type(engine).__name__))
+    log = _Reporter(quiet)
+    if hasattr(engine, "log"):
+        engine.log = log
+    if not selected:
+        log(f"--shard {sel_k}/{sel_n} selects no shard: the job has {spec.n_shards} shard(s) (0..{spec.n_shards - 1}) "
+            f"and this part does those with k % {sel_n} == {sel_k}; nothing to do (use at most {spec.n_shards} "
+            "parts, or a smaller --shard-size for more shards)")
     remove_stale_temp_files(out_dir, selected)
     todo = []
     for k in selected:
@@ -477,17 +618,24 @@ def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1)
             if png:
                 _write_pngs(out_dir, spec, k, only_missing=True)
         else:
+            path = os.path.join(out_dir, shard_name(k))
             if status == "corrupt":
-                _log(f"shard {k} ({shard_name(k)}) is {why}: redoing it", quiet)
+                log(f"shard {k} ({shard_name(k)}): {why}; redoing it")
                 res.shards_redone += 1
-                forget_shard(out_dir, k)
                 with contextlib.suppress(OSError):
-                    os.remove(os.path.join(out_dir, shard_name(k)))
+                    os.remove(path)
+            elif status == "foreign":
+                found = shard_job_id(path)
+                moved = move_aside(path, found[:12] if found else "unknown")
+                log(f"shard {k} ({shard_name(k)}): {why}; not used: moved to {os.path.basename(moved)}, redoing it")
+                res.shards_redone += 1
+            if status != "missing" or str(k) in manifest["shards"]:
+                forget_shard(out_dir, k)
             todo.append(k)
     n_todo = sum(len(spec.shard_indices(k)) for k in todo)
     n_sel = sum(len(spec.shard_indices(k)) for k in selected)
     if res.shards_skipped:
-        _log(f"resuming: {res.shards_skipped} of {len(selected)} shard(s) already done", quiet)
+        log(f"resuming: {res.shards_skipped} of {len(selected)} shard(s) already done")
     units, uid = [], 0
     pending = {}
     for k in todo:
@@ -503,7 +651,9 @@ def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1)
         from tqdm.auto import tqdm
         bar = tqdm(total=n_sel, initial=n_sel - n_todo, unit="img", desc="sampling", dynamic_ncols=True,
                    smoothing=0.05)
+        log.bar = bar
     t_run = time.time()
+    record = spec.record()
     try:
         if units:
             for unit, images, info in engine.imap(spec, units):
@@ -518,7 +668,7 @@ def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1)
                 if p["left"] == 0:
                     idx = p["indices"]
                     rec = write_shard(out_dir, unit.shard, p["images"], p["labels"], np.arange(idx.start, idx.stop),
-                                      p["seeds"])
+                                      p["seeds"], record)
                     record_shard(out_dir, unit.shard, rec)
                     res.shards_written += 1
                     del pending[unit.shard]
@@ -529,6 +679,7 @@ def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1)
     finally:
         if bar is not None:
             bar.close()
+            log.bar = None
     res.retries = getattr(engine, "retries", 0)
     res.seconds = time.time() - t_run
     m = read_manifest(out_dir)
@@ -536,8 +687,8 @@ def run_job(spec: JobSpec, out_dir: str, engine, shard: tuple[int, int] = (0, 1)
     if not quiet:
         rate = f", {res.samples_per_second:.2f} samples/s" if res.samples_computed else ""
         extra = "" if res.complete else " (other shards of the job are not done yet)"
-        _log(f"{res.shards_written} shard(s) written, {res.shards_skipped} already done, {res.samples_computed} "
-             f"samples in {time.time() - t0:.1f} s{rate}; {out_dir}{extra}", quiet)
+        log(f"{res.shards_written} shard(s) written, {res.shards_skipped} already done, {res.samples_computed} "
+            f"samples in {time.time() - t0:.1f} s{rate}; {out_dir}{extra}")
     return res
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 
 import numpy as np
 
-from ..errors import InputError
-from .job import JobError, file_sha256, read_manifest, shard_name
+from ..errors import InputError, TerditError
+from .job import JobError, file_sha256, read_manifest, shard_job_id, shard_name
 from .npzio import COPY_CHUNK, NpzArrayReader, NpzWriter, read_npz_array
 
 
@@ -27,16 +28,16 @@ def locate_shards(dirs) -> tuple[dict, list[str]]:
         if m is None:
             raise JobError(f"{d}: no manifest.json; not a terdit-edge sampling job directory")
         manifests.append(m)
-    job = manifests[0]["job"]
+    job, job_id = manifests[0]["job"], manifests[0]["job_id"]
     for d, m in zip(dirs[1:], manifests[1:]):
-        if m["job"] != job:
+        if m["job_id"] != job_id:
             raise JobError(f"{d} holds a different job than {dirs[0]}; only shards of one job can be merged")
     n_shards = -(-job["n"] // job["shard_size"])
     paths, records, missing = [], [], []
     for k in range(n_shards):
         for d, m in zip(dirs, manifests):
             rec = m["shards"].get(str(k))
-            if rec is not None and os.path.exists(os.path.join(d, shard_name(k))):
+            if rec is not None and os.path.isfile(os.path.join(d, shard_name(k))):
                 paths.append(os.path.join(d, shard_name(k)))
                 records.append(rec)
                 break
@@ -46,7 +47,14 @@ def locate_shards(dirs) -> tuple[dict, list[str]]:
         shown = ", ".join(str(k) for k in missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise JobError(f"{len(missing)} of {n_shards} shard(s) are not done ({shown}); run the same "
                        "`terdit-edge sample` command again to finish them (it resumes)")
-    return {"job": job, "records": records, "manifest": manifests[0]}, paths
+    # the identity is checked whatever --no-verify says: it costs one small entry per shard
+    for p in paths:
+        found = shard_job_id(p)
+        if found != job_id:
+            why = f"belongs to another job (id {found[:12]})" if found else "carries no readable job identity"
+            raise JobError(f"{p} {why}, not to this job (id {job_id[:12]}); run the `terdit-edge sample` command "
+                           "of this job again: it moves the shard aside and redoes it")
+    return {"job": job, "job_id": job_id, "records": records, "manifest": manifests[0]}, paths
 
 
 def merge(dirs, out: str, verify: bool = True, chunk: int = COPY_CHUNK, progress: bool = True,
@@ -73,11 +81,13 @@ def merge(dirs, out: str, verify: bool = True, chunk: int = COPY_CHUNK, progress
     with NpzArrayReader(paths[0], "arr_0") as r:
         shape = r.shape[1:]
     tmp = f"{out}.{os.getpid()}.tmp"
+    current = paths[0]
     try:
         with open(tmp, "wb") as f:
             with NpzWriter(f) as w:
                 with w.array_stream("arr_0", (n,) + tuple(shape), np.uint8) as dst:
                     for p, rec in zip(paths, records):
+                        current = p
                         with NpzArrayReader(p, "arr_0") as r:
                             if r.dtype != np.uint8 or r.shape[1:] != shape or len(r) != rec["count"]:
                                 raise JobError(f"{p}: arr_0 is {r.dtype} {r.shape}; expected uint8 "
@@ -86,13 +96,23 @@ def merge(dirs, out: str, verify: bool = True, chunk: int = COPY_CHUNK, progress
                         if bar is not None:
                             bar.update(rec["count"])
                 for key, dtype in (("labels", np.int64), ("indices", np.int64), ("seeds", np.uint64)):
-                    w.write_array(key, np.concatenate([read_npz_array(p, key) for p in paths]).astype(dtype))
+                    parts = []
+                    for p in paths:
+                        current = p
+                        parts.append(read_npz_array(p, key))
+                    w.write_array(key, np.concatenate(parts).astype(dtype))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (zipfile.BadZipFile, EOFError, ValueError)) and not isinstance(e, TerditError):
+            # a damaged shard (a bad CRC is found only as its bytes are copied, with --no-verify)
+            raise JobError(f"{current} is damaged ({type(e).__name__}: {e}); run the `terdit-edge sample` "
+                           "command of this job again to redo it") from None
+        if isinstance(e, OSError):
+            raise JobError(f"merging into {out} failed: {e.strerror or e} ({e.filename or current})") from None
         raise
     finally:
         if bar is not None:

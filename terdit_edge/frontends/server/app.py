@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -24,8 +25,16 @@ from starlette.routing import Route
 from ..._version import __version__
 from ...diffusion import SAMPLER_REGISTRY, named_schedules
 from ...speed import describe as describe_speeds
-from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull
-from .validate import ApiError, bad, job_params, openai_params
+from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull, StoreFailed
+from .validate import (
+    ApiError,
+    Upload,
+    bad,
+    is_edit_body,
+    job_params,
+    openai_edit_params,
+    openai_params,
+)
 
 log = logging.getLogger("terdit_edge.server")
 
@@ -62,6 +71,22 @@ def read_key_file(path) -> list[str]:
     return keys
 
 
+def _favicon_png() -> bytes:
+    """A 16x16 icon (a dark square with a light diagonal), made at start-up: browsers ask for
+    /favicon.ico on every page and would log a 404."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.full((16, 16, 3), 40, np.uint8)
+    for i in range(16):
+        a[i, max(0, i - 1):i + 2] = (230, 230, 230)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _json_error(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -72,6 +97,8 @@ class Server:
     def __init__(self, manager: JobManager, api_keys: list[str] | None = None, backend: str = "auto"):
         self.m = manager
         self.keys = [k.encode("utf-8") for k in api_keys] if api_keys else None
+        self.fingerprints = [hashlib.sha256(b"terdit-edge-owner/" + k).hexdigest()[:32] for k in self.keys or ()]
+        self.favicon = _favicon_png()
         self.backend_requested = backend
         self.started = time.time()
         self.page = {path: (package_text(name).encode("utf-8"), ctype) for path, (name, ctype) in PAGE_FILES.items()}
@@ -80,7 +107,9 @@ class Server:
     # -- helpers ----------------------------------------------------------------------------------
 
     def owner(self, request: Request):
-        """The caller's key index (None when keys are off); 401 without a valid bearer key."""
+        """The caller's key fingerprint (None when keys are off); 401 without a valid bearer key. A
+        fingerprint, not the key's position in the file: stored jobs keep their owner across a
+        restart with a reordered key file, and the store never holds a key."""
         if self.keys is None:
             return None
         header = request.headers.get("authorization", "")
@@ -95,7 +124,7 @@ class Server:
                 found = i
         if found is None:
             raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
-        return found
+        return self.fingerprints[found]
 
     def pipe(self):
         if self.m.state == "ready":
@@ -104,36 +133,55 @@ class Server:
             raise ApiError(503, "loading", "the model is still loading; retry shortly", {"Retry-After": "1"})
         raise ApiError(503, "load_failed", f"the model failed to load: {self.m.load_error}")
 
-    async def body(self, request: Request):
-        limit = self.m.limits.max_body_bytes
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type", f"send a JSON body (Content-Type: application/json), "
-                           f"not {ctype!r}")
+    async def read_body(self, request: Request, limit: int, message: str) -> bytes:
+        """The raw body, at most ``limit`` bytes (413 with ``message`` over it)."""
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise ApiError(413, "body_too_large", f"the request body is over {limit} bytes")
+            raise ApiError(413, "body_too_large", message)
         data = bytearray()
         try:
             async for chunk in request.stream():
                 data += chunk
                 if len(data) > limit:
-                    raise ApiError(413, "body_too_large", f"the request body is over {limit} bytes")
+                    raise ApiError(413, "body_too_large", message)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnect", "the client went away") from None
+        return bytes(data)
+
+    async def body(self, request: Request, edit: bool = False):
+        """The JSON body. ``edit``: it may be an edit job, up to max_upload_bytes when it holds an image."""
+        lim = self.m.limits
+        limit = lim.max_body_bytes
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported_media_type", f"send a JSON body (Content-Type: application/json), "
+                           f"not {ctype!r}")
+        small = f"the request body is over {limit} bytes"
+        if edit:
+            upload = max(limit, lim.max_upload_bytes)
+            data = await self.read_body(request, upload, f"the request body is over {upload} bytes (the limit "
+                                        "of an edit job with its pictures)")
+            if len(data) > limit and not is_edit_body(data):
+                raise ApiError(413, "body_too_large", small + " (only an edit job, with an 'image', may be larger)")
+        else:
+            data = await self.read_body(request, limit, small)
         if not data:
             raise bad("the request body is empty: send a JSON object")
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # "[" * 5000: under the size limit, over the parser's nesting depth
+            raise bad("the request body is nested too deeply") from None
 
     def job_for(self, request: Request, owner):
         job_id = request.path_params["job_id"]
         job = self.m.get(job_id, owner, check_owner=self.keys is not None) if len(job_id) <= 64 else None
         if job is None:
-            raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r}: unknown, made with another key, or "
-                           f"finished more than {self.m.limits.keep_seconds:g} s ago and dropped")
+            lost = "" if self.m.store is not None else (", or accepted before a restart of this server (it runs with "
+                                                        "--ephemeral: jobs live in memory only)")
+            raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r}: unknown, made with another key, "
+                           f"finished more than {self.m.limits.keep_seconds:g} s ago and dropped{lost}")
         return job
 
     def job_json(self, job) -> dict:
@@ -170,8 +218,22 @@ class Server:
             "backend": pipe.model.backend.describe(), **self.m.settings.model_kwargs(),
             "limits": {"max_queue": lim.max_queue, "max_batch": lim.max_batch, "max_n": lim.max_n,
                        "max_steps": lim.max_steps, "max_body_bytes": lim.max_body_bytes,
+                       "max_upload_bytes": lim.max_upload_bytes, "max_image_pixels": lim.max_image_pixels,
                        "keep_seconds": lim.keep_seconds, "keep_jobs": lim.keep_jobs},
-            "auth": self.keys is not None})
+            "edit": self.edit_capability(pipe),
+            "auth": self.keys is not None, "durable_jobs": self.m.store is not None})
+
+    @staticmethod
+    def edit_capability(pipe) -> dict:
+        """Whether this model can edit (a latent model needs its VAE's encoder), and why not."""
+        from ...edit import edit_geometry
+        from ...errors import InputError
+
+        try:
+            edit_geometry(pipe)
+        except InputError as e:
+            return {"available": False, "reason": str(e)}
+        return {"available": True, "modes": ["image-to-image", "inpainting"]}
 
     def model_id(self) -> str:
         return os.path.splitext(self.m.model_name)[0]
@@ -212,15 +274,21 @@ class Server:
         self.owner(request)
         return Response(self.openapi, media_type="application/json")
 
+    async def favicon_file(self, request: Request):
+        return Response(self.favicon, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
     async def page_file(self, request: Request):
         content, ctype = self.page[request.url.path]
         return Response(content, media_type=ctype, headers={"Cache-Control": "no-cache"})
 
     # -- the job API --------------------------------------------------------------------------------
 
-    def submit(self, params, owner):
+    def submit(self, params, owner, durable: bool = True):
         try:
-            return self.m.submit(params, owner)
+            return self.m.submit(params, owner, durable=durable)
+        except StoreFailed as e:
+            raise ApiError(503, "store_unavailable", f"the job could not be stored on disk ({e}); it was not "
+                           "accepted: retry later", {"Retry-After": "5"}) from None
         except QueueFull as e:
             raise ApiError(429, "queue_full", f"the queue is full ({self.m.limits.max_queue} jobs); retry in "
                            f"{e.retry_after} s", {"Retry-After": str(e.retry_after)}) from None
@@ -231,7 +299,11 @@ class Server:
     async def create_job(self, request: Request):
         owner = self.owner(request)
         pipe = self.pipe()
-        params = job_params(await self.body(request), pipe, self.m.limits, self.m.settings)
+        body = await self.body(request, edit=True)
+        if isinstance(body, dict) and "image" in body:  # decoding a picture takes a while: off the event loop
+            params = await asyncio.to_thread(job_params, body, pipe, self.m.limits, self.m.settings)
+        else:
+            params = job_params(body, pipe, self.m.limits, self.m.settings)
         job = self.submit(params, owner)
         d = self.job_json(job)
         return JSONResponse({"id": job.id, "status_url": d["status_url"], "events_url": d["events_url"],
@@ -256,9 +328,8 @@ class Server:
     async def job_image(self, request: Request):
         job = self.job_for(request, self.owner(request))
         k = request.path_params["k"]
-        if job.status != "succeeded":
-            raise ApiError(409 if not job.final else 404, "no_image",
-                           f"job {job.id} is {job.status}: images exist only once it has succeeded")
+        if job.status != "succeeded":  # 409 in every other state, as docs/server.md says
+            raise ApiError(409, "no_image", f"job {job.id} is {job.status}: images exist only once it has succeeded")
         if not 0 <= k < len(job.images):
             raise ApiError(404, "no_image", f"job {job.id} has images 0..{len(job.images) - 1}, not {k}")
         return Response(job.images[k], media_type="image/png",
@@ -293,7 +364,74 @@ class Server:
         owner = self.owner(request)
         pipe = self.pipe()
         params = openai_params(await self.body(request), pipe, self.m.limits, self.m.settings)
-        job = self.submit(params, owner)
+        return await self.openai_answer(request, params, owner, pipe)
+
+    async def form(self, request: Request) -> dict:
+        """A multipart/form-data body (at most max_upload_bytes) -> {name: text or Upload}."""
+        from starlette.datastructures import UploadFile
+
+        lim = self.m.limits
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":
+            raise ApiError(415, "unsupported_media_type", "send a multipart/form-data body with the picture as the "
+                           f"file field 'image' (as OpenAI's images.edit does), not {ctype or 'no content type'!r}")
+        upload = max(lim.max_body_bytes, lim.max_upload_bytes)
+        data = await self.read_body(request, upload, f"the request body is over {upload} bytes")
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        try:
+            from starlette.formparsers import MultiPartException
+        except ImportError:  # pragma: no cover - older Starlette
+            MultiPartException = ValueError  # noqa: N806
+        try:
+            form = await Request(request.scope, replay).form(max_files=4, max_fields=64, max_part_size=64 * 1024)
+        except AssertionError:  # Starlette asserts python-multipart is installed
+            raise ApiError(500, "multipart_unavailable", "this server cannot read multipart forms: install "
+                           "python-multipart (pip install \"terdit-edge[server]\")") from None
+        except (MultiPartException, HTTPException, ValueError, KeyError) as e:
+            detail = getattr(e, "message", None) or getattr(e, "detail", None) or str(e)
+            raise bad(f"the multipart form could not be read: {detail}") from None
+        out: dict = {}
+        arrays = set()
+        try:
+            for name, value in form.multi_items():
+                key = name[:-2] if name.endswith("[]") else name  # OpenAI's clients send lists as key[]
+                if isinstance(value, UploadFile):
+                    value = Upload(value.filename or "", await value.read())
+                if name.endswith("[]") and (key in arrays or key not in out):
+                    arrays.add(key)
+                    out.setdefault(key, []).append(value)
+                elif key in out:
+                    raise bad(f"field {key!r} is given more than once")
+                else:
+                    out[key] = value
+        finally:
+            await form.close()
+        for key in arrays:  # one picture per request: image[] with one file is the picture
+            if key in ("image", "mask"):
+                if len(out[key]) != 1:
+                    raise bad(f"give one {key} per request, got {len(out[key])}", "invalid_image")
+                out[key] = out[key][0]
+        return out
+
+    async def openai_edit(self, request: Request):
+        owner = self.owner(request)
+        pipe = self.pipe()
+        form = await self.form(request)
+        params = await asyncio.to_thread(openai_edit_params, form, pipe, self.m.limits, self.m.settings)
+        return await self.openai_answer(request, params, owner, pipe)
+
+    async def openai_answer(self, request: Request, params, owner, pipe):
+        """Run a synchronous OpenAI-style request and answer {"created", "data": [{"b64_json", ...}]}."""
+        # not stored: the answer goes to this open connection, which a restart ends (the client sees it)
+        job = self.submit(params, owner, durable=False)
         while not job.final:
             await self.m.wait_for_change(job, job.seq, 0.25)
             if not job.final and await request.is_disconnected():
@@ -331,6 +469,7 @@ def create_app(manager: JobManager, api_keys: list[str] | None = None, backend: 
 
     routes = [Route(path, guarded(srv.page_file), methods=["GET"]) for path in PAGE_FILES]
     routes += [
+        Route("/favicon.ico", guarded(srv.favicon_file), methods=["GET"]),
         Route("/health", guarded(srv.health), methods=["GET"]),
         Route("/metrics", guarded(srv.metrics), methods=["GET"]),
         Route("/v1/capabilities", guarded(srv.capabilities), methods=["GET"]),
@@ -342,6 +481,7 @@ def create_app(manager: JobManager, api_keys: list[str] | None = None, backend: 
         Route("/v1/jobs/{job_id}/cancel", guarded(srv.cancel_job), methods=["POST"]),
         Route("/v1/jobs/{job_id}/images/{k:int}.png", guarded(srv.job_image), methods=["GET"]),
         Route("/v1/images/generations", guarded(srv.openai_generate), methods=["POST"]),
+        Route("/v1/images/edits", guarded(srv.openai_edit), methods=["POST"]),
     ]
 
     async def http_error(request: Request, exc: HTTPException):

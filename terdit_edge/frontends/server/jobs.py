@@ -9,12 +9,21 @@ a batch is cancelled the callback raises and the batch stops there, freeing the 
 
 Everything shared between the worker and the web threads is guarded by one lock; web code waits
 for changes through :meth:`JobManager.wait_for_change` (asyncio events set thread-safely).
+
+With a :class:`~.store.JobStore` (``serve`` without ``--ephemeral``) every accepted job is written
+to disk before it is answered, and so is each change of its status; on start the manager takes back
+the stored jobs: finished ones are served until their TTL, queued and interrupted ones run again
+(``restarts`` counts the restarts a job went through; a ``resumed`` event says it came back). Event
+ids keep growing across restarts (a job's ids start at ``restarts * RESTART_SEQ`` after a restart),
+so a client that reconnects with ``Last-Event-ID`` misses nothing.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -27,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...edit import EditSettings
 from ...errors import TerditError
 from ...settings import GenerationSettings
 
@@ -35,6 +45,7 @@ log = logging.getLogger("terdit_edge.server")
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINAL = frozenset((SUCCEEDED, FAILED, CANCELLED))
+RESTART_SEQ = 1_000_000_000  # event ids of a job after its r-th restart start above r * RESTART_SEQ
 
 
 class QueueFull(Exception):
@@ -51,14 +62,53 @@ class AlreadyFinished(Exception):
     pass
 
 
+class StoreFailed(Exception):
+    """The job could not be written to the store (disk full, I/O error): it is not accepted."""
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """The input of an edit job: the picture as PNG bytes, already converted and fitted to the
+    model's size (:func:`terdit_edge.edit.fitted_image`: the same values as the upload gives), the
+    mask likewise (mode L; None: image-to-image), and the edit settings resolved for the mask."""
+
+    image: bytes
+    mask: bytes | None
+    settings: EditSettings
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def mode(self) -> str:
+        return "inpainting" if self.has_mask else "image-to-image"
+
+    def batch_key(self) -> tuple:
+        """Edits with equal keys (and equal generation settings) are sampled together; the
+        pictures themselves may differ (each row has its own)."""
+        s = self.settings
+        return ("edit", self.mode, s.strength) + ((s.mask_blur, s.resample_jumps, s.jump_length)
+                                                  if self.has_mask else ())
+
+    def public(self) -> dict:
+        """What a job's JSON says about its edit (the pictures are not echoed)."""
+        s = self.settings
+        d = {"mode": self.mode, "strength": s.strength, "fit": s.fit}
+        if self.has_mask:
+            d.update(mask_blur=s.mask_blur, resample_jumps=s.resample_jumps, jump_length=s.jump_length)
+        return d
+
+
 @dataclass(frozen=True)
 class JobParams:
     """A validated request: standard class ids and seeds, one per image, and the settings (without
-    seeds: ``seeds`` holds them resolved)."""
+    seeds: ``seeds`` holds them resolved); ``edit``: the input of an edit job (None: generation)."""
 
     classes: tuple
     seeds: tuple
     settings: GenerationSettings = GenerationSettings()
+    edit: EditInput | None = None
 
     @property
     def n(self) -> int:
@@ -66,10 +116,14 @@ class JobParams:
 
     @property
     def n_steps(self) -> int:
-        return self.settings.n_steps
+        """Denoising steps per image (an edit runs the last ones of the schedule, RePaint repeats)."""
+        if self.edit is None:
+            return self.settings.n_steps
+        return self.edit.settings.model_steps(self.settings.n_steps, self.edit.has_mask)
 
     def batch_key(self) -> tuple:
-        return self.settings.batch_key()
+        key = self.settings.batch_key()
+        return key if self.edit is None else key + (self.edit.batch_key(),)
 
 
 @dataclass
@@ -79,6 +133,8 @@ class Limits:
     max_n: int = 16
     max_steps: int = 1000
     max_body_bytes: int = 16 * 1024
+    max_upload_bytes: int = 16 * 1024 * 1024  # the body of an edit request (JSON with base64 pictures, or multipart)
+    max_image_pixels: int = 4096 * 4096  # pixels of an uploaded picture or mask
     keep_seconds: float = 600.0
     keep_jobs: int = 256
     batch_wait: float = 0.02  # seconds the worker waits for more jobs to fill a batch that is not full
@@ -105,6 +161,9 @@ class Job:
     batch_images: int | None = None  # images sampled together with this job's (its batch), once running
     total_steps: int = 0  # sampler steps the job's images take: steps x sub-batches for a job over max_batch
     stopped_at_step: int | None = None
+    durable: bool = False  # kept in the store (POST /v1/jobs with a store; not synchronous requests)
+    restarts: int = 0  # server restarts this job went through before it finished
+    server_id: str = ""  # the model identity it was accepted under (see JobManager.server_id)
 
     @property
     def final(self) -> bool:
@@ -141,8 +200,11 @@ class JobManager:
     """
 
     def __init__(self, loader, limits: Limits | None = None, model_name: str = "model",
-                 settings: GenerationSettings | None = None):
+                 settings: GenerationSettings | None = None, store=None):
         self._loader = loader
+        self.store = store  # a JobStore, or None: jobs live in memory only (--ephemeral)
+        self.server_id = ""  # hash of the model file's digest and the model settings, once loaded
+        self._interrupt = False  # a clean stop with a store: the batch stops, its jobs stay queued on disk
         self.limits = limits or Limits()
         self.model_name = model_name
         self.settings = settings or GenerationSettings()  # the model settings; requests set the others
@@ -171,17 +233,69 @@ class JobManager:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.store is not None:
+            with self._lock:
+                self._restore()
         self._thread = threading.Thread(target=self._main, name="terdit-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stop = True
-            for job in list(self._queue) + self._running:
-                job.cancel_requested = True
+            if self.store is None:
+                for job in list(self._queue) + self._running:
+                    job.cancel_requested = True
+            else:  # they are on disk: the next start runs them (the running batch starts over then)
+                self._interrupt = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.store is not None:
+            with self._lock:
+                self.store.close()
+                self.store = None
+
+    def _restore(self) -> None:
+        """Take back the stored jobs (at start, before the model loads: their ids answer at once)."""
+        now = time.time()
+        expired = []
+        for r in self.store.load():
+            if r["status"] in FINAL and (r["finished"] or 0) + self.limits.keep_seconds < now:
+                expired.append(r["id"])
+                continue
+            settings = GenerationSettings.from_json(r["settings"])
+            edit = None
+            if r["edit"] is not None:
+                edit = EditInput(r["edit_image"], r["edit_mask"], EditSettings.from_json(r["edit"]))
+            job = Job(id=r["id"], owner=r["owner"], created=r["created"], status=r["status"],
+                      params=JobParams(tuple(r["classes"]), tuple(r["seeds"]), settings, edit),
+                      total_steps=r["total_steps"], durable=True, restarts=r["restarts"], server_id=r["server_id"],
+                      started=r["started"], finished=r["finished"], error=r["error"], step=r["step"],
+                      stopped_at_step=r["stopped_at_step"], cancel_requested_at_step=r["cancel_requested_at_step"])
+            job.cancel_requested = r["cancel_requested_at_step"] is not None
+            self._jobs[job.id] = job
+            if job.final:
+                job.images = r["images"]
+                job.seq = job.restarts * RESTART_SEQ
+                self._emit(job, {SUCCEEDED: "done", CANCELLED: "cancelled"}.get(job.status, "error"),
+                           {"status": job.status, **({"images": len(job.images)} if job.status == SUCCEEDED
+                                                     else {"error": job.error} if job.status == FAILED else
+                                                     {"step": job.step})})
+                continue
+            was = job.status
+            job.restarts += 1
+            job.seq = job.restarts * RESTART_SEQ
+            job.status, job.started, job.step = QUEUED, None, 0
+            if job.cancel_requested:  # acknowledged before the restart: it stays cancelled
+                self._finish(job, CANCELLED)
+                continue
+            self._queue.append(job)
+            self.store.requeued(job)
+            self._emit(job, "resumed", {"restarts": job.restarts, "was": was,
+                                        "queue_position": len(self._queue) - 1})
+        self.store.delete(expired)
+        if self._queue:
+            log.info("resumed %d stored job(s) after a restart", len(self._queue))
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
@@ -197,14 +311,21 @@ class JobManager:
             return
         with self._lock:
             self.pipe, self.state = pipe, "ready"
+            self.server_id = _server_id(pipe, self.settings)
+            for job in list(self._queue):
+                if job.server_id and job.server_id != self.server_id:  # its images would be another model's
+                    self._queue.remove(job)
+                    self._finish(job, FAILED, error="the server was restarted with another model file or model "
+                                 "settings than this job was accepted for; submit it again")
         self._ready.set()
         while True:
             with self._lock:
                 while not self._queue and not self._stop:
                     self._wake.wait()
                 if self._stop:
-                    for job in list(self._queue):
-                        self._finish(job, CANCELLED, error="the server is shutting down")
+                    if self.store is None:
+                        for job in list(self._queue):
+                            self._finish(job, CANCELLED, error="the server is shutting down")
                     self._queue.clear()
                     return
                 self._gather()
@@ -215,7 +336,8 @@ class JobManager:
 
     # -- submitting, looking up, cancelling (web threads) --------------------------------------------
 
-    def submit(self, params: JobParams, owner=None) -> Job:
+    def submit(self, params: JobParams, owner=None, durable: bool = True) -> Job:
+        """Queue a job. ``durable``: keep it in the store (when there is one) before returning."""
         with self._lock:
             if self.state != "ready":
                 raise NotReady(self.state)
@@ -223,7 +345,14 @@ class JobManager:
             if len(self._queue) >= self.limits.max_queue:
                 raise QueueFull(self._retry_after())
             job = Job(id=secrets.token_urlsafe(12), owner=owner, params=params, created=time.time(),
-                      total_steps=params.n_steps * math.ceil(params.n / self.limits.max_batch))
+                      total_steps=params.n_steps * math.ceil(params.n / self.limits.max_batch),
+                      durable=durable and self.store is not None, server_id=self.server_id)
+            if job.durable:
+                try:
+                    self.store.add(job, self.server_id)
+                except Exception as e:  # noqa: BLE001 - sqlite3 / OS errors: the job is refused, not lost later
+                    log.error("cannot store job: %s", e)
+                    raise StoreFailed(str(e)) from None
             self._jobs[job.id] = job
             self._queue.append(job)
             self.jobs_total += 1
@@ -246,6 +375,7 @@ class JobManager:
                 raise AlreadyFinished(job.status)
             job.cancel_requested = True
             job.cancel_requested_at_step = job.step
+            self._store("cancel_requested", job)
             if job.status == QUEUED:
                 self._queue.remove(job)
                 self._finish(job, CANCELLED)
@@ -261,11 +391,14 @@ class JobManager:
                  "n": p.n, "classes": list(p.classes), "seeds": list(p.seeds), **settings,
                  "steps_spec": p.settings.step_spec, "created": job.created, "started": job.started,
                  "finished": job.finished,
-                 "batch_images": job.batch_images, "cancel_requested": job.cancel_requested}
+                 "batch_images": job.batch_images, "cancel_requested": job.cancel_requested,
+                 "restarts": job.restarts, "durable": job.durable}
             if job.stopped_at_step is not None:
                 d["stopped_at_step"] = job.stopped_at_step
             if job.cancel_requested_at_step is not None:
                 d["cancel_requested_at_step"] = job.cancel_requested_at_step
+            if p.edit is not None:
+                d["edit"] = p.edit.public()
             return d
 
     def events_after(self, job: Job, seq: int) -> tuple[list, bool]:
@@ -330,14 +463,37 @@ class JobManager:
         steps = self._batch_remaining_steps + (self._queue[0].total_steps if self._queue else 0)
         return max(1, math.ceil(steps * sps))
 
+    def _store(self, what: str, *args) -> None:
+        """A store write for durable jobs (lock held). A failure is logged: the job goes on in memory."""
+        if self.store is None:
+            return
+        jobs = args[0] if isinstance(args[0], list) else [args[0]]
+        if not any(j.durable for j in jobs):
+            return
+        try:
+            if what == "started":
+                self.store.started([j for j in jobs if j.durable])
+            else:
+                getattr(self.store, what)(*args)
+        except Exception as e:  # noqa: BLE001 - the store is a copy of the state; serving goes on
+            log.error("job store write (%s) failed: %s", what, e)
+
     def _purge(self) -> None:
         now = time.time()
-        finished = [j for j in self._jobs.values() if j.final]
+        finished = sorted((j for j in self._jobs.values() if j.final), key=lambda j: j.finished or 0)
         excess = len(finished) - self.limits.keep_jobs
+        dropped = []
         for j in finished:
             if excess > 0 or now - j.finished > self.limits.keep_seconds:
                 del self._jobs[j.id]
                 excess -= 1
+                if j.durable:
+                    dropped.append(j.id)
+        if dropped and self.store is not None:
+            try:
+                self.store.delete(dropped)
+            except Exception as e:  # noqa: BLE001 - retried at the next purge or start
+                log.error("job store delete failed: %s", e)
 
     def _emit(self, job: Job, name: str, data: dict) -> None:
         job.seq += 1
@@ -356,11 +512,13 @@ class JobManager:
             seq, name, data = job.events[k]
             job.events[k] = (seq, name, {key: v for key, v in data.items() if key != "preview"})
         self.counts[status] += 1
+        if status == CANCELLED:
+            job.stopped_at_step = job.step
+        self._store("finished", job)
         if status == SUCCEEDED:
             self.images_total += len(job.images)
             self._emit(job, "done", {"status": status, "images": len(job.images)})
         elif status == CANCELLED:
-            job.stopped_at_step = job.step
             self._emit(job, "cancelled", {"status": status, "step": job.step})
         else:
             self._emit(job, "error", {"status": status, "error": error})
@@ -396,6 +554,7 @@ class JobManager:
             self._queue.remove(job)
             job.status, job.started, job.batch_images = RUNNING, time.time(), total
             self._emit(job, "started", {"batch_images": total})
+        self._store("started", batch)
         self._running = batch
         self.batches_total += 1
         self._batch_remaining_steps = head.total_steps
@@ -426,6 +585,8 @@ class JobManager:
                 self.step_seconds_count += 1
                 self.seconds_per_step = dt if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * dt
                 self._batch_remaining_steps = max(0, total - (i + 1))
+                if self._interrupt:  # a clean stop with a store: the jobs run again at the next start
+                    raise _BatchCancelled()
                 live = []
                 for job in batch:
                     if job.final:
@@ -460,9 +621,14 @@ class JobManager:
                     self._emit(job, "step", data)
 
         try:
-            lat = pipe.latents(classes, p.settings.replace(seeds=seeds), callback=on_step,
-                               batch_size=min(len(classes), self.limits.max_batch))
-            self._deliver(batch, offsets, lat)
+            if p.edit is None:
+                lat = pipe.latents(classes, p.settings.replace(seeds=seeds), callback=on_step,
+                                   batch_size=min(len(classes), self.limits.max_batch))
+                # one image at a time, as Pipeline.__call__ decodes (same shapes, same bytes)
+                self._deliver(batch, offsets, lambda i: pipe.decode(lat[i:i + 1])[0])
+            else:
+                out = _run_edit_batch(pipe, batch, classes, seeds, on_step, self.limits.max_batch)
+                self._deliver(batch, offsets, lambda i: out[i])
         except _BatchCancelled:
             pass
         except TerditError as e:
@@ -475,7 +641,8 @@ class JobManager:
                 self._running = []
                 self._batch_remaining_steps = 0
 
-    def _deliver(self, batch: list[Job], offsets: list[int], lat: np.ndarray) -> None:
+    def _deliver(self, batch: list[Job], offsets: list[int], image_at) -> None:
+        """PNGs of every live job of the batch; ``image_at(i)``: row i's image, float (H, W, C) in [0, 1]."""
         from ...images import to_pil
         from ...pngmeta import generation_metadata, png_bytes
 
@@ -486,13 +653,16 @@ class JobManager:
                 continue
             p = job.params
             meta = generation_metadata(model_name, p.classes, p.seeds, p.settings)
-            # one image at a time, as Pipeline.__call__ decodes (same shapes, same bytes)
-            pngs = [png_bytes(to_pil(pipe.decode(lat[off + k:off + k + 1])[0]), meta, k) for k in range(p.n)]
+            if p.edit is not None:
+                meta.update(p.edit.settings.png_items(p.edit.has_mask))
+            pngs = [png_bytes(to_pil(image_at(off + k)), meta, k) for k in range(p.n)]
             with self._lock:
                 if job.final:
                     continue
                 if job.cancel_requested:
                     self._finish(job, CANCELLED)
+                    continue
+                if self._interrupt:
                     continue
                 job.images = pngs
                 job.step = job.total_steps
@@ -503,3 +673,30 @@ class JobManager:
             for job in batch:
                 if not job.final:
                     self._finish(job, FAILED, error=message)
+
+
+def _run_edit_batch(pipe, batch: list[Job], classes: list, seeds: list, on_step, max_batch: int) -> np.ndarray:
+    """The edited images (B, H, W, C) of a batch of compatible edit jobs: one Pipeline.edit /
+    inpaint call with one picture (and mask) per image, as the Python API would be called."""
+    from ...edit import run_edit
+
+    p = batch[0].params
+    images = [job.params.edit.image for job in batch for _ in range(job.params.n)]
+    masks = [job.params.edit.mask for job in batch for _ in range(job.params.n)] if p.edit.has_mask else None
+    return run_edit(pipe, images, classes, mask=masks, seeds=seeds, callback=on_step, output="np",
+                    batch_size=min(len(classes), max_batch), **p.settings.sample_kwargs(),
+                    **p.edit.settings.edit_kwargs(p.edit.has_mask))
+
+
+def _server_id(pipe, settings: GenerationSettings) -> str:
+    """What a stored job must have been accepted under to run again here: the model file's content
+    and the model settings (its images would be another model's otherwise)."""
+    h = hashlib.sha256()
+    if pipe.path and os.path.exists(pipe.path):
+        with open(pipe.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    else:
+        h.update(b"no-file")
+    h.update(json.dumps(settings.model_kwargs(), sort_keys=True, default=str).encode())
+    return h.hexdigest()

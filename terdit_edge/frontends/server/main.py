@@ -45,9 +45,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def build(model=None, backend="auto", settings: GenerationSettings | None = None, threads=None, api_keys=None,
-          limits: Limits | None = None):
+          limits: Limits | None = None, state_dir: str | None = None):
     """(manager, app) for a model path (None: the bundled model); the manager starts with the app.
-    ``settings``: the model settings (activations) every request runs with."""
+    ``settings``: the model settings (activations) every request runs with. ``state_dir``: keep
+    accepted jobs in a JobStore there (None: in memory only)."""
     settings = settings or GenerationSettings()
     from ...pipeline import Pipeline, default_model_path
     from .app import create_app
@@ -59,7 +60,12 @@ def build(model=None, backend="auto", settings: GenerationSettings | None = None
     def loader():
         return Pipeline.load(path, backend=backend, threads=threads, settings=settings)
 
-    manager = JobManager(loader, limits or Limits(), model_name=os.path.basename(path), settings=settings)
+    store = None
+    if state_dir is not None:
+        from .store import JobStore
+
+        store = JobStore(state_dir)
+    manager = JobManager(loader, limits or Limits(), model_name=os.path.basename(path), settings=settings, store=store)
     return manager, create_app(manager, api_keys, backend=backend)
 
 
@@ -76,17 +82,27 @@ def serve_command(args) -> int:
 
     keys = read_key_file(args.api_key_file) if args.api_key_file else None
     limits = Limits(max_queue=args.max_queue, max_batch=args.max_batch, max_n=args.max_n, max_steps=args.max_steps,
-                    keep_seconds=args.keep_seconds, keep_jobs=args.keep_jobs, batch_wait=args.batch_wait_ms / 1000)
+                    keep_seconds=args.keep_seconds, keep_jobs=args.keep_jobs, batch_wait=args.batch_wait_ms / 1000,
+                    max_upload_bytes=getattr(args, "max_upload_bytes", 16 * 1024 * 1024),
+                    max_image_pixels=getattr(args, "max_image_pixels", 4096 * 4096))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not _is_loopback(args.host) and keys is None:
         print(f"terdit-edge serve: WARNING: listening on {args.host}, reachable from other machines, without an "
               "API key: anyone who can connect can use the server; pass --api-key-file FILE", file=sys.stderr)
-    manager, app = build(args.model, args.backend, GenerationSettings.from_args(args), args.threads, keys, limits)
+    if args.ephemeral and args.state_dir:
+        raise TerditError("--ephemeral keeps no state: it cannot be used with --state-dir")
+    from .store import default_state_dir
+
+    state_dir = None if args.ephemeral else (args.state_dir or default_state_dir())
+    manager, app = build(args.model, args.backend, GenerationSettings.from_args(args), args.threads, keys, limits,
+                         state_dir=state_dir)
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"terdit-edge serve: listening on http://{shown}:{port} (model {manager.model_name}, "
-          f"max batch {limits.max_batch}, auth {'on' if keys else 'off'}); the model loads in the background",
+          f"max batch {limits.max_batch}, auth {'on' if keys else 'off'}, jobs "
+          f"{'in memory only (--ephemeral)' if state_dir is None else 'kept in ' + state_dir}); the model loads in the "
+          "background",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=3, lifespan="on")

@@ -15,9 +15,13 @@
   async function api(path, options) {
     const r = await fetch(path, Object.assign({ headers: headers(options && options.body) }, options || {}));
     if (r.status === 401) {
+      // say why next to the key field: a wrong key must not look like nothing happened
+      const msg = key ? "the server refused this key (" + (await errorText(r)) + ")" : "this server needs an API key";
       $("key-panel").hidden = false;
-      throw new Error("an API key is needed");
+      $("key-error").textContent = msg;
+      throw new Error(msg);
     }
+    $("key-error").textContent = "";
     return r;
   }
 
@@ -44,6 +48,10 @@
     $("steps").max = caps.limits.max_steps;
     $("n").max = caps.limits.max_n;
     renderClassList();
+    const canEdit = caps.edit && caps.edit.available;
+    $("mode-edit").disabled = !canEdit;
+    $("mode-edit").parentElement.title = canEdit ? "" : (caps.edit ? caps.edit.reason : "this server cannot edit");
+    if (!canEdit && editMode()) { $("mode-generate").checked = true; setMode(); }
     $("generate").disabled = false;
   }
 
@@ -74,6 +82,102 @@
 
   function className(id) { const c = classes.find((x) => x.id === id); return c ? c.name : String(id); }
 
+  // -- edit mode: a picture, and a mask painted over it (white = regenerate) ------------------------
+  const edit = { picture: null, dataUrl: "", mask: null, overlay: null, painted: false, drawing: false, last: null };
+
+  function editMode() { return $("mode-edit").checked; }
+
+  function setMode() {
+    const on = editMode();
+    $("edit-panel").hidden = !on;
+    $("generate").textContent = on ? "Edit" : "Generate";
+  }
+
+  function redraw() {
+    const c = $("edit-canvas");
+    const g = c.getContext("2d");
+    g.clearRect(0, 0, c.width, c.height);
+    if (!edit.picture) return;
+    g.globalAlpha = 1;
+    g.drawImage(edit.picture, 0, 0);
+    g.globalAlpha = 0.5;
+    g.drawImage(edit.overlay, 0, 0);
+    g.globalAlpha = 1;
+  }
+
+  function clearMask() {
+    if (!edit.picture) return;
+    const m = edit.mask.getContext("2d");
+    m.fillStyle = "#000";
+    m.fillRect(0, 0, edit.mask.width, edit.mask.height);
+    edit.overlay.getContext("2d").clearRect(0, 0, edit.overlay.width, edit.overlay.height);
+    edit.painted = false;
+    $("mask-state").textContent = "no mask: the whole picture is edited";
+    redraw();
+  }
+
+  function loadPicture(file) {
+    $("form-error").textContent = "";
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => {
+      const img = new Image();
+      img.onload = () => {
+        edit.picture = img;
+        edit.dataUrl = reader.result;
+        const c = $("edit-canvas");
+        c.width = img.naturalWidth;
+        c.height = img.naturalHeight;
+        c.classList.remove("empty");
+        for (const k of ["mask", "overlay"]) {
+          edit[k] = document.createElement("canvas");
+          edit[k].width = img.naturalWidth;
+          edit[k].height = img.naturalHeight;
+        }
+        $("brush").value = String(Math.max(1, Math.round(Math.min(img.naturalWidth, img.naturalHeight) / 8)));
+        clearMask();
+      };
+      img.onerror = () => { $("form-error").textContent = "this file is not a picture the browser can show"; };
+      img.src = reader.result;
+    };
+    reader.readAsDataURL(file);
+  }
+
+  function canvasPoint(ev) {
+    const c = $("edit-canvas");
+    const r = c.getBoundingClientRect();
+    return [(ev.clientX - r.left) * c.width / r.width, (ev.clientY - r.top) * c.height / r.height];
+  }
+
+  function paint(from, to) {
+    const w = Math.max(1, Number($("brush").value) || 1);
+    for (const [cv, colour] of [[edit.mask, "#fff"], [edit.overlay, "#f00"]]) {
+      const g = cv.getContext("2d");
+      g.strokeStyle = colour;
+      g.fillStyle = colour;
+      g.lineWidth = w;
+      g.lineCap = "round";
+      g.beginPath();
+      g.moveTo(from[0], from[1]);
+      g.lineTo(to[0], to[1]);
+      g.stroke();
+      g.beginPath();
+      g.arc(to[0], to[1], w / 2, 0, 2 * Math.PI);
+      g.fill();
+    }
+    edit.painted = true;
+    $("mask-state").textContent = "mask painted: only the red region is regenerated";
+    redraw();
+  }
+
+  function editBody(body) {
+    if (!edit.picture) throw new Error("upload a picture to edit first");
+    body.image = edit.dataUrl;
+    body.strength = Number($("strength").value);
+    if (edit.painted) body.mask = edit.mask.toDataURL("image/png");
+    return body;
+  }
+
   async function submit(ev) {
     ev.preventDefault();
     $("form-error").textContent = "";
@@ -91,6 +195,10 @@
     if (cfg) body.cfg_scale = Number(cfg);
     const seed = $("seed").value.trim();
     if (seed) body.seed = Number(seed);
+    if (editMode()) {
+      try { editBody(body); }
+      catch (e) { $("form-error").textContent = e.message; return; }
+    }
     let r;
     try { r = await api("/v1/jobs", { method: "POST", body: JSON.stringify(body) }); }
     catch (e) { $("form-error").textContent = e.message; return; }
@@ -113,7 +221,9 @@
     bar.setAttribute("value", "0");
     const label = document.createElement("span");
     label.className = "label";
-    label.textContent = `${className(body.class)} ×${body.n}, seeds ${job.seeds[0]}…, ${body.sampler}`;
+    const what = body.image ? (body.mask ? `inpainting, strength ${body.strength}` : `edit, strength ${body.strength}`) : "";
+    label.textContent = `${className(body.class)} ×${body.n}, seeds ${job.seeds[0]}…, ${body.sampler}` +
+      (what ? `, ${what}` : "");
     const status = document.createElement("span");
     status.className = "status";
     status.textContent = "queued";
@@ -193,7 +303,9 @@
     img.src = url;
     img.alt = `class ${className(info.classes[k])}, seed ${info.seeds[k]}`;
     const cap = document.createElement("figcaption");
-    cap.textContent = `${className(info.classes[k])} · seed ${info.seeds[k]} · ${info.sampler} ${info.steps_spec} steps · cfg ${info.cfg_scale} `;
+    cap.textContent = `${className(info.classes[k])} · seed ${info.seeds[k]} · ${info.sampler} ${info.steps_spec} steps · cfg ${info.cfg_scale} ` +
+      (info.edit ? `· ${info.edit.mode} strength ${info.edit.strength} ` : "");
+    if (info.edit) fig.classList.add("edited");
     const a = document.createElement("a");
     a.href = url;
     a.download = `${info.id}-${k}.png`;
@@ -213,6 +325,30 @@
     }
   });
   $("form").addEventListener("submit", submit);
+  for (const id of ["mode-generate", "mode-edit"]) $(id).addEventListener("change", setMode);
+  $("edit-file").addEventListener("change", (e) => loadPicture(e.target.files[0]));
+  $("mask-clear").addEventListener("click", clearMask);
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
+  const canvas = $("edit-canvas");
+  canvas.classList.add("empty");
+  canvas.addEventListener("pointerdown", (e) => {
+    if (!edit.picture) return;
+    e.preventDefault();
+    canvas.setPointerCapture(e.pointerId);
+    edit.drawing = true;
+    edit.last = canvasPoint(e);
+    paint(edit.last, edit.last);
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!edit.drawing) return;
+    const p = canvasPoint(e);
+    paint(edit.last, p);
+    edit.last = p;
+  });
+  for (const name of ["pointerup", "pointercancel", "pointerleave"]) {
+    canvas.addEventListener(name, () => { edit.drawing = false; });
+  }
+  setMode();
   $("key-save").addEventListener("click", () => {
     key = $("api-key").value.trim();
     sessionStorage.setItem("terdit-key", key);
