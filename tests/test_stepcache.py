@@ -212,3 +212,15 @@ def test_server_requests_and_sampling_jobs_carry_the_settings(pipe):
     a = JobSpec(model_path=pipe.path, n=4, settings=G(sampler="dpm++2m", steps=10, cache="adaptive:0.2")).prepare()
     b = JobSpec(model_path=pipe.path, n=4, settings=G(sampler="dpm++2m", steps=10)).prepare()
     assert a.identity()["cache"].startswith("adaptive:0.2") and "cache" not in b.identity()
+
+
+def test_edits_take_a_schedule_and_refuse_the_cache(pipe):
+    three = (pipe([3], seeds=[1], steps=5, sampler="dpm++2m", output="np", progress=False)[0, :, :, 0] * 255).astype(
+        np.uint8)
+    a = pipe.edit(three, [8], strength=0.7, sampler="dpm++2m", schedule="dpm++2m-5", seeds=[2], output="np")
+    b = pipe.edit(three, [8], strength=0.7, sampler="dpm++2m", steps=schedule_timesteps("dpm++2m-5"), seeds=[2],
+                  output="np")
+    assert np.array_equal(a, b)
+    for kw in ({"cache": "fixed:2"}, {"guidance_reuse": "fixed:2"}):
+        with pytest.raises(InputError, match="do not support"):
+            pipe.edit(three, [8], steps=5, **kw)
