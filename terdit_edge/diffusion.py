@@ -54,6 +54,8 @@ def respaced_timesteps(spec, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[i
                 return list(range(0, num_timesteps, stride))
         raise InputError(f"no integer stride gives exactly {desired} steps out of {num_timesteps} "
                          f"for {spec!r}; pick another N or use a plain step count")
+    if isinstance(spec, (list, tuple, np.ndarray)):
+        return _timestep_list(spec, num_timesteps)
     if isinstance(spec, bool):
         raise InputError(f"steps must be an integer or 'ddimN', got {spec!r}")
     try:
@@ -72,6 +74,41 @@ def respaced_timesteps(spec, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[i
         taken.append(round(cur))
         cur += stride
     return sorted(set(taken))
+
+
+def _timestep_list(spec, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """An explicit list of timesteps (a searched schedule): distinct integers in 0..T-1, returned ascending."""
+    vals = list(spec)
+    if not vals or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in vals):
+        raise InputError(f"steps as a timestep list must be a non-empty list of integers, got {spec!r}"[:300])
+    vals = sorted(int(v) for v in vals)
+    if vals[0] < 0 or vals[-1] > num_timesteps - 1 or len(set(vals)) != len(vals):
+        raise InputError(f"timesteps must be distinct integers in 0..{num_timesteps - 1}, got {spec!r}"[:300])
+    return vals
+
+
+_SCHEDULES: dict | None = None
+
+
+def named_schedules() -> dict:
+    """The shipped timestep schedules (terdit_edge/data/schedules.json): name -> entry with
+    ``timesteps`` (ascending), ``sampler`` (the solver it was searched for) and how it was found."""
+    global _SCHEDULES
+    if _SCHEDULES is None:
+        import json
+        from importlib import resources
+
+        _SCHEDULES = json.loads(resources.files("terdit_edge").joinpath("data", "schedules.json").read_text())
+        _SCHEDULES.pop("_about", None)
+    return _SCHEDULES
+
+
+def schedule_timesteps(name: str) -> list[int]:
+    """The timesteps of a shipped schedule (InputError lists the names)."""
+    table = named_schedules()
+    if not isinstance(name, str) or name not in table:
+        raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(table)}"[:400])
+    return list(table[name]["timesteps"])
 
 
 @dataclass(frozen=True)
@@ -272,11 +309,14 @@ def guided_model_output(model, x: np.ndarray, t: int, labels: np.ndarray, cfg_sc
     b = x.shape[0]
     if cfg_scale <= 1.0:
         return model(x, np.full(b, t, dtype=np.int64), labels)
-    g = model.config.guided_channels
     xx = np.concatenate([x, x], axis=0)
     yy = np.concatenate([labels, np.full(b, model.null_label, dtype=np.int64)])
     out = model(xx, np.full(2 * b, t, dtype=np.int64), yy)
-    cond, uncond = out[:b], out[b:]
+    return guidance_mix(out[:b], out[b:], model.config.guided_channels, cfg_scale)
+
+
+def guidance_mix(cond: np.ndarray, uncond: np.ndarray, g: int, cfg_scale: float) -> np.ndarray:
+    """uncond + s (cond - uncond) on the first g channels; the others from cond."""
     guided = cond.copy()
     guided[:, :g] = uncond[:, :g] + np.float32(cfg_scale) * (cond[:, :g] - uncond[:, :g])
     return guided
@@ -323,33 +363,64 @@ def check_guidance_interval(interval) -> tuple[int, int] | None:
     return lo, hi
 
 
-def sample(model, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: float = 4.0, seed: int = 0,
+def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scale: float = 4.0, seed: int = 0,
            eta: float = 0.0, callback: Callable[[int, int, np.ndarray], None] | None = None,
-           seeds=None, guidance_interval=None) -> np.ndarray:
+           seeds=None, guidance_interval=None, schedule: str | None = None, cache=None, guidance_reuse=None,
+           speed: str | None = None, stats: dict | None = None) -> np.ndarray:
     """Sample latents (B, C, H, W) float32 for standard class ids (mapped through the model's label map).
 
-    steps: int N (uniform respacing), "ddimN" (integer stride), or None for the sampler's default
-    (ddpm 250, ddim and dpm++2m 50). sampler: a name of :data:`SAMPLER_REGISTRY` ("ddpm", "ddim"
-    with eta, "dpm++2m"). Image k uses seed ``seeds[k]`` when seeds are given, else ``seed + k``
-    (see the randomness contract above): its latents do not depend on the other images of the
-    batch. guidance_interval=(lo, hi): classifier-free guidance only at steps whose original
-    timestep t has lo <= t <= hi (Kynkaanniemi et al., 2024); the other steps run the conditional
-    model alone (half the batch). None (default) or (0, 999) is plain guided sampling, bit for bit.
+    steps: int N (uniform respacing), "ddimN" (integer stride), a list of timesteps, or None for the
+    sampler's default (ddpm 250, ddim and dpm++2m 50). sampler: a name of :data:`SAMPLER_REGISTRY`
+    ("ddpm" by default, "ddim" with eta, "dpm++2m"). Image k uses seed ``seeds[k]`` when seeds are
+    given, else ``seed + k`` (see the randomness contract above): its latents do not depend on the
+    other images of the batch. guidance_interval=(lo, hi): classifier-free guidance only at steps
+    whose original timestep t has lo <= t <= hi (Kynkaanniemi et al., 2024); the other steps run the
+    conditional model alone (half the batch). None (default) or (0, 999) is plain guided sampling,
+    bit for bit.
+
+    Doing less work (all off by default; see :mod:`terdit_edge.stepcache` and docs/performance.md):
+    schedule: the name of a shipped searched timestep schedule (``named_schedules()``; steps must
+    then be None or its length). cache: a step-cache spec ("fixed:3", "adaptive:0.1,order=1", ...).
+    guidance_reuse: compute the unconditional branch on fewer guided steps ("fixed:2", ...).
+    speed: "exact" (default), "balanced" or "fast": a preset (:data:`terdit_edge.speed.PRESETS`)
+    that fills in sampler, steps, schedule, cache and guidance_reuse; any of them given explicitly
+    (not None) wins. stats: a dict, filled with ``network_evals`` (full network evaluations, one per
+    image and guidance branch), ``forecast_evals`` (evaluations the step cache forecast) and
+    ``uncond_reused`` (unconditional evaluations guidance reuse replaced) and ``per_step`` (a list of
+    (full, forecast) evaluations of each step).
     callback(step_index, total, latents) runs after each step; raise in it to cancel.
     """
+    from .speed import apply_preset
+    from .stepcache import GuidanceReuse, StepCache, parse_spec
+
+    chosen = apply_preset(speed, sampler=sampler, steps=steps, schedule=schedule, cache=cache,
+                          guidance_reuse=guidance_reuse)
+    sampler = "ddpm" if chosen["sampler"] is None else chosen["sampler"]
+    steps, schedule = chosen["steps"], chosen["schedule"]
     cls = sampler_class(sampler)
     for name, value in (("cfg_scale", cfg_scale), ("eta", eta)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value) or value < 0:
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
     interval = check_guidance_interval(guidance_interval)
+    cache_spec = parse_spec(chosen["cache"], "cache")
+    reuse_spec = parse_spec(chosen["guidance_reuse"], "guidance_reuse", kinds=("fixed",))
     labels = model.map_labels(class_labels)
     seed_list = image_seeds(len(labels), seed, seeds)
+    if schedule is not None:
+        ts = schedule_timesteps(schedule)
+        if steps is not None and steps != len(ts) and respaced_timesteps(steps) != ts:
+            raise InputError(f"schedule {schedule!r} has {len(ts)} steps; give no steps with it (got {steps!r})")
+        steps = ts
     sched = Schedule.create(cls.default_steps if steps is None else steps)
     cfg = model.config
     image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     shape = (len(labels), *image_shape)
     rngs = [np.random.default_rng(s) for s in seed_list]  # one stream per image (the contract)
+    stats = {} if stats is None else stats
+    for key in ("network_evals", "forecast_evals", "uncond_reused"):
+        stats.setdefault(key, 0)
+    stats.setdefault("per_step", [])
 
     def draw() -> np.ndarray:
         x = np.empty(shape, dtype=np.float32)
@@ -357,13 +428,44 @@ def sample(model, class_labels, steps=None, sampler: str = "ddpm", cfg_scale: fl
             x[k] = rng.standard_normal(image_shape, dtype=np.float32)
         return x
 
+    b = len(labels)
+    total = len(sched)
+    order = list(range(total - 1, -1, -1))
+    guided_steps = [cfg_scale > 1.0 and (interval is None or interval[0] <= int(sched.timesteps[j]) <= interval[1])
+                    for j in order]
+    step_cache = StepCache(cache_spec, stats) if cache_spec is not None else None
+    reuse = GuidanceReuse(reuse_spec, sum(guided_steps)) if reuse_spec is not None else None
+    null = np.full(b, model.null_label, dtype=np.int64)
+    g = cfg.guided_channels
+
+    def forward(xx, t, yy, branches, step_index):
+        if step_cache is None:
+            stats["network_evals"] += xx.shape[0]
+            return model(xx, np.full(xx.shape[0], t, dtype=np.int64), yy)
+        keys = [(k, br) for br in branches for k in range(b)]
+        return step_cache.forward(model, xx, t, yy, keys, step_index, total)
+
     x = draw()
     solver = cls(sched, eta=float(eta))
-    total = len(sched)
-    for step_index, j in enumerate(range(total - 1, -1, -1)):
+    gi = 0
+    for step_index, j in enumerate(order):
         t = int(sched.timesteps[j])
-        guided = interval is None or interval[0] <= t <= interval[1]
-        out = guided_model_output(model, x, t, labels, cfg_scale if guided else 1.0)
+        before = (stats["network_evals"], stats["forecast_evals"])
+        if not guided_steps[step_index]:
+            out = forward(x, t, labels, (0,), step_index)
+        elif reuse is not None and not reuse.computes(gi):
+            cond = forward(x, t, labels, (0,), step_index)
+            stats["uncond_reused"] += b
+            out = guidance_mix(cond, np.concatenate([reuse.uncond(t, cond[:, :g]), cond[:, g:]], axis=1), g,
+                               cfg_scale)
+        else:
+            both = forward(np.concatenate([x, x], axis=0), t, np.concatenate([labels, null]), (0, 1), step_index)
+            cond, uncond = both[:b], both[b:]
+            if reuse is not None:
+                reuse.record(t, uncond[:, :g] - cond[:, :g])
+            out = guidance_mix(cond, uncond, g, cfg_scale)
+        gi += guided_steps[step_index]
+        stats["per_step"].append((stats["network_evals"] - before[0], stats["forecast_evals"] - before[1]))
         noise = draw()  # drawn every step (the contract)
         x = solver.step(j, x, out, noise)
         if callback is not None:

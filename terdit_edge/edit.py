@@ -536,11 +536,24 @@ def run_edit(pipe, image, class_labels, mask=None, strength: float = 0.6, steps=
              cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False, output: str = "pil",
              fit: str = "crop", vae_tile: int | None = None, callback=None, seeds=None,
              batch_size: int | None = None, guidance_interval=None, resample_jumps: int = 0,
-             jump_length: int = 1, mask_blur: float = 1.0):
-    """The work of :meth:`Pipeline.edit` and :meth:`Pipeline.inpaint` (see there)."""
+             jump_length: int = 1, mask_blur: float = 1.0, schedule=None, cache=None, guidance_reuse=None):
+    """The work of :meth:`Pipeline.edit` and :meth:`Pipeline.inpaint` (see there). ``schedule``: a
+    searched schedule's name (its timesteps are the steps); the step cache and guidance reuse are
+    not supported by edits (InputError when given)."""
     from .batching import default_batch_size
+    from .diffusion import schedule_timesteps
     from .format import VAE_PREFIX
     from .images import to_pil
+    from .stepcache import parse_spec
+
+    if parse_spec(cache, "cache") is not None or parse_spec(guidance_reuse, "guidance_reuse", ("fixed",)) is not None:
+        raise InputError("edit and inpainting do not support the step cache or guidance reuse (cache, guidance_reuse, "
+                         "or a speed preset that sets them); use speed 'exact' or 'balanced', or a schedule")
+    if schedule is not None:
+        ts = schedule_timesteps(schedule)
+        if steps is not None and steps != len(ts):
+            raise InputError(f"schedule {schedule!r} has {len(ts)} steps; give no steps with it (got {steps!r})")
+        steps = ts
 
     if output not in ("pil", "np"):
         raise InputError(f"output must be 'pil' or 'np', got {output!r}")

@@ -131,6 +131,16 @@ class TernaryDiT:
 
     def __call__(self, x: np.ndarray, t, y) -> np.ndarray:
         x, t, y = self._check_inputs(x, t, y)
+        h, c_act = self.embed(x, t, y)
+        for i in range(self.config.n_layers):
+            h = self._block(i, h, c_act)
+        return self.head(h, c_act)
+
+    # The forward in three parts, for the step cache (terdit_edge/stepcache.py): embed -> blocks ->
+    # head is ``__call__`` bit for bit; the cache runs the blocks on some rows only and forecasts
+    # the blocks' residual (h after the blocks minus h before) for the others.
+    def embed(self, x: np.ndarray, t, y):
+        """(checked) inputs -> (h (B, T, D) the residual stream before the first block, c_act (B, cond_dim))."""
         cfg, p, be = self.config, self.config.patch_size, self.backend
         bsz = x.shape[0]
         n_tok, d = cfg.n_tokens, cfg.dim
@@ -149,10 +159,18 @@ class TernaryDiT:
         t_emb = be.dense(be.silu(t_emb), P["t_embedder.mlp.2.weight"], P["t_embedder.mlp.2.bias"],
                          rows_per_image=1)  # (B, cond_dim)
         c_act = be.condition(t_emb, P["y_embedder.embedding_table.weight"], y)  # silu(t_emb + table[y]) (B, cond_dim)
+        return h, c_act
 
-        for i in range(cfg.n_layers):
+    def run_blocks(self, h, c_act):
+        """Every block on the residual stream h (B, T, D), in place; returns h."""
+        for i in range(self.config.n_layers):
             h = self._block(i, h, c_act)
+        return h
 
+    def head(self, h, c_act) -> np.ndarray:
+        """The final layer: residual stream (B, T, D) -> host float32 (B, 2C, H, W)."""
+        cfg, p, be, P = self.config, self.config.patch_size, self.backend, self.params
+        bsz, n_tok, d = h.shape
         shift, scale = be.modulation(be.dense(c_act, P["final_layer.adaLN_modulation.1.weight"],
                                               P["final_layer.adaLN_modulation.1.bias"], rows_per_image=1), 2)
         hn = be.layernorm_modulate(h, shift, scale, 1e-6)  # LayerNorm(h) * (1 + scale) + shift (B, T, D)
@@ -160,6 +178,19 @@ class TernaryDiT:
                        rows_per_image=n_tok)  # (B T, p p 2C)
         out = be.to_host(out)
         return unpatchify(out.reshape(bsz, n_tok, -1), p, cfg.out_channels, cfg.input_size, cfg.input_size)
+
+    def first_block_input(self, h, c_act) -> np.ndarray:
+        """The first block's modulated attention input (B, T, D) on the host (a copy): the cheap
+        signal of the step cache's adaptive policy (TeaCache). Costs one conditioning layer and
+        one normalisation, no token layer."""
+        cfg, be, P, W = self.config, self.backend, self.params, self.ternary
+        bsz = h.shape[0]
+        mod = be.rmsnorm(self._ternary(c_act, W["layers.0.adaLN_modulation.1"], be.empty((bsz, 6 * cfg.dim)), 1,
+                                       self.cond_backend), P["layers.0.adaLN_modulation.2.weight"], cfg.norm_eps)
+        shift, scale = be.modulation(mod, 6)[:2]
+        hn = be.rmsnorm_modulate(h, P["layers.0.attention_norm.weight"], shift, scale, cfg.norm_eps,
+                                 out=be.empty(h.shape))
+        return np.array(be.to_host(hn), dtype=np.float32, copy=True)
 
     def _ternary(self, x, w, out, rows_per_image: int, backend=None):
         """backend.ternary_matmul(x, w, out) with x (B * rows_per_image, K) (or ``backend.quantize(x)``),

@@ -232,7 +232,8 @@ class Pipeline:
     def edit(self, image, class_labels, strength: float = 0.6, steps=None, sampler: str = "ddpm",
              cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False,
              output: str = "pil", fit: str = "crop", vae_tile: int | None = None, callback=None, seeds=None,
-             batch_size: int | None = None, guidance_interval=None):
+             batch_size: int | None = None, guidance_interval=None, schedule=None,
+             cache=None, guidance_reuse=None):
         """Image-to-image (SDEdit): ``image`` noised to ``strength`` (0..1) and sampled the rest of
         the way toward each class; one image per class label.
 
@@ -250,13 +251,15 @@ class Pipeline:
         return run_edit(self, image, class_labels, strength=strength, steps=steps, sampler=sampler,
                         cfg_scale=cfg_scale, seed=seed, eta=eta, progress=progress, output=output, fit=fit,
                         vae_tile=vae_tile, callback=callback, seeds=seeds, batch_size=batch_size,
-                        guidance_interval=guidance_interval)
+                        guidance_interval=guidance_interval, schedule=schedule, cache=cache,
+                        guidance_reuse=guidance_reuse)
 
     def inpaint(self, image, mask, class_labels, strength: float = 1.0, resample_jumps: int = 0,
                 jump_length: int = 1, mask_blur: float = 1.0, steps=None, sampler: str = "ddpm",
                 cfg_scale: float = 4.0, seed: int = 0, eta: float = 0.0, progress: bool = False,
                 output: str = "pil", fit: str = "crop", vae_tile: int | None = None, callback=None,
-                seeds=None, batch_size: int | None = None, guidance_interval=None):
+                seeds=None, batch_size: int | None = None, guidance_interval=None, schedule=None,
+                cache=None, guidance_reuse=None):
         """Inpainting: regenerate where ``mask`` is white (black: keep, gray: blend) toward each class.
 
         ``mask``: a picture of the image's size (any accepted mode, read as gray), or a list, one
@@ -275,4 +278,5 @@ class Pipeline:
                         cfg_scale=cfg_scale, seed=seed, eta=eta, progress=progress, output=output, fit=fit,
                         vae_tile=vae_tile, callback=callback, seeds=seeds, batch_size=batch_size,
                         guidance_interval=guidance_interval, resample_jumps=resample_jumps,
-                        jump_length=jump_length, mask_blur=mask_blur)
+                        jump_length=jump_length, mask_blur=mask_blur, schedule=schedule, cache=cache,
+                        guidance_reuse=guidance_reuse)

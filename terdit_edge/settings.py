@@ -37,9 +37,19 @@ from typing import Any, Callable
 import numpy as np
 
 from .argtypes import checked
-from .diffusion import MAX_SEED, NUM_TRAIN_TIMESTEPS, SAMPLER_REGISTRY, respaced_timesteps, sampler_class
+from .diffusion import (
+    MAX_SEED,
+    NUM_TRAIN_TIMESTEPS,
+    SAMPLER_REGISTRY,
+    named_schedules,
+    respaced_timesteps,
+    sampler_class,
+    schedule_timesteps,
+)
 from .errors import InputError
 from .kernels.base import ACTIVATION_MODES, ATTENTION_MODES
+from .speed import PRESETS, SPEEDS, check_speed
+from .stepcache import check_spec_text
 
 MAX_CFG = 100.0   # guidance scales above this give saturated noise: a typo more likely than a wish
 MAX_ETA = 10.0
@@ -94,6 +104,13 @@ def _check_interval(v):
     if not 0 <= lo <= hi <= NUM_TRAIN_TIMESTEPS - 1:
         raise InputError(f"guidance_interval must satisfy 0 <= lo <= hi <= {NUM_TRAIN_TIMESTEPS - 1}, got {v!r}")
     return lo, hi
+
+
+def _check_schedule(v):
+    if v is None:
+        return None
+    schedule_timesteps(v)  # InputError lists the names
+    return v
 
 
 def _check_activations(v) -> str:
@@ -223,6 +240,20 @@ SETTINGS: tuple[Setting, ...] = (
             "guide only at steps whose timestep t (0..999) has LO <= t <= HI (default: every step)",
             metavar="LO,HI", png="guidance_interval", png_text=_pair_text, optional=True,
             json_out=lambda v: None if v is None else list(v)),
+    Setting("schedule", "sampling", _check_schedule, "--schedule", str,
+            "a searched timestep schedule (sets the steps): " + ", ".join(named_schedules()), metavar="NAME",
+            png="schedule", optional=True),
+    Setting("cache", "sampling", check_spec_text("cache"), "--cache", str,
+            "step cache: forecast the blocks on skipped steps, 'fixed:N' or 'adaptive:THRESH' with "
+            "',order=M,first=F,last=L' (default off; docs/performance.md)", metavar="SPEC", png="cache",
+            optional=True),
+    Setting("guidance_reuse", "sampling", check_spec_text("guidance_reuse", kinds=("fixed",)), "--guidance-reuse",
+            str, "compute the unconditional branch only every N-th guided step, 'fixed:N[,order=M,first=F,"
+            "last=L]' (default off)", metavar="SPEC", png="guidance_reuse", optional=True),
+    Setting("speed", "sampling", check_speed, "--speed", str,
+            "preset: " + ", ".join(SPEEDS) + " (default exact); fills in sampler, steps, schedule, cache and "
+            "guidance reuse unless given (`terdit-edge info` lists them)", metavar="|".join(SPEEDS), png="speed",
+            optional=True),
     Setting("seed", "seed", _check_seed, "--seed", _int_text,
             "seed of the first image; image k gets SEED + k (default 0)", group="seed"),
     Setting("seeds", "seed", _check_seeds, "--seeds", _seeds_text,
@@ -249,24 +280,40 @@ class GenerationSettings:
     activations: str = "fp32"
     attention: str = "fp32"
     guidance_interval: tuple[int, int] | None = None
+    schedule: str | None = None
+    cache: str | None = None
+    guidance_reuse: str | None = None
+    speed: str | None = None
     seed: int | None = None
     seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.speed is not None and self.speed in PRESETS and self.sampler == "ddpm" and all(
+                getattr(self, f) is None for f in ("steps", "schedule", "cache", "guidance_reuse")):
+            # GenerationSettings(speed=...) with none of the preset's settings given: the preset fills them
+            # (replace(), from_json() and from_args() apply presets so that the settings given win)
+            for k, v in PRESETS[self.speed].items():
+                object.__setattr__(self, k, v)
         for s in SETTINGS:
             object.__setattr__(self, s.name, s.check(getattr(self, s.name)))
         if self.seed is not None and self.seeds is not None:
             raise InputError("give seed or seeds, not both")
+        if self.schedule is not None and self.steps is not None \
+                and self.steps != len(schedule_timesteps(self.schedule)):
+            raise InputError(f"schedule {self.schedule!r} has {len(schedule_timesteps(self.schedule))} steps; "
+                             f"give no steps with it (got {self.steps!r})")
 
     # --- derived values ---------------------------------------------------------------------------
     @property
     def step_spec(self):
-        """The steps to run: ``steps``, or the sampler's default when it is None."""
+        """The steps to run: ``steps``, the schedule's number of steps, or the sampler's default."""
+        if self.schedule is not None:
+            return len(schedule_timesteps(self.schedule))
         return sampler_class(self.sampler).default_steps if self.steps is None else self.steps
 
     @property
     def n_steps(self) -> int:
-        """Network evaluations per image (guidance aside): the length of the respaced schedule."""
+        """Sampler steps per image: the length of the respaced (or named) schedule."""
         return len(respaced_timesteps(self.step_spec))
 
     def replace(self, **changes) -> "GenerationSettings":
@@ -278,6 +325,20 @@ class GenerationSettings:
             changes.setdefault("seeds", None)  # a new seed replaces the seeds, as on the command line
         if "seeds" in changes and changes["seeds"] is not None:
             changes.setdefault("seed", None)
+        if changes.get("speed") is not None:
+            # a preset fills in what it sets; the settings given in the same call win
+            fill = {"schedule": None, "cache": None, "guidance_reuse": None, **PRESETS[check_speed(changes["speed"])]}
+            if "steps" in changes or "schedule" in changes:
+                fill.pop("steps", None)
+                fill.pop("schedule", None)
+            elif fill.get("schedule") is not None:
+                fill.setdefault("steps", None)
+            for k, v in fill.items():
+                changes.setdefault(k, v)
+        elif changes.get("steps") is not None and "schedule" not in changes:
+            changes["schedule"] = None  # new steps replace a schedule, as giving a schedule replaces the steps
+        elif changes.get("schedule") is not None and "steps" not in changes:
+            changes["steps"] = None
         return dataclasses.replace(self, **changes)
 
     def image_seeds(self, n: int, default_seed: int = 0) -> list[int]:
@@ -306,8 +367,8 @@ class GenerationSettings:
     # --- what the library is called with ----------------------------------------------------------------
     def sample_kwargs(self) -> dict:
         """Keyword arguments of :func:`terdit_edge.sample` for the sampling settings (seeds aside)."""
-        kw = {s.name: getattr(self, s.name) for s in SETTINGS if s.scope == "sampling"}
-        kw["steps"] = self.step_spec
+        kw = {s.name: getattr(self, s.name) for s in SETTINGS if s.scope == "sampling" and s.name != "speed"}
+        kw["steps"] = None if self.schedule is not None else self.step_spec  # the preset is already applied
         return kw
 
     def model_kwargs(self) -> dict:

@@ -347,7 +347,8 @@ def test_bad_class_labels(tiny_model, labels, match):
         sample(tiny_model, labels, steps=2, seed=0)
 
 
-@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", [10], "ddim37", True])  # None: the default
+# None: the default; a list: timesteps (distinct, 0..999)
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "ten", [10, 10], [1000], [], "ddim37", True])
 def test_bad_steps(tiny_model, steps):
     with pytest.raises(InputError, match="steps|ddim"):
         sample(tiny_model, [1], steps=steps, seed=0)
@@ -360,7 +361,7 @@ def test_integer_like_steps_are_accepted(tiny_model):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sampler="euler"), "unknown sampler"), (dict(sampler=None), "unknown sampler"),
+    (dict(sampler="euler"), "unknown sampler"), (dict(sampler=""), "unknown sampler"),  # None: the default
     (dict(cfg_scale=-0.5), "cfg_scale"), (dict(cfg_scale=float("nan")), "cfg_scale"),
     (dict(cfg_scale=float("inf")), "cfg_scale"), (dict(cfg_scale="4"), "cfg_scale"),
     (dict(eta=-1.0), "eta"),

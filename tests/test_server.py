@@ -110,6 +110,7 @@ def test_service_endpoints(client, server):
     assert [c["name"] for c in caps["classes"]] == [str(i) for i in range(10)]
     assert caps["samplers"] == ["ddpm", "ddim", "dpm++2m"] and caps["limits"]["max_batch"] == 8
     assert caps["image"] == {"width": 16, "height": 16, "channels": 1} and caps["backend"] and caps["auth"] is False
+    assert caps["schedules"]["dpm++2m-5"] == 5 and set(caps["speed_presets"]) == {"exact", "balanced", "fast"}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "digits" and models["data"][0]["object"] == "model"
     metrics = client.get("/metrics")
@@ -210,6 +211,20 @@ def test_queued_jobs_with_the_same_settings_run_as_one_batch_and_match_solo_resu
         want = expected_pngs(pipe, c, [seed + k for k in range(n)], 16, "dpm++2m", interval=(100, 800))
         got = [client.get(f"/v1/jobs/{job['id']}/images/{k}.png").content for k in range(n)]
         assert got == want
+
+
+def test_a_job_with_a_speed_preset_and_a_step_cache_gives_the_library_images(client, pipe):
+    """Issue 24: the speed preset, guidance reuse and an adaptive step cache reach the sampler through a
+    request; the snapshot says what ran; the images are the Python API's with the same settings."""
+    job = submit(client, **{"class": 6, "n": 2, "seed": 3, "speed": "fast", "cache": "adaptive:0.2"})
+    state = wait_final(client, job["id"])
+    assert state["status"] == "succeeded" and state["speed"] == "fast" and state["schedule"] == "dpm++2m-5"
+    assert state["cache"].startswith("adaptive:0.2,") and state["guidance_reuse"].startswith("fixed:3,")
+    images = pipe([6, 6], seeds=[3, 4], speed="fast", cache="adaptive:0.2", output="np", progress=False)
+    for k in range(2):
+        got = Image.open(io.BytesIO(client.get(f"/v1/jobs/{job['id']}/images/{k}.png").content))
+        assert got.text["speed"] == "fast" and got.text["steps"] == "5"
+        assert np.array_equal(np.asarray(got), to_uint8(images)[k, :, :, 0])
 
 
 def test_cancel_stops_a_running_job_within_one_step_and_the_worker_moves_on(client):

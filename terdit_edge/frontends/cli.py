@@ -116,6 +116,8 @@ def _cmd_info(args) -> int:
     except ImportError:
         info["cpu"] = {"note": "compiled extension not built; CPU feature detection unavailable"}
     info["auto_backend"] = get_backend("auto").describe()
+    from ..speed import describe as describe_speeds
+    info["speed_presets"] = describe_speeds()
     info["attention_modes"] = list(ATTENTION_MODES)  # --attention (a model setting); fp32 by default
     if args.model:
         from ..format import read_tdit
@@ -146,6 +148,9 @@ def _cmd_info(args) -> int:
     print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
     print(f"attention modes: {', '.join(ATTENTION_MODES)} (--attention; default fp32; int8 runs on the cython backend, "
           "within 1% of fp32)")
+    print("speed presets (--speed; explicit options win):")
+    for name, what in info["speed_presets"].items():
+        print(f"  {name}: " + (what if isinstance(what, str) else ", ".join(f"{k} {v}" for k, v in what.items())))
     if "model" in info:
         m = info["model"]
         print(f"model file: {m['path']} ({m['file_bytes'] / 1e6:.1f} MB, format v{m['format_version']}, "

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..._version import __version__
-from ...diffusion import SAMPLER_REGISTRY
+from ...diffusion import SAMPLER_REGISTRY, named_schedules
+from ...speed import describe as describe_speeds
 from .jobs import AlreadyFinished, JobManager, NotReady, QueueFull, StoreFailed
 from .validate import (
     ApiError,
@@ -211,6 +212,8 @@ class Server:
             "classes": [{"id": i, "name": n} for i, n in enumerate(pipe.class_names)],
             "samplers": list(SAMPLER_REGISTRY),
             "default_steps": {name: cls.default_steps for name, cls in SAMPLER_REGISTRY.items()},
+            "schedules": {name: len(e["timesteps"]) for name, e in named_schedules().items()},
+            "speed_presets": describe_speeds(),
             "image": {"width": side, "height": side, "channels": 3 if cfg.latent else cfg.in_channels},
             "backend": pipe.model.backend.describe(), **self.m.settings.model_kwargs(),
             "limits": {"max_queue": lim.max_queue, "max_batch": lim.max_batch, "max_n": lim.max_n,
