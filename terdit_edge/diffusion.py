@@ -363,6 +363,15 @@ def check_guidance_interval(interval) -> tuple[int, int] | None:
     return lo, hi
 
 
+def check_guidance_args(cfg_scale, eta, guidance_interval) -> tuple[int, int] | None:
+    """InputError unless cfg_scale and eta are finite numbers >= 0; the checked guidance interval."""
+    for name, value in (("cfg_scale", cfg_scale), ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or value < 0:
+            raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return check_guidance_interval(guidance_interval)
+
+
 def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scale: float = 4.0, seed: int = 0,
            eta: float = 0.0, callback: Callable[[int, int, np.ndarray], None] | None = None,
            seeds=None, guidance_interval=None, schedule: str | None = None, cache=None, guidance_reuse=None,
@@ -398,11 +407,7 @@ def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scal
     sampler = "ddpm" if chosen["sampler"] is None else chosen["sampler"]
     steps, schedule = chosen["steps"], chosen["schedule"]
     cls = sampler_class(sampler)
-    for name, value in (("cfg_scale", cfg_scale), ("eta", eta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value) or value < 0:
-            raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    interval = check_guidance_interval(guidance_interval)
+    interval = check_guidance_args(cfg_scale, eta, guidance_interval)
     cache_spec = parse_spec(chosen["cache"], "cache")
     reuse_spec = parse_spec(chosen["guidance_reuse"], "guidance_reuse", kinds=("fixed",))
     labels = model.map_labels(class_labels)

@@ -35,7 +35,7 @@ import numpy as np
 
 from .diffusion import (
     Schedule,
-    check_guidance_interval,
+    check_guidance_args,
     guided_model_output,
     image_seeds,
     sampler_class,
@@ -258,11 +258,7 @@ def edit_sample(model, class_labels, init: np.ndarray, strength: float = 0.6, st
     ``callback(i, total, x)`` runs after each denoising step (total counts the RePaint repeats).
     """
     cls = sampler_class(sampler)
-    for name, value in (("cfg_scale", cfg_scale), ("eta", eta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value) or value < 0:
-            raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
-    interval = check_guidance_interval(guidance_interval)
+    interval = check_guidance_args(cfg_scale, eta, guidance_interval)
     labels = model.map_labels(class_labels)
     seed_list = image_seeds(len(labels), seed, seeds)
     sched = Schedule.create(cls.default_steps if steps is None else steps)
