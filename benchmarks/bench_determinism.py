@@ -41,6 +41,20 @@ def np_silu(x):
     return x / (np.float32(1) + np.exp(-x))
 
 
+class _OldExtension:
+    """The baseline extension as the current backend calls it: the same functions, and attention
+    without this release's ``mode`` argument (the baseline has fp32 attention only)."""
+
+    def __init__(self, ext):
+        self._ext = ext
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def attention(self, q, k, v, out, threads, mode=0):
+        return self._ext.attention(q, k, v, out, threads)
+
+
 @contextlib.contextmanager
 def before(model, old_ext):
     """Run `model` as the baseline revision did (see the module docstring)."""
@@ -51,7 +65,7 @@ def before(model, old_ext):
     be_types = {type(model.backend), type(model.cond_backend)}
     saved = (cython_backend._ternary, model_mod.timestep_embedding,
              {t: (t.__dict__.get("dense"), t.__dict__.get("silu"), t.invariant_min_rows) for t in be_types})
-    cython_backend._ternary = old_ext
+    cython_backend._ternary = _OldExtension(old_ext)
     model_mod.timestep_embedding = np_timestep_embedding
     for t in be_types:
         t.dense = NumpyBackend.dense

@@ -29,6 +29,7 @@ import httpx
 
 from terdit_edge.pipeline import Pipeline
 from terdit_edge.pngmeta import generation_metadata, png_bytes
+from terdit_edge.settings import GenerationSettings
 
 BAD_BODIES = [b"{broken", b"[]", json.dumps({"class": 99}).encode(), json.dumps({"class": "x", "steps": 5}).encode(),
               json.dumps({"class": 1, "steps": 0}).encode(), json.dumps({"class": 1, "sampler": "nope"}).encode(),
@@ -250,7 +251,8 @@ def one_run(args, max_batch: int, plan, pipe, solo_cache) -> dict:
             key = (f["classes"][k], f["seeds"][k], f["steps_spec"], f["sampler"], f["cfg_scale"])
             if key not in solo_cache:  # the solo result: this one image alone through the Python API
                 im = pipe([key[0]], seeds=[key[1]], steps=key[2], sampler=key[3], cfg_scale=key[4], progress=False)[0]
-                meta = generation_metadata("digits.tdit", [key[0]], [key[1]], key[2], key[3], key[4], 0.0, "fp32")
+                settings = GenerationSettings(steps=key[2], sampler=key[3], cfg_scale=key[4])
+                meta = generation_metadata("digits.tdit", [key[0]], [key[1]], settings)
                 solo_cache[key] = png_bytes(im, meta, 0)
             expected = png_bytes_reindexed(solo_cache[key], k)
             wrong += got != expected
