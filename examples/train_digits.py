@@ -590,18 +590,8 @@ def train(args: argparse.Namespace) -> dict:
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, ffn {ffn_hidden_dim(args.dim)}, "
           f"{n_params / 1e6:.2f}M parameters ({n_ternary / 1e6:.2f}M ternary)", flush=True)
 
-    # no weight decay on alphas, norms, biases and embeddings: only on matrices
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
-
-    def lr_at(step: int) -> float:
-        # linear warmup, then cosine down to 10% of the peak
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    lr_at = cosine_lr(args.lr, args.warmup, args.steps)
 
     gen = torch.Generator().manual_seed(args.seed)
     n = len(images)
@@ -656,6 +646,24 @@ def train(args: argparse.Namespace) -> dict:
     with open(os.path.join(args.out, "train_report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    """AdamW with weight decay on the matrices only (not on alphas, norms, biases and embeddings)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
+
+
+def cosine_lr(peak: float, warmup: int, steps: int):
+    """step -> learning rate: linear warmup, then cosine down to 10% of the peak."""
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr_at
 
 
 def main(argv=None) -> None:

@@ -118,16 +118,8 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, patch {args.patch_size} "
           f"({(16 // args.patch_size) ** 2} tokens), {n_params / 1e6:.2f}M parameters", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    opt = td.make_optimizer(model, args.lr, args.weight_decay)
+    lr_at = td.cosine_lr(args.lr, args.warmup, args.steps)
 
     gen = torch.Generator().manual_seed(args.seed)
     n = len(small)
