@@ -451,12 +451,12 @@ def _not_a_file(path: str) -> JobError:
                     "the command again")
 
 
-def check_shard_content(path: str, spec: JobSpec, k: int) -> str | None:
-    """None if the shard file at ``path`` is complete and holds shard k of this job, else why not.
-    Reading the entries checks their CRCs, so flipped bytes are found."""
+def shard_arrays_problem(path: str, idx: range, labels, seeds) -> str | None:
+    """None if the shard file at ``path`` is complete and holds the samples ``idx`` with these labels
+    (None: not checked) and seeds, else why not. Reading the entries checks their CRCs, so flipped
+    bytes are found. Shared by resume/merge and `recover`."""
     from .npzio import read_npz_array
 
-    idx = spec.shard_indices(k)
     try:
         arrs = {key: read_npz_array(path, key) for key in ("arr_0", "labels", "indices", "seeds")}
     except (TerditError, OSError, ValueError, EOFError) as e:
@@ -468,11 +468,17 @@ def check_shard_content(path: str, spec: JobSpec, k: int) -> str | None:
         return f"arr_0 has dtype {img.dtype} and shape {img.shape}; expected uint8 ({len(idx)}, H, W, 3)"
     if not np.array_equal(arrs["indices"], np.arange(idx.start, idx.stop)):
         return "wrong indices"
-    if not np.array_equal(arrs["labels"], spec.labels_of(idx)):
+    if labels is not None and not np.array_equal(arrs["labels"], labels):
         return "wrong labels"
-    if not np.array_equal(arrs["seeds"], spec.seeds_of(idx)):
+    if not np.array_equal(arrs["seeds"], seeds):
         return "wrong seeds"
     return None
+
+
+def check_shard_content(path: str, spec: JobSpec, k: int) -> str | None:
+    """None if the shard file at ``path`` is complete and holds shard k of this job, else why not."""
+    idx = spec.shard_indices(k)
+    return shard_arrays_problem(path, idx, spec.labels_of(idx), spec.seeds_of(idx))
 
 
 def shard_status(out_dir: str, manifest: dict, spec: JobSpec, k: int) -> tuple[str, str]:
