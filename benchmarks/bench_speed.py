@@ -152,6 +152,28 @@ def e2e(model, settings: dict, repeat: int):
             for n in names if np.isfinite(len(out[n]))}
 
 
+def images(spec: str, mode: str, threads: int, settings: dict, repeat: int) -> dict:
+    """Measured time to one image: the pipeline file of bench_generate.py (random release-layout DiT and
+    a random full-size SD-VAE, fp16, converted), loaded once; each repeat runs every setting once
+    (alternated), class 207, seed 0, sampling and VAE decode (the pipeline's default tiling) to a float
+    array. Load time is not included; one warm-up image (1 step) first."""
+    from bench_generate import pipeline_file
+
+    from terdit_edge.pipeline import Pipeline
+
+    name, _, size = spec.partition("@")
+    pipe = Pipeline.load(pipeline_file(int(size), name), backend="cython", activations=mode, threads=threads)
+    pipe([207], seeds=[0], steps=1, sampler="ddim", output="np", progress=False)  # warm-up (Numba, page-in)
+    out = {}
+    for _ in range(repeat):
+        for n, st in settings.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            pipe([207], seeds=[0], output="np", progress=False, **st)
+            out.setdefault(n, []).append((time.perf_counter() - t0, time.process_time() - c0))
+    return {n: {"wall_s": statistics.median(v[0] for v in runs), "cpu_s": statistics.median(v[1] for v in runs),
+                "runs": runs} for n, runs in out.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="600m@256,4.2B@512")
@@ -161,6 +183,9 @@ def main():
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--e2e", default="", help="configs (NAME@SIZE) also sampled end to end")
     ap.add_argument("--e2e-settings", default="exact20,balanced,fast")
+    ap.add_argument("--images", default="", metavar="CFG[,CFG]",
+                    help="only measure time to image (sampling + VAE decode, Pipeline, wall and CPU seconds) of "
+                         "--e2e-settings on these configs, e.g. 600m@256,4.2B@512; nothing extrapolated")
     ap.add_argument("--assume", default="", metavar="CFG=G,C,F[;CFG=...]",
                     help="use these step times (s) instead of measuring: guided 2-row step G, conditional 1-row "
                          "step C, forecast row F, e.g. from a quiet machine's time_to_image.py run")
@@ -170,6 +195,22 @@ def main():
     assume = {k: [float(v) for v in vals.split(",")] for k, _, vals in
               (a.partition("=") for a in args.assume.split(";") if a)}
     decode = {k: float(v) for k, _, v in (a.partition("=") for a in args.decode.split(";") if a)}
+    if args.images:
+        chosen = {n: SETTINGS[n] for n in args.e2e_settings.split(",")}
+        report = {}
+        for spec in args.images.split(","):
+            res = report[spec] = images(spec, args.mode, args.threads, chosen, args.repeat)
+            ref = res.get("exact20")
+            print(f"{spec} {args.mode}, {args.threads} threads, time to image (sampling + decode), median of "
+                  f"{args.repeat}:", flush=True)
+            for n, r in res.items():
+                sp = f", {ref['wall_s'] / r['wall_s']:.2f}x wall / {ref['cpu_s'] / r['cpu_s']:.2f}x CPU vs exact20" \
+                    if ref else ""
+                print(f"  {n:>12s} wall {r['wall_s']:6.2f} s, cpu {r['cpu_s']:6.2f} s{sp}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return
     names = args.settings.split(",")
     counts = {n: count(SETTINGS[n]) for n in names}
     base = counts["exact20"]["network_evals"] if "exact20" in counts else None
