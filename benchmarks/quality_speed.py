@@ -41,15 +41,36 @@ def main():
     from terdit_edge.judge import DigitsJudge, difference
     from terdit_edge.scale.job import to_rgb_uint8
 
-    pipe = Pipeline.load(args.model, threads=args.threads)
+    pipes = {}
+
+    def pipeline(act="fp32", att="fp32"):
+        if (act, att) not in pipes:
+            pipes[act, att] = Pipeline.load(args.model, threads=args.threads, activations=act, attention=att)
+        return pipes[act, att]
+
+    def parse(name):
+        base, *mods = name.split("+")
+        modes = {"att8": ("attention", "int8"), "act8": ("activations", "int8"), "act10": ("activations", "int10")}
+        bad = [m for m in mods if m not in modes]
+        if base not in SETTINGS or bad:
+            ap.error(f"setting {name!r}: unknown {base if base not in SETTINGS else bad}; settings: {list(SETTINGS)}, "
+                     f"modes: {['+' + m for m in modes]}")
+        kw = {"activations": "fp32", "attention": "fp32"}
+        kw.update(modes[m] for m in mods)
+        return SETTINGS[base], kw["activations"], kw["attention"]
+
+    names = args.settings.split(",")
+    for name in names:
+        parse(name)
     judge = DigitsJudge(threads=args.threads)
     labels = np.arange(args.n) % 10
     seeds = [args.seed * 10**6 + i for i in range(args.n)]
 
-    def images(kw):
+    def images(kw, act="fp32", att="fp32"):
         st = {}
-        x = sample(pipe.model, labels.tolist(), seeds=seeds, cfg_scale=4.0, stats=st, **kw)
-        return to_rgb_uint8(pipe.decode(x)), st["network_evals"] / args.n
+        p = pipeline(act, att)
+        x = sample(p.model, labels.tolist(), seeds=seeds, cfg_scale=4.0, stats=st, **kw)
+        return to_rgb_uint8(p.decode(x)), st["network_evals"] / args.n
 
     exact, exact_evals = images(SETTINGS["exact20"])
     ref = judge.evaluate(exact, labels=labels, seed=args.seed)
@@ -58,8 +79,8 @@ def main():
     print("| setting | evals/img | x fewer | FID | KID x1000 | precision | recall | accuracy | PSNR dB | SSIM | "
           "z FID | z KID |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in args.settings.split(","):
-        u8, evals = (exact, exact_evals) if name == "exact20" else images(SETTINGS[name])
+    for name in names:
+        u8, evals = (exact, exact_evals) if name == "exact20" else images(*parse(name))
         r = judge.evaluate(u8, labels=labels, exact_u8=exact, seed=args.seed)
         z = {}
         for m in ("fid", "kid"):
