@@ -1,6 +1,7 @@
 """Where the time of one guided step goes: wall time per backend operation.
 
     python benchmarks/profile_step.py [--config 600m|4.2B] [--image-size 256|512] [--mode int8]
+                                      [--attention fp32|int8]
                                       [--threads N] [--repeat 1] [--json]
 
 Loads the cached random release-layout model of bench_step.py, wraps every compute operation of
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--config", default="600m", choices=("600m", "4.2B"))
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--mode", default="int8", choices=("fp32", "int8", "int10"))
+    ap.add_argument("--attention", default="fp32", choices=("fp32", "int8"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", action="store_true")
@@ -67,7 +69,8 @@ def main():
 
     _, tdit = prepare(args.config, args.image_size)
     threads = args.threads or default_threads()
-    model = terdit_edge.load_model(tdit, backend="cython", activations=args.mode, threads=threads)
+    model = terdit_edge.load_model(tdit, backend="cython", activations=args.mode, threads=threads,
+                                   attention=args.attention)
     x, t, y = _inputs(args.config, args.image_size)
     guided_model_output(model, x, t, y, 4.0)  # warm-up
     totals, calls, flops = defaultdict(float), defaultdict(int), defaultdict(float)
@@ -84,7 +87,8 @@ def main():
         print(json.dumps({"step_seconds": step, "threads": threads, "rows": rows}, indent=2))
         return
     size = args.image_size or 256
-    print(f"guided step, {args.config} at {size} px, {args.mode}, {threads} thread(s): {step:.3f} s")
+    print(f"guided step, {args.config} at {size} px, {args.mode}, attention {args.attention}, {threads} thread(s): "
+          f"{step:.3f} s")
     for r in rows:
         g = f"{r['gops']:8.1f} GOP/s" if r["gops"] else ""
         print(f"  {r['op']:18s} {r['seconds']:8.3f} s {r['seconds'] / step:6.1%} {r['calls']:6d} calls {g}")
