@@ -468,39 +468,66 @@ static void att8_scores_plain(const int8_t *const qa[ATT_MR], int64_t ng, const 
     }
 }
 
-/* the same with SDOT: lane i of vdotq_s32(acc, b, quad) adds key i's 4 products */
+/* the same with SDOT: lane i of vdotq_s32(acc, b, quad) adds key i's 4 products. 3 rows at a time
+ * (12 accumulators, 4 key registers, 3 query registers: 6 rows would need 34 registers and spill).
+ * Four groups per step take the row's quads from one 16-byte load by element (SDOT by element: no
+ * broadcast instructions); the last ng % 4 groups broadcast the quad. */
+#define ATT8_SDOT_LANE(acc, b, q, l)                                                                                   \
+    do {                                                                                                               \
+        (acc)[0] = vdotq_laneq_s32((acc)[0], (b)[0], (q), (l));                                                        \
+        (acc)[1] = vdotq_laneq_s32((acc)[1], (b)[1], (q), (l));                                                        \
+        (acc)[2] = vdotq_laneq_s32((acc)[2], (b)[2], (q), (l));                                                        \
+        (acc)[3] = vdotq_laneq_s32((acc)[3], (b)[3], (q), (l));                                                        \
+    } while (0)
 __attribute__((target("arch=armv8.2-a+dotprod"))) static void
 att8_scores_dot(const int8_t *const qa[ATT_MR], int64_t ng, const int8_t *bp, const float *ks, float *c, int64_t ldc) {
-    int32x4_t acc[ATT_MR][4];
-    for (int r = 0; r < ATT_MR; r++)
-        for (int x = 0; x < 4; x++) acc[r][x] = vdupq_n_s32(0);
-    for (int64_t g = 0; g < ng; g++) {
-        const int8x16_t b0 = vld1q_s8(bp + g * 64), b1 = vld1q_s8(bp + g * 64 + 16);
-        const int8x16_t b2 = vld1q_s8(bp + g * 64 + 32), b3 = vld1q_s8(bp + g * 64 + 48);
-        for (int r = 0; r < ATT_MR; r++) {
-            const int8x16_t a = att8_quad(qa[r] + 4 * g);
-            acc[r][0] = vdotq_s32(acc[r][0], b0, a);
-            acc[r][1] = vdotq_s32(acc[r][1], b1, a);
-            acc[r][2] = vdotq_s32(acc[r][2], b2, a);
-            acc[r][3] = vdotq_s32(acc[r][3], b3, a);
+    for (int r0 = 0; r0 < ATT_MR; r0 += 3) {
+        int32x4_t acc[3][4];
+        for (int r = 0; r < 3; r++)
+            for (int x = 0; x < 4; x++) acc[r][x] = vdupq_n_s32(0);
+        int64_t g = 0;
+        for (; g + 4 <= ng; g += 4) {
+            const int8x16_t q0 = vld1q_s8(qa[r0] + 4 * g), q1 = vld1q_s8(qa[r0 + 1] + 4 * g);
+            const int8x16_t q2 = vld1q_s8(qa[r0 + 2] + 4 * g);
+            int8x16_t b[4];
+#define ATT8_GROUP(l)                                                                                                  \
+    for (int x = 0; x < 4; x++) b[x] = vld1q_s8(bp + (g + (l)) * 64 + 16 * x);                                         \
+    ATT8_SDOT_LANE(acc[0], b, q0, l);                                                                                  \
+    ATT8_SDOT_LANE(acc[1], b, q1, l);                                                                                  \
+    ATT8_SDOT_LANE(acc[2], b, q2, l)
+            ATT8_GROUP(0);
+            ATT8_GROUP(1);
+            ATT8_GROUP(2);
+            ATT8_GROUP(3);
+#undef ATT8_GROUP
+        }
+        for (; g < ng; g++) {
+            int8x16_t b[4];
+            for (int x = 0; x < 4; x++) b[x] = vld1q_s8(bp + g * 64 + 16 * x);
+            for (int r = 0; r < 3; r++) {
+                const int8x16_t a = att8_quad(qa[r0 + r] + 4 * g);
+                for (int x = 0; x < 4; x++) acc[r][x] = vdotq_s32(acc[r][x], b[x], a);
+            }
+        }
+        for (int x = 0; x < 4; x++) {
+            const float32x4_t kx = vld1q_f32(ks + 4 * x);
+            for (int r = 0; r < 3; r++) vst1q_f32(c + (r0 + r) * ldc + 4 * x, vmulq_f32(vcvtq_f32_s32(acc[r][x]), kx));
         }
     }
-    for (int x = 0; x < 4; x++) {
-        const float32x4_t kx = vld1q_f32(ks + 4 * x);
-        for (int r = 0; r < ATT_MR; r++) vst1q_f32(c + r * ldc + 4 * x, vmulq_f32(vcvtq_f32_s32(acc[r][x]), kx));
-    }
 }
+#undef ATT8_SDOT_LANE
 
-/* ob rows 0..5 (16 channels, stride ldo) += float(int32 sums of p v over keys j0..j1-1) */
-static inline void att8_pv_neon(const int16_t *const pa[ATT_MR], const int16_t *vp, int64_t j0, int64_t j1, float *ob,
-                                int64_t ldo) {
-    int32x4_t acc[ATT_MR][4];
-    for (int r = 0; r < ATT_MR; r++)
+/* ob rows 0..2 (16 channels, stride ldo) += float(int32 sums of p v over keys j0..j1-1); 3 rows (12
+ * accumulators, 4 value registers, 3 numerator pairs: 6 rows would spill) */
+static inline void att8_pv3_neon(const int16_t *const pa[3], const int16_t *vp, int64_t j0, int64_t j1, float *ob,
+                                 int64_t ldo) {
+    int32x4_t acc[3][4];
+    for (int r = 0; r < 3; r++)
         for (int x = 0; x < 4; x++) acc[r][x] = vdupq_n_s32(0);
     for (int64_t jp = j0 / 2; jp < j1 / 2; jp++) {
         /* val[0]: key 2jp, val[1]: key 2jp + 1; lo: channels 0..7, hi: 8..15 */
         const int16x8x2_t lo = vld2q_s16(vp + jp * 32), hi = vld2q_s16(vp + jp * 32 + 16);
-        for (int r = 0; r < ATT_MR; r++) {
+        for (int r = 0; r < 3; r++) {
             int32_t w;
             memcpy(&w, pa[r] + 2 * jp, 4);
             const int16x4_t p = vreinterpret_s16_s32(vdup_n_s32(w)); /* p_2jp, p_2jp+1, (again) */
@@ -514,7 +541,7 @@ static inline void att8_pv_neon(const int16_t *const pa[ATT_MR], const int16_t *
             acc[r][3] = vmlal_high_lane_s16(acc[r][3], hi.val[1], p, 1);
         }
     }
-    for (int r = 0; r < ATT_MR; r++)
+    for (int r = 0; r < 3; r++)
         for (int x = 0; x < 4; x++) {
             float *o = ob + r * ldo + 4 * x;
             vst1q_f32(o, vaddq_f32(vld1q_f32(o), vcvtq_f32_s32(acc[r][x])));
@@ -559,8 +586,11 @@ static void att8_rows_neon(const td_att8_kv_t *kv, const int8_t *qq, const float
             const int16_t *vp = kv->vq + c0 * tp;
             for (int r = 0; r < ATT_MR; r++)
                 for (int x = 0; x < 4; x++) vst1q_f32(ob + r * hdp + c0 + 4 * x, vdupq_n_f32(0.0f));
-            for (int64_t j0 = 0; j0 < tp; j0 += TD_ATT8_KBLK)
-                att8_pv_neon(pa, vp, j0, j0 + TD_ATT8_KBLK < tp ? j0 + TD_ATT8_KBLK : tp, ob + c0, hdp);
+            for (int64_t j0 = 0; j0 < tp; j0 += TD_ATT8_KBLK) {
+                const int64_t j1 = j0 + TD_ATT8_KBLK < tp ? j0 + TD_ATT8_KBLK : tp;
+                att8_pv3_neon(pa, vp, j0, j1, ob + c0, hdp);
+                att8_pv3_neon(pa + 3, vp, j0, j1, ob + 3 * hdp + c0, hdp);
+            }
         }
         for (int r = 0; r < nr; r++) {
             float *o = out + (ib + r) * ldo;
