@@ -3,7 +3,7 @@
  * decoded block. The int8 path sums the selected bytes with SDOT against a vector of ones where
  * the CPU has the dot-product extension (checked at run time via HWCAP_ASIMDDP), and with
  * pairwise add-accumulate (SADALP) otherwise. 10-bit activations (int10) select int16 lanes with the
- * same masks, widened to 16 bits. */
+ * same masks, widened to 16 bits. The attention rows (fp32 and int8) are near the end of the file. */
 #include "ternary_internal.h"
 
 #if TD_ARM64
