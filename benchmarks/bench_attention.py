@@ -26,7 +26,8 @@ int8 attention (`_ternary.attention(..., mode="int8")`, unless --no-int8): timed
 alternating with the fp32 kernel of this build; "int8" is the median of the per-round ratios
 fp32 time / int8 time, "rel L2" the relative L2 distance of its output from the fp32 kernel's, and
 "of int8 peak" the same 4 B H T^2 hd operations per int8 second over the ISA's int8 dot-product loop
-(`_ternary.i8dot_peak`: vpdpbusd on AVX-512, the sign/maddubs/madd/add sequence on AVX2), measured in
+(`_ternary.i8dot_peak`: vpdpbusd on AVX-512, the sign/maddubs/madd/add sequence on AVX2, SDOT on NEON
+dot product, SMULL + SADALP on plain NEON), measured in
 the same run (Q K^T runs on those instructions, P V on int16 multiply-adds at half their rate).
 """
 from __future__ import annotations

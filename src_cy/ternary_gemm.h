@@ -125,7 +125,8 @@ int td_attention_int8(const float *q, const float *k, const float *v, float *out
  * threads (at once): time the call to measure the machine's FMA peak. */
 double td_fma_peak(int64_t iters, int threads);
 /* The same for the int8 dot product of the current ISA's int8 attention (2 operations per
- * multiply-add: vpdpbusd on AVX-512, the maddubs sequence on AVX2, SDOT on NEON dot product). */
+ * multiply-add: vpdpbusd on AVX-512, the maddubs sequence on AVX2, SDOT on NEON dot product,
+ * SMULL + SADALP on plain NEON). */
 double td_i8dot_peak(int64_t iters, int threads);
 
 #ifdef __cplusplus

@@ -3,7 +3,7 @@
  * decoded block. The int8 path sums the selected bytes with SDOT against a vector of ones where
  * the CPU has the dot-product extension (checked at run time via HWCAP_ASIMDDP), and with
  * pairwise add-accumulate (SADALP) otherwise. 10-bit activations (int10) select int16 lanes with the
- * same masks, widened to 16 bits. */
+ * same masks, widened to 16 bits. The attention rows (fp32 and int8) are near the end of the file. */
 #include "ternary_internal.h"
 
 #if TD_ARM64
@@ -421,6 +421,223 @@ static double fma_peak_neon(int64_t iters, float *sink) {
     return 16.0 * 8.0 * (double)iters;
 }
 
+/* ----------------------------------------------------------------------------------------- */
+/* int8 attention rows (td_att8_rows_fn; the arithmetic is defined at td_att8_kv_t): 6 query rows
+ * at a time. Scores over 16 keys per step from the shared key panels (16 keys x 4-byte quads per
+ * group): with the dot-product extension SDOT of a key register (4 keys x 4 components) against the
+ * row's quad broadcast, 6 rows x 16 keys in 24 accumulators (4 loads and 6 broadcasts per 24 SDOT);
+ * on plain ARMv8 SMULL/SMULL2 of the same registers (8 products in int16, |.| <= 127 x 127) and
+ * SADALP into half sums, added pairwise (ADDP) at the end, 2 rows at a time. Q K^T is signed x
+ * signed here, so kcorr (the x86 unsigned-operand correction) is not needed. The softmax numerators
+ * are the portable ones lane by lane (fused c x - m c, exp_neon = td_expf_poly, FCVTNS rounds half
+ * to even). P V multiplies int16 numerators (14 bits) by int16 values (12 bits), which no int8 dot
+ * product can do exactly: SMLAL/SMLAL2 by element on the values de-interleaved with LD2, 6 rows x 16
+ * channels in 24 accumulators, int32 sums per block of TD_ATT8_KBLK keys added to float sums in ob in
+ * block order. Every step is exact or the portable reference's rounding, so the outputs are its bits
+ * (the C harness compares them with the scalar and x86 paths, .ci/neon.sh). */
+typedef void (*att8_scores_fn)(const int8_t *const qa[ATT_MR], int64_t ng, const int8_t *bp, const float *ks, float *c,
+                               int64_t ldc);
+
+static inline int8x16_t att8_quad(const int8_t *q) { /* one 4-byte quad in every 32-bit lane */
+    int32_t w;
+    memcpy(&w, q, 4);
+    return vreinterpretq_s8_s32(vdupq_n_s32(w));
+}
+
+/* s[r][j0 + 0..15] = float(sum q_r k_j) * ks_j for the 6 rows qa; plain ARMv8 */
+static void att8_scores_plain(const int8_t *const qa[ATT_MR], int64_t ng, const int8_t *bp, const float *ks, float *c,
+                              int64_t ldc) {
+    for (int r = 0; r < ATT_MR; r += 2) {
+        int32x4_t h0[8], h1[8]; /* half sums: [k0 d0+d1, k0 d2+d3, k1 d0+d1, k1 d2+d3] per 2 keys */
+        for (int x = 0; x < 8; x++) h0[x] = h1[x] = vdupq_n_s32(0);
+        for (int64_t g = 0; g < ng; g++) {
+            const int8x16_t a0 = att8_quad(qa[r] + 4 * g), a1 = att8_quad(qa[r + 1] + 4 * g);
+            for (int x = 0; x < 4; x++) {
+                const int8x16_t b = vld1q_s8(bp + g * 64 + 16 * x);
+                h0[2 * x] = vpadalq_s16(h0[2 * x], vmull_s8(vget_low_s8(b), vget_low_s8(a0)));
+                h0[2 * x + 1] = vpadalq_s16(h0[2 * x + 1], vmull_high_s8(b, a0));
+                h1[2 * x] = vpadalq_s16(h1[2 * x], vmull_s8(vget_low_s8(b), vget_low_s8(a1)));
+                h1[2 * x + 1] = vpadalq_s16(h1[2 * x + 1], vmull_high_s8(b, a1));
+            }
+        }
+        for (int x = 0; x < 4; x++) {
+            const float32x4_t kx = vld1q_f32(ks + 4 * x);
+            vst1q_f32(c + r * ldc + 4 * x, vmulq_f32(vcvtq_f32_s32(vpaddq_s32(h0[2 * x], h0[2 * x + 1])), kx));
+            vst1q_f32(c + (r + 1) * ldc + 4 * x, vmulq_f32(vcvtq_f32_s32(vpaddq_s32(h1[2 * x], h1[2 * x + 1])), kx));
+        }
+    }
+}
+
+/* the same with SDOT: lane i of vdotq_s32(acc, b, quad) adds key i's 4 products. 3 rows at a time
+ * (12 accumulators, 4 key registers, 3 query registers: 6 rows would need 34 registers and spill).
+ * Four groups per step take the row's quads from one 16-byte load by element (SDOT by element: no
+ * broadcast instructions); the last ng % 4 groups broadcast the quad. */
+#define ATT8_SDOT_LANE(acc, b, q, l)                                                                                   \
+    do {                                                                                                               \
+        (acc)[0] = vdotq_laneq_s32((acc)[0], (b)[0], (q), (l));                                                        \
+        (acc)[1] = vdotq_laneq_s32((acc)[1], (b)[1], (q), (l));                                                        \
+        (acc)[2] = vdotq_laneq_s32((acc)[2], (b)[2], (q), (l));                                                        \
+        (acc)[3] = vdotq_laneq_s32((acc)[3], (b)[3], (q), (l));                                                        \
+    } while (0)
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void
+att8_scores_dot(const int8_t *const qa[ATT_MR], int64_t ng, const int8_t *bp, const float *ks, float *c, int64_t ldc) {
+    for (int r0 = 0; r0 < ATT_MR; r0 += 3) {
+        int32x4_t acc[3][4];
+        for (int r = 0; r < 3; r++)
+            for (int x = 0; x < 4; x++) acc[r][x] = vdupq_n_s32(0);
+        int64_t g = 0;
+        for (; g + 4 <= ng; g += 4) {
+            const int8x16_t q0 = vld1q_s8(qa[r0] + 4 * g), q1 = vld1q_s8(qa[r0 + 1] + 4 * g);
+            const int8x16_t q2 = vld1q_s8(qa[r0 + 2] + 4 * g);
+            int8x16_t b[4];
+#define ATT8_GROUP(l)                                                                                                  \
+    for (int x = 0; x < 4; x++) b[x] = vld1q_s8(bp + (g + (l)) * 64 + 16 * x);                                         \
+    ATT8_SDOT_LANE(acc[0], b, q0, l);                                                                                  \
+    ATT8_SDOT_LANE(acc[1], b, q1, l);                                                                                  \
+    ATT8_SDOT_LANE(acc[2], b, q2, l)
+            ATT8_GROUP(0);
+            ATT8_GROUP(1);
+            ATT8_GROUP(2);
+            ATT8_GROUP(3);
+#undef ATT8_GROUP
+        }
+        for (; g < ng; g++) {
+            int8x16_t b[4];
+            for (int x = 0; x < 4; x++) b[x] = vld1q_s8(bp + g * 64 + 16 * x);
+            for (int r = 0; r < 3; r++) {
+                const int8x16_t a = att8_quad(qa[r0 + r] + 4 * g);
+                for (int x = 0; x < 4; x++) acc[r][x] = vdotq_s32(acc[r][x], b[x], a);
+            }
+        }
+        for (int x = 0; x < 4; x++) {
+            const float32x4_t kx = vld1q_f32(ks + 4 * x);
+            for (int r = 0; r < 3; r++) vst1q_f32(c + (r0 + r) * ldc + 4 * x, vmulq_f32(vcvtq_f32_s32(acc[r][x]), kx));
+        }
+    }
+}
+#undef ATT8_SDOT_LANE
+
+/* ob rows 0..2 (16 channels, stride ldo) += float(int32 sums of p v over keys j0..j1-1); 3 rows (12
+ * accumulators, 4 value registers, 3 numerator pairs: 6 rows would spill) */
+static inline void att8_pv3_neon(const int16_t *const pa[3], const int16_t *vp, int64_t j0, int64_t j1, float *ob,
+                                 int64_t ldo) {
+    int32x4_t acc[3][4];
+    for (int r = 0; r < 3; r++)
+        for (int x = 0; x < 4; x++) acc[r][x] = vdupq_n_s32(0);
+    for (int64_t jp = j0 / 2; jp < j1 / 2; jp++) {
+        /* val[0]: key 2jp, val[1]: key 2jp + 1; lo: channels 0..7, hi: 8..15 */
+        const int16x8x2_t lo = vld2q_s16(vp + jp * 32), hi = vld2q_s16(vp + jp * 32 + 16);
+        for (int r = 0; r < 3; r++) {
+            int32_t w;
+            memcpy(&w, pa[r] + 2 * jp, 4);
+            const int16x4_t p = vreinterpret_s16_s32(vdup_n_s32(w)); /* p_2jp, p_2jp+1, (again) */
+            acc[r][0] = vmlal_lane_s16(acc[r][0], vget_low_s16(lo.val[0]), p, 0);
+            acc[r][0] = vmlal_lane_s16(acc[r][0], vget_low_s16(lo.val[1]), p, 1);
+            acc[r][1] = vmlal_high_lane_s16(acc[r][1], lo.val[0], p, 0);
+            acc[r][1] = vmlal_high_lane_s16(acc[r][1], lo.val[1], p, 1);
+            acc[r][2] = vmlal_lane_s16(acc[r][2], vget_low_s16(hi.val[0]), p, 0);
+            acc[r][2] = vmlal_lane_s16(acc[r][2], vget_low_s16(hi.val[1]), p, 1);
+            acc[r][3] = vmlal_high_lane_s16(acc[r][3], hi.val[0], p, 0);
+            acc[r][3] = vmlal_high_lane_s16(acc[r][3], hi.val[1], p, 1);
+        }
+    }
+    for (int r = 0; r < 3; r++)
+        for (int x = 0; x < 4; x++) {
+            float *o = ob + r * ldo + 4 * x;
+            vst1q_f32(o, vaddq_f32(vld1q_f32(o), vcvtq_f32_s32(acc[r][x])));
+        }
+}
+
+static void att8_rows_neon(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n, float *s, int16_t *pp,
+                           float *ob, float *out, int64_t ldo, att8_scores_fn scores) {
+    const int64_t t = kv->t, tp = kv->tp, hd4 = kv->hd4, ng = hd4 / 4, hdp = kv->hdp, hd = kv->hd;
+    const float32x4_t pmax = vdupq_n_f32((float)TD_ATT8_PMAX);
+    const int32x4_t lane = {0, 1, 2, 3};
+    for (int64_t ib = 0; ib < n; ib += ATT_MR) {
+        const int nr = (int)(n - ib < ATT_MR ? n - ib : ATT_MR);
+        const int8_t *qa[ATT_MR]; /* missing rows repeat the last */
+        for (int r = 0; r < ATT_MR; r++) qa[r] = qq + (ib + (r < nr ? r : nr - 1)) * hd4;
+        for (int64_t j0 = 0; j0 < tp; j0 += 16) scores(qa, ng, kv->kq + j0 * hd4, kv->ks + j0, s + j0, tp);
+        float inv[ATT_MR];
+        for (int r = 0; r < nr; r++) {
+            const float *sr = s + r * tp;
+            int16_t *pr = pp + r * tp;
+            int64_t j = 0;
+            float32x4_t mx = vdupq_n_f32(-FLT_MAX);
+            for (; j + 4 <= t; j += 4) mx = vmaxq_f32(mx, vld1q_f32(sr + j));
+            float m = vmaxvq_f32(mx);
+            for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
+            const float c = qs[ib + r] * kv->scale;
+            const float32x4_t vc = vdupq_n_f32(c), vnmc = vdupq_n_f32(-(m * c));
+            int32x4_t tot = vdupq_n_s32(0);
+            for (j = 0; j < tp; j += 4) { /* tp is a multiple of 16 */
+                const float32x4_t e = exp_neon(vfmaq_f32(vnmc, vld1q_f32(sr + j), vc));
+                int32x4_t pi = vcvtnq_s32_f32(vmulq_f32(e, pmax)); /* round half to even */
+                if (j + 4 > t)
+                    pi = vandq_s32(pi, vreinterpretq_s32_u32(vcgtq_s32(vdupq_n_s32((int32_t)(t - j)), lane)));
+                tot = vaddq_s32(tot, pi);
+                vst1_s16(pr + j, vmovn_s32(pi));
+            }
+            inv[r] = 1.0f / (float)vaddvq_s32(tot);
+        }
+        const int16_t *pa[ATT_MR];
+        for (int r = 0; r < ATT_MR; r++) pa[r] = pp + (r < nr ? r : nr - 1) * tp;
+        for (int64_t c0 = 0; c0 < hdp; c0 += 16) {
+            const int16_t *vp = kv->vq + c0 * tp;
+            for (int r = 0; r < ATT_MR; r++)
+                for (int x = 0; x < 4; x++) vst1q_f32(ob + r * hdp + c0 + 4 * x, vdupq_n_f32(0.0f));
+            for (int64_t j0 = 0; j0 < tp; j0 += TD_ATT8_KBLK) {
+                const int64_t j1 = j0 + TD_ATT8_KBLK < tp ? j0 + TD_ATT8_KBLK : tp;
+                att8_pv3_neon(pa, vp, j0, j1, ob + c0, hdp);
+                att8_pv3_neon(pa + 3, vp, j0, j1, ob + 3 * hdp + c0, hdp);
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            float *o = out + (ib + r) * ldo;
+            const float *src = ob + r * hdp;
+            const float32x4_t vi = vdupq_n_f32(inv[r]);
+            int64_t c = 0;
+            for (; c + 4 <= hd; c += 4)
+                vst1q_f32(o + c, vmulq_f32(vmulq_f32(vld1q_f32(src + c), vld1q_f32(kv->vsc + c)), vi));
+            for (; c < hd; c++) o[c] = (src[c] * kv->vsc[c]) * inv[r];
+        }
+    }
+}
+
+static void attention_rows_i8_neon(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n, float *s,
+                                   int16_t *pp, float *ob, float *out, int64_t ldo) {
+    att8_rows_neon(kv, qq, qs, n, s, pp, ob, out, ldo, att8_scores_plain);
+}
+
+static void attention_rows_i8_neon_dot(const td_att8_kv_t *kv, const int8_t *qq, const float *qs, int64_t n, float *s,
+                                       int16_t *pp, float *ob, float *out, int64_t ldo) {
+    att8_rows_neon(kv, qq, qs, n, s, pp, ob, out, ldo, att8_scores_dot);
+}
+
+/* int8 dot-product peaks: 16 chains of the scores' step (plain: SMULL + SADALP, 8 multiply-adds per
+ * pair; dot product: SDOT, 16 multiply-adds), 2 operations per multiply-add */
+static double i8dot_peak_neon(int64_t iters, float *sink) {
+    int32x4_t a[16];
+    const int8x8_t x = vdup_n_s8(3);
+    for (int i = 0; i < 16; i++) a[i] = vdupq_n_s32(i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 16; i++) a[i] = vpadalq_s16(a[i], vmull_s8(x, vreinterpret_s8_s32(vget_low_s32(a[i]))));
+    for (int i = 1; i < 16; i++) a[0] = vaddq_s32(a[0], a[i]);
+    *sink = (float)vaddvq_s32(a[0]);
+    return 16.0 * 16.0 * (double)iters;
+}
+
+__attribute__((target("arch=armv8.2-a+dotprod"))) static double i8dot_peak_neon_dot(int64_t iters, float *sink) {
+    int32x4_t a[16];
+    const int8x16_t x = vdupq_n_s8(3), y = vdupq_n_s8(-2);
+    for (int i = 0; i < 16; i++) a[i] = vdupq_n_s32(i);
+    for (int64_t it = 0; it < iters; it++)
+        for (int i = 0; i < 16; i++) a[i] = vdotq_s32(a[i], x, y);
+    for (int i = 1; i < 16; i++) a[0] = vaddq_s32(a[0], a[i]);
+    *sink = (float)vaddvq_s32(a[0]);
+    return 16.0 * 32.0 * (double)iters;
+}
+
 const td_ops_t td_ops_neon = {
     .isa = TD_ISA_NEON,
     .name = "neon",
@@ -433,6 +650,8 @@ const td_ops_t td_ops_neon = {
     .gemv_i16 = gemv_i16_neon,
     .attention_rows = attention_rows_neon,
     .fma_peak = fma_peak_neon,
+    .attention_rows_i8 = attention_rows_i8_neon,
+    .i8dot_peak = i8dot_peak_neon,
 };
 
 const td_ops_t td_ops_neon_dot = {
@@ -442,6 +661,8 @@ const td_ops_t td_ops_neon_dot = {
     .rank = 15,
     .cpu_flags = TD_CPU_NEON | TD_CPU_DOTPROD,
     .gemv_i8 = gemv_i8_neon_dot,
+    .attention_rows_i8 = attention_rows_i8_neon_dot,
+    .i8dot_peak = i8dot_peak_neon_dot,
 };
 
 const td_ops_t td_ops_neon_i8mm = {

@@ -349,13 +349,46 @@ static void attention_fingerprint(const int *isas, int nisa) {
         }
         printf("attention fingerprint %s %016llx\n", td_isa_name(isas[ii]), (unsigned long long)hash[0]);
     }
-    /* int8 attention: exact integer sums and one fixed float order, so every path, scalar included */
+    /* int8 attention: exact integer sums and one fixed float order, so every path, scalar included.
+     * One hash over awkward shapes: T not a multiple of 16 (the key panels), 4 (the NEON softmax) or
+     * 64 (the P V key blocks), head dims that are not multiples of 16 or 32 (channel panels) and
+     * odd ones (hd 5, 37: quads padded with zeros). */
+    static const int64_t shapes8[][5] = {
+        /* b, t, h, hkv, hd */
+        {2, 43, 4, 2, 24},  {1, 77, 2, 1, 32}, {1, 50, 3, 3, 48}, {2, 33, 2, 1, 72}, {1, 130, 2, 2, 96},
+        {1, 67, 2, 1, 128}, {1, 21, 1, 1, 5},  {1, 97, 4, 2, 37}, {1, 7, 2, 1, 64},
+    };
     for (int ii = 0; ii < nisa; ii++) {
         if (td_set_isa(isas[ii]) != 0) continue;
         uint64_t hash[2];
         for (int threads = 1; threads <= 2; threads++) {
-            td_attention_int8(q, k, v, out, b, t, h, hkv, hd, threads);
-            hash[threads - 1] = fnv1a(1469598103934665603ull, out, sizeof(float) * (size_t)nq);
+            uint64_t f = 1469598103934665603ull;
+            for (int sh = 0; sh < (int)(sizeof shapes8 / sizeof shapes8[0]); sh++) {
+                const int64_t b8 = shapes8[sh][0], t8 = shapes8[sh][1], h8 = shapes8[sh][2], hkv8 = shapes8[sh][3];
+                const int64_t hd8 = shapes8[sh][4], n8 = b8 * t8 * h8 * hd8;
+                float *q8 = malloc(sizeof(float) * (size_t)n8), *o8 = malloc(sizeof(float) * (size_t)n8);
+                float *k8 = malloc(sizeof(float) * (size_t)(b8 * t8 * hkv8 * hd8));
+                float *v8 = malloc(sizeof(float) * (size_t)(b8 * t8 * hkv8 * hd8));
+                float *arr8[3] = {q8, k8, v8};
+                const int64_t sz8[3] = {n8, b8 * t8 * hkv8 * hd8, b8 * t8 * hkv8 * hd8};
+                uint32_t y = 777u + (uint32_t)sh;
+                for (int a = 0; a < 3; a++)
+                    for (int64_t i = 0; i < sz8[a]; i++) {
+                        y = y * 1664525u + 1013904223u;
+                        arr8[a][i] = ((float)(y >> 8) / 16777216.0f - 0.5f) * (a == 1 ? 6.0f : 3.0f) +
+                                     (a == 1 ? 0.5f : 0.0f);
+                    }
+                if (td_attention_int8(q8, k8, v8, o8, b8, t8, h8, hkv8, hd8, threads) != TD_OK) {
+                    printf("FAIL attention int8 rc (fingerprint)\n");
+                    failures++;
+                }
+                f = fnv1a(f, o8, sizeof(float) * (size_t)n8);
+                free(q8);
+                free(k8);
+                free(v8);
+                free(o8);
+            }
+            hash[threads - 1] = f;
         }
         if (hash[0] != hash[1]) {
             printf("FAIL attention int8 isa=%s: 1 and 2 threads give different bits\n", td_isa_name(isas[ii]));
@@ -480,8 +513,8 @@ int main(int argc, char **argv) {
         }
     static const int64_t att_shapes[][5] = {
         /* b, t, h, hkv, hd */
-        {1, 1, 1, 1, 16},  {2, 7, 4, 2, 48},  {1, 13, 6, 3, 64}, {2, 40, 3, 1, 5},
-        {1, 70, 2, 2, 33}, {1, 24, 2, 1, 37}, {2, 48, 2, 2, 96}, {1, 200, 2, 1, 72},
+        {1, 1, 1, 1, 16},  {2, 7, 4, 2, 48},  {1, 13, 6, 3, 64},  {2, 40, 3, 1, 5},   {1, 70, 2, 2, 33},
+        {1, 24, 2, 1, 37}, {2, 48, 2, 2, 96}, {1, 200, 2, 1, 72}, {1, 67, 2, 1, 128}, {1, 131, 2, 1, 32},
     };
     for (int s = 0; s < (int)(sizeof att_shapes / sizeof att_shapes[0]); s++)
         check_attention(att_shapes[s][0], att_shapes[s][1], att_shapes[s][2], att_shapes[s][3], att_shapes[s][4], isas,
