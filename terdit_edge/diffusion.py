@@ -454,8 +454,8 @@ def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scal
     """Sample latents (B, C, H, W) float32 for standard class ids (mapped through the model's label map).
 
     steps: int N (uniform respacing), "ddimN" (integer stride), a list of timesteps, or None for the
-    sampler's default (ddpm 250, ddim and dpm++2m 50). sampler: a name of :data:`SAMPLER_REGISTRY`
-    ("ddpm" by default, "ddim" with eta, "dpm++2m"). Image k uses seed ``seeds[k]`` when seeds are
+    sampler's default (ddpm 250, ddim, dpm++2m and unipc 50). sampler: a name of :data:`SAMPLER_REGISTRY`
+    ("ddpm" by default, "ddim" with eta, "dpm++2m", "unipc"). Image k uses seed ``seeds[k]`` when seeds are
     given, else ``seed + k`` (see the randomness contract above): its latents do not depend on the
     other images of the batch. guidance_interval=(lo, hi): classifier-free guidance only at steps
     whose original timestep t has lo <= t <= hi (Kynkaanniemi et al., 2024); the other steps run the
