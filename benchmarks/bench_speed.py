@@ -79,6 +79,7 @@ SETTINGS = {
     "unipc15": dict(sampler="unipc", schedule="unipc-15"),
     "unipc20": dict(sampler="unipc", steps=20),
     "unipc-on-sched5": dict(sampler="unipc", schedule="dpm++2m-5"),
+    "unipc-on-sched4": dict(sampler="unipc", schedule="dpm++2m-4"),
     "balanced": dict(speed="balanced"),
     "fast": dict(speed="fast"),
 }
