@@ -10,7 +10,10 @@ are tested in test_samplers.py (unipc is in their lists); here:
 * a torch-free float64 check on Gaussian data (closed-form denoiser and probability-flow solution,
   test_dpm_solver.py's model): UniPC converges at third order where DPM-Solver++(2M) converges at
   second and DDIM at first, and it is the more accurate of the two at few steps on that schedule;
-* the corrector's coefficients: their small-step limit is the Adams-Moulton corrector.
+* the corrector's coefficients: their small-step limit is the Adams-Moulton corrector; the
+  correction is an increment to the x the sampler is given (what inpainting needs);
+* on the bundled model: with the step cache and guidance reuse, and the shipped unipc-N schedules
+  (edit and inpainting: test_edit.py).
 """
 from __future__ import annotations
 
@@ -207,3 +210,43 @@ def test_the_corrector_keeps_a_change_made_to_x_between_steps():
     got = b.step(j, x + d, outs[2]) - a.step(j, x, outs[2])
     assert np.allclose(got, want, atol=1e-5) and np.abs(want).max() > 0.1
     assert np.abs(got[..., 2:, :]).max() < 1e-6  # elementwise: nothing moves outside the change
+
+
+# --- with the features that drive a sampler, on the bundled model ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    from terdit_edge.pipeline import Pipeline
+
+    return Pipeline.load(threads=1).model
+
+
+@pytest.mark.parametrize("kw", [{"cache": "adaptive:0.2"}, {"guidance_reuse": "fixed:3"},
+                                {"cache": "fixed:2", "guidance_reuse": "fixed:2", "guidance_interval": (0, 600)}])
+def test_unipc_with_the_step_cache_and_guidance_reuse_is_batch_invariant_and_as_near_exact_as_dpm(digits_model, kw):
+    """The options work on UniPC as on DPM-Solver++(2M): fewer evaluations, an image independent of
+    its batch, and about as far from the sampler's own exact images (measured, 20 steps: relative
+    RMS distance UniPC / DPM++ 0.354 / 0.266, 0.124 / 0.108, 0.199 / 0.204 for the three options)."""
+    labels, seeds = [0, 3, 7], [5, 6, 7]
+    dist = {}
+    for sampler in ("dpm++2m", "unipc"):
+        exact_stats, stats = {}, {}
+        base = dict(sampler=sampler, steps=20, cfg_scale=4.0)
+        exact = terdit_edge.sample(digits_model, labels, seeds=seeds, stats=exact_stats, **base)
+        batch = terdit_edge.sample(digits_model, labels, seeds=seeds, stats=stats, **base, **kw)
+        assert stats["network_evals"] < exact_stats["network_evals"] == 2 * 20 * 3
+        assert np.isfinite(batch).all()
+        dist[sampler] = float(np.sqrt(np.mean((batch - exact) ** 2) / np.mean(exact ** 2)))
+    assert dist["unipc"] < 1.5 * dist["dpm++2m"], dist
+    alone = terdit_edge.sample(digits_model, [labels[1]], seeds=[seeds[1]], **base, **kw)
+    assert alone[0].tobytes() == batch[1].tobytes()
+
+
+def test_unipc_schedules_are_shipped_and_selectable_by_name(digits_model):
+    for n in (4, 5, 8, 10, 15):
+        ts = diffusion.schedule_timesteps(f"unipc-{n}")
+        assert len(ts) == n and ts[-1] == 999 and diffusion.named_schedules()[f"unipc-{n}"]["sampler"] == "unipc"
+    a = terdit_edge.sample(digits_model, [2], seeds=[1], sampler="unipc", schedule="unipc-5")
+    b = terdit_edge.sample(digits_model, [2], seeds=[1], sampler="unipc", steps=diffusion.schedule_timesteps("unipc-5"))
+    assert a.tobytes() == b.tobytes()
