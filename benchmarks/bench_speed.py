@@ -70,6 +70,16 @@ SETTINGS = {
                          guidance_reuse="fixed:4,first=1,last=0"),
     "s5-r3": dict(sampler="dpm++2m", schedule="dpm++2m-5", guidance_reuse="fixed:3"),
     "s5-r3-f1": dict(sampler="dpm++2m", schedule="dpm++2m-5", guidance_reuse="fixed:3,first=1,last=0"),
+    # issue 24, UniPC and 4 steps (8 evaluations guided)
+    "sched4": dict(sampler="dpm++2m", schedule="dpm++2m-4"),
+    "unipc4": dict(sampler="unipc", schedule="unipc-4"),
+    "unipc5": dict(sampler="unipc", schedule="unipc-5"),
+    "unipc8": dict(sampler="unipc", schedule="unipc-8"),
+    "unipc10": dict(sampler="unipc", schedule="unipc-10"),
+    "unipc15": dict(sampler="unipc", schedule="unipc-15"),
+    "unipc20": dict(sampler="unipc", steps=20),
+    "unipc-on-sched5": dict(sampler="unipc", schedule="dpm++2m-5"),
+    "unipc-on-sched4": dict(sampler="unipc", schedule="dpm++2m-4"),
     "balanced": dict(speed="balanced"),
     "fast": dict(speed="fast"),
 }

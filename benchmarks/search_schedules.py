@@ -1,7 +1,8 @@
 """Search few-step timestep schedules offline (the data of ``--schedule NAME``, terdit_edge/data/schedules.json).
 
     python benchmarks/search_schedules.py [--model FILE] [--steps 5,8,10,15] [--sampler dpm++2m]
-                                          [--n 40] [--cfg 4] [--ref-steps 200] [--write]
+                                          [--n 40] [--cfg 4] [--ref-steps 200] [--ref-sampler S] [--write]
+    python benchmarks/search_schedules.py --sampler unipc --evaluate uniform5,dpm++2m-5,unipc-5 [--ref-sampler S]
 
 For each step count N the schedule is N distinct timesteps in 0..999 with the largest fixed at 999
 (sampling starts from pure noise). The objective is the mean squared error between the N-step sample
@@ -12,7 +13,9 @@ coordinate descent from the uniform respacing (move one timestep by +-delta, kee
 the error, delta 64 -> 1), the spirit of DS-Solver (arXiv 2505.21114) / Align Your Steps (2404.14507)
 without a learned model. The error on a held-out set of seeds (2 * 10**6 + i) is printed beside the
 training error, against the uniform schedule. ``--write`` adds or replaces the entries
-``SAMPLER-N`` of terdit_edge/data/schedules.json.
+``SAMPLER-N`` of terdit_edge/data/schedules.json. ``--ref-sampler`` solves the reference with another
+solver (default: the searched one). ``--evaluate`` searches nothing: it prints the training and
+held-out error of ``--sampler`` on shipped schedules (names of schedules.json, or ``uniformN``).
 """
 from __future__ import annotations
 
@@ -35,24 +38,36 @@ def main():
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--ref-steps", type=int, default=200)
+    ap.add_argument("--ref-sampler", default=None, help="solver of the reference (default: --sampler)")
+    ap.add_argument("--evaluate", default=None, metavar="NAME[,NAME]",
+                    help="no search: the error of --sampler on these schedules (schedules.json names or uniformN)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
     from terdit_edge import Pipeline
-    from terdit_edge.diffusion import respaced_timesteps, sample
+    from terdit_edge.diffusion import respaced_timesteps, sample, schedule_timesteps
 
     pipe = Pipeline.load(args.model, threads=args.threads)
     labels = [i % 10 for i in range(args.n)]
     sets = {"train": [10**6 + i for i in range(args.n)], "held-out": [2 * 10**6 + i for i in range(args.n)]}
 
-    def run(ts, seeds):
-        return sample(pipe.model, labels, steps=list(ts), sampler=args.sampler, cfg_scale=args.cfg, seeds=seeds)
+    def run(ts, seeds, sampler=args.sampler):
+        return sample(pipe.model, labels, steps=list(ts), sampler=sampler, cfg_scale=args.cfg, seeds=seeds)
 
-    refs = {k: run(respaced_timesteps(args.ref_steps), s) for k, s in sets.items()}
+    ref_sampler = args.ref_sampler or args.sampler
+    refs = {k: run(respaced_timesteps(args.ref_steps), s, ref_sampler) for k, s in sets.items()}
 
     def err(ts, which="train"):
         return float(np.mean((run(ts, sets[which]) - refs[which]) ** 2))
+
+    if args.evaluate:
+        for name in args.evaluate.split(","):
+            ts = respaced_timesteps(int(name[len("uniform"):])) if name.startswith("uniform") else \
+                schedule_timesteps(name)
+            print(f"{args.sampler} on {name} {ts}: MSE to {ref_sampler} {args.ref_steps} steps, train "
+                  f"{err(ts):.5f}, held-out {err(ts, 'held-out'):.5f}", flush=True)
+        return
 
     found = {}
     for n in [int(s) for s in args.steps.split(",")]:
@@ -83,7 +98,7 @@ def main():
         found[f"{args.sampler}-{n}"] = {
             "sampler": args.sampler, "timesteps": ts,
             "searched_on": f"{os.path.basename(args.model or 'digits.tdit')}, cfg {args.cfg:g}, {args.n} images, "
-                           f"MSE to {args.sampler} {args.ref_steps} steps",
+                           f"MSE to {ref_sampler} {args.ref_steps} steps",
             "mse_uniform": round(uniform["held-out"], 6), "mse": round(held, 6)}
     if args.write:
         with open(DATA) as f:

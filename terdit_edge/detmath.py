@@ -65,6 +65,26 @@ def expm1_64(x) -> np.ndarray:
     return np.where(small, p * xs, exp64(x) - 1.0)
 
 
+def phi64(k: int, x) -> np.ndarray:
+    """The exponential integrator's phi_k(x) = sum_{n>=0} x^n / (n + k)! in float64, k >= 1
+    (phi_1(x) = (e^x - 1) / x, phi_{k+1}(x) = (phi_k(x) - 1/k!) / x, phi_k(0) = 1/k!): a Taylor
+    series for |x| < 1 (no cancellation near 0), the recursion from :func:`expm1_64` beyond."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"phi64 takes an integer order k >= 1, got {k!r}")
+    x = _f64(x)
+    small = np.abs(x) < 1.0
+    xs = np.where(small, x, 0.0)
+    # terms n = 0..24: the first left out, x^25 / (25 + k)!, is < 1e-26 for |x| < 1
+    p = np.full_like(xs, 1 / math.factorial(24 + k))
+    for n in range(23, -1, -1):
+        p = p * xs + 1 / math.factorial(n + k)
+    xl = np.where(small, 1.0, x)
+    q = expm1_64(xl) / xl
+    for i in range(1, k):
+        q = (q - 1 / math.factorial(i)) / xl
+    return np.where(small, p, q)
+
+
 def log64(x) -> np.ndarray:
     """Natural log in float64; log(0) = -inf, log(x < 0) = nan."""
     x = _f64(x)

@@ -283,22 +283,97 @@ class DPMSolverPP2M(Sampler):
         self.prev_x0 = None
         self.prev_h = None
 
-    def step(self, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        c = x.shape[1]
-        eps = model_out[:, :c]
-        x0 = ((x - _f32(self.sigma[j]) * eps) / _f32(self.alpha[j])).astype(np.float32)
-        if j == 0:
-            return x0
+    def data_prediction(self, j: int, x: np.ndarray, model_out: np.ndarray) -> np.ndarray:
+        """x0 = (x - sigma eps) / alpha at step j, float32."""
+        eps = model_out[:, :x.shape[1]]
+        return ((x - _f32(self.sigma[j]) * eps) / _f32(self.alpha[j])).astype(np.float32)
+
+    def multistep_update(self, j: int, x: np.ndarray, x0: np.ndarray, prev_x0: np.ndarray | None,
+                         prev_h: float | None) -> np.ndarray:
+        """x at step j - 1 from x at step j: first order (prev_x0 None) or second order with the data
+        prediction of step j + 1 (prev_h: its log-SNR step)."""
         h = self.lam[j - 1] - self.lam[j]
         ratio = _f32(self.sigma[j - 1] / self.sigma[j])
         coef = _f32(self.alpha[j - 1] * -detmath.expm1_64(-h))
-        if self.prev_x0 is None:
+        if prev_x0 is None:
             d = x0
         else:
-            r = self.prev_h / h
-            d = _f32(1 + 1 / (2 * r)) * x0 - _f32(1 / (2 * r)) * self.prev_x0
-        self.prev_x0, self.prev_h = x0, h
+            r = prev_h / h
+            d = _f32(1 + 1 / (2 * r)) * x0 - _f32(1 / (2 * r)) * prev_x0
         return (ratio * x + coef * d).astype(np.float32)
+
+    def step(self, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        x0 = self.data_prediction(j, x, model_out)
+        if j == 0:
+            return x0
+        out = self.multistep_update(j, x, x0, self.prev_x0, self.prev_h)
+        self.prev_x0, self.prev_h = x0, self.lam[j - 1] - self.lam[j]
+        return out
+
+
+@register_sampler
+class UniPC(DPMSolverPP2M):
+    """UniPC (Zhao et al. 2023, arXiv 2302.04867), multistep, data prediction, B(h) = expm1(h)
+    ("bh2"), order 2: the predictor UniP-2 (first order on the first step) and the corrector UniC-2.
+
+    The predictor with B(h) = expm1(h) and its coefficient 1/2 is DPM-Solver++(2M) (the same update,
+    bit for bit). The corrector costs no network evaluation: the model output at the predicted point
+    of step j - 1, which the predictor of step j - 1 needs anyway, corrects that point before the
+    predictor runs from it. It is added as an increment to the x it is given (x + corrected -
+    predicted), so a caller that changed x after the step (inpainting re-imposes the known region)
+    keeps its change. The last step returns the data prediction, as DPM-Solver++(2M)'s does, so the
+    step into t_0 goes uncorrected (the reference implementation's corrected point there is not used
+    either: its last update to sigma = 0 returns the data prediction of the uncorrected point).
+    """
+
+    name = "unipc"
+    aliases = ("unipc-bh2", "unipc2m", "uni-pc")
+
+    def __init__(self, s: Schedule, eta: float = 0.0):
+        super().__init__(s, eta)
+        self.history: list[tuple[int, np.ndarray]] = []  # (step, data prediction) of the last two steps
+
+    def corrector_coefficients(self, j: int) -> tuple[float, float]:
+        """(c_t, c_1) of the correction c_t (x0_j - m0) + c_1 (m1 - m0) of the point of step j, where
+        m0, m1 are the data predictions of steps j + 1, j + 2 (c_1 = 0 without step j + 2).
+
+        UniC with h = lambda_j - lambda_{j+1}, hh = -h (data prediction), B = expm1(hh): corrected =
+        x_j~ - alpha_j B (a_1 (m1 - m0) / r + a_t (x0_j - m0)), r = (lambda_{j+2} - lambda_{j+1}) / h,
+        with [[1, 1], [r, 1]] [a_1, a_t] = [phi_2 / phi_1, 2 phi_3 / phi_1] (phi_k of hh); without
+        step j + 2, a_t = 1/2. The predictor's point was x_j~ - alpha_j B (1/2) (m1 - m0) / r (UniP-2)
+        or x_j~ (first order), hence the increments below.
+        """
+        h = self.lam[j] - self.lam[j + 1]
+        hh = -h
+        big_b = detmath.expm1_64(hh)
+        scale = -self.alpha[j] * big_b
+        if len(self.history) < 2:
+            return float(scale * 0.5), 0.0
+        r = (self.lam[j + 2] - self.lam[j + 1]) / h
+        phi1, phi2, phi3 = (detmath.phi64(k, hh) for k in (1, 2, 3))
+        b1, b2 = phi2 / phi1, 2.0 * phi3 / phi1
+        a1 = (b1 - b2) / (1.0 - r)
+        a_t = b1 - a1
+        return float(scale * a_t), float(scale * (a1 - 0.5) / r)
+
+    def step(self, j: int, x: np.ndarray, model_out: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        x0 = self.data_prediction(j, x, model_out)  # at the point given (the reference does the same)
+        if j == 0:
+            return x0
+        if not self.history or self.history[-1][0] != j + 1:
+            self.history = []  # a fresh start (or a run that did not come from step j + 1)
+        if self.history:
+            m0 = self.history[-1][1]
+            c_t, c_1 = self.corrector_coefficients(j)
+            x = x + _f32(c_t) * (x0 - m0)
+            if len(self.history) == 2:
+                x = x + _f32(c_1) * (self.history[0][1] - m0)
+            x = x.astype(np.float32, copy=False)
+        prev_x0 = self.history[-1][1] if self.history else None
+        prev_h = self.lam[j] - self.lam[j + 1] if self.history else None
+        out = self.multistep_update(j, x, x0, prev_x0, prev_h)
+        self.history = (self.history + [(j, x0)])[-2:]
+        return out
 
 
 def guided_model_output(model, x: np.ndarray, t: int, labels: np.ndarray, cfg_scale: float) -> np.ndarray:
@@ -379,8 +454,8 @@ def sample(model, class_labels, steps=None, sampler: str | None = None, cfg_scal
     """Sample latents (B, C, H, W) float32 for standard class ids (mapped through the model's label map).
 
     steps: int N (uniform respacing), "ddimN" (integer stride), a list of timesteps, or None for the
-    sampler's default (ddpm 250, ddim and dpm++2m 50). sampler: a name of :data:`SAMPLER_REGISTRY`
-    ("ddpm" by default, "ddim" with eta, "dpm++2m"). Image k uses seed ``seeds[k]`` when seeds are
+    sampler's default (ddpm 250, ddim, dpm++2m and unipc 50). sampler: a name of :data:`SAMPLER_REGISTRY`
+    ("ddpm" by default, "ddim" with eta, "dpm++2m", "unipc"). Image k uses seed ``seeds[k]`` when seeds are
     given, else ``seed + k`` (see the randomness contract above): its latents do not depend on the
     other images of the batch. guidance_interval=(lo, hi): classifier-free guidance only at steps
     whose original timestep t has lo <= t <= hi (Kynkaanniemi et al., 2024); the other steps run the

@@ -56,7 +56,8 @@ def test_strength_zero_returns_the_input(digits):
 
 
 @pytest.mark.parametrize("sampler, steps, eta, interval", [
-    ("ddpm", 12, 0.0, None), ("ddim", 10, 0.5, None), ("dpm++2m", 10, 0.0, None), ("ddim", 10, 0.0, (300, 800))])
+    ("ddpm", 12, 0.0, None), ("ddim", 10, 0.5, None), ("dpm++2m", 10, 0.0, None), ("ddim", 10, 0.0, (300, 800)),
+    ("unipc", 10, 0.0, None)])
 def test_strength_one_is_plain_generation_bit_for_bit(digits, sampler, steps, eta, interval):
     kw = dict(steps=steps, sampler=sampler, eta=eta, cfg_scale=3.0, seeds=[5, 17], guidance_interval=interval,
               output="np")
@@ -123,7 +124,8 @@ def test_the_same_edit_is_byte_identical_alone_and_in_a_batch(digits):
 # inpainting
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler, jumps", [("ddpm", 0), ("ddim", 0), ("dpm++2m", 0), ("ddpm", 2), ("dpm++2m", 1)])
+@pytest.mark.parametrize("sampler, jumps", [("ddpm", 0), ("ddim", 0), ("dpm++2m", 0), ("ddpm", 2), ("dpm++2m", 1),
+                                            ("unipc", 0), ("unipc", 1)])
 def test_inpainting_keeps_the_known_region(digits, sampler, jumps):
     img = a_three()
     mask = np.zeros((16, 16), np.uint8)
@@ -136,6 +138,23 @@ def test_inpainting_keeps_the_known_region(digits, sampler, jumps):
         assert not np.array_equal(got[:, :8], img[:, :8])
     soft = digits.inpaint(img, mask, [8], steps=10, sampler=sampler, mask_blur=1.0, seed=1, output="np")
     assert np.array_equal(to_uint8(soft[0, :, 11:, 0]), img[:, 11:])  # beyond the soft edge (2 sigma)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "unipc"])
+def test_multistep_samplers_edit_from_mid_schedule_and_inpaint_with_a_full_mask_as_plain_generation(digits, sampler):
+    """A multistep solver starts fresh at the edit's first step (first order there), and a mask of ones
+    changes nothing: UniPC's corrector adds its increment to the x it is given, which is then the x
+    its predictor made."""
+    img = a_three()
+    seen: list = []
+    out = digits.edit(img, [8], strength=0.5, steps=10, sampler=sampler, seed=3, output="np",
+                      callback=lambda i, n, x: seen.append(n))
+    assert seen == [5] * 5 and np.isfinite(out).all()
+    assert not np.array_equal(out, digits.edit(img, [8], strength=0.5, steps=10, sampler="ddim", seed=3, output="np"))
+    full = np.full((16, 16), 255, np.uint8)
+    kw = dict(steps=8, sampler=sampler, seeds=[4, 6], output="np")
+    assert digits.inpaint(img, full, [8, 2], mask_blur=0.0, **kw).tobytes() == \
+        digits([8, 2], progress=False, **kw).tobytes()
 
 
 def test_soft_mask_in_latent_space():
@@ -232,7 +251,7 @@ def test_latent_inpainting_keeps_the_known_latents_exactly(latent_pipe):
     x0 = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
     mask = np.zeros((2, 1, 8, 8), np.float32)
     mask[:, :, 2:6, 2:6] = 1
-    for sampler in ("ddpm", "ddim", "dpm++2m"):
+    for sampler in ("ddpm", "ddim", "dpm++2m", "unipc"):
         out = edit_sample(model, [1, 2], x0, strength=1.0, steps=6, sampler=sampler, mask=mask, seeds=[0, 1],
                           resample_jumps=1, jump_length=2)
         keep = np.broadcast_to(mask == 0, out.shape)

@@ -27,6 +27,30 @@ def test_exp64_and_log64_are_within_a_few_ulp_of_numpy():
     assert detmath.expm1_64(np.array([1e-20]))[0] == 1e-20  # no cancellation near 0
 
 
+def test_phi_functions_match_their_series_in_high_precision():
+    """phi_k(x) = sum_n x^n / (n + k)! (UniPC's coefficients) to a few 1e-15, either side of the
+    switch from the series (|x| < 1) to the recursion from expm1."""
+    from decimal import Decimal, getcontext
+    from math import factorial
+
+    getcontext().prec = 50
+
+    def exact(k, x):
+        total, power = Decimal(0), Decimal(1)
+        for n in range(120):
+            total += power / factorial(n + k)
+            power *= Decimal(x)
+        return float(total)
+
+    xs = [-9.0, -4.5, -2.0, -1.0, -0.9999999, -0.5, -1e-3, -1e-12, 0.0, 1e-9, 0.25, 0.99, 1.0, 3.0]
+    for k in (1, 2, 3):
+        got = detmath.phi64(k, np.array(xs))
+        want = np.array([exact(k, x) for x in xs])
+        assert np.max(np.abs(got - want) / want) < 5e-15, k
+    with pytest.raises(ValueError, match="order"):
+        detmath.phi64(0, 1.0)
+
+
 def test_sin_and_cos_are_within_1e_15_absolute_up_to_1e5():
     x = np.concatenate([RNG.uniform(-1e5, 1e5, 20000), RNG.uniform(-4, 4, 20000), np.arange(1000.0)])
     assert np.max(np.abs(detmath.sin64(x) - np.sin(x))) < 1e-15 * 4

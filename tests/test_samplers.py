@@ -153,7 +153,7 @@ class RecordingRng:
         return g
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("seeding", ["seed", "seeds"])
 def test_rng_contract_one_stream_per_image_initial_noise_then_one_draw_per_step(monkeypatch, sampler, steps,
@@ -179,7 +179,7 @@ def test_rng_contract_one_stream_per_image_initial_noise_then_one_draw_per_step(
         assert np.array_equal(made.standard_normal(3), r.standard_normal(3))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
 def test_image_seed_k_is_seed_plus_k_and_an_image_does_not_depend_on_its_batch(sampler):
     model = RecordingModel()
     batch = sample(model, [3, 7, 1], steps=4, sampler=sampler, cfg_scale=4.0, seed=5)
@@ -201,7 +201,7 @@ def test_bad_seeds_are_refused(kw, match):
         sample(RecordingModel(), [1, 2], steps=2, sampler="ddim", cfg_scale=1.0, **kw)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
 def test_model_sees_original_timesteps_in_descending_order(sampler):
     model = RecordingModel()
     sample(model, [3], steps=10, sampler=sampler, cfg_scale=1.0, seed=0)
@@ -259,7 +259,7 @@ def test_ddim_step_matches_the_formulas(eta):
 # --- callback ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
 def test_callback_runs_once_per_step_with_the_current_latents(sampler):
     seen = []
     out = sample(RecordingModel(), [1], steps=6, sampler=sampler, cfg_scale=1.0, seed=0,
@@ -332,7 +332,7 @@ def tiny_model(tmp_path_factory):
 
 
 def test_real_model_samples_with_every_sampler(tiny_model):
-    for sampler in ("ddpm", "ddim", "dpm++2m"):
+    for sampler in ("ddpm", "ddim", "dpm++2m", "unipc"):
         z = sample(tiny_model, [0, 9], steps=3, sampler=sampler, cfg_scale=4.0, seed=1)
         assert z.shape == (2, 4, 8, 8) and z.dtype == np.float32 and np.isfinite(z).all()
 
@@ -384,6 +384,9 @@ def test_sampler_aliases(tiny_model):
     a = sample(tiny_model, [1], steps=3, sampler="dpm++2m", seed=0)
     for alias in ("DPM++2M", "dpmpp2m", "dpm-solver++"):
         assert np.array_equal(sample(tiny_model, [1], steps=3, sampler=alias, seed=0), a)
+    u = sample(tiny_model, [1], steps=4, sampler="unipc", seed=0)
+    for alias in ("UniPC", "unipc-bh2", "unipc2m", "uni-pc"):
+        assert np.array_equal(sample(tiny_model, [1], steps=4, sampler=alias, seed=0), u)
 
 
 # --- guidance interval ---------------------------------------------------------------------------
@@ -394,7 +397,7 @@ def _guided_steps(model) -> list[int]:
     return [int(t[0]) for _, t, y in model.calls if (y == model.null_label).any()]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
 def test_guidance_interval_guides_exactly_the_steps_inside_it(sampler):
     model = RecordingModel()
     sample(model, [1, 2], steps=10, sampler=sampler, cfg_scale=4.0, seed=0, guidance_interval=(300, 700))
@@ -403,7 +406,7 @@ def test_guidance_interval_guides_exactly_the_steps_inside_it(sampler):
         assert x.shape[0] == (4 if int(t[0]) in (666, 555, 444, 333) else 2)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
 def test_full_interval_is_plain_guided_sampling_and_an_empty_one_is_unguided(sampler):
     kw = dict(steps=6, sampler=sampler, seed=4, eta=1.0)
     plain = sample(RecordingModel(), [1, 2], cfg_scale=4.0, **kw)
@@ -436,7 +439,7 @@ def test_bad_guidance_intervals_are_refused(interval):
 
 
 def test_registry_names_defaults_and_aliases():
-    assert tuple(SAMPLER_REGISTRY) == SAMPLERS == ("ddpm", "ddim", "dpm++2m")
+    assert tuple(SAMPLER_REGISTRY) == SAMPLERS == ("ddpm", "ddim", "dpm++2m", "unipc")
     assert SAMPLER_REGISTRY["ddpm"].default_steps == 250 and SAMPLER_REGISTRY["ddim"].default_steps == 50
     assert sampler_class("DPM-Solver++") is SAMPLER_REGISTRY["dpm++2m"]
     with pytest.raises(InputError, match="choose one of"):

@@ -108,7 +108,7 @@ def test_service_endpoints(client, server):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     caps = client.get("/v1/capabilities").json()
     assert [c["name"] for c in caps["classes"]] == [str(i) for i in range(10)]
-    assert caps["samplers"] == ["ddpm", "ddim", "dpm++2m"] and caps["limits"]["max_batch"] == 8
+    assert caps["samplers"] == ["ddpm", "ddim", "dpm++2m", "unipc"] and caps["limits"]["max_batch"] == 8
     assert caps["image"] == {"width": 16, "height": 16, "channels": 1} and caps["backend"] and caps["auth"] is False
     assert caps["schedules"]["dpm++2m-5"] == 5 and set(caps["speed_presets"]) == {"exact", "balanced", "fast"}
     models = client.get("/v1/models").json()

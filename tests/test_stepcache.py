@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from terdit_edge.diffusion import named_schedules, respaced_timesteps, sample, schedule_timesteps
+from terdit_edge.diffusion import SAMPLER_REGISTRY, named_schedules, respaced_timesteps, sample, schedule_timesteps
 from terdit_edge.errors import InputError
 from terdit_edge.settings import GenerationSettings as G
 from terdit_edge.speed import PRESETS, apply_preset
@@ -120,7 +120,9 @@ def test_named_schedules_are_timestep_lists(pipe):
     for name, entry in named_schedules().items():
         ts = schedule_timesteps(name)
         assert ts == sorted(set(ts)) and ts[-1] == 999 and 0 <= ts[0], name
-        assert respaced_timesteps(ts) == ts and entry["sampler"] == "dpm++2m"
+        assert respaced_timesteps(ts) == ts and entry["sampler"] in SAMPLER_REGISTRY
+        assert name == f"{entry['sampler']}-{len(ts)}", name
+    assert {f"{s}-{n}" for s in ("dpm++2m", "unipc") for n in (4, 5, 8, 10, 15)} <= set(named_schedules())
     name = next(iter(named_schedules()))
     a, _ = run(pipe, steps=None, schedule=name)
     b, _ = run(pipe, steps=schedule_timesteps(name))
