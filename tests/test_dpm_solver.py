@@ -80,6 +80,11 @@ def diffusers_trajectory(x_init, steps, eps_fn):
         algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="epsilon",
         thresholding=False, lower_order_final=False, final_sigmas_type="zero", use_karras_sigmas=False)
     sched.set_timesteps(timesteps=respaced_timesteps(steps)[::-1])
+    return scheduler_trajectory(torch, sched, x_init, eps_fn)
+
+
+def scheduler_trajectory(torch, sched, x_init, eps_fn):
+    """x after every step of a diffusers scheduler (timesteps already set) driven by eps_fn(x, t)."""
     x = torch.from_numpy(x_init.copy())
     traj = []
     for t in sched.timesteps:

@@ -23,7 +23,7 @@ import pytest
 import terdit_edge
 from terdit_edge import diffusion
 from terdit_edge.diffusion import Schedule, UniPC, respaced_timesteps
-from tests.test_dpm_solver import MU, FieldModel, S, _alpha_sigma, gaussian_eps
+from tests.test_dpm_solver import MU, FieldModel, S, _alpha_sigma, gaussian_eps, scheduler_trajectory
 
 
 def run(model, steps, sampler="unipc", batch=2, seed=11):
@@ -53,14 +53,7 @@ def diffusers_trajectory(x_init, timesteps, eps_fn):
     sched.timesteps = torch.tensor(ts, dtype=torch.int64)
     sched.sigmas = torch.tensor([float(np.sqrt((1 - abar[t]) / abar[t])) for t in ts] + [0.0], dtype=torch.float64)
     sched.set_begin_index(0)
-    x = torch.from_numpy(x_init.copy())
-    traj = []
-    for t in sched.timesteps:
-        tt = np.full(x.shape[0], int(t), dtype=np.int64)
-        eps = torch.from_numpy(eps_fn(x.numpy().astype(np.float64), tt).astype(np.float32))
-        x = sched.step(eps, t, x).prev_sample
-        traj.append(x.numpy().astype(np.float32).copy())
-    return traj
+    return [x.astype(np.float32) for x in scheduler_trajectory(torch, sched, x_init, eps_fn)]
 
 
 @pytest.mark.parametrize("steps", [20, 8, 5, 3])
