@@ -98,8 +98,10 @@ def named_schedules() -> dict:
         import json
         from importlib import resources
 
-        _SCHEDULES = json.loads(resources.files("terdit_edge").joinpath("data", "schedules.json").read_text())
-        _SCHEDULES.pop("_about", None)
+        table = json.loads(resources.files("terdit_edge").joinpath("data", "schedules.json").read_text())
+        table.pop("_about", None)
+        # listed by solver, then step count (the file keeps the order the searches were run in)
+        _SCHEDULES = dict(sorted(table.items(), key=lambda kv: (kv[1]["sampler"], len(kv[1]["timesteps"]), kv[0])))
     return _SCHEDULES
 
 

@@ -241,7 +241,8 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="LO,HI", png="guidance_interval", png_text=_pair_text, optional=True,
             json_out=lambda v: None if v is None else list(v)),
     Setting("schedule", "sampling", _check_schedule, "--schedule", str,
-            "a searched timestep schedule (sets the steps): " + ", ".join(named_schedules()), metavar="NAME",
+            "a searched timestep schedule (sets the steps; searched for the sampler its name starts with: "
+            "give that --sampler): " + ", ".join(named_schedules()), metavar="NAME",
             png="schedule", optional=True),
     Setting("cache", "sampling", check_spec_text("cache"), "--cache", str,
             "step cache: forecast the blocks on skipped steps, 'fixed:N' or 'adaptive:THRESH' with "

@@ -196,7 +196,15 @@ def test_cli_generate_speed_and_info_lists_presets(tmp_path):
     r = subprocess.run([sys.executable, "-m", "terdit_edge.frontends.cli", "info", "--json"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)["speed_presets"]) == {"exact", "balanced", "fast"}
+    info = json.loads(r.stdout)
+    assert set(info["speed_presets"]) == {"exact", "balanced", "fast"}
+    # the names --sampler and --schedule take, schedules by solver and step count
+    from terdit_edge.diffusion import SAMPLERS, named_schedules
+
+    assert info["samplers"] == list(SAMPLERS) and "unipc" in info["samplers"]
+    assert sorted(info["schedules"]) == sorted(named_schedules()) and "dpm++2m-5" in info["schedules"]
+    assert info["schedules"].index("dpm++2m-4") < info["schedules"].index("dpm++2m-15") < info["schedules"].index(
+        "unipc-4")
 
 
 def test_server_requests_and_sampling_jobs_carry_the_settings(pipe):

@@ -116,7 +116,10 @@ def _cmd_info(args) -> int:
     except ImportError:
         info["cpu"] = {"note": "compiled extension not built; CPU feature detection unavailable"}
     info["auto_backend"] = get_backend("auto").describe()
+    from ..diffusion import SAMPLERS, named_schedules
     from ..speed import describe as describe_speeds
+    info["samplers"] = list(SAMPLERS)
+    info["schedules"] = list(named_schedules())
     info["speed_presets"] = describe_speeds()
     info["attention_modes"] = list(ATTENTION_MODES)  # --attention (a model setting); fp32 by default
     if args.model:
@@ -148,6 +151,9 @@ def _cmd_info(args) -> int:
     print(f"activation modes: {', '.join(ACTIVATION_MODES)} (--activations; fp32 matches PyTorch, int10/int8 are faster)")
     print(f"attention modes: {', '.join(ATTENTION_MODES)} (--attention; default fp32; int8 runs on the cython backend, "
           "within 1% of fp32)")
+    print(f"samplers: {', '.join(info['samplers'])} (--sampler)")
+    print(f"schedules: {', '.join(info['schedules'])} (--schedule NAME; each was searched for the sampler its "
+          "name starts with)")
     print("speed presets (--speed; explicit options win):")
     for name, what in info["speed_presets"].items():
         print(f"  {name}: " + (what if isinstance(what, str) else ", ".join(f"{k} {v}" for k, v in what.items())))
