@@ -31,6 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 ROOT = os.path.dirname(HERE)
 
+from quant_error import rel_l2  # noqa: E402  (benchmarks/ is on the path above)
+
 
 def model_path(spec: str) -> tuple[str | None, int]:
     """(.tdit path, label) of a config name."""
@@ -63,11 +65,6 @@ def inputs(model, t: int, label: int):
     abar = np.cumprod(1.0 - linear_betas())[t]
     x = (np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise).astype(np.float32)
     return x, t, np.array([label])
-
-
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def per_layer(model, x, t, y) -> list[float]:

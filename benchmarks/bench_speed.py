@@ -146,20 +146,25 @@ def extrapolate(m: dict, st: dict) -> dict:
             "steps": len(st["per_step"]), "tflop": st["network_evals"] * m["row_tflop"], "seconds": secs}
 
 
-def e2e(model, settings: dict, repeat: int):
-    import numpy as np
+def alternated(runs: dict, repeat: int) -> dict:
+    """Wall and process CPU seconds of each callable, ``repeat`` rounds running every one once in turn
+    (so that machine load falls on each alike): medians, and every (wall, cpu) pair."""
+    out = {n: [] for n in runs}
+    for _ in range(repeat):
+        for n, fn in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            out[n].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {n: {"wall_s": statistics.median(v[0] for v in times), "cpu_s": statistics.median(v[1] for v in times),
+                "runs": times} for n, times in out.items()}
 
+
+def e2e(model, settings: dict, repeat: int):
+    """Measured sampling of one image per setting (no decode)."""
     from terdit_edge.diffusion import sample
 
-    out = {}
-    names = list(settings)
-    for _ in range(repeat):
-        for n in names:  # alternate, so that machine load falls on every setting alike
-            c0, t0 = time.process_time(), time.perf_counter()
-            sample(model, [207], seeds=[0], **settings[n])
-            out.setdefault(n, []).append((time.perf_counter() - t0, time.process_time() - c0))
-    return {n: {"wall_s": statistics.median(v[0] for v in out[n]), "cpu_s": statistics.median(v[1] for v in out[n])}
-            for n in names if np.isfinite(len(out[n]))}
+    return alternated({n: (lambda st=st: sample(model, [207], seeds=[0], **st)) for n, st in settings.items()},
+                      repeat)
 
 
 def images(spec: str, mode: str, threads: int, settings: dict, repeat: int) -> dict:
@@ -174,14 +179,8 @@ def images(spec: str, mode: str, threads: int, settings: dict, repeat: int) -> d
     name, _, size = spec.partition("@")
     pipe = Pipeline.load(pipeline_file(int(size), name), backend="cython", activations=mode, threads=threads)
     pipe([207], seeds=[0], steps=1, sampler="ddim", output="np", progress=False)  # warm-up (Numba, page-in)
-    out = {}
-    for _ in range(repeat):
-        for n, st in settings.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            pipe([207], seeds=[0], output="np", progress=False, **st)
-            out.setdefault(n, []).append((time.perf_counter() - t0, time.process_time() - c0))
-    return {n: {"wall_s": statistics.median(v[0] for v in runs), "cpu_s": statistics.median(v[1] for v in runs),
-                "runs": runs} for n, runs in out.items()}
+    return alternated({n: (lambda st=st: pipe([207], seeds=[0], output="np", progress=False, **st))
+                       for n, st in settings.items()}, repeat)
 
 
 def main():
