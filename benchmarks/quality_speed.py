@@ -59,9 +59,7 @@ def main():
         kw.update(modes[m] for m in mods)
         return SETTINGS[base], kw["activations"], kw["attention"]
 
-    names = args.settings.split(",")
-    for name in names:
-        parse(name)
+    settings = {name: parse(name) for name in args.settings.split(",")}  # checked before any sampling
     judge = DigitsJudge(threads=args.threads)
     labels = np.arange(args.n) % 10
     seeds = [args.seed * 10**6 + i for i in range(args.n)]
@@ -79,8 +77,8 @@ def main():
     print("| setting | evals/img | x fewer | FID | KID x1000 | precision | recall | accuracy | PSNR dB | SSIM | "
           "z FID | z KID |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in names:
-        u8, evals = (exact, exact_evals) if name == "exact20" else images(*parse(name))
+    for name, (kw, act, att) in settings.items():
+        u8, evals = (exact, exact_evals) if name == "exact20" else images(kw, act, att)
         r = judge.evaluate(u8, labels=labels, exact_u8=exact, seed=args.seed)
         z = {}
         for m in ("fid", "kid"):
