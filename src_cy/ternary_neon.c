@@ -359,6 +359,16 @@ static inline float32x4_t exp_neon(float32x4_t x) {
     return vmulq_f32(y, vreinterpretq_f32_s32(e));
 }
 
+/* the largest of a row's t scores (exact: the order does not matter) */
+static inline float att_row_max_neon(const float *sr, int64_t t) {
+    int64_t j = 0;
+    float32x4_t mx = vdupq_n_f32(-FLT_MAX);
+    for (; j + 4 <= t; j += 4) mx = vmaxq_f32(mx, vld1q_f32(sr + j));
+    float m = vmaxvq_f32(mx);
+    for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
+    return m;
+}
+
 static void attention_rows_neon(const float *q, int64_t ldq, int64_t i0, int64_t i1, const float *kt, const float *vs,
                                 int64_t t, int64_t tp, int64_t hd, int64_t hdp, float scale, float *s, float *ob,
                                 float *out, int64_t ldo) {
@@ -370,17 +380,14 @@ static void attention_rows_neon(const float *q, int64_t ldq, int64_t i0, int64_t
         float inv[ATT_MR];
         for (int r = 0; r < nr; r++) {
             float *sr = s + r * tp;
-            int64_t j = 0;
-            float32x4_t mx = vdupq_n_f32(-FLT_MAX);
-            for (; j + 4 <= t; j += 4) mx = vmaxq_f32(mx, vld1q_f32(sr + j));
-            float m = vmaxvq_f32(mx);
-            for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
+            const float m = att_row_max_neon(sr, t);
             /* the AVX2 kernel's arithmetic: scale s - scale m in one rounding (fused, scale > 0 so
              * max(scale s) = scale max(s)), exp of 8 scores per step summed in 8 lanes (two q
              * registers), its horizontal sum order, then td_expf_poly for the last t % 8 */
             const float32x4_t vnm = vdupq_n_f32(-(m * scale)), vscale = vdupq_n_f32(scale);
             float32x4_t sum_lo = vdupq_n_f32(0.0f), sum_hi = sum_lo;
-            for (j = 0; j + 8 <= t; j += 8) {
+            int64_t j = 0;
+            for (; j + 8 <= t; j += 8) {
                 const float32x4_t e0 = exp_neon(vfmaq_f32(vnm, vld1q_f32(sr + j), vscale));
                 const float32x4_t e1 = exp_neon(vfmaq_f32(vnm, vld1q_f32(sr + j + 4), vscale));
                 vst1q_f32(sr + j, e0);
@@ -562,15 +569,11 @@ static void att8_rows_neon(const td_att8_kv_t *kv, const int8_t *qq, const float
         for (int r = 0; r < nr; r++) {
             const float *sr = s + r * tp;
             int16_t *pr = pp + r * tp;
-            int64_t j = 0;
-            float32x4_t mx = vdupq_n_f32(-FLT_MAX);
-            for (; j + 4 <= t; j += 4) mx = vmaxq_f32(mx, vld1q_f32(sr + j));
-            float m = vmaxvq_f32(mx);
-            for (; j < t; j++) m = sr[j] > m ? sr[j] : m;
+            const float m = att_row_max_neon(sr, t);
             const float c = qs[ib + r] * kv->scale;
             const float32x4_t vc = vdupq_n_f32(c), vnmc = vdupq_n_f32(-(m * c));
             int32x4_t tot = vdupq_n_s32(0);
-            for (j = 0; j < tp; j += 4) { /* tp is a multiple of 16 */
+            for (int64_t j = 0; j < tp; j += 4) { /* tp is a multiple of 16 */
                 const float32x4_t e = exp_neon(vfmaq_f32(vnmc, vld1q_f32(sr + j), vc));
                 int32x4_t pi = vcvtnq_s32_f32(vmulq_f32(e, pmax)); /* round half to even */
                 if (j + 4 > t)
