@@ -24,6 +24,13 @@ static float rndf(void) { return (float)(rnd() / 4294967296.0) * 2.0f - 1.0f; }
 
 static int64_t padk(int64_t k) { return (k + 127) / 128 * 128; }
 
+/* The fingerprints' inputs: a uniform float in [-0.5, 0.5) from the generator state *s (their own
+ * sequences, independent of rnd(), so that a fingerprint does not move when other checks are added) */
+static float lcg_unit(uint32_t *s) {
+    *s = *s * 1664525u + 1013904223u;
+    return (float)(*s >> 8) / 16777216.0f - 0.5f;
+}
+
 /* Pack Q (n, k) in {-1,0,1} by the layout's definition: byte j of block b holds weight
  * 128 b + 32 q + j in bits 2q+1..2q, as code Q + 1; padding code 1. */
 static void pack(const int8_t *q, int64_t n, int64_t k, uint8_t *out) {
@@ -332,10 +339,7 @@ static void attention_fingerprint(const int *isas, int nisa) {
     float *arrays[3] = {q, k, v};
     const int64_t sizes[3] = {nq, nk, nk};
     for (int a = 0; a < 3; a++)
-        for (int64_t i = 0; i < sizes[a]; i++) {
-            x = x * 1664525u + 1013904223u;
-            arrays[a][i] = ((float)(x >> 8) / 16777216.0f - 0.5f) * 6.0f;
-        }
+        for (int64_t i = 0; i < sizes[a]; i++) arrays[a][i] = lcg_unit(&x) * 6.0f;
     for (int ii = 0; ii < nisa; ii++) {
         if (isas[ii] == TD_ISA_SCALAR || td_set_isa(isas[ii]) != 0) continue;
         uint64_t hash[2];
@@ -373,11 +377,8 @@ static void attention_fingerprint(const int *isas, int nisa) {
                 const int64_t sz8[3] = {n8, b8 * t8 * hkv8 * hd8, b8 * t8 * hkv8 * hd8};
                 uint32_t y = 777u + (uint32_t)sh;
                 for (int a = 0; a < 3; a++)
-                    for (int64_t i = 0; i < sz8[a]; i++) {
-                        y = y * 1664525u + 1013904223u;
-                        arr8[a][i] = ((float)(y >> 8) / 16777216.0f - 0.5f) * (a == 1 ? 6.0f : 3.0f) +
-                                     (a == 1 ? 0.5f : 0.0f);
-                    }
+                    for (int64_t i = 0; i < sz8[a]; i++)
+                        arr8[a][i] = lcg_unit(&y) * (a == 1 ? 6.0f : 3.0f) + (a == 1 ? 0.5f : 0.0f);
                 if (td_attention_int8(q8, k8, v8, o8, b8, t8, h8, hkv8, hd8, threads) != TD_OK) {
                     printf("FAIL attention int8 rc (fingerprint)\n");
                     failures++;
@@ -415,7 +416,7 @@ static void float_fingerprint(const int *isas, int nisa) {
     float *o = malloc(sizeof(float) * (size_t)cnt);
     uint8_t *packed = malloc((size_t)(n * kb));
     uint32_t s = 777;
-#define NEXT() (s = s * 1664525u + 1013904223u, ((float)(s >> 8) / 16777216.0f - 0.5f))
+#define NEXT() lcg_unit(&s)
     for (int64_t i = 0; i < 21 * k; i++) x[i] = NEXT() * 4.0f;
     for (int64_t i = 0; i < n; i++) bias[i] = NEXT();
     for (int64_t i = 0; i < dn * dk; i++) w[i] = NEXT();
