@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from terdit_edge.diffusion import SAMPLER_REGISTRY, named_schedules, respaced_timesteps, sample, schedule_timesteps
+from terdit_edge.diffusion import SAMPLER_REGISTRY, SAMPLERS, named_schedules, respaced_timesteps, sample, schedule_timesteps
 from terdit_edge.errors import InputError
 from terdit_edge.settings import GenerationSettings as G
 from terdit_edge.speed import PRESETS, apply_preset
@@ -199,8 +199,6 @@ def test_cli_generate_speed_and_info_lists_presets(tmp_path):
     info = json.loads(r.stdout)
     assert set(info["speed_presets"]) == {"exact", "balanced", "fast"}
     # the names --sampler and --schedule take, schedules by solver and step count
-    from terdit_edge.diffusion import SAMPLERS, named_schedules
-
     assert info["samplers"] == list(SAMPLERS) and "unipc" in info["samplers"]
     assert sorted(info["schedules"]) == sorted(named_schedules()) and "dpm++2m-5" in info["schedules"]
     assert info["schedules"].index("dpm++2m-4") < info["schedules"].index("dpm++2m-15") < info["schedules"].index(
